@@ -1,0 +1,229 @@
+"""The Python API: `tidal.Moondream`, shaped like the authors' model and client."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+
+from tidal.engine.engine import Engine, EngineConfig
+from tidal.engine.inputs import ImageInput, ImageRef, InputItem
+from tidal.engine.loop import EngineLoop, RequestHandle
+from tidal.engine.request import Request
+from tidal.engine.sampling import SamplingParams
+from tidal.engine.skill import Skill
+from tidal.errors import InvalidRequestError
+from tidal.images import ImageLike, image_key, load_image
+from tidal.models.moondream3.model import Moondream3Model
+from tidal.models.moondream3.processor import overlap_crops
+from tidal.models.moondream3.prompts import PromptBuilder
+from tidal.models.moondream3.skills import CaptionSkill, LocateSkill, QuerySkill
+from tidal.models.moondream3.tokenizer import load_tokenizer
+from tidal.models.moondream3.weights import load_model, resolve_checkpoint
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TEMPERATURE = 0.5
+DEFAULT_TOP_P = 0.9
+DEFAULT_MAX_TOKENS = 768
+DEFAULT_MAX_OBJECTS = 150
+TEXT_SETTINGS = ("temperature", "top_p", "top_k", "max_tokens", "stop", "seed")
+OBJECT_SETTINGS = ("max_objects",)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class EncodedImage:
+    """An image run through the vision encoder once; pass it to any skill call.
+
+    embeds: [729, text dim] on the model's device. key: content hash.
+    """
+
+    def __init__(self, embeds: torch.Tensor, key: str, owner: "Moondream") -> None:
+        self.embeds, self.key, self._owner = embeds, key, owner
+
+    def __repr__(self) -> str:
+        return f"EncodedImage(key={self.key[:12]}..., positions={self.embeds.shape[0]})"
+
+
+def text_params(settings: dict[str, Any] | None) -> SamplingParams:
+    s = _check_keys(settings, TEXT_SETTINGS)
+    stop = s.get("stop", [])
+    params = SamplingParams(
+        temperature=s.get("temperature", DEFAULT_TEMPERATURE),
+        top_p=s.get("top_p", DEFAULT_TOP_P),
+        top_k=s.get("top_k", 0),
+        max_tokens=s.get("max_tokens", DEFAULT_MAX_TOKENS),
+        stop=[stop] if isinstance(stop, str) else stop,
+        seed=s.get("seed"),
+    )
+    params.validate()
+    return params
+
+
+def max_objects_setting(settings: dict[str, Any] | None) -> int:
+    n = _check_keys(settings, OBJECT_SETTINGS).get("max_objects", DEFAULT_MAX_OBJECTS)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise InvalidRequestError(f"max_objects must be an integer >= 1, got {n!r}")
+    return n
+
+
+def _check_keys(settings: dict[str, Any] | None, allowed: tuple[str, ...]) -> dict[str, Any]:
+    if settings is None:
+        return {}
+    if not isinstance(settings, dict):
+        raise InvalidRequestError(f"settings must be a dict, got {type(settings).__name__}")
+    unknown = sorted(set(settings) - set(allowed))
+    if unknown:
+        raise InvalidRequestError(f"unknown settings {unknown}; accepted here: {', '.join(allowed)}")
+    return settings
+
+
+class Moondream:
+    """Moondream 3 on one device, with every skill of the authors' API.
+
+    Calls are thread-safe and may come from many threads at once: they share
+    one continuously batched engine running on a background thread.
+    """
+
+    def __init__(self, model: Moondream3Model, tokenizer: Tokenizer, engine_config: EngineConfig | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.engine = Engine(model, engine_config)
+        self.loop = EngineLoop(self.engine)
+        self.prompts = PromptBuilder(tokenizer, model.config)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo: str | os.PathLike[str],
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        tokenizer: str | os.PathLike[str] | None = None,
+        engine_config: EngineConfig | None = None,
+    ) -> "Moondream":
+        """Load a checkpoint folder or Hugging Face repo id.
+
+        device: "cuda" when available, else "cpu". dtype: "bfloat16" on CUDA,
+        "float32" on CPU; or "float32" / "bfloat16" / "float16".
+        """
+        dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise InvalidRequestError("device='cuda' was asked for but torch sees no CUDA device")
+        if dtype is None:
+            dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        elif isinstance(dtype, torch.dtype):
+            dt = dtype
+        elif dtype in _DTYPES:
+            dt = _DTYPES[dtype]
+        else:
+            raise InvalidRequestError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+        folder = resolve_checkpoint(path_or_repo)
+        tok = load_tokenizer(folder, tokenizer)
+        return cls(load_model(folder, dev, dt), tok, engine_config)
+
+    def close(self) -> None:
+        """Stop the engine thread (requests still running fail)."""
+        self.loop.close()
+
+    # -- images ----------------------------------------------------------------
+    def encode_image(self, image: ImageLike | EncodedImage) -> EncodedImage:
+        """Run the vision encoder once; the result is reusable across calls."""
+        if isinstance(image, EncodedImage):
+            return image
+        rgb = load_image(image)
+        embeds = self.engine.runner.encode_image(overlap_crops(rgb, self.config.vision))
+        return EncodedImage(embeds, image_key(rgb), self)
+
+    def _image_item(self, image: ImageLike | EncodedImage) -> InputItem:
+        if isinstance(image, EncodedImage):
+            if image._owner is not self:
+                raise InvalidRequestError("this EncodedImage was made by another model instance")
+            return ImageInput(image.embeds, image.key)
+        rgb = load_image(image)
+        return ImageRef(overlap_crops(rgb, self.config.vision), image_key(rgb), self.config.vision.n_image_tokens)
+
+    # -- skills ----------------------------------------------------------------
+    def query(
+        self,
+        image: ImageLike | EncodedImage | None = None,
+        question: str | None = None,
+        reasoning: bool = False,
+        spatial_refs: Any = None,
+        stream: bool = False,
+        settings: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Answer a question about an image (or, with image None, about text alone).
+
+        -> {"answer": str}, with reasoning {"reasoning": {"text", "grounding"}, "answer"};
+        with stream=True the answer is an iterator of text chunks.
+        """
+        params = text_params(settings)
+        item = None if image is None else self._image_item(image)
+        items, bidir = self.prompts.query(item, question, bool(reasoning), spatial_refs)  # type: ignore[arg-type]
+        skill = QuerySkill(self.tokenizer, self.config.tokenizer, params, self._seed(params), bool(reasoning))
+        handle = self._submit(skill, items, bidir)
+        if not stream:
+            return handle.wait()
+        events = handle.events()
+        out: dict[str, Any] = {}
+        if reasoning:
+            for kind, payload in events:
+                if kind == "reasoning":
+                    out["reasoning"] = payload
+                    break
+        out["answer"] = _text_chunks(events, handle)
+        return out
+
+    def caption(
+        self,
+        image: ImageLike | EncodedImage,
+        length: str = "normal",
+        stream: bool = False,
+        settings: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Describe an image. length: "short", "normal" or "long". -> {"caption": str}."""
+        params = text_params(settings)
+        items, bidir = self.prompts.caption(self._image_item(image), length)
+        handle = self._submit(CaptionSkill(self.tokenizer, self.config.tokenizer, params, self._seed(params)), items, bidir)
+        if stream:
+            return {"caption": _text_chunks(handle.events(), handle)}
+        return handle.wait()
+
+    def detect(self, image: ImageLike | EncodedImage, object: str, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Bounding boxes of `object`, normalized to [0, 1]. -> {"objects": [{x_min, y_min, x_max, y_max}]}."""
+        return self._locate(image, object, settings, with_size=True)
+
+    def point(self, image: ImageLike | EncodedImage, object: str, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Center points of `object`, normalized to [0, 1]. -> {"points": [{x, y}]}."""
+        return self._locate(image, object, settings, with_size=False)
+
+    def _locate(self, image: Any, obj: str, settings: dict[str, Any] | None, with_size: bool) -> dict[str, Any]:
+        n = max_objects_setting(settings)
+        items, bidir = self.prompts.locate(self._image_item(image), obj, "detect" if with_size else "point")
+        return self._submit(LocateSkill(self.config.tokenizer, n, with_size), items, bidir).wait()
+
+    # -- plumbing --------------------------------------------------------------
+    @staticmethod
+    def _seed(params: SamplingParams) -> int:
+        return params.seed if params.seed is not None else random.getrandbits(63)
+
+    def _submit(self, skill: Skill, items: list[InputItem], bidir: int) -> RequestHandle:
+        return self.loop.submit(Request(skill=skill, pending=items, bidir_len=bidir))
+
+
+def _text_chunks(events: Iterator[tuple[str, Any]], handle: RequestHandle) -> Iterator[str]:
+    """Answer text chunks; closing the iterator early cancels the request."""
+    try:
+        for kind, payload in events:
+            if kind == "text":
+                yield payload
+    finally:
+        if not handle.done:
+            handle.cancel()

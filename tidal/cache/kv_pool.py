@@ -1,0 +1,90 @@
+"""Paged KV cache: one slot per token, a slot allocator and the request-to-slot table.
+
+Pages are one token long. A sequence's K/V may live in any slots; the
+request-to-slot table maps (request row, position) to the slot, so prefix
+sharing never needs copy-on-write of partly filled pages.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVPool:
+    """K and V for every layer: k[layer] is [num_slots, n_kv_heads, head_dim].
+
+    Slot 0 is reserved as a scratch slot that padded tokens may write into.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        shape = (num_layers, num_slots, n_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_slots = num_slots
+
+    def write(self, layer: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store K/V [T, n_kv_heads, head_dim] of T tokens at slots loc [T]."""
+        self.k[layer].index_copy_(0, loc, k.to(self.k.dtype))
+        self.v[layer].index_copy_(0, loc, v.to(self.v.dtype))
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * n_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+class SlotAllocator:
+    """Free list of KV slots (token pages). Slot 0 is never handed out."""
+
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self._free: list[int] = list(range(num_slots - 1, 0, -1))
+
+    @property
+    def available(self) -> int:
+        return len(self._free)
+
+    @property
+    def capacity(self) -> int:
+        """Slots that can ever be handed out."""
+        return self.num_slots - 1
+
+    def alloc(self, n: int) -> list[int] | None:
+        """Take n slots, or None (taking nothing) if fewer are free."""
+        if n > len(self._free):
+            return None
+        if n == 0:
+            return []
+        out = self._free[-n:]
+        del self._free[-n:]
+        out.reverse()
+        return out
+
+    def free(self, slots: list[int]) -> None:
+        self._free.extend(reversed(slots))
+
+
+class ReqToTokenPool:
+    """table[row, pos] = KV slot of position `pos` of the request holding `row`."""
+
+    def __init__(self, max_requests: int, max_context: int, device: torch.device | str) -> None:
+        self.table = torch.zeros((max_requests, max_context), dtype=torch.int64, device=device)
+        self._free_rows = list(range(max_requests - 1, -1, -1))
+        self.max_requests = max_requests
+
+    @property
+    def available(self) -> int:
+        return len(self._free_rows)
+
+    def alloc(self) -> int | None:
+        return self._free_rows.pop() if self._free_rows else None
+
+    def free(self, row: int) -> None:
+        self._free_rows.append(row)

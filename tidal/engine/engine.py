@@ -1,0 +1,138 @@
+"""Engine: continuous batching over one model. Not thread-safe; EngineLoop
+drives it from one thread."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tidal.cache.kv_pool import KVPool, ReqToTokenPool, SlotAllocator
+from tidal.engine.inputs import ImageInput, ImageRef, items_len
+from tidal.engine.request import Request, RequestStatus
+from tidal.engine.scheduler import CacheFullError, Chunk, Scheduler
+from tidal.models.moondream3.model import Moondream3Model
+from tidal.runner.model_runner import ModelRunner, SeqStep
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    """max_running: requests batched at once. kv_pages: KV cache size in
+    one-token pages (None: sized from free device memory, or a CPU default).
+    token_budget: positions fed per step (a whole image prefix may exceed it)."""
+
+    max_running: int = 64
+    kv_pages: int | None = None
+    token_budget: int = 2048
+    kv_memory_fraction: float = 0.85  # of free GPU memory after weights, when kv_pages is None
+    cpu_kv_pages: int = 65536
+
+
+class Engine:
+    def __init__(self, model: Moondream3Model, config: EngineConfig | None = None) -> None:
+        self.model = model
+        self.config = config or EngineConfig()
+        tc = model.config.text
+        self.max_context = tc.max_context
+        pages = self.config.kv_pages or self._auto_pages()
+        self.kv_pool = KVPool(tc.n_layers, pages, tc.n_kv_heads, tc.head_dim, model.dtype, model.device)
+        self.allocator = SlotAllocator(pages)
+        self.req_to_token = ReqToTokenPool(self.config.max_running, tc.max_context, model.device)
+        self.runner = ModelRunner(model, self.kv_pool, self.req_to_token)
+        self.scheduler = Scheduler(self.allocator, self.req_to_token, self.config.token_budget)
+        self.steps = 0
+
+    def _auto_pages(self) -> int:
+        tc = self.model.config.text
+        per_token = KVPool.bytes_per_token(tc.n_layers, tc.n_kv_heads, tc.head_dim, self.model.dtype)
+        if self.model.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.model.device)
+            pages = int(free * self.config.kv_memory_fraction) // per_token
+        else:
+            pages = self.config.cpu_kv_pages
+        return max(2, min(pages, self.config.max_running * tc.max_context + 1))
+
+    # -- requests ------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        self.scheduler.add(req)
+
+    def abort(self, req: Request) -> None:
+        if not req.finished:
+            req.cancelled = req.error is None
+            req.skill.finish_reason = "error" if req.error else "cancelled"
+            self._finish(req)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- one step --------------------------------------------------------------
+    def step(self) -> list[Request]:
+        """Run one batch; return the requests that produced events or finished."""
+        try:
+            chunks = self.scheduler.schedule()
+        except CacheFullError as exc:
+            req = self.scheduler.running[0]
+            req.skill.on_context_full()
+            logger.warning("%s", exc)
+            self._finish(req)
+            return [req]
+        if not chunks:
+            return []
+        self.steps += 1
+        try:
+            self._encode_images(chunks)
+            steps = [self._seq_step(c) for c in chunks]
+            results = self.runner.run(steps)
+        except Exception as exc:  # keep serving: fail this batch's requests only
+            logger.exception("engine step failed")
+            for c in chunks:
+                c.req.error = exc
+                self._finish(c.req)
+            return [c.req for c in chunks]
+        now = time.monotonic()
+        touched = []
+        for chunk, result in zip(chunks, results):
+            req = chunk.req
+            req.history.extend(req.pending[: chunk.n_items])
+            del req.pending[: chunk.n_items]
+            if result is None:
+                continue
+            touched.append(req)
+            if req.first_output_at is None:
+                req.first_output_at = now
+            nxt = req.skill.on_output(result)
+            if nxt is None:
+                self._finish(req)
+            elif req.num_cached + items_len(nxt) > self.max_context:
+                req.skill.on_context_full()
+                self._finish(req)
+            else:
+                req.pending = nxt
+        return touched
+
+    def _encode_images(self, chunks: list[Chunk]) -> None:
+        for c in chunks:
+            for i in range(c.n_items):
+                item = c.req.pending[i]
+                if isinstance(item, ImageRef):
+                    c.req.pending[i] = ImageInput(self.runner.encode_image(item.crops), item.key)
+
+    def _seq_step(self, c: Chunk) -> SeqStep:
+        req = c.req
+        start = req.num_cached - c.n_positions  # slots were reserved by the scheduler
+        output = req.skill.next_output() if c.completes else None
+        assert req.row is not None
+        return SeqStep(req.row, start, req.pending[: c.n_items], req.bidir_len, output)
+
+    def _finish(self, req: Request) -> None:
+        if req.finished:
+            return
+        if req.skill.finish_reason is None:
+            req.skill.finish_reason = "error" if req.error else "stop"
+        req.skill.flush()
+        self.scheduler.remove(req)
+        req.finished_at = time.monotonic()

@@ -1,0 +1,160 @@
+"""EngineLoop: runs the Engine on a background thread; callers submit requests
+from any thread and read their events from a RequestHandle."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from tidal.engine.engine import Engine
+from tidal.engine.request import Request
+
+logger = logging.getLogger(__name__)
+
+_DONE = "done"
+
+
+class RequestError(RuntimeError):
+    """The engine failed while running a request."""
+
+
+class RequestHandle:
+    """The caller's side of one request: a stream of (kind, payload) events.
+
+    Kinds: "text" (an answer chunk), "reasoning" (the finished reasoning),
+    and a final "done". Iterating raises RequestError if the engine failed.
+    """
+
+    def __init__(self, req: Request, loop: "EngineLoop") -> None:
+        self.request = req
+        self._loop = loop
+        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._listeners: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = []
+        self._lock = threading.Lock()
+        self.done = False
+
+    # called on the engine thread
+    def _push(self, kind: str, payload: Any) -> None:
+        with self._lock:
+            self._queue.put((kind, payload))
+            for aloop, aq in self._listeners:
+                aloop.call_soon_threadsafe(aq.put_nowait, (kind, payload))
+
+    def events(self) -> Iterator[tuple[str, Any]]:
+        """Blocking iterator over events, ending after "done"."""
+        while True:
+            kind, payload = self._queue.get()
+            if kind == _DONE:
+                self.done = True
+                self._raise_if_failed()
+                return
+            yield kind, payload
+
+    async def aevents(self) -> AsyncIterator[tuple[str, Any]]:
+        """The same events for asyncio code (the server)."""
+        aq: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            while not self._queue.empty():  # events that arrived before we listened
+                aq.put_nowait(self._queue.get_nowait())
+            self._listeners.append((asyncio.get_running_loop(), aq))
+        while True:
+            kind, payload = await aq.get()
+            if kind == _DONE:
+                self.done = True
+                self._raise_if_failed()
+                return
+            yield kind, payload
+
+    def _raise_if_failed(self) -> None:
+        err = self.request.error
+        if err is not None:
+            raise RequestError(f"request {self.request.id} failed: {type(err).__name__}: {err}") from err
+
+    def wait(self) -> dict:
+        """Block until the request finishes; return its skill's result."""
+        for _ in self.events():
+            pass
+        return self.request.skill.result()
+
+    def cancel(self) -> None:
+        self._loop.cancel(self)
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._handles: dict[str, RequestHandle] = {}
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self.crashed: BaseException | None = None
+
+    def submit(self, req: Request) -> RequestHandle:
+        if self.crashed is not None:
+            raise RequestError(f"the engine loop stopped: {self.crashed!r}")
+        handle = RequestHandle(req, self)
+        self._ensure_thread()
+        self._inbox.put(("add", handle))
+        return handle
+
+    def cancel(self, handle: RequestHandle) -> None:
+        self._inbox.put(("cancel", handle))
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._inbox.put(("stop", None))
+            self._thread.join()
+            self._thread = None
+
+    def _ensure_thread(self) -> None:
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="tidal-engine", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                block = not self.engine.has_work()
+                while True:
+                    try:
+                        cmd, arg = self._inbox.get(block=block)
+                    except queue.Empty:
+                        break
+                    block = False
+                    if cmd == "stop":
+                        self._fail_all(RequestError("engine loop closed"))
+                        return
+                    if cmd == "add":
+                        self._handles[arg.request.id] = arg
+                        self.engine.add_request(arg.request)
+                    elif cmd == "cancel" and not arg.request.finished:
+                        self.engine.abort(arg.request)
+                        self._deliver([arg.request])
+                self._deliver(self.engine.step())
+        except BaseException as exc:  # a bug in the loop: fail everyone, loudly
+            logger.exception("engine loop crashed")
+            self.crashed = exc
+            self._fail_all(exc)
+
+    def _deliver(self, reqs: list[Request]) -> None:
+        for req in reqs:
+            handle = self._handles.get(req.id)
+            if handle is None:
+                continue
+            for kind, payload in req.skill.drain_events():
+                handle._push(kind, payload)
+            if req.finished:
+                handle._push(_DONE, None)
+                del self._handles[req.id]
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for handle in list(self._handles.values()):
+            if not handle.request.finished:
+                handle.request.error = exc
+                self.engine.abort(handle.request)
+            self._deliver([handle.request])

@@ -1,0 +1,60 @@
+"""A request's state inside the engine."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+from tidal.engine.inputs import InputItem, items_len
+from tidal.engine.skill import Skill
+
+_ids = itertools.count()
+
+
+class RequestStatus(Enum):
+    WAITING = "waiting"  # queued, holds no cache
+    RUNNING = "running"  # holds a table row and KV slots
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation: its skill state machine plus what it has fed and will feed.
+
+    history: items whose K/V are in the cache, in position order.
+    pending: items to feed next; the skill's output is wanted after the last.
+    bidir_len: leading positions that attend bidirectionally (BOS + image).
+    """
+
+    skill: Skill
+    pending: list[InputItem]
+    bidir_len: int
+    id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    history: list[InputItem] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    row: int | None = None
+    slots: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    error: BaseException | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    first_output_at: float | None = None
+    finished_at: float | None = None
+    cancelled: bool = False
+
+    def __post_init__(self) -> None:
+        self.prompt_tokens = items_len(self.pending)
+
+    @property
+    def num_cached(self) -> int:
+        """Positions whose K/V are in the cache (== len(self.slots))."""
+        return len(self.slots)
+
+    @property
+    def pending_len(self) -> int:
+        return items_len(self.pending)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED

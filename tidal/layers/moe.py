@@ -1,0 +1,53 @@
+"""Mixture-of-experts MLP, torch reference.
+
+Routing: top-k over the router logits, softmax over those k (in float32).
+Expert e: h, g = split(x @ fc1[e].T); y = (gelu_exact(h) * (g + 1)) @ fc2[e].T.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Below this many (token, expert) pairs, gather each pair's weights and run
+# one batched matmul (no host sync); above it, loop over the experts in use.
+_GATHER_LIMIT = 16
+
+
+def route(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor | None, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, D] -> (weights [T, k] in x.dtype, expert ids [T, k])."""
+    logits = F.linear(x, router_w, router_b)
+    top_logits, top_ids = torch.topk(logits, top_k, dim=-1)
+    weights = torch.softmax(top_logits, dim=-1, dtype=torch.float32).to(x.dtype)
+    return weights, top_ids
+
+
+def _expert_act(h: torch.Tensor) -> torch.Tensor:
+    a, g = h.chunk(2, dim=-1)
+    return F.gelu(a) * (g + 1)
+
+
+def moe_forward(
+    x: torch.Tensor,
+    router_w: torch.Tensor,
+    router_b: torch.Tensor | None,
+    fc1: torch.Tensor,
+    fc2: torch.Tensor,
+    top_k: int,
+) -> torch.Tensor:
+    """x [T, D]; fc1 [E, 2I, D]; fc2 [E, D, I] -> [T, D]."""
+    weights, ids = route(x, router_w, router_b, top_k)
+    n_tokens = x.shape[0]
+    if n_tokens * top_k <= _GATHER_LIMIT:
+        flat = ids.reshape(-1)
+        xk = x.repeat_interleave(top_k, dim=0)  # [T*k, D]
+        h = torch.bmm(fc1[flat], xk[:, :, None]).squeeze(-1)
+        y = torch.bmm(fc2[flat], _expert_act(h)[:, :, None]).squeeze(-1)
+        return (y.view(n_tokens, top_k, -1) * weights[..., None]).sum(dim=1)
+    out = torch.zeros_like(x)
+    for e in torch.unique(ids).tolist():
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        h = x[tok] @ fc1[e].T
+        y = (_expert_act(h) @ fc2[e].T) * weights[tok, slot, None]
+        out.index_add_(0, tok, y)
+    return out

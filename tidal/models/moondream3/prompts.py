@@ -1,0 +1,108 @@
+"""Prompt construction and request validation for the Moondream 3 skills."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from numbers import Real
+from typing import Any
+
+from tokenizers import Tokenizer
+
+from tidal.engine.inputs import CoordInput, InputItem, SizeInput, items_len
+from tidal.errors import InvalidRequestError, PromptTooLongError
+
+from .config import MoondreamConfig
+
+SpatialRef = Sequence[float]
+
+
+class PromptBuilder:
+    """Builds each skill's input items. `image` is the image's item (an
+    ImageInput or ImageRef) or None for a text-only query."""
+
+    def __init__(self, tokenizer: Tokenizer, config: MoondreamConfig) -> None:
+        self.tokenizer = tokenizer
+        self.ids = config.tokenizer
+        self.templates = config.tokenizer.templates
+        self.max_context = config.text.max_context
+
+    def _prefix(self, image: InputItem | None) -> tuple[list[InputItem], int]:
+        """BOS (+ image). With an image, BOS and its positions attend bidirectionally."""
+        if image is None:
+            return [self.ids.bos_id], 0
+        return [self.ids.bos_id, image], 1 + len(image)  # type: ignore[arg-type]
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids  # defaults, as the reference encodes
+
+    def query(self, image: InputItem | None, question: str, reasoning: bool, spatial_refs: Any = None) -> tuple[list[InputItem], int]:
+        question = _require_text(question, "question")
+        refs = validate_spatial_refs(spatial_refs)
+        if refs and image is None:
+            raise InvalidRequestError("spatial_refs need an image to refer to")
+        items, bidir = self._prefix(image)
+        t = self.templates["query"]
+        items += t["prefix"]
+        for ref in refs:
+            if len(ref) == 2:
+                items += [CoordInput(ref[0]), CoordInput(ref[1])]
+            else:
+                x0, y0, x1, y1 = ref
+                items += [CoordInput((x0 + x1) / 2), CoordInput((y0 + y1) / 2), SizeInput(x1 - x0, y1 - y0)]
+        items += self._encode(question) + t["suffix"]
+        if reasoning:
+            items.append(self.ids.thinking_id)
+        return self._checked(items), bidir
+
+    def caption(self, image: InputItem, length: str) -> tuple[list[InputItem], int]:
+        lengths = self.templates["caption"]
+        if not isinstance(length, str) or length not in lengths:
+            raise InvalidRequestError(f"unknown caption length {length!r}; use one of {', '.join(lengths)}")
+        items, bidir = self._prefix(image)
+        return self._checked(items + list(lengths[length])), bidir
+
+    def locate(self, image: InputItem, obj: str, skill: str) -> tuple[list[InputItem], int]:
+        """detect or point: the object is encoded with a leading space."""
+        obj = _require_text(obj, "object")
+        items, bidir = self._prefix(image)
+        t = self.templates[skill]
+        return self._checked(items + t["prefix"] + self._encode(" " + obj) + t["suffix"]), bidir
+
+    def _checked(self, items: list[InputItem]) -> list[InputItem]:
+        n = items_len(items)
+        if n >= self.max_context:
+            raise PromptTooLongError(
+                f"the prompt takes {n} positions but the model's context holds {self.max_context} "
+                "(including the image's 730 and at least one generated position); shorten the text"
+            )
+        return items
+
+
+def _require_text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"{what} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise InvalidRequestError(f"{what} must not be empty")
+    return value
+
+
+def validate_spatial_refs(refs: Any) -> list[tuple[float, ...]]:
+    """Each ref is a point [x, y] or a box [x_min, y_min, x_max, y_max], all in [0, 1]."""
+    if refs is None:
+        return []
+    if isinstance(refs, (str, bytes)) or not isinstance(refs, Sequence):
+        raise InvalidRequestError("spatial_refs must be a list of points [x, y] or boxes [x_min, y_min, x_max, y_max]")
+    out = []
+    for i, ref in enumerate(refs):
+        if isinstance(ref, (str, bytes)) or not isinstance(ref, Sequence) or len(ref) not in (2, 4):
+            raise InvalidRequestError(f"spatial_refs[{i}] must be 2 numbers (a point) or 4 (a box), got {ref!r}")
+        vals = []
+        for v in ref:
+            if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(float(v)) or not 0.0 <= float(v) <= 1.0:
+                raise InvalidRequestError(f"spatial_refs[{i}] values must be numbers in [0, 1], got {ref!r}")
+            vals.append(float(v))
+        if len(vals) == 4 and (vals[0] > vals[2] or vals[1] > vals[3]):
+            raise InvalidRequestError(f"spatial_refs[{i}] is a box with min > max: {ref!r}; use [x_min, y_min, x_max, y_max]")
+        out.append(tuple(vals))
+    return out

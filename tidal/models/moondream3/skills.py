@@ -1,0 +1,225 @@
+"""Moondream 3 skills as state machines: query (with optional reasoning), caption,
+detect and point. Each follows the authors' reference step for step; see
+tests/data/moondream3-tiny/README.md (the golden fixture) for the semantics.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer
+
+from tidal.engine.detokenizer import TextStreamer
+from tidal.engine.inputs import CoordInput, InputItem, SizeInput
+from tidal.engine.sampling import SamplingParams
+from tidal.engine.skill import Skill
+from tidal.runner.model_runner import OutputSpec, StepResult
+
+from .config import TokenizerConfig
+from .region import size_from_bins
+
+
+def coord_from_bin(b: int, n_bins: int = 1024) -> float:
+    return b / n_bins
+
+
+class TextAnswer:
+    """Generates answer text until eos or max_tokens, streaming chunks out.
+
+    The first token (from the prompt's prefill) is unconstrained; later ones
+    have the answer token banned, as in the reference.
+    """
+
+    def __init__(self, skill: Skill, tokenizer: Tokenizer, params: SamplingParams, ids: TokenizerConfig, seed: int) -> None:
+        self.skill, self.params, self.ids, self.seed = skill, params, ids, seed
+        self.streamer = TextStreamer(tokenizer)
+        self.tokens: list[int] = []
+        self.text = ""
+        self._held = ""  # decoded text held back while it could begin a stop string
+        self._stopped = False
+
+    def spec(self, step: int) -> OutputSpec:
+        p = self.params
+        banned = (self.ids.answer_id,) if self.tokens else ()
+        return OutputSpec(p.temperature, p.top_p, p.top_k, self.seed, step, banned)
+
+    def on_token(self, token: int) -> list[InputItem] | None:
+        if token == self.ids.eos_id:
+            self.skill.finish_reason = "stop"
+            return None
+        self.tokens.append(token)
+        self.skill.completion_tokens += 1
+        self._add(self.streamer.push(token))
+        if self._stopped:
+            return None
+        if len(self.tokens) >= self.params.max_tokens:
+            self.skill.finish_reason = "length"
+            return None
+        return [token]
+
+    def _add(self, chunk: str, final: bool = False) -> None:
+        """Release decoded text, holding back a tail that could start a stop string."""
+        pending = self._held + chunk
+        stops = self.params.stop
+        hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
+        if hits:
+            self._release(pending[: min(hits)])
+            self._held, self._stopped = "", True
+            self.skill.finish_reason = "stop"
+            return
+        keep = 0 if final or not stops else max(len(s) for s in stops) - 1
+        split = max(0, len(pending) - keep)
+        self._release(pending[:split])
+        self._held = pending[split:]
+
+    def _release(self, text: str) -> None:
+        self.text += text
+        self.skill.emit(text)
+
+    def flush(self) -> None:
+        if not self._stopped:
+            self._add(self.streamer.finish(), final=True)
+
+
+class QuerySkill(Skill):
+    """Answer a question; with reasoning, first think (with grounding), then answer."""
+
+    name = "query"
+
+    def __init__(self, tokenizer: Tokenizer, ids: TokenizerConfig, params: SamplingParams, seed: int, reasoning: bool) -> None:
+        super().__init__()
+        self.tokenizer, self.ids, self.params, self.seed = tokenizer, ids, params, seed
+        self.answer = TextAnswer(self, tokenizer, params, ids, seed)
+        self.reasoning = reasoning
+        self.thinking = reasoning  # still in the reasoning phase
+        self._chunks: list[list[int]] = [[]]  # reasoning tokens, split at grounding markers
+        self._coords: list[list[float]] = [[]]
+        self._reason_steps = 0
+        self._steps = 0
+
+    def next_output(self) -> OutputSpec:
+        if self.thinking:
+            p = self.params
+            banned = (self.ids.eos_id, self.ids.size_id) if self._reason_steps else ()
+            return OutputSpec(p.temperature, p.top_p, p.top_k, self.seed, self._steps, banned)
+        return self.answer.spec(self._steps)
+
+    def on_output(self, out: StepResult) -> list[InputItem] | None:
+        self._steps += 1
+        if not self.thinking:
+            return self.answer.on_token(out.token)
+        token = out.token
+        if token == self.ids.answer_id or self._reason_steps >= self.params.max_tokens:
+            return self._end_reasoning([self.ids.answer_id])
+        self._reason_steps += 1
+        self.completion_tokens += 1
+        if token in (self.ids.start_ground_points_id, self.ids.end_ground_id):
+            self._chunks.append([])
+            self._coords.append([])
+        self._chunks[-1].append(token)
+        item: InputItem = token
+        if token == self.ids.coord_id:
+            value = coord_from_bin(out.coord_bin)
+            self._coords[-1].append(value)
+            item = CoordInput(value)
+        if self._reason_steps >= self.params.max_tokens:
+            # The reference feeds this token, then discards the next output.
+            return self._end_reasoning([item, self.ids.answer_id])
+        return [item]
+
+    def _end_reasoning(self, feed: list[InputItem]) -> list[InputItem]:
+        self.thinking = False
+        self.emit_event("reasoning", self.reasoning_result())
+        return feed
+
+    def flush(self) -> None:
+        self.answer.flush()
+
+    def reasoning_result(self) -> dict:
+        texts = [self.tokenizer.decode(c) for c in self._chunks]
+        grounding, start = [], 0
+        for text, coords in zip(texts, self._coords):
+            if len(coords) > 1:
+                points = [(coords[i], coords[i + 1]) for i in range(0, len(coords) - 1, 2)]
+                grounding.append({"start_idx": start, "end_idx": start + len(text), "points": points})
+            start += len(text)
+        return {"text": "".join(texts), "grounding": grounding}
+
+    def result(self) -> dict:
+        out: dict = {}
+        if self.reasoning:
+            out["reasoning"] = self.reasoning_result()
+        out["answer"] = self.answer.text
+        return out
+
+
+class CaptionSkill(Skill):
+    name = "caption"
+
+    def __init__(self, tokenizer: Tokenizer, ids: TokenizerConfig, params: SamplingParams, seed: int) -> None:
+        super().__init__()
+        self.answer = TextAnswer(self, tokenizer, params, ids, seed)
+        self._steps = 0
+
+    def next_output(self) -> OutputSpec:
+        return self.answer.spec(self._steps)
+
+    def on_output(self, out: StepResult) -> list[InputItem] | None:
+        self._steps += 1
+        return self.answer.on_token(out.token)
+
+    def flush(self) -> None:
+        self.answer.flush()
+
+    def result(self) -> dict:
+        return {"caption": self.answer.text}
+
+
+class LocateSkill(Skill):
+    """Detect (boxes) or point: per object, x, y (and for boxes a size), then
+    continue while the coordinate token beats eos. Always greedy."""
+
+    def __init__(self, ids: TokenizerConfig, max_objects: int, with_size: bool) -> None:
+        super().__init__()
+        self.ids, self.max_objects, self.with_size = ids, max_objects, with_size
+        self.name = "detect" if with_size else "point"
+        self.objects: list[dict[str, float]] = []
+        self._state = "first"  # first -> y -> (size ->) decide -> y ...
+        self._x = self._y = 0.0
+
+    def next_output(self) -> OutputSpec:
+        return OutputSpec(temperature=0.0)
+
+    def _done(self) -> None:
+        self.finish_reason = "stop"
+
+    def on_output(self, out: StepResult) -> list[InputItem] | None:
+        state = self._state
+        if state == "first" and out.token == self.ids.eos_id or state == "decide" and not out.coord_over_eos:
+            self._done()
+            return None
+        if state in ("first", "decide"):
+            self._x = coord_from_bin(out.coord_bin)
+            self._state = "y"
+            return [CoordInput(self._x)]
+        if state == "y":
+            self._y = coord_from_bin(out.coord_bin)
+            if self.with_size:
+                self._state = "size"
+                return [CoordInput(self._y)]
+            self.objects.append({"x": self._x, "y": self._y})
+            return self._next_object([CoordInput(self._y)])
+        w, h = size_from_bins(torch.tensor(out.size_bins)).tolist()
+        x, y = self._x, self._y
+        self.objects.append({"x_min": x - w / 2, "y_min": y - h / 2, "x_max": x + w / 2, "y_max": y + h / 2})
+        return self._next_object([SizeInput(w, h)])
+
+    def _next_object(self, feed: list[InputItem]) -> list[InputItem] | None:
+        self.completion_tokens = len(self.objects)
+        if len(self.objects) >= self.max_objects:
+            self._done()
+            return None
+        self._state = "decide"
+        return feed
+
+    def result(self) -> dict:
+        return {"objects": self.objects} if self.with_size else {"points": self.objects}

@@ -1,0 +1,135 @@
+"""Moondream 3 text decoder over the paged KV cache.
+
+Each block is parallel: x = x + attn(ln(x)) + mlp(ln(x)), one LayerNorm shared
+by both branches. Attention scales q and v by learned per-token, per-head
+"tau" factors before rotary; MLPs are dense in the first layers and MoE after.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tidal.layers.attention import TorchPagedAttention
+from tidal.layers.moe import moe_forward
+from tidal.layers.rotary import PartialRotary
+from tidal.runner.forward_batch import ForwardBatch
+
+from .config import TextConfig
+from .vision import MLP
+
+
+class ExpertWeights(nn.Module):
+    """Stacked expert matrices, weight [num_experts, out, in]."""
+
+    def __init__(self, num_experts: int, out_dim: int, in_dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, out_dim, in_dim))
+
+
+class MoEMLP(nn.Module):
+    def __init__(self, dim: int, inner: int, num_experts: int, top_k: int) -> None:
+        super().__init__()
+        self.router = nn.Linear(dim, num_experts)
+        self.fc1 = ExpertWeights(num_experts, 2 * inner, dim)
+        self.fc2 = ExpertWeights(num_experts, dim, inner)
+        self.top_k = top_k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return moe_forward(x, self.router.weight, self.router.bias, self.fc1.weight, self.fc2.weight, self.top_k)
+
+
+def tau_scales(qkv: torch.Tensor, positions: torch.Tensor, wq: torch.Tensor, wv: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token, per-head scales for q and v, both [T, H].
+
+    tau = tanh(gelu_exact(qkv) @ w.T) + 1 + (sigmoid(alpha * log(pos + 1)) - 0.5).
+    Computed in float32: positions past 256 are not exact in bf16.
+    """
+    feat = F.gelu(qkv.float())
+    pos_term = 1.0 + torch.sigmoid(alpha.float()[None, :] * torch.log(positions.float() + 1.0)[:, None]) - 0.5
+    tau_q = torch.tanh(feat @ wq.float().T) + pos_term
+    tau_v = torch.tanh(feat @ wv.float().T) + pos_term
+    return tau_q, tau_v
+
+
+class TextAttention(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        qkv_dim = cfg.head_dim * (cfg.n_heads + 2 * cfg.n_kv_heads)
+        self.qkv = nn.Linear(cfg.dim, qkv_dim)
+        self.proj = nn.Linear(cfg.dim, cfg.dim)
+        self.tau = nn.ParameterDict(
+            {
+                "wq": nn.Parameter(torch.empty(cfg.n_heads, qkv_dim)),
+                "wv": nn.Parameter(torch.empty(cfg.n_heads, qkv_dim)),
+                "alpha": nn.Parameter(torch.empty(cfg.n_heads)),
+            }
+        )
+        if cfg.n_kv_heads != cfg.n_heads:
+            raise ValueError("Moondream 3 tau scaling of v needs n_kv_heads == n_heads")
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch, layer: int, rotary: PartialRotary, backend: TorchPagedAttention) -> torch.Tensor:
+        """x [T, dim] (already normed) -> [T, dim]."""
+        t = x.shape[0]
+        qkv = self.qkv(x)
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
+        q = q.view(t, self.n_heads, self.head_dim)
+        k = k.view(t, self.n_kv_heads, self.head_dim)
+        v = v.view(t, self.n_kv_heads, self.head_dim)
+        tau_q, tau_v = tau_scales(qkv, positions, self.tau["wq"], self.tau["wv"], self.tau["alpha"])
+        q = (q.float() * tau_q[..., None]).to(q.dtype)
+        v = (v.float() * tau_v[..., None]).to(v.dtype)
+        q, k = rotary(q, positions), rotary(k, positions)
+        out = backend.forward(q, k, v, layer, batch)
+        return self.proj(out.reshape(t, q_dim))
+
+
+class TextBlock(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(cfg.dim)
+        self.attn = TextAttention(cfg)
+        self.mlp: nn.Module
+        if cfg.is_moe_layer(layer):
+            assert cfg.moe is not None
+            self.mlp = MoEMLP(cfg.dim, cfg.moe.expert_inner_dim, cfg.moe.num_experts, cfg.moe.experts_per_token)
+        else:
+            self.mlp = MLP(cfg.dim, cfg.ff_dim)
+
+
+class TextModel(nn.Module):
+    """Embedding, decoder blocks, post-LN and lm_head (with bias)."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Parameter(torch.empty(cfg.vocab_size, cfg.dim))
+        self.blocks = nn.ModuleList(TextBlock(cfg, i) for i in range(cfg.n_layers))
+        self.post_ln = nn.LayerNorm(cfg.dim)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size)
+        self.rotary: PartialRotary | None = None
+        self.backend = TorchPagedAttention()
+
+    def setup_runtime(self, device: torch.device | str) -> None:
+        """Build the non-weight state (rotary tables) once weights are on `device`."""
+        self.rotary = PartialRotary(self.cfg.rotary_dim, self.cfg.max_context, self.cfg.rope_theta, device)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.wte)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """-> raw hidden states [T, dim] (before post-LN), for every token of the batch."""
+        assert self.rotary is not None, "call setup_runtime() after loading weights"
+        x = batch.input_embeds if batch.input_embeds is not None else self.embed(input_ids)
+        self.backend.init_forward_metadata(batch)
+        for i, block in enumerate(self.blocks):
+            h = block.ln(x)
+            x = x + block.attn(h, positions, batch, i, self.rotary, self.backend) + block.mlp(h)
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Raw hidden [N, dim] -> logits [N, vocab] (float32)."""
+        return self.lm_head(self.post_ln(hidden)).float()
