@@ -1,6 +1,6 @@
 """Moondream 3 skills as state machines: query (with optional reasoning), caption,
 detect and point. Each follows the authors' reference step for step; see
-tests/data/moondream3-tiny/README.md (the golden fixture) for the semantics.
+tests/data/README.md (the golden fixture) for the semantics.
 """
 
 from __future__ import annotations

@@ -1,0 +1,82 @@
+"""Shared fixtures: the golden reference checkpoint and a model loaded from it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+GOLDEN = Path(__file__).parent / "data" / "moondream3-tiny"
+SHARED_GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "moondream3-tiny"
+
+
+def golden_cases(kind: str | None = None) -> list[dict]:
+    cases = json.loads((GOLDEN / "expected.json").read_text())["cases"]
+    return [c for c in cases if kind is None or c["kind"] == kind]
+
+
+def golden_image(name: str | None) -> Path | None:
+    return None if name is None else GOLDEN / "images" / f"{name}.png"
+
+
+def case_id(c: dict) -> str:
+    bits = [c["kind"], str(c.get("image"))]
+    for key in ("question", "object", "length"):
+        if key in c:
+            bits.append(str(c[key]).replace(" ", "_"))
+    if c.get("reasoning"):
+        bits.append("reasoning")
+    if c.get("spatial_refs"):
+        bits.append("refs")
+    if "max_objects" in c.get("settings", {}):
+        bits.append(f"max{c['settings']['max_objects']}")
+    return "-".join(bits)
+
+
+@pytest.fixture(scope="session")
+def golden_md():
+    """Moondream on the golden checkpoint, float32 on the CPU, shared by all tests."""
+    import tidal
+
+    md = tidal.Moondream.from_pretrained(GOLDEN, device="cpu", dtype="float32")
+    yield md
+    md.close()
+
+
+@pytest.fixture(scope="session")
+def golden_encoded(golden_md):
+    """Each golden image encoded once."""
+    return {name: golden_md.encode_image(golden_image(name)) for name in ("square378", "wide", "tall", "big", "tiny")}
+
+
+def run_case(md, case: dict, image):
+    """Run one golden skill case; `image` is what to pass as the image."""
+    kind, settings = case["kind"], case["settings"]
+    if kind == "query":
+        return md.query(image, case["question"], reasoning=case["reasoning"], spatial_refs=case.get("spatial_refs"), settings=settings)
+    if kind == "caption":
+        return md.caption(image, case["length"], settings=settings)
+    if kind == "detect":
+        return md.detect(image, case["object"], settings=settings)
+    return md.point(image, case["object"], settings=settings)
+
+
+def assert_matches_golden(result: dict, case: dict) -> None:
+    """Texts and grounding exactly, coordinates within 1e-5, same counts."""
+    got = json.loads(json.dumps(result))
+    want = case["result"]
+    if case["kind"] in ("detect", "point"):
+        key = "objects" if case["kind"] == "detect" else "points"
+        assert len(got[key]) == len(want[key]), (got, want)
+        for g, w in zip(got[key], want[key]):
+            assert set(g) == set(w)
+            for k in w:
+                assert abs(g[k] - w[k]) <= 1e-5, (k, g, w)
+    else:
+        assert got == want
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()

@@ -1,0 +1,55 @@
+"""The same reference checks on a CUDA device (skipped where there is none)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import GOLDEN, assert_matches_golden, case_id, golden_cases, golden_image, run_case
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+SKILL_CASES = [c for c in golden_cases() if c["kind"] in ("query", "caption", "detect", "point")]
+
+
+@pytest.fixture(scope="module")
+def cuda_md():
+    from tidal import Moondream
+
+    md = Moondream.from_pretrained(GOLDEN, device="cuda", dtype="float32")
+    yield md
+    md.close()
+
+
+@pytest.fixture(scope="module")
+def cuda_encoded(cuda_md):
+    return {n: cuda_md.encode_image(golden_image(n)) for n in ("square378", "wide", "tall", "big", "tiny")}
+
+
+@pytest.mark.parametrize("case", golden_cases("image"), ids=case_id)
+def test_image_embeddings_on_cuda(cuda_encoded, case):
+    want = load_file(str(GOLDEN / "expected.safetensors"))[case["tensor"]].cuda()
+    got = cuda_encoded[case["image"]].embeds
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-4
+
+
+@pytest.mark.parametrize("case", SKILL_CASES, ids=case_id)
+def test_skill_on_cuda(cuda_md, cuda_encoded, case):
+    image = None if case["image"] is None else cuda_encoded[case["image"]]
+    assert_matches_golden(run_case(cuda_md, case, image), case)
+
+
+def test_bfloat16_runs_every_skill():
+    from tidal import Moondream
+
+    md = Moondream.from_pretrained(GOLDEN, device="cuda", dtype="bfloat16")
+    try:
+        img = golden_image("wide")
+        assert isinstance(md.caption(img, settings={"max_tokens": 8})["caption"], str)
+        assert set(md.query(img, "what color", reasoning=True, settings={"max_tokens": 8})) == {"reasoning", "answer"}
+        for box in md.detect(img, "dog", settings={"max_objects": 4})["objects"]:
+            assert box["x_min"] <= box["x_max"]
+        assert len(md.point(img, "dog", settings={"max_objects": 4})["points"]) <= 4
+    finally:
+        md.close()
