@@ -80,3 +80,14 @@ def assert_matches_golden(result: dict, case: dict) -> None:
 
 def cuda_available() -> bool:
     return torch.cuda.is_available()
+
+
+def assert_engine_idle(engine) -> None:
+    """No request left and no KV page leaked: every page is free or held,
+    unlocked, by the prefix cache."""
+    assert not engine.has_work()
+    usage = engine.kv_usage()
+    assert usage["requests"] == 0
+    assert usage["cached"] == usage["cached_unused"]
+    assert usage["free"] + usage["cached"] == usage["capacity"]
+    assert engine.req_to_token.available == engine.req_to_token.max_requests

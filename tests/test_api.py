@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import GOLDEN, assert_matches_golden, golden_cases, golden_image, run_case
+from conftest import GOLDEN, assert_engine_idle, assert_matches_golden, golden_cases, golden_image, run_case
 from tidal import InvalidRequestError, Moondream
 
 WIDE_QUERY = next(c for c in golden_cases("query") if c["image"] == "wide" and not c["reasoning"] and not c.get("spatial_refs"))
@@ -52,9 +52,8 @@ def test_closing_a_stream_early_cancels_and_frees(golden_md, golden_encoded):
     it = iter(out["caption"])
     next(it)
     it.close()
-    engine = golden_md.engine
     assert_matches_golden(run_case(golden_md, WIDE_QUERY, golden_encoded["wide"]), WIDE_QUERY)  # the loop moved on
-    assert not engine.has_work() and engine.allocator.available == engine.allocator.capacity
+    assert_engine_idle(golden_md.engine)
 
 
 def test_concurrent_mixed_skills_match_one_at_a_time(golden_md, golden_encoded):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import assert_matches_golden, golden_cases, golden_image, run_case
+from conftest import assert_engine_idle, assert_matches_golden, golden_cases, golden_image, run_case
 from tidal.errors import ImageError, InvalidRequestError, PromptTooLongError
 
 CHECK_CASE = next(c for c in golden_cases("query") if c["image"] == "wide" and not c["reasoning"])
@@ -69,7 +69,4 @@ def test_engine_holds_nothing_after_errors(golden_md, golden_encoded):
         with pytest.raises(ValueError):
             BAD_CALLS[name][0](golden_md, golden_encoded["wide"])
     assert_matches_golden(run_case(golden_md, DETECT_CASE, golden_encoded["tall"]), DETECT_CASE)
-    engine = golden_md.engine
-    assert not engine.has_work()
-    assert engine.allocator.available == engine.allocator.capacity
-    assert engine.req_to_token.available == engine.req_to_token.max_requests
+    assert_engine_idle(golden_md.engine)

@@ -5,19 +5,19 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from tokenizers import Tokenizer
 
 from tidal.engine.engine import Engine, EngineConfig
-from tidal.engine.inputs import ImageInput, ImageRef, InputItem
+from tidal.engine.inputs import ImageInput, ImageRef, InputItem, items_len
 from tidal.engine.loop import EngineLoop, RequestHandle
 from tidal.engine.request import Request
 from tidal.engine.sampling import SamplingParams
 from tidal.engine.skill import Skill
-from tidal.errors import InvalidRequestError
+from tidal.errors import InvalidRequestError, PromptTooLongError
 from tidal.images import ImageLike, image_key, load_image
 from tidal.models.moondream3.model import Moondream3Model
 from tidal.models.moondream3.processor import overlap_crops
@@ -34,6 +34,8 @@ DEFAULT_MAX_TOKENS = 768
 DEFAULT_MAX_OBJECTS = 150
 TEXT_SETTINGS = ("temperature", "top_p", "top_k", "max_tokens", "stop", "seed")
 OBJECT_SETTINGS = ("max_objects",)
+
+Prepared = tuple[Skill, list[InputItem], int]  # a validated request: skill, prompt items, bidirectional length
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -164,11 +166,7 @@ class Moondream:
         -> {"answer": str}, with reasoning {"reasoning": {"text", "grounding"}, "answer"};
         with stream=True the answer is an iterator of text chunks.
         """
-        params = text_params(settings)
-        item = None if image is None else self._image_item(image)
-        items, bidir = self.prompts.query(item, question, bool(reasoning), spatial_refs)  # type: ignore[arg-type]
-        skill = QuerySkill(self.tokenizer, self.config.tokenizer, params, self._seed(params), bool(reasoning))
-        handle = self._submit(skill, items, bidir)
+        handle = self.submit_query(image, question, reasoning, spatial_refs, settings)
         if not stream:
             return handle.wait()
         events = handle.events()
@@ -189,25 +187,69 @@ class Moondream:
         settings: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Describe an image. length: "short", "normal" or "long". -> {"caption": str}."""
-        params = text_params(settings)
-        items, bidir = self.prompts.caption(self._image_item(image), length)
-        handle = self._submit(CaptionSkill(self.tokenizer, self.config.tokenizer, params, self._seed(params)), items, bidir)
+        handle = self.submit_caption(image, length, settings)
         if stream:
             return {"caption": _text_chunks(handle.events(), handle)}
         return handle.wait()
 
     def detect(self, image: ImageLike | EncodedImage, object: str, settings: dict[str, Any] | None = None) -> dict[str, Any]:
         """Bounding boxes of `object`, normalized to [0, 1]. -> {"objects": [{x_min, y_min, x_max, y_max}]}."""
-        return self._locate(image, object, settings, with_size=True)
+        return self.submit_detect(image, object, settings).wait()
 
     def point(self, image: ImageLike | EncodedImage, object: str, settings: dict[str, Any] | None = None) -> dict[str, Any]:
         """Center points of `object`, normalized to [0, 1]. -> {"points": [{x, y}]}."""
-        return self._locate(image, object, settings, with_size=False)
+        return self.submit_point(image, object, settings).wait()
 
-    def _locate(self, image: Any, obj: str, settings: dict[str, Any] | None, with_size: bool) -> dict[str, Any]:
+    # -- batches: submitted together, batched by the engine -------------------------
+    def batch_query(self, pairs: Iterable[tuple[Any, str]], reasoning: bool = False, settings: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Answer many (image, question) pairs concurrently; results in input order."""
+        return self._batch(self._prepare_query(img, q, reasoning, None, settings) for img, q in pairs)
+
+    def batch_caption(self, images: Iterable[Any], length: str = "normal", settings: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Caption many images concurrently; results in input order."""
+        return self._batch(self._prepare_caption(img, length, settings) for img in images)
+
+    def batch_detect(self, pairs: Iterable[tuple[Any, str]], settings: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Detect in many (image, object) pairs concurrently; results in input order."""
+        return self._batch(self._prepare_locate(img, obj, settings, True) for img, obj in pairs)
+
+    def batch_point(self, pairs: Iterable[tuple[Any, str]], settings: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Point in many (image, object) pairs concurrently; results in input order."""
+        return self._batch(self._prepare_locate(img, obj, settings, False) for img, obj in pairs)
+
+    def _batch(self, prepared: Iterable[Prepared]) -> list[dict[str, Any]]:
+        jobs = list(prepared)  # validate everything before submitting anything
+        handles = [self._submit(*job) for job in jobs]
+        return [h.wait() for h in handles]
+
+    # -- submission without waiting (the server's entry points) ----------------------
+    def submit_query(self, image: Any, question: Any, reasoning: bool = False, spatial_refs: Any = None, settings: dict[str, Any] | None = None) -> RequestHandle:
+        return self._submit(*self._prepare_query(image, question, reasoning, spatial_refs, settings))
+
+    def submit_caption(self, image: Any, length: str = "normal", settings: dict[str, Any] | None = None) -> RequestHandle:
+        return self._submit(*self._prepare_caption(image, length, settings))
+
+    def submit_detect(self, image: Any, obj: Any, settings: dict[str, Any] | None = None) -> RequestHandle:
+        return self._submit(*self._prepare_locate(image, obj, settings, True))
+
+    def submit_point(self, image: Any, obj: Any, settings: dict[str, Any] | None = None) -> RequestHandle:
+        return self._submit(*self._prepare_locate(image, obj, settings, False))
+
+    def _prepare_query(self, image: Any, question: Any, reasoning: bool, spatial_refs: Any, settings: dict[str, Any] | None) -> Prepared:
+        params = text_params(settings)
+        item = None if image is None else self._image_item(image)
+        items, bidir = self.prompts.query(item, question, bool(reasoning), spatial_refs)
+        return QuerySkill(self.tokenizer, self.config.tokenizer, params, self._seed(params), bool(reasoning)), items, bidir
+
+    def _prepare_caption(self, image: Any, length: str, settings: dict[str, Any] | None) -> Prepared:
+        params = text_params(settings)
+        items, bidir = self.prompts.caption(self._image_item(image), length)
+        return CaptionSkill(self.tokenizer, self.config.tokenizer, params, self._seed(params)), items, bidir
+
+    def _prepare_locate(self, image: Any, obj: Any, settings: dict[str, Any] | None, with_size: bool) -> Prepared:
         n = max_objects_setting(settings)
         items, bidir = self.prompts.locate(self._image_item(image), obj, "detect" if with_size else "point")
-        return self._submit(LocateSkill(self.config.tokenizer, n, with_size), items, bidir).wait()
+        return LocateSkill(self.config.tokenizer, n, with_size), items, bidir
 
     # -- plumbing --------------------------------------------------------------
     @staticmethod
@@ -215,6 +257,9 @@ class Moondream:
         return params.seed if params.seed is not None else random.getrandbits(63)
 
     def _submit(self, skill: Skill, items: list[InputItem], bidir: int) -> RequestHandle:
+        pages = self.engine.allocator.capacity
+        if items_len(items) > pages:
+            raise PromptTooLongError(f"the prompt takes {items_len(items)} positions but the KV cache holds {pages} pages; start the engine with more kv_pages")
         return self.loop.submit(Request(skill=skill, pending=items, bidir_len=bidir))
 
 

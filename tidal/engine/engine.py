@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from tidal.cache.kv_pool import KVPool, ReqToTokenPool, SlotAllocator
+from tidal.cache.radix import RadixCache
 from tidal.engine.inputs import ImageInput, ImageRef, items_len
 from tidal.engine.request import Request, RequestStatus
 from tidal.engine.scheduler import CacheFullError, Chunk, Scheduler
@@ -23,13 +24,26 @@ logger = logging.getLogger(__name__)
 class EngineConfig:
     """max_running: requests batched at once. kv_pages: KV cache size in
     one-token pages (None: sized from free device memory, or a CPU default).
-    token_budget: positions fed per step (a whole image prefix may exceed it)."""
+    token_budget: positions fed per step (a whole image prefix may exceed it).
+    prefix_cache: share the KV of common prompt prefixes (images by content)."""
 
     max_running: int = 64
     kv_pages: int | None = None
     token_budget: int = 2048
     kv_memory_fraction: float = 0.85  # of free GPU memory after weights, when kv_pages is None
     cpu_kv_pages: int = 65536
+    prefix_cache: bool = True
+
+
+@dataclass
+class EngineStats:
+    """Running totals the server exports as metrics, and tests inspect."""
+
+    steps: int = 0
+    max_batch: int = 0  # most sequences in one step
+    positions_fed: int = 0
+    generated: int = 0  # outputs handed to skills
+    last_chunks: list[tuple[Request, int]] = field(default_factory=list)  # (request, positions) of the last step
 
 
 class Engine:
@@ -43,8 +57,9 @@ class Engine:
         self.allocator = SlotAllocator(pages)
         self.req_to_token = ReqToTokenPool(self.config.max_running, tc.max_context, model.device)
         self.runner = ModelRunner(model, self.kv_pool, self.req_to_token)
-        self.scheduler = Scheduler(self.allocator, self.req_to_token, self.config.token_budget)
-        self.steps = 0
+        self.prefix_cache = RadixCache(self.allocator) if self.config.prefix_cache else None
+        self.scheduler = Scheduler(self.allocator, self.req_to_token, self.config.token_budget, self.prefix_cache)
+        self.stats = EngineStats()
 
     def _auto_pages(self) -> int:
         tc = self.model.config.text
@@ -82,7 +97,11 @@ class Engine:
             return [req]
         if not chunks:
             return []
-        self.steps += 1
+        st = self.stats
+        st.steps += 1
+        st.max_batch = max(st.max_batch, len(chunks))
+        st.positions_fed += sum(c.n_positions for c in chunks)
+        st.last_chunks = [(c.req, c.n_positions) for c in chunks]
         try:
             self._encode_images(chunks)
             steps = [self._seq_step(c) for c in chunks]
@@ -99,9 +118,11 @@ class Engine:
             req = chunk.req
             req.history.extend(req.pending[: chunk.n_items])
             del req.pending[: chunk.n_items]
+            self.scheduler.cache_prompt(req)
             if result is None:
                 continue
             touched.append(req)
+            st.generated += 1
             if req.first_output_at is None:
                 req.first_output_at = now
             nxt = req.skill.on_output(result)
@@ -113,6 +134,22 @@ class Engine:
             else:
                 req.pending = nxt
         return touched
+
+    def kv_usage(self) -> dict[str, int]:
+        """Where the KV pages are: free, held by running requests, held by the
+        prefix cache (and how many of those no request uses)."""
+        cache = self.prefix_cache
+        return {
+            "capacity": self.allocator.capacity,
+            "free": self.allocator.available,
+            "requests": self.scheduler.pages_in_use(),
+            "cached": cache.size if cache else 0,
+            "cached_unused": cache.evictable if cache else 0,
+        }
+
+    def clear_prefix_cache(self) -> int:
+        """Drop every cached prefix no running request uses. -> pages freed."""
+        return self.prefix_cache.clear() if self.prefix_cache else 0
 
     def _encode_images(self, chunks: list[Chunk]) -> None:
         for c in chunks:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -63,3 +64,22 @@ def item_len(item: InputItem) -> int:
 
 def items_len(items: list[InputItem]) -> int:
     return sum(item_len(i) for i in items)
+
+
+def position_keys(items: list[InputItem], bidir_len: int) -> list[Hashable]:
+    """One prefix-cache key per position. Images key by content hash; keys in
+    the bidirectional prefix are tagged, since those positions' K/V depend on
+    the whole prefix (BOS before an image is not BOS before text)."""
+    keys: list[Hashable] = []
+    for item in items:
+        if isinstance(item, int):
+            keys.append(item)
+        elif isinstance(item, (ImageInput, ImageRef)):
+            keys.extend((item.key, i) for i in range(len(item)))
+        elif isinstance(item, CoordInput):
+            keys.append(("coord", item.value))
+        else:
+            keys.append(("size", item.width, item.height))
+    for i in range(min(bidir_len, len(keys))):
+        keys[i] = ("bidir", keys[i])
+    return keys

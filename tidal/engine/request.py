@@ -7,7 +7,9 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
-from tidal.engine.inputs import InputItem, items_len
+from collections.abc import Hashable
+
+from tidal.engine.inputs import InputItem, items_len, position_keys
 from tidal.engine.skill import Skill
 
 _ids = itertools.count()
@@ -26,6 +28,9 @@ class Request:
     history: items whose K/V are in the cache, in position order.
     pending: items to feed next; the skill's output is wanted after the last.
     bidir_len: leading positions that attend bidirectionally (BOS + image).
+    slots: KV slot of each cached position; the first `shared_len` belong to
+        the prefix cache (locked through `cache_node`), the rest to this request.
+    keys: prefix-cache keys of the prompt positions.
     """
 
     skill: Skill
@@ -37,6 +42,10 @@ class Request:
     row: int | None = None
     slots: list[int] = field(default_factory=list)
     prompt_tokens: int = 0
+    keys: list[Hashable] = field(default_factory=list)
+    shared_len: int = 0
+    cache_node: object | None = None
+    cached_prompt_tokens: int = 0  # prompt positions served by the prefix cache
     error: BaseException | None = None
     arrival: float = field(default_factory=time.monotonic)
     first_output_at: float | None = None
@@ -45,6 +54,7 @@ class Request:
 
     def __post_init__(self) -> None:
         self.prompt_tokens = items_len(self.pending)
+        self.keys = position_keys(self.pending, self.bidir_len)
 
     @property
     def num_cached(self) -> int:

@@ -1,5 +1,5 @@
-"""Scheduler: admission by free KV pages, chunked prefill under a token budget,
-and preemption (release now, recompute later) when pages run out."""
+"""Scheduler: admission by free KV pages, prefix-cache reuse, chunked prefill
+under a token budget, and preemption (release now, recompute later)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from tidal.cache.kv_pool import ReqToTokenPool, SlotAllocator
+from tidal.cache.radix import RadixCache
 from tidal.engine.inputs import item_len
 from tidal.engine.request import Request, RequestStatus
 
@@ -31,11 +32,16 @@ class Chunk:
         return self.n_items == len(self.req.pending)
 
 
+class CacheFullError(RuntimeError):
+    """A lone request does not fit in the whole KV cache."""
+
+
 class Scheduler:
-    def __init__(self, allocator: SlotAllocator, req_to_token: ReqToTokenPool, token_budget: int) -> None:
+    def __init__(self, allocator: SlotAllocator, req_to_token: ReqToTokenPool, token_budget: int, prefix_cache: RadixCache | None) -> None:
         self.allocator = allocator
         self.req_to_token = req_to_token
         self.token_budget = token_budget
+        self.cache = prefix_cache
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -46,35 +52,74 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def free_pages(self) -> int:
+        """Pages available now, counting cached pages no running request uses."""
+        return self.allocator.available + (self.cache.evictable if self.cache else 0)
+
     # -- admission -------------------------------------------------------
     def _admit(self) -> None:
         committed = sum(r.pending_len for r in self.running)
+        free = self.free_pages() if self.waiting else 0
         while self.waiting and self.req_to_token.available:
             req = self.waiting[0]
+            row = self.req_to_token.alloc()
+            assert row is not None
+            req.row = row
+            self._reuse_prefix(req)
             need = req.pending_len
-            if self.running and self.allocator.available - committed < need:
-                break  # wait for pages; an idle engine admits anything that fits at all
+            if self.running and free - committed < need:
+                self._drop_prefix(req)  # wait for pages; an idle engine admits anything that fits at all
+                self.req_to_token.free(row)
+                req.row = None
+                break
             self.waiting.popleft()
-            req.row = self.req_to_token.alloc()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             committed += need
 
+    def _reuse_prefix(self, req: Request) -> None:
+        """Point req at the longest cached prefix of its prompt (whole items only,
+        never part of the bidirectional prefix, always leaving one item to feed)."""
+        if self.cache is None or not req.keys:
+            return
+        items = req.pending
+        slots, _ = self.cache.match(req.keys)
+        limit, n_items, pos = len(slots), 0, 0
+        while n_items < len(items) - 1 and pos + item_len(items[n_items]) <= limit:
+            pos += item_len(items[n_items])
+            n_items += 1
+        if pos < req.bidir_len:
+            pos, n_items = 0, 0
+        self.cache.record_lookup(min(len(req.keys), req.prompt_tokens), pos)
+        if pos == 0:
+            return
+        slots, node = self.cache.match(req.keys[:pos])
+        self.cache.lock(node)
+        req.cache_node, req.shared_len, req.slots = node, pos, list(slots)
+        req.cached_prompt_tokens = max(req.cached_prompt_tokens, pos)
+        req.history, req.pending = items[:n_items], items[n_items:]
+        self.req_to_token.table[req.row, :pos] = self.req_to_token.table.new_tensor(slots)
+
+    def _drop_prefix(self, req: Request) -> None:
+        """Undo _reuse_prefix for a request that stays waiting."""
+        if req.cache_node is not None:
+            self.cache.unlock(req.cache_node)  # type: ignore[union-attr]
+            req.pending = req.history + req.pending
+            req.history, req.slots, req.shared_len, req.cache_node = [], [], 0, None
+
     # -- one step --------------------------------------------------------
     def schedule(self) -> list[Chunk]:
-        """Pick this step's work and give it KV slots (preempting if needed)."""
+        """Pick this step's work and give it KV slots (evicting or preempting if needed)."""
         self._admit()
-        decodes = [r for r in self.running if r.pending_len <= _DECODE_MAX and r.history]
-        prefills = [r for r in self.running if not (r.pending_len <= _DECODE_MAX and r.history)]
+        decoding = [r for r in self.running if r.pending_len <= _DECODE_MAX and r.history]
+        prefilling = [r for r in self.running if not (r.pending_len <= _DECODE_MAX and r.history)]
         budget = self.token_budget
         chunks: list[Chunk] = []
-        for req in decodes + prefills:
+        for req in decoding + prefilling:
             if req.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             chunk = self._chunk(req, budget, first=not chunks)
-            if chunk is None:
-                continue
-            if not self._reserve(req, chunk.n_positions, chunks):
+            if chunk is None or not self._reserve(req, chunk.n_positions, chunks):
                 continue
             chunks.append(chunk)
             budget -= chunk.n_positions
@@ -98,13 +143,18 @@ class Scheduler:
         return Chunk(req, n_items, n_pos) if n_items else None
 
     def _reserve(self, req: Request, n: int, scheduled: list[Chunk]) -> bool:
-        """Give req n more slots, preempting the newest other requests if needed."""
+        """Give req n more slots: from free pages, then evicting unused cached
+        prefixes, then preempting the newest other running requests."""
+        if self.allocator.available < n and self.cache is not None:
+            self.cache.evict(n - self.allocator.available)
         busy = {c.req for c in scheduled} | {req}
         while self.allocator.available < n:
             victim = next((r for r in reversed(self.running) if r not in busy), None)
             if victim is None:
                 break
             self.preempt(victim)
+            if self.cache is not None:
+                self.cache.evict(n - self.allocator.available)
         slots = self.allocator.alloc(n)
         if slots is None:
             if req is not self.running[0] or scheduled:
@@ -115,6 +165,30 @@ class Scheduler:
         self.req_to_token.table[req.row, start : start + n] = self.req_to_token.table.new_tensor(slots)
         req.slots.extend(slots)
         return True
+
+    # -- after a step ------------------------------------------------------
+    def cache_prompt(self, req: Request) -> None:
+        """Put req's computed prompt positions into the prefix cache and share them.
+
+        Positions someone else cached meanwhile switch to the cache's copy and
+        req's duplicates are freed; req then locks the deeper node.
+        """
+        if self.cache is None or req.row is None:
+            return
+        n = min(req.num_cached, len(req.keys))
+        if n <= req.shared_len or (req.bidir_len and n < req.bidir_len):
+            return
+        present, slots, node = self.cache.insert(req.keys[:n], req.slots[:n])
+        dup = req.slots[req.shared_len : present]
+        if dup:
+            self.allocator.free(dup)
+            req.slots[req.shared_len : present] = slots[req.shared_len : present]
+            table = self.req_to_token.table
+            table[req.row, req.shared_len : present] = table.new_tensor(slots[req.shared_len : present])
+        self.cache.lock(node)
+        if req.cache_node is not None:
+            self.cache.unlock(req.cache_node)  # type: ignore[arg-type]
+        req.cache_node, req.shared_len = node, n
 
     # -- leaving the running set -----------------------------------------
     def preempt(self, req: Request) -> None:
@@ -136,12 +210,15 @@ class Scheduler:
 
     def _release(self, req: Request) -> None:
         self.running.remove(req)
-        self.allocator.free(req.slots)
-        req.slots = []
+        self.allocator.free(req.slots[req.shared_len :])
+        if req.cache_node is not None:
+            self.cache.unlock(req.cache_node)  # type: ignore[union-attr]
+        req.slots, req.shared_len, req.cache_node = [], 0, None
         if req.row is not None:
             self.req_to_token.free(req.row)
             req.row = None
 
+    def pages_in_use(self) -> int:
+        """Pages owned by running requests (excluding shared cached prefixes)."""
+        return sum(len(r.slots) - r.shared_len for r in self.running)
 
-class CacheFullError(RuntimeError):
-    """A lone request does not fit in the whole KV cache."""

@@ -1,0 +1,184 @@
+"""Continuous batching, the image-aware prefix cache, chunked prefill and preemption."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import assert_engine_idle, assert_matches_golden, golden_cases, golden_image, run_case
+from tidal import EngineConfig, Moondream, PromptTooLongError
+from tidal.engine.request import Request
+from tidal.engine.inputs import item_len
+
+SKILL_CASES = [c for c in golden_cases() if c["kind"] in ("query", "caption", "detect", "point")]
+TALL_QUERY = next(c for c in golden_cases("query") if c["image"] == "tall" and not c["reasoning"] and not c.get("spatial_refs"))
+
+
+@pytest.fixture
+def fresh(golden_md):
+    """A new engine around the already loaded golden model."""
+    made = []
+
+    def make(**config) -> Moondream:
+        md = Moondream(golden_md.model, golden_md.tokenizer, EngineConfig(**config))
+        made.append(md)
+        return md
+
+    yield make
+    for md in made:
+        assert_engine_idle(md.engine)
+        md.close()
+
+
+class Counter:
+    """Counts vision-encoder runs and positions fed to the model."""
+
+    def __init__(self, md: Moondream) -> None:
+        self.encodes = self.positions = 0
+        runner = md.engine.runner
+        encode, run = runner.encode_image, runner.run
+
+        def counted_encode(crops):
+            self.encodes += 1
+            return encode(crops)
+
+        def counted_run(steps):
+            self.positions += sum(item_len(i) for s in steps for i in s.items)
+            return run(steps)
+
+        runner.encode_image, runner.run = counted_encode, counted_run
+
+
+def test_second_request_on_an_image_skips_encoder_and_image_prefill(fresh):
+    md = fresh()
+    count = Counter(md)
+    handle = md.submit_query(golden_image("tall"), TALL_QUERY["question"], settings=TALL_QUERY["settings"])
+    assert_matches_golden(handle.wait(), TALL_QUERY)
+    assert count.encodes == 1 and handle.request.cached_prompt_tokens == 0
+    first_positions = count.positions
+
+    other = next(c for c in golden_cases("detect") if c["image"] == "tall")
+    count.positions = 0
+    handle = md.submit_detect(golden_image("tall"), other["object"], other["settings"])
+    assert_matches_golden(handle.wait(), other)
+    assert count.encodes == 1  # the vision encoder did not run again
+    # BOS, the 729 image positions and the first template token (both templates start with 1)
+    assert handle.request.cached_prompt_tokens == 731
+    assert count.positions < first_positions - 700
+
+
+def test_a_repeated_prompt_reuses_all_but_its_last_token(fresh):
+    md = fresh()
+    for attempt in range(2):
+        handle = md.submit_query(golden_image("tall"), TALL_QUERY["question"], settings=TALL_QUERY["settings"])
+        assert_matches_golden(handle.wait(), TALL_QUERY)
+    req = handle.request
+    assert req.cached_prompt_tokens == req.prompt_tokens - 1
+
+
+def test_cache_off_gives_the_same_results(fresh):
+    md = fresh(prefix_cache=False)
+    count = Counter(md)
+    for case in [c for c in SKILL_CASES if c["image"] == "wide"][:6]:
+        assert_matches_golden(run_case(md, case, golden_image("wide")), case)
+    assert count.encodes == 6
+
+
+def test_lru_eviction_under_a_small_cache(fresh):
+    # room for about two images' prefixes: later images evict earlier ones
+    md = fresh(kv_pages=2000)
+    count = Counter(md)
+    cases = [next(c for c in SKILL_CASES if c["image"] == name and c["kind"] == "caption") for name in ("tall", "wide", "square378", "tall")]
+    for case in cases:
+        assert_matches_golden(run_case(md, case, golden_image(case["image"])), case)
+    assert count.encodes == 4  # "tall" was evicted by the time it came back
+    assert md.engine.prefix_cache.size <= 2000
+    md.engine.clear_prefix_cache()
+    assert md.engine.kv_usage()["free"] == md.engine.kv_usage()["capacity"]
+
+
+def test_results_are_the_same_among_fifty_others(fresh, golden_md, golden_encoded):
+    # a budget that takes every prompt at once, so all 60 share the first steps
+    md = fresh(max_running=64, token_budget=60_000)
+    cases = [c for c in SKILL_CASES if c["image"] in ("tall", "wide", "square378", None)]
+    cases = (cases * 2)[:60]
+    encoded = {k: md.encode_image(golden_image(k)) for k in ("tall", "wide", "square378")}
+    handles = []
+    for i, case in enumerate(cases):
+        img = None if case["image"] is None else encoded[case["image"]]
+        if case["kind"] == "query":
+            handles.append(md.submit_query(img, case["question"], case["reasoning"], case.get("spatial_refs"), case["settings"]))
+        elif case["kind"] == "caption":
+            handles.append(md.submit_caption(img, case["length"], case["settings"]))
+        else:
+            submit = md.submit_detect if case["kind"] == "detect" else md.submit_point
+            handles.append(submit(img, case["object"], case["settings"]))
+    results = [h.wait() for h in handles]
+    assert len(results) == 60
+    for res, case in zip(results, cases):
+        assert_matches_golden(res, case)
+    assert md.engine.stats.max_batch >= 50  # they really ran together
+
+
+def test_preemption_recomputes_and_changes_nothing(fresh):
+    # three 740-position prompts are admitted into 2239 pages, then outgrow them
+    md = fresh(kv_pages=2240, prefix_cache=False, max_running=8)
+    cases = [c for c in SKILL_CASES if c["kind"] == "query" and c["reasoning"] and c["image"] in ("wide", "tall")] * 2
+    handles = [md.submit_query(golden_image(c["image"]), c["question"], True, None, c["settings"]) for c in cases]
+    for h, c in zip(handles, cases):
+        assert_matches_golden(h.wait(), c)
+    assert md.engine.scheduler.num_preemptions > 0
+
+
+def _add(md: Moondream, prepared) -> Request:
+    """Queue a prepared request on the engine directly (the test drives the steps)."""
+    skill, items, bidir = prepared
+    req = Request(skill=skill, pending=items, bidir_len=bidir)
+    md.engine.add_request(req)
+    return req
+
+
+def test_chunked_prefill_never_stalls_decodes(fresh):
+    md = fresh(token_budget=64)
+    engine = md.engine
+    running = _add(md, md._prepare_caption(golden_image("wide"), "long", {"temperature": 0, "max_tokens": 60}))
+    while not running.history or running.pending_len > 2:  # until it decodes
+        engine.step()
+    late = _add(md, md._prepare_query(None, "describe " * 300, False, None, {"temperature": 0, "max_tokens": 4}))
+    prefill_steps = 0
+    while not late.finished:
+        engine.step()
+        chunks = dict(engine.stats.last_chunks)
+        assert sum(chunks.values()) <= 64
+        if chunks.get(late, 0) > 1:
+            prefill_steps += 1
+            assert running.finished or chunks.get(running) == 1  # the decode ran in the same step
+    assert prefill_steps >= 300 // 64
+    while engine.has_work():
+        engine.step()
+    assert running.skill.finish_reason in ("stop", "length") and late.skill.finish_reason in ("stop", "length")
+
+
+def test_cancel_frees_the_request(fresh):
+    md = fresh()
+    handle = md.submit_caption(golden_image("big"), "long", {"temperature": 0, "max_tokens": 300})
+    handle.cancel()
+    list(handle.events())
+    assert handle.request.skill.finish_reason in ("cancelled", "stop", "length")
+    assert_engine_idle(md.engine)
+
+
+def test_a_prompt_larger_than_the_cache_is_rejected(fresh):
+    md = fresh(kv_pages=300, prefix_cache=False)
+    with pytest.raises(PromptTooLongError, match="KV cache holds 299 pages"):
+        md.query(golden_image("wide"), "what")
+    text_only = golden_cases("query")[-1]
+    assert md.query(None, text_only["question"], settings=text_only["settings"]) == text_only["result"]
+
+
+def test_generation_that_outgrows_the_cache_stops_with_length(fresh):
+    md = fresh(kv_pages=740, prefix_cache=False)  # 739 usable: exactly the prompt
+    wide = next(c for c in golden_cases("query") if c["image"] == "wide" and not c["reasoning"] and not c.get("spatial_refs"))
+    handle = md.submit_query(golden_image("wide"), wide["question"], settings=wide["settings"])
+    assert handle.request.prompt_tokens == 739
+    assert handle.wait() == {"answer": "w38499"}  # the first of the reference's two words
+    assert handle.request.skill.finish_reason == "length"
