@@ -91,3 +91,50 @@ def assert_engine_idle(engine) -> None:
     assert usage["cached"] == usage["cached_unused"]
     assert usage["free"] + usage["cached"] == usage["capacity"]
     assert engine.req_to_token.available == engine.req_to_token.max_requests
+
+
+class LiveServer:
+    """`tidal serve`'s app on a free local port, in a background thread."""
+
+    def __init__(self, md, config=None) -> None:
+        import asyncio
+        import socket
+        import threading
+
+        import uvicorn
+
+        from tidal.server.app import create_app
+
+        self.md = md
+        self.app = create_app(md, config)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_keep_alive=30))
+        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve(sockets=[self.sock])), daemon=True)
+        self.thread.start()
+        import time
+
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+
+def wait_engine_idle(md, timeout: float = 20.0) -> None:
+    """Wait until the engine has finished (or cancelled) everything, then check
+    no page leaked and no request handle is left behind."""
+    import time
+
+    deadline = time.time() + timeout
+    while md.loop.in_flight() or md.engine.has_work():
+        assert time.time() < deadline, f"engine still busy: {md.engine.snapshot()}"
+        time.sleep(0.02)
+    assert_engine_idle(md.engine)
+    assert not md.loop._handles

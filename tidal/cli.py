@@ -20,6 +20,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(demo, required=False)
     demo.add_argument("--image", default=None, help="image file (default: the bundled sample)")
     demo.add_argument("--max-tokens", type=int, default=48, help="tokens per text answer (default 48)")
+
+    serve = sub.add_parser("serve", help="serve the Moondream and OpenAI-compatible HTTP APIs")
+    _add_model_args(serve, required=False)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=2020)
+    serve.add_argument("--served-model-name", default=None, help="name reported by /v1/models (default: the model folder name)")
+    serve.add_argument("--max-running", type=int, default=64, help="requests batched at once")
+    serve.add_argument("--kv-pages", type=int, default=None, help="KV cache size in tokens (default: from free GPU memory)")
+    serve.add_argument("--token-budget", type=int, default=2048, help="positions fed per engine step")
+    serve.add_argument("--no-prefix-cache", action="store_true", help="turn off prefix (and image) caching")
+    serve.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503")
+    serve.add_argument("--max-body-mb", type=float, default=32, help="largest request body")
+    serve.add_argument("--max-image-pixels", type=int, default=50_000_000)
+    serve.add_argument("--allow-local-files", action="store_true", help="let image_url name files on this machine")
     return parser
 
 
@@ -30,6 +44,24 @@ def main(argv: list[str] | None = None) -> int:
         from tidal.demo import run_demo
 
         run_demo(args.model, args.image, args.device, args.dtype, args.max_tokens)
+        return 0
+    if args.command == "serve":
+        from pathlib import Path
+
+        from tidal.engine.engine import EngineConfig
+        from tidal.server.config import ServerConfig
+        from tidal.server.serve import serve
+
+        name = args.served_model_name or (Path(args.model).name if args.model else "moondream3-tiny")
+        engine = EngineConfig(max_running=args.max_running, kv_pages=args.kv_pages, token_budget=args.token_budget, prefix_cache=not args.no_prefix_cache)
+        server = ServerConfig(
+            model_name=name,
+            max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+            max_image_pixels=args.max_image_pixels,
+            max_queue=args.max_queue,
+            allow_local_files=args.allow_local_files,
+        )
+        serve(args.model, args.host, args.port, args.device, args.dtype, engine, server)
         return 0
     return 2
 

@@ -36,6 +36,7 @@ class RadixCache:
         self.root = Node(None, [], [])
         self.root.ref = 1  # never evicted
         self.size = 0  # slots held by the tree
+        self.locked = 0  # of those, slots on paths some running request locks
         self.hits = 0  # positions served from the cache
         self.lookups = 0  # positions looked up
 
@@ -83,27 +84,25 @@ class RadixCache:
 
     # -- reference counts --------------------------------------------------------
     def lock(self, node: Node) -> None:
-        while node is not None:
+        while node is not self.root:
+            if node.ref == 0:
+                self.locked += len(node.slots)
             node.ref += 1
             node = node.parent  # type: ignore[assignment]
 
     def unlock(self, node: Node) -> None:
-        while node is not None:
+        while node is not self.root:
             node.ref -= 1
             assert node.ref >= 0, "radix cache reference count went negative"
+            if node.ref == 0:
+                self.locked -= len(node.slots)
             node = node.parent  # type: ignore[assignment]
 
     # -- eviction ----------------------------------------------------------------
     @property
     def evictable(self) -> int:
         """Slots held only by the cache (no running request locks them)."""
-        total, stack = 0, [self.root]
-        while stack:
-            node = stack.pop()
-            if node.ref == 0:
-                total += len(node.slots)
-            stack.extend(node.children.values())
-        return total
+        return self.size - self.locked
 
     def evict(self, n: int) -> int:
         """Free at least n slots if possible, least recently used leaves first. -> slots freed."""

@@ -147,16 +147,33 @@ class Engine:
             "cached_unused": cache.evictable if cache else 0,
         }
 
+    def snapshot(self) -> dict[str, int]:
+        """A consistent set of counters, taken on the engine thread for readers elsewhere."""
+        sched, cache = self.scheduler, self.prefix_cache
+        return {
+            "waiting": len(sched.waiting),
+            "running": len(sched.running),
+            "steps": self.stats.steps,
+            "preemptions": sched.num_preemptions,
+            "cache_hit_positions": cache.hits if cache else 0,
+            "cache_lookup_positions": cache.lookups if cache else 0,
+            **self.kv_usage(),
+        }
+
     def clear_prefix_cache(self) -> int:
         """Drop every cached prefix no running request uses. -> pages freed."""
         return self.prefix_cache.clear() if self.prefix_cache else 0
 
     def _encode_images(self, chunks: list[Chunk]) -> None:
+        """Run the vision encoder for this step's new images, once per distinct image."""
+        done: dict[str, ImageInput] = {}
         for c in chunks:
             for i in range(c.n_items):
                 item = c.req.pending[i]
                 if isinstance(item, ImageRef):
-                    c.req.pending[i] = ImageInput(self.runner.encode_image(item.crops), item.key)
+                    if item.key not in done:
+                        done[item.key] = ImageInput(self.runner.encode_image(item.crops), item.key)
+                    c.req.pending[i] = done[item.key]
 
     def _seq_step(self, c: Chunk) -> SeqStep:
         req = c.req

@@ -92,6 +92,15 @@ class EngineLoop:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self.crashed: BaseException | None = None
+        self.snapshot: dict[str, int] = engine.snapshot()  # refreshed by the engine thread
+
+    def queue_length(self) -> int:
+        """Requests submitted but not yet running (read without locks: a close estimate)."""
+        return self._inbox.qsize() + len(self.engine.scheduler.waiting)
+
+    def in_flight(self) -> int:
+        """Requests submitted and not yet finished."""
+        return self._inbox.qsize() + len(self._handles)
 
     def submit(self, req: Request) -> RequestHandle:
         if self.crashed is not None:
@@ -136,6 +145,7 @@ class EngineLoop:
                         self.engine.abort(arg.request)
                         self._deliver([arg.request])
                 self._deliver(self.engine.step())
+                self.snapshot = self.engine.snapshot()
         except BaseException as exc:  # a bug in the loop: fail everyone, loudly
             logger.exception("engine loop crashed")
             self.crashed = exc

@@ -60,8 +60,15 @@ class Scheduler:
     def _admit(self) -> None:
         committed = sum(r.pending_len for r in self.running)
         free = self.free_pages() if self.waiting else 0
+        # Image prefixes being computed right now: a request on the same image
+        # waits a step and then reuses that prefix instead of computing it again.
+        computing = {r.keys[r.bidir_len - 1] for r in self.running if self.cache and r.bidir_len and r.num_cached < r.bidir_len}
+        deferred = []
         while self.waiting and self.req_to_token.available:
             req = self.waiting[0]
+            if req.bidir_len and req.keys[req.bidir_len - 1] in computing:
+                deferred.append(self.waiting.popleft())
+                continue
             row = self.req_to_token.alloc()
             assert row is not None
             req.row = row
@@ -76,6 +83,9 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             committed += need
+            if req.bidir_len and req.num_cached < req.bidir_len and self.cache:
+                computing.add(req.keys[req.bidir_len - 1])
+        self.waiting.extendleft(reversed(deferred))  # back at the front, in order
 
     def _reuse_prefix(self, req: Request) -> None:
         """Point req at the longest cached prefix of its prompt (whole items only,

@@ -1,0 +1,57 @@
+"""The radix prefix cache on its own."""
+
+from __future__ import annotations
+
+from tidal.cache.kv_pool import SlotAllocator
+from tidal.cache.radix import RadixCache
+from tidal.engine.inputs import CoordInput, ImageRef, position_keys
+
+
+def _cache(n: int = 100) -> tuple[RadixCache, SlotAllocator]:
+    alloc = SlotAllocator(n)
+    return RadixCache(alloc), alloc
+
+
+def test_insert_match_and_split():
+    cache, alloc = _cache()
+    a = alloc.alloc(5)
+    present, slots, node = cache.insert([1, 2, 3, 4, 5], a)
+    assert present == 0 and slots == a and cache.size == 5
+    assert cache.match([1, 2, 3, 9])[0] == a[:3]  # splits the node after 3 keys
+    b = alloc.alloc(4)
+    present, slots, _ = cache.insert([1, 2, 3, 7, 8], b[:1] + b[1:3] + b[3:4] + [alloc.alloc(1)[0]])
+    assert present == 3 and slots[:3] == a[:3]  # the cached copy wins for the shared prefix
+    assert cache.size == 7
+    assert cache.match([1, 2, 3, 7, 8, 0])[0] == slots
+    assert cache.match([2])[0] == []
+
+
+def test_locked_paths_are_not_evicted_and_lru_goes_first():
+    cache, alloc = _cache()
+    _, _, old = cache.insert([1, 2], alloc.alloc(2))
+    _, _, locked = cache.insert([5, 6, 7], alloc.alloc(3))
+    _, _, new = cache.insert([9], alloc.alloc(1))
+    cache.lock(locked)
+    assert cache.locked == 3 and cache.evictable == 3
+    free_before = alloc.available
+    assert cache.evict(1) == 2  # the least recently used unlocked leaf: [1, 2]
+    assert alloc.available == free_before + 2
+    assert cache.match([1, 2])[0] == [] and cache.match([9])[0] != []
+    assert cache.clear() == 1 and cache.size == 3  # only the locked path is left
+    cache.unlock(locked)
+    assert cache.evictable == 3 and cache.clear() == 3 and alloc.available == alloc.capacity
+
+
+def test_evicting_a_leaf_exposes_its_parent():
+    cache, alloc = _cache()
+    cache.insert([1, 2, 3], alloc.alloc(3))
+    cache.insert([1, 2, 4], alloc.alloc(3))  # splits into [1, 2] -> {[3], [4]}
+    assert cache.size == 4
+    assert cache.evict(4) == 4 and cache.size == 0
+
+
+def test_position_keys_tag_the_bidirectional_prefix():
+    image = ImageRef(crops=None, key="abc", length=3)
+    keys = position_keys([0, image, 15, CoordInput(0.5)], bidir_len=4)
+    assert keys == [("bidir", 0), ("bidir", ("abc", 0)), ("bidir", ("abc", 1)), ("bidir", ("abc", 2)), 15, ("coord", 0.5)]
+    assert position_keys([0, 15], bidir_len=0) == [0, 15]  # text-only BOS differs from BOS before an image

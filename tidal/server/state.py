@@ -1,0 +1,116 @@
+"""What every route shares: admission (queue bound), waiting or streaming with
+cancellation on disconnect, and per-request metrics and logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import Request as HTTPRequest
+from starlette.concurrency import run_in_threadpool
+
+from tidal.api import Moondream
+from tidal.engine.loop import RequestError, RequestHandle
+from tidal.server.config import ServerConfig
+from tidal.server.errors import APIError
+from tidal.server.metrics import Metrics
+
+request_log = logging.getLogger("tidal.requests")
+
+
+class ServerState:
+    def __init__(self, md: Moondream, config: ServerConfig) -> None:
+        self.md = md
+        self.config = config
+        self.metrics = Metrics(md.loop)
+        self.started = time.time()
+
+    async def submit(self, skill: str, submit: Callable[[], RequestHandle]) -> RequestHandle:
+        """Check the queue bound, then validate and submit off the event loop
+        (decoding and cropping images is CPU work)."""
+        waiting = self.md.loop.queue_length()
+        if waiting >= self.config.max_queue:
+            self.metrics.rejected(skill, "overloaded")
+            raise APIError(
+                503,
+                f"the server is at capacity ({waiting} requests waiting); retry in {self.config.retry_after_s} s",
+                "overloaded",
+                headers={"Retry-After": str(self.config.retry_after_s)},
+            )
+        try:
+            return await run_in_threadpool(submit)
+        except ValueError:
+            self.metrics.rejected(skill, "invalid")
+            raise
+
+    async def wait(self, handle: RequestHandle, skill: str, http: HTTPRequest) -> dict[str, Any]:
+        """The request's result; a client that goes away cancels it."""
+        watcher = asyncio.create_task(_cancel_on_disconnect(http, handle))
+        try:
+            async for _ in handle.aevents():
+                pass
+        except RequestError as exc:
+            self._done(handle, skill, "error")
+            raise APIError(500, str(exc), "server_error") from exc
+        finally:
+            watcher.cancel()
+        status = "cancelled" if handle.request.cancelled else "ok"
+        self._done(handle, skill, status)
+        if handle.request.cancelled:
+            raise APIError(499, "request cancelled", "cancelled")
+        return handle.request.skill.result()
+
+    async def stream(self, handle: RequestHandle, skill: str, encode: Callable[[str, Any], list[str]]) -> AsyncIterator[str]:
+        """SSE lines for each event; `encode(kind, payload)` maps an event (and
+        the final ("done", result)) to lines. Leaving early cancels the request."""
+        status = "cancelled"
+        try:
+            async for kind, payload in handle.aevents():
+                for line in encode(kind, payload):
+                    yield line
+            status = "cancelled" if handle.request.cancelled else "ok"
+            for line in encode("done", handle.request.skill.result()):
+                yield line
+        except RequestError as exc:
+            status = "error"
+            yield sse({"error": {"message": str(exc), "type": "server_error"}})
+        finally:
+            if not handle.done:
+                handle.cancel()
+            self._done(handle, skill, status)
+
+    def _done(self, handle: RequestHandle, skill: str, status: str) -> None:
+        req = handle.request
+        self.metrics.finished(req, skill, status)
+        end = req.finished_at or time.monotonic()
+        request_log.info(
+            json.dumps(
+                {
+                    "id": req.id,
+                    "skill": skill,
+                    "status": status,
+                    "finish_reason": req.skill.finish_reason,
+                    "prompt_tokens": req.prompt_tokens,
+                    "cached_tokens": req.cached_prompt_tokens,
+                    "completion_tokens": req.skill.completion_tokens,
+                    "ttft_ms": None if req.first_output_at is None else round((req.first_output_at - req.arrival) * 1000, 1),
+                    "ms": round((end - req.arrival) * 1000, 1),
+                }
+            )
+        )
+
+
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+async def _cancel_on_disconnect(http: HTTPRequest, handle: RequestHandle) -> None:
+    while not handle.done:
+        if await http.is_disconnected():
+            handle.cancel()
+            return
+        await asyncio.sleep(0.05)
