@@ -31,7 +31,8 @@ def cuda_encoded(cuda_md):
 def test_image_embeddings_on_cuda(cuda_encoded, case):
     want = load_file(str(GOLDEN / "expected.safetensors"))[case["tensor"]].cuda()
     got = cuda_encoded[case["image"]].embeds
-    assert float((got - want).abs().max() / want.abs().max()) <= 1e-4
+    err = float((got - want).abs().max() / want.abs().max())
+    assert err <= 1e-4, err
 
 
 @pytest.mark.parametrize("case", SKILL_CASES, ids=case_id)
@@ -51,5 +52,37 @@ def test_bfloat16_runs_every_skill():
         for box in md.detect(img, "dog", settings={"max_objects": 4})["objects"]:
             assert box["x_min"] <= box["x_max"]
         assert len(md.point(img, "dog", settings={"max_objects": 4})["points"]) <= 4
+    finally:
+        md.close()
+
+
+def test_one_device_sync_per_decode_step():
+    """A batched decode step reads its outputs back once and waits on nothing else."""
+    import warnings
+
+    from tidal import Moondream
+    from tidal.engine.request import Request
+
+    md = Moondream.from_pretrained(GOLDEN, device="cuda", dtype="bfloat16")
+    try:
+        reqs = []
+        for q in ("what color is the car", "how many people are there", "describe this image"):
+            skill, items, bidir = md._prepare_query(md.encode_image(golden_image("wide")), q, False, None, {"temperature": 0.7, "max_tokens": 50, "seed": 1})
+            reqs.append(Request(skill=skill, pending=items, bidir_len=bidir))
+            md.engine.add_request(reqs[-1])
+        while any(not r.history or r.pending_len > 1 for r in reqs):
+            md.engine.step()
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                md.engine.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+        assert len(syncs) <= 1, syncs
+        for r in reqs:
+            md.engine.abort(r)
     finally:
         md.close()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from tidal.runner.h2d import h2d
+
 
 class KVPool:
     """K and V for every layer: k[layer] is [num_slots, n_kv_heads, head_dim].
@@ -82,6 +84,10 @@ class ReqToTokenPool:
     @property
     def available(self) -> int:
         return len(self._free_rows)
+
+    def write(self, row: int, start: int, slots: list[int]) -> None:
+        """table[row, start : start + len(slots)] = slots, without waiting on the device."""
+        self.table[row, start : start + len(slots)] = h2d(slots, torch.int64, self.table.device)
 
     def alloc(self) -> int | None:
         return self._free_rows.pop() if self._free_rows else None

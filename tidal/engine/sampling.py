@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tidal.errors import InvalidRequestError
+from tidal.runner.h2d import h2d
 
 _M32 = 0xFFFFFFFF
 
@@ -97,9 +98,9 @@ def sample(
     dev = logits.device
 
     def pick(values: list, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor([values[i] for i in hot], dtype=dtype, device=dev)
+        return h2d([values[i] for i in hot], dtype, dev)
 
-    rows = torch.tensor(hot, device=dev)
+    rows = h2d(hot, torch.int64, dev)
     probs = torch.softmax(logits[rows] / pick(temperature, torch.float32)[:, None], dim=-1)
     probs = filter_top_p_top_k(probs, pick(top_p, torch.float32), pick(top_k, torch.int64))
     noise = hashed_uniform(pick(seeds, torch.int64), pick(steps, torch.int64), logits.shape[-1])

@@ -108,7 +108,7 @@ class Scheduler:
         req.cache_node, req.shared_len, req.slots = node, pos, list(slots)
         req.cached_prompt_tokens = max(req.cached_prompt_tokens, pos)
         req.history, req.pending = items[:n_items], items[n_items:]
-        self.req_to_token.table[req.row, :pos] = self.req_to_token.table.new_tensor(slots)
+        self.req_to_token.write(req.row, 0, slots)
 
     def _drop_prefix(self, req: Request) -> None:
         """Undo _reuse_prefix for a request that stays waiting."""
@@ -172,7 +172,7 @@ class Scheduler:
                 return False
             raise CacheFullError(f"request {req.id} needs {req.num_cached + n} KV pages; the cache holds {self.allocator.capacity}")
         start = req.num_cached
-        self.req_to_token.table[req.row, start : start + n] = self.req_to_token.table.new_tensor(slots)
+        self.req_to_token.write(req.row, start, slots)
         req.slots.extend(slots)
         return True
 
@@ -193,8 +193,7 @@ class Scheduler:
         if dup:
             self.allocator.free(dup)
             req.slots[req.shared_len : present] = slots[req.shared_len : present]
-            table = self.req_to_token.table
-            table[req.row, req.shared_len : present] = table.new_tensor(slots[req.shared_len : present])
+            self.req_to_token.write(req.row, req.shared_len, slots[req.shared_len : present])
         self.cache.lock(node)
         if req.cache_node is not None:
             self.cache.unlock(req.cache_node)  # type: ignore[arg-type]

@@ -12,6 +12,7 @@ from tidal.engine.inputs import CoordInput, ImageInput, InputItem, SizeInput, it
 from tidal.engine.sampling import sample
 from tidal.models.moondream3.model import Moondream3Model
 from tidal.runner.forward_batch import ForwardBatch, ForwardMode
+from tidal.runner.h2d import h2d
 
 _SEED_MASK = (1 << 63) - 1
 
@@ -80,7 +81,7 @@ class ModelRunner:
             end += sum(item_len(i) for i in s.items)
             if s.output is not None:
                 out_rows.append(end - 1)
-        return hidden[torch.tensor(out_rows, dtype=torch.int64, device=self.device)]
+        return hidden[h2d(out_rows, torch.int64, self.device)]
 
     @torch.inference_mode()
     def run(self, steps: list[SeqStep]) -> list[StepResult | None]:
@@ -136,8 +137,8 @@ class ModelRunner:
         mode = ForwardMode.DECODE if all(q == 1 for q in q_lens) else ForwardMode.PREFILL if all(q > 1 for q in q_lens) else ForwardMode.MIXED
         batch = ForwardBatch(
             mode=mode,
-            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            input_ids=h2d(ids, torch.int64, dev),
+            positions=h2d(positions, torch.int64, dev),
             out_cache_loc=torch.cat(loc_parts),
             q_lens=q_lens,
             kv_lens=kv_lens,
@@ -155,12 +156,12 @@ class ModelRunner:
             x[start : start + embeds.shape[0]] = embeds.to(device=dev, dtype=x.dtype)
         rows, values = plan["coords"]
         if rows:
-            coord = torch.tensor(values, dtype=torch.float32, device=dev)[:, None]
-            x[torch.tensor(rows, device=dev)] = model.region.encode_coordinate(coord).to(x.dtype)
+            coord = h2d(values, torch.float32, dev)[:, None]
+            x[h2d(rows, torch.int64, dev)] = model.region.encode_coordinate(coord).to(x.dtype)
         rows, values = plan["sizes"]
         if rows:
-            size = torch.tensor(values, dtype=torch.float32, device=dev)
-            x[torch.tensor(rows, device=dev)] = model.region.encode_size(size).to(x.dtype)
+            size = h2d(values, torch.float32, dev)
+            x[h2d(rows, torch.int64, dev)] = model.region.encode_size(size).to(x.dtype)
         return x
 
     def _outputs(self, hidden: torch.Tensor, specs: list[OutputSpec]) -> torch.Tensor:
@@ -171,7 +172,7 @@ class ModelRunner:
         banned_rows = [(i, b) for i, s in enumerate(specs) for b in s.banned]
         if banned_rows:
             r, c = zip(*banned_rows)
-            logits[torch.tensor(r, device=self.device), torch.tensor(c, device=self.device)] = float("-inf")
+            logits[h2d(r, torch.int64, self.device), h2d(c, torch.int64, self.device)] = float("-inf")
         tokens = sample(
             logits,
             [s.temperature for s in specs],

@@ -85,12 +85,14 @@ def overlap_crops(image: Image.Image, config: VisionConfig) -> Crops:
 def crops_to_tensor(crops: Crops, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
     """uint8 crops -> normalized [n_crops, 3, crop, crop] in [-1, 1], then `dtype`.
 
-    The normalization runs in bfloat16 arithmetic whatever the run dtype, as the
-    authors' reference does; its rounding is part of the reference results.
+    The normalization runs in bfloat16 arithmetic on the CPU whatever the run
+    dtype and device, as the authors' reference does; its rounding is part of
+    the reference results.
     """
     x = torch.from_numpy(np.ascontiguousarray(crops.pixels.transpose(0, 3, 1, 2)))
-    x = x.to(device=device, dtype=torch.bfloat16).div_(255.0).sub_(0.5).div_(0.5)
-    return x.to(dtype)
+    # On the CPU, where the reference ran: CUDA rounds bf16 division differently.
+    x = x.to(dtype=torch.bfloat16).div_(255.0).sub_(0.5).div_(0.5)
+    return x.to(device=device, dtype=dtype)
 
 
 def stitch_crops(local: torch.Tensor, tiling: tuple[int, int], margin: int) -> torch.Tensor:

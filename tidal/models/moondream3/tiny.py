@@ -61,29 +61,32 @@ def build_tokenizer(vocab_size: int) -> Tokenizer:
     return tok
 
 
-def random_state_dict(config: MoondreamConfig, seed: int) -> dict[str, torch.Tensor]:
-    """Random weights of the right shapes, stored as bf16: N(0, 0.02) matrices,
-    unit LayerNorms, zero biases, N(0, 1) tau alphas and N(0, 4) Fourier
-    frequencies (a few cycles over [0, 1])."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.device("meta"):
-        model = Moondream3Model(config)
-    out = {}
+@torch.no_grad()
+def init_random_(model: nn.Module, seed: int) -> nn.Module:
+    """Fill every parameter in place: N(0, 0.02) matrices, unit LayerNorms,
+    zero biases, N(0, 1) tau alphas and N(0, 4) Fourier frequencies (a few
+    cycles over [0, 1]). Works on any device; never zeros."""
+    gens: dict[torch.device, torch.Generator] = {}
     for mod_name, module in model.named_modules():
         for leaf, p in module.named_parameters(recurse=False):
             name = f"{mod_name}.{leaf}" if mod_name else leaf
             if isinstance(module, nn.LayerNorm):
-                t = torch.ones(p.shape) if leaf == "weight" else torch.zeros(p.shape)
+                p.fill_(1.0 if leaf == "weight" else 0.0)
             elif leaf == "bias":
-                t = torch.zeros(p.shape)
-            elif name.endswith("tau.alpha"):
-                t = torch.randn(p.shape, generator=gen)
-            elif name.endswith(("coord_features", "size_features")):
-                t = torch.randn(p.shape, generator=gen) * 4.0
+                p.zero_()
             else:
-                t = torch.randn(p.shape, generator=gen) * 0.02
-            out[WEIGHT_PREFIX + name] = t.to(torch.bfloat16).contiguous()
-    return out
+                scale = 1.0 if name.endswith("tau.alpha") else 4.0 if name.endswith(("coord_features", "size_features")) else 0.02
+                gen = gens.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
+                p.copy_(torch.randn(p.shape, generator=gen, device=p.device).mul_(scale).to(p.dtype))
+    return model
+
+
+def random_state_dict(config: MoondreamConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Random weights of the right shapes (see init_random_), as bf16 checkpoint tensors."""
+    with torch.device("meta"):
+        model = Moondream3Model(config)
+    init_random_(model.to_empty(device="cpu"), seed)
+    return {WEIGHT_PREFIX + n: p.detach().to(torch.bfloat16).contiguous() for n, p in model.named_parameters()}
 
 
 def ensure_tiny_checkpoint(cache_dir: Path | None = None, seed: int = 0) -> Path:
