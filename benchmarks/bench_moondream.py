@@ -160,7 +160,7 @@ def count_syncs(md: Moondream) -> int:
         md.engine.step()
         torch.cuda.set_sync_debug_mode("default")
     md.engine.abort(req)
-    return sum("synchroniz" in str(w.message) for w in caught)
+    return sum("called a synchronizing" in str(w.message) for w in caught)
 
 
 # -- timings at full size --------------------------------------------------------------
@@ -227,7 +227,8 @@ def main() -> None:
         from tidal.models.moondream3.tiny import TINY_OVERRIDES
 
         FULL = MoondreamConfig.from_dict(TINY_OVERRIDES)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git or os.environ.get("TIDAL_COMMIT", "unknown")  # the device copy has no .git
     results: dict = {"gpu": torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu", "torch": torch.__version__, "commit": commit, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     check_correctness(results)
     bench(results, args.quick)

@@ -57,11 +57,12 @@ class TorchPagedAttention:
             if groups > 1:
                 keys = keys.repeat_interleave(groups, dim=1)
                 vals = vals.repeat_interleave(groups, dim=1)
+            # 4-D [1, heads, len, dim] so the fused SDPA kernels apply on CUDA
             o = F.scaled_dot_product_attention(
-                q[m.start : m.end].transpose(0, 1),
-                keys.transpose(0, 1),
-                vals.transpose(0, 1),
+                q[m.start : m.end].transpose(0, 1)[None],
+                keys.transpose(0, 1)[None],
+                vals.transpose(0, 1)[None],
                 attn_mask=m.mask,
             )
-            out[m.start : m.end] = o.transpose(0, 1)
+            out[m.start : m.end] = o[0].transpose(0, 1)
         return out
