@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from conftest import GOLDEN, assert_matches_golden, case_id, golden_cases, golden_image, run_case
 
@@ -28,11 +27,14 @@ def cuda_encoded(cuda_md):
 
 
 @pytest.mark.parametrize("case", golden_cases("image"), ids=case_id)
-def test_image_embeddings_on_cuda(cuda_encoded, case):
-    want = load_file(str(GOLDEN / "expected.safetensors"))[case["tensor"]].cuda()
-    got = cuda_encoded[case["image"]].embeds
+def test_image_embeddings_on_cuda(cuda_encoded, golden_md, case):
+    """CUDA float32 equals the CPU path on the same crops. (The CPU path is held to
+    the reference in test_golden; crops depend on Pillow's resampling, and other
+    Pillow versions than the one the reference used move embeddings by ~1e-3.)"""
+    want = golden_md.encode_image(golden_image(case["image"])).embeds
+    got = cuda_encoded[case["image"]].embeds.cpu()
     err = float((got - want).abs().max() / want.abs().max())
-    assert err <= 1e-4, err
+    assert err <= 1e-5, err
 
 
 @pytest.mark.parametrize("case", SKILL_CASES, ids=case_id)

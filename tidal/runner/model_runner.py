@@ -169,10 +169,12 @@ class ModelRunner:
         model = self.model
         logits = model.text.logits(hidden)
         coord_over_eos = logits[:, self.coord_id] >= logits[:, self.eos_id]
-        banned_rows = [(i, b) for i, s in enumerate(specs) for b in s.banned]
-        if banned_rows:
-            r, c = zip(*banned_rows)
-            logits[h2d(r, torch.int64, self.device), h2d(c, torch.int64, self.device)] = float("-inf")
+        banned = sorted({b for s in specs for b in s.banned})
+        if banned:
+            # -inf added at each row's banned ids (scatter_add: indexed assignment would sync)
+            bias = [[float("-inf") if b in s.banned else 0.0 for b in banned] for s in specs]
+            cols = h2d(banned, torch.int64, self.device).expand(len(specs), -1)
+            logits.scatter_add_(1, cols, h2d(bias, torch.float32, self.device))
         tokens = sample(
             logits,
             [s.temperature for s in specs],
