@@ -182,3 +182,19 @@ def test_generation_that_outgrows_the_cache_stops_with_length(fresh):
     assert handle.request.prompt_tokens == 739
     assert handle.wait() == {"answer": "w38499"}  # the first of the reference's two words
     assert handle.request.skill.finish_reason == "length"
+
+
+def test_an_image_prefill_larger_than_the_budget_runs_beside_decodes(fresh):
+    md = fresh(token_budget=256)  # smaller than an image prefix (730)
+    engine = md.engine
+    running = _add(md, md._prepare_caption(golden_image("wide"), "long", {"temperature": 0, "max_tokens": 40}))
+    while not running.history or running.pending_len > 2:
+        engine.step()
+    late = _add(md, md._prepare_caption(golden_image("tall"), "short", {"temperature": 0, "max_tokens": 4}))
+    engine.step()
+    chunks = dict(engine.stats.last_chunks)
+    if not running.finished:
+        assert chunks.get(running) == 1
+    assert chunks.get(late, 0) >= 730  # the whole image prefix, in the same step
+    while engine.has_work():
+        engine.step()

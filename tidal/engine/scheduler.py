@@ -125,26 +125,31 @@ class Scheduler:
         prefilling = [r for r in self.running if not (r.pending_len <= _DECODE_MAX and r.history)]
         budget = self.token_budget
         chunks: list[Chunk] = []
-        for req in decoding + prefilling:
+        prefill_started = False
+        for i, req in enumerate(decoding + prefilling):
             if req.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            chunk = self._chunk(req, budget, first=not chunks)
+            # Decodes always run; the first prefill chunk may overrun the budget
+            # by one atomic item (an image prefix), so prefills always progress.
+            is_decode = i < len(decoding)
+            chunk = self._chunk(req, budget, may_overrun=is_decode or not prefill_started)
             if chunk is None or not self._reserve(req, chunk.n_positions, chunks):
                 continue
             chunks.append(chunk)
             budget -= chunk.n_positions
+            prefill_started |= not is_decode
         return chunks
 
-    def _chunk(self, req: Request, budget: int, first: bool) -> Chunk | None:
+    def _chunk(self, req: Request, budget: int, may_overrun: bool) -> Chunk | None:
         """The longest prefix of req.pending within budget; the bidirectional
-        prefix is never split, and the first chunk of a step may exceed the
-        budget by one atomic item so that every step makes progress."""
+        prefix is never split. With may_overrun, the first atomic unit is taken
+        even past the budget."""
         pos = req.num_cached
         n_items = n_pos = 0
         for item in req.pending:
             size = item_len(item)
             must_take = n_items == 0 or pos + n_pos < req.bidir_len
-            if n_pos + size > budget and not (must_take and first):
+            if n_pos + size > budget and not (must_take and may_overrun):
                 if must_take:
                     return None
                 break

@@ -193,6 +193,7 @@ class LocateSkill(Skill):
         self.finish_reason = "stop"
 
     def on_output(self, out: StepResult) -> list[InputItem] | None:
+        self.completion_tokens += 1  # each output is one generated position
         state = self._state
         if state == "first" and out.token == self.ids.eos_id or state == "decide" and not out.coord_over_eos:
             self._done()
@@ -214,7 +215,6 @@ class LocateSkill(Skill):
         return self._next_object([SizeInput(w, h)])
 
     def _next_object(self, feed: list[InputItem]) -> list[InputItem] | None:
-        self.completion_tokens = len(self.objects)
         if len(self.objects) >= self.max_objects:
             self._done()
             return None
