@@ -198,3 +198,29 @@ def test_an_image_prefill_larger_than_the_budget_runs_beside_decodes(fresh):
     assert chunks.get(late, 0) >= 730  # the whole image prefix, in the same step
     while engine.has_work():
         engine.step()
+
+
+def test_clear_cache_runs_on_the_engine_thread_and_frees_unused_pages(fresh):
+    md = fresh()
+    md.caption(golden_image("tall"), "short", settings={"temperature": 0, "max_tokens": 2})
+    cached = md.engine.kv_usage()["cached"]
+    assert cached >= 730
+    assert md.clear_cache() == cached
+    assert md.engine.kv_usage()["free"] == md.engine.kv_usage()["capacity"]
+
+
+def test_a_failing_skill_fails_only_its_request(fresh):
+    md = fresh()
+    good = next(c for c in golden_cases("caption") if c["image"] == "tall")
+    prepared = md._prepare_caption(golden_image("tall"), "short", {"temperature": 0, "max_tokens": 4})
+
+    def broken(out):
+        raise RuntimeError("skill bug")
+
+    prepared[0].on_output = broken
+    handle = md._submit(*prepared)
+    from tidal.engine.loop import RequestError
+
+    with pytest.raises(RequestError, match="skill bug"):
+        handle.wait()
+    assert_matches_golden(run_case(md, good, golden_image("tall")), good)

@@ -112,7 +112,7 @@ def test_64_concurrent_clients(live, capsys):
     wait_engine_idle(live.md)
 
     # the same requests one at a time, with a cold cache
-    live.md.engine.clear_prefix_cache()
+    live.md.clear_cache()
     with httpx.Client(base_url=live.url, timeout=600) as http:
         alone = [http.post(path, json=body).json() for path, body in reqs]
     for (path, _), (_, r, _), solo in zip(reqs, results, alone):

@@ -130,6 +130,10 @@ class Moondream:
         tok = load_tokenizer(folder, tokenizer)
         return cls(load_model(folder, dev, dt), tok, engine_config)
 
+    def clear_cache(self) -> int:
+        """Drop cached prefixes (and images) that no running request uses. -> KV pages freed."""
+        return self.loop.call(lambda engine: engine.clear_prefix_cache())
+
     def close(self) -> None:
         """Stop the engine thread (requests still running fail)."""
         self.loop.close()

@@ -125,7 +125,13 @@ class Engine:
             st.generated += 1
             if req.first_output_at is None:
                 req.first_output_at = now
-            nxt = req.skill.on_output(result)
+            try:
+                nxt = req.skill.on_output(result)
+            except Exception as exc:  # a skill bug fails its own request, not the engine
+                logger.exception("skill %s failed on %s", req.skill.name, req.id)
+                req.error = exc
+                self._finish(req)
+                continue
             if nxt is None:
                 self._finish(req)
             elif req.num_cached + items_len(nxt) > self.max_context:

@@ -7,7 +7,8 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Future
 from typing import Any
 
 from tidal.engine.engine import Engine
@@ -113,6 +114,13 @@ class EngineLoop:
     def cancel(self, handle: RequestHandle) -> None:
         self._inbox.put(("cancel", handle))
 
+    def call(self, fn: Callable[[Engine], Any]) -> Any:
+        """Run fn(engine) on the engine thread, between steps; return its result."""
+        done: Future = Future()
+        self._ensure_thread()
+        self._inbox.put(("call", (fn, done)))
+        return done.result()
+
     def close(self) -> None:
         if self._thread is not None:
             self._inbox.put(("stop", None))
@@ -144,6 +152,12 @@ class EngineLoop:
                     elif cmd == "cancel" and not arg.request.finished:
                         self.engine.abort(arg.request)
                         self._deliver([arg.request])
+                    elif cmd == "call":
+                        fn, done = arg
+                        try:
+                            done.set_result(fn(self.engine))
+                        except Exception as exc:
+                            done.set_exception(exc)
                 self._deliver(self.engine.step())
                 self.snapshot = self.engine.snapshot()
         except BaseException as exc:  # a bug in the loop: fail everyone, loudly

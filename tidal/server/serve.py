@@ -26,7 +26,7 @@ def warm_up(md: Moondream) -> float:
     md.batch_query([(img, "what is this")], reasoning=True, settings=greedy)
     md.batch_detect([(img, "object")], {"max_objects": 1})
     md.batch_point([(img, "object")], {"max_objects": 1})
-    md.engine.clear_prefix_cache()
+    md.clear_cache()
     return time.perf_counter() - t0
 
 
