@@ -138,3 +138,13 @@ def wait_engine_idle(md, timeout: float = 20.0) -> None:
         time.sleep(0.02)
     assert_engine_idle(md.engine)
     assert not md.loop._handles
+
+
+@pytest.fixture(autouse=True)
+def _engines_end_idle(request):
+    """After every test that used a shared engine: nothing left running, no page leaked."""
+    yield
+    for name in ("golden_md", "live", "tiny_live"):
+        if name in request.fixturenames:
+            obj = request.getfixturevalue(name)
+            wait_engine_idle(getattr(obj, "md", obj))

@@ -108,3 +108,19 @@ def test_sampling_options(client):
     assert cut == "w38499"
     capped = _ask(client, "caption: long", image="big", temperature=1.0, max_tokens=3, seed=1)
     assert capped.choices[0].finish_reason == "length" and capped.usage.completion_tokens == 3
+
+
+def test_local_files_when_the_server_allows_them(golden_md):
+    md = Moondream(golden_md.model, golden_md.tokenizer, EngineConfig())
+    srv = LiveServer(md, ServerConfig(allow_local_files=True))
+    try:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused")
+        want = _golden("caption", image="tall", length="short")["result"]["caption"]
+        for url in (str(golden_image("tall")), "file://" + str(golden_image("tall"))):
+            msg = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "caption: short"}]}]
+            out = client.chat.completions.create(model="m", messages=msg, temperature=0, max_tokens=16)
+            assert out.choices[0].message.content == want
+        wait_engine_idle(md)
+    finally:
+        srv.stop()
+        md.close()
