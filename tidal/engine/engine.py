@@ -12,7 +12,7 @@ import torch
 from tidal.cache.kv_pool import KVPool, ReqToTokenPool, SlotAllocator
 from tidal.cache.radix import RadixCache
 from tidal.engine.inputs import ImageInput, ImageRef, items_len
-from tidal.engine.request import Request, RequestStatus
+from tidal.engine.request import Request
 from tidal.engine.scheduler import CacheFullError, Chunk, Scheduler
 from tidal.models.moondream3.model import Moondream3Model
 from tidal.runner.model_runner import ModelRunner, SeqStep
