@@ -7,9 +7,16 @@ import threading
 
 import numpy as np
 import pytest
+from conftest import (
+    GOLDEN,
+    assert_engine_idle,
+    assert_matches_golden,
+    golden_cases,
+    golden_image,
+    run_case,
+)
 from PIL import Image
 
-from conftest import GOLDEN, assert_engine_idle, assert_matches_golden, golden_cases, golden_image, run_case
 from tidal import InvalidRequestError, Moondream
 
 WIDE_QUERY = next(c for c in golden_cases("query") if c["image"] == "wide" and not c["reasoning"] and not c.get("spatial_refs"))

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from conftest import GOLDEN, assert_matches_golden, case_id, golden_cases, golden_image, run_case
+from conftest import (
+    GOLDEN,
+    assert_matches_golden,
+    case_id,
+    golden_cases,
+    golden_image,
+    run_case,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

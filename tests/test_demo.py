@@ -11,9 +11,13 @@ import torch
 from safetensors import safe_open
 
 from tidal.demo import run_demo, sample_image_path
-from tidal.models.moondream3.tiny import TINY_NAME, ensure_tiny_checkpoint, random_state_dict
 from tidal.models.moondream3.config import MoondreamConfig
-from tidal.models.moondream3.tiny import TINY_OVERRIDES
+from tidal.models.moondream3.tiny import (
+    TINY_NAME,
+    TINY_OVERRIDES,
+    ensure_tiny_checkpoint,
+    random_state_dict,
+)
 
 
 def test_tiny_checkpoint_is_in_the_official_layout(tmp_path):

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import pytest
+from conftest import (
+    assert_engine_idle,
+    assert_matches_golden,
+    golden_cases,
+    golden_image,
+    run_case,
+)
 
-from conftest import assert_engine_idle, assert_matches_golden, golden_cases, golden_image, run_case
 from tidal import EngineConfig, Moondream, PromptTooLongError
-from tidal.engine.request import Request
 from tidal.engine.inputs import item_len
+from tidal.engine.request import Request
 
 SKILL_CASES = [c for c in golden_cases() if c["kind"] in ("query", "caption", "detect", "point")]
 TALL_QUERY = next(c for c in golden_cases("query") if c["image"] == "tall" and not c["reasoning"] and not c.get("spatial_refs"))

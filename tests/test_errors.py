@@ -6,9 +6,15 @@ import io
 
 import numpy as np
 import pytest
+from conftest import (
+    assert_engine_idle,
+    assert_matches_golden,
+    golden_cases,
+    golden_image,
+    run_case,
+)
 from PIL import Image
 
-from conftest import assert_engine_idle, assert_matches_golden, golden_cases, golden_image, run_case
 from tidal.errors import ImageError, InvalidRequestError, PromptTooLongError
 
 CHECK_CASE = next(c for c in golden_cases("query") if c["image"] == "wide" and not c["reasoning"])

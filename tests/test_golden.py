@@ -6,10 +6,18 @@ import hashlib
 
 import pytest
 import torch
+from conftest import (
+    GOLDEN,
+    SHARED_GOLDEN,
+    assert_matches_golden,
+    case_id,
+    golden_cases,
+    golden_image,
+    run_case,
+)
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import GOLDEN, SHARED_GOLDEN, assert_matches_golden, case_id, golden_cases, golden_image, run_case
 from tidal.models.moondream3.processor import overlap_crops
 
 EXPECTED = load_file(str(GOLDEN / "expected.safetensors"))

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tidal.engine.sampling import SamplingParams, filter_top_p_top_k, hashed_uniform, sample
+from tidal.engine.sampling import (
+    SamplingParams,
+    filter_top_p_top_k,
+    hashed_uniform,
+    sample,
+)
 from tidal.errors import InvalidRequestError
 
 

@@ -10,9 +10,9 @@ import time
 import httpx
 import numpy as np
 import pytest
+from conftest import LiveServer, golden_cases, golden_image, wait_engine_idle
 from PIL import Image
 
-from conftest import LiveServer, golden_cases, golden_image, wait_engine_idle
 from tidal import EngineConfig, Moondream
 from tidal.server.config import ServerConfig
 

@@ -13,9 +13,9 @@ import time
 import httpx
 import numpy as np
 import pytest
+from conftest import LiveServer, golden_image, wait_engine_idle
 from PIL import Image
 
-from conftest import LiveServer, golden_image, wait_engine_idle
 from tidal import EngineConfig, Moondream
 
 CLIENTS = 64

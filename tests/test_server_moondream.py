@@ -8,10 +8,17 @@ import json
 
 import moondream
 import pytest
+from conftest import (
+    LiveServer,
+    assert_matches_golden,
+    case_id,
+    golden_cases,
+    golden_image,
+    wait_engine_idle,
+)
 from moondream.types import Base64EncodedImage
 from PIL import Image
 
-from conftest import LiveServer, assert_matches_golden, case_id, golden_cases, golden_image, wait_engine_idle
 from tidal import EngineConfig, Moondream
 
 CASES = [c for c in golden_cases() if c["kind"] in ("query", "caption", "detect", "point") and c["image"] in ("wide", "tall")]

@@ -7,8 +7,8 @@ import json
 
 import openai
 import pytest
-
 from conftest import LiveServer, golden_cases, golden_image, wait_engine_idle
+
 from tidal import EngineConfig, Moondream
 from tidal.server.config import ServerConfig
 

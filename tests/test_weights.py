@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import GOLDEN, assert_matches_golden, golden_cases, run_case
 from safetensors.torch import load_file, save_file
 
-from conftest import GOLDEN, assert_matches_golden, golden_cases, run_case
 from tidal import CheckpointError, Moondream
 from tidal.models.moondream3.tokenizer import load_tokenizer
 from tidal.models.moondream3.weights import load_model, resolve_checkpoint

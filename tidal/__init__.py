@@ -2,7 +2,13 @@
 
 from tidal.api import EncodedImage, Moondream
 from tidal.engine.engine import EngineConfig
-from tidal.errors import CheckpointError, ImageError, InvalidRequestError, PromptTooLongError, TidalError
+from tidal.errors import (
+    CheckpointError,
+    ImageError,
+    InvalidRequestError,
+    PromptTooLongError,
+    TidalError,
+)
 
 __version__ = "0.1.0"
 

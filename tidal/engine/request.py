@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from enum import Enum
-
-from collections.abc import Hashable
 
 from tidal.engine.inputs import InputItem, items_len, position_keys
 from tidal.engine.skill import Skill
