@@ -83,6 +83,8 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             committed += need
+            if self.cache is not None:
+                self.cache.record_lookup(min(len(req.keys), req.prompt_tokens), req.shared_len)
             if req.bidir_len and req.num_cached < req.bidir_len and self.cache:
                 computing.add(req.keys[req.bidir_len - 1])
         self.waiting.extendleft(reversed(deferred))  # back at the front, in order
@@ -100,7 +102,6 @@ class Scheduler:
             n_items += 1
         if pos < req.bidir_len:
             pos, n_items = 0, 0
-        self.cache.record_lookup(min(len(req.keys), req.prompt_tokens), pos)
         if pos == 0:
             return
         slots, node = self.cache.match(req.keys[:pos])
