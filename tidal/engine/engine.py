@@ -37,12 +37,10 @@ class EngineConfig:
 
 @dataclass
 class EngineStats:
-    """Running totals the server exports as metrics, and tests inspect."""
+    """Running totals for the engine snapshot, and for tests."""
 
     steps: int = 0
     max_batch: int = 0  # most sequences in one step
-    positions_fed: int = 0
-    generated: int = 0  # outputs handed to skills
     last_chunks: list[tuple[Request, int]] = field(default_factory=list)  # (request, positions) of the last step
 
 
@@ -100,7 +98,6 @@ class Engine:
         st = self.stats
         st.steps += 1
         st.max_batch = max(st.max_batch, len(chunks))
-        st.positions_fed += sum(c.n_positions for c in chunks)
         st.last_chunks = [(c.req, c.n_positions) for c in chunks]
         try:
             self._encode_images(chunks)
@@ -122,7 +119,6 @@ class Engine:
             if result is None:
                 continue
             touched.append(req)
-            st.generated += 1
             if req.first_output_at is None:
                 req.first_output_at = now
             try:

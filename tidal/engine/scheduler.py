@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 from tidal.cache.kv_pool import ReqToTokenPool, SlotAllocator
@@ -62,11 +63,11 @@ class Scheduler:
         free = self.free_pages() if self.waiting else 0
         # Image prefixes being computed right now: a request on the same image
         # waits a step and then reuses that prefix instead of computing it again.
-        computing = {r.keys[r.bidir_len - 1] for r in self.running if self.cache and r.bidir_len and r.num_cached < r.bidir_len}
+        computing = {key for r in self.running if (key := self._uncomputed_image(r)) is not None}
         deferred = []
         while self.waiting and self.req_to_token.available:
             req = self.waiting[0]
-            if req.bidir_len and req.keys[req.bidir_len - 1] in computing:
+            if self._uncomputed_image(req) in computing:
                 deferred.append(self.waiting.popleft())
                 continue
             row = self.req_to_token.alloc()
@@ -85,9 +86,15 @@ class Scheduler:
             committed += need
             if self.cache is not None:
                 self.cache.record_lookup(min(len(req.keys), req.prompt_tokens), req.shared_len)
-            if req.bidir_len and req.num_cached < req.bidir_len and self.cache:
-                computing.add(req.keys[req.bidir_len - 1])
+            if (key := self._uncomputed_image(req)) is not None:
+                computing.add(key)
         self.waiting.extendleft(reversed(deferred))  # back at the front, in order
+
+    def _uncomputed_image(self, req: Request) -> Hashable | None:
+        """With the prefix cache on: the key of req's image prefix while it is not yet computed."""
+        if self.cache is None or not req.bidir_len or req.num_cached >= req.bidir_len:
+            return None
+        return req.keys[req.bidir_len - 1]
 
     def _reuse_prefix(self, req: Request) -> None:
         """Point req at the longest cached prefix of its prompt (whole items only,

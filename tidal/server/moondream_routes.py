@@ -13,8 +13,6 @@ from tidal.server.images import decode_image_url
 from tidal.server.schemas import CaptionBody, LocateBody, QueryBody
 from tidal.server.state import ServerState, sse
 
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
 
 def moondream_router(state: ServerState) -> APIRouter:
     router = APIRouter(prefix="/v1")
@@ -33,7 +31,7 @@ def moondream_router(state: ServerState) -> APIRouter:
                 return [sse({"completed": True, "request_id": handle.request.id, "finish_reason": handle.request.skill.finish_reason})]
             return []
 
-        return StreamingResponse(state.stream(handle, skill, encode), media_type="text/event-stream", headers=_SSE_HEADERS)
+        return state.sse_response(handle, skill, encode)
 
     @router.post("/caption")
     async def caption(body: CaptionBody, http: Request) -> Any:

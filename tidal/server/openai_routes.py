@@ -7,7 +7,6 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
 from tidal.engine.loop import RequestHandle
 from tidal.server.chat import ChatTask, route
@@ -67,7 +66,7 @@ def openai_router(state: ServerState) -> APIRouter:
         rid, created = f"chatcmpl-{handle.request.id}", int(time.time())
         model = body.model or config.model_name
         if body.stream:
-            return StreamingResponse(state.stream(handle, task.skill, _chunk_encoder(task, handle, rid, created, model, body, usage)), media_type="text/event-stream")
+            return state.sse_response(handle, task.skill, _chunk_encoder(task, handle, rid, created, model, body, usage))
         result = await state.wait(handle, task.skill, http)
         message: dict[str, Any] = {"role": "assistant", "content": _content(task, result)}
         if "reasoning" in result:

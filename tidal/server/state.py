@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Request as HTTPRequest
+from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from tidal.api import Moondream
@@ -20,6 +21,8 @@ from tidal.server.errors import APIError
 from tidal.server.metrics import Metrics
 
 request_log = logging.getLogger("tidal.requests")
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
 
 
 class ServerState:
@@ -82,6 +85,10 @@ class ServerState:
             if not handle.done:
                 handle.cancel()
             self._done(handle, skill, status)
+
+    def sse_response(self, handle: RequestHandle, skill: str, encode: Callable[[str, Any], list[str]]) -> StreamingResponse:
+        """A server-sent-events response over `stream`."""
+        return StreamingResponse(self.stream(handle, skill, encode), media_type="text/event-stream", headers=_SSE_HEADERS)
 
     def _done(self, handle: RequestHandle, skill: str, status: str) -> None:
         req = handle.request
