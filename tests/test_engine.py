@@ -47,9 +47,9 @@ class Counter:
             self.encodes += 1
             return encode(crops)
 
-        def counted_run(steps):
+        def counted_run(steps, **kw):
             self.positions += sum(item_len(i) for s in steps for i in s.items)
-            return run(steps)
+            return run(steps, **kw)
 
         runner.encode_image, runner.run = counted_encode, counted_run
 

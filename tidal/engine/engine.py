@@ -25,7 +25,9 @@ class EngineConfig:
     """max_running: requests batched at once. kv_pages: KV cache size in
     one-token pages (None: sized from free device memory, or a CPU default).
     token_budget: positions fed per step (a whole image prefix may exceed it).
-    prefix_cache: share the KV of common prompt prefixes (images by content)."""
+    prefix_cache: share the KV of common prompt prefixes (images by content).
+    trace_logits: keep every output's raw logits on its request (`Request.trace`),
+    for tests and debugging."""
 
     max_running: int = 64
     kv_pages: int | None = None
@@ -33,6 +35,7 @@ class EngineConfig:
     kv_memory_fraction: float = 0.85  # of free GPU memory after weights, when kv_pages is None
     cpu_kv_pages: int = 65536
     prefix_cache: bool = True
+    trace_logits: bool = False
 
 
 @dataclass
@@ -102,7 +105,7 @@ class Engine:
         try:
             self._encode_images(chunks)
             steps = [self._seq_step(c) for c in chunks]
-            results = self.runner.run(steps)
+            results = self.runner.run(steps, trace=self.config.trace_logits)
         except Exception as exc:  # keep serving: fail this batch's requests only
             logger.exception("engine step failed")
             for c in chunks:
@@ -119,6 +122,8 @@ class Engine:
             if result is None:
                 continue
             touched.append(req)
+            if result.trace is not None:
+                req.trace.append(result.trace)
             if req.first_output_at is None:
                 req.first_output_at = now
             try:

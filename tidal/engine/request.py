@@ -50,6 +50,8 @@ class Request:
     first_output_at: float | None = None
     finished_at: float | None = None
     cancelled: bool = False
+    preemptions: int = 0  # times this request was preempted (and later recomputed)
+    trace: list = field(default_factory=list)  # OutputTrace per output, with EngineConfig.trace_logits
 
     def __post_init__(self) -> None:
         self.prompt_tokens = items_len(self.pending)

@@ -222,6 +222,7 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)
         self.num_preemptions += 1
+        req.preemptions += 1
 
     def remove(self, req: Request) -> None:
         if req.status is RequestStatus.RUNNING:

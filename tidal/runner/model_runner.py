@@ -46,6 +46,19 @@ class SeqStep:
 
 
 @dataclass
+class OutputTrace:
+    """The raw float32 outputs behind a StepResult (kept only when tracing).
+
+    logits: [vocab] before banned ids are masked; coord: [coord bins];
+    size: [2, size bins] (width, height).
+    """
+
+    logits: torch.Tensor
+    coord: torch.Tensor
+    size: torch.Tensor
+
+
+@dataclass
 class StepResult:
     """Everything a skill may need from a sequence's last hidden state this step."""
 
@@ -53,6 +66,7 @@ class StepResult:
     coord_bin: int  # argmax of the region coordinate logits
     size_bins: tuple[int, int]  # argmax of the region (width, height) logits
     coord_over_eos: bool  # logit(coord) >= logit(eos), the detect/point continue test
+    trace: OutputTrace | None = None
 
 
 class ModelRunner:
@@ -84,19 +98,24 @@ class ModelRunner:
         return hidden[h2d(out_rows, torch.int64, self.device)]
 
     @torch.inference_mode()
-    def run(self, steps: list[SeqStep]) -> list[StepResult | None]:
-        """Run the step and read back each output-wanting sequence's StepResult."""
+    def run(self, steps: list[SeqStep], trace: bool = False) -> list[StepResult | None]:
+        """Run the step and read back each output-wanting sequence's StepResult.
+
+        trace: also copy each output's raw logits to the host (for tests and
+        debugging; costs a transfer of [N, vocab] floats).
+        """
         hidden = self.forward(steps)
         specs = [s.output for s in steps if s.output is not None]
         results: list[StepResult | None] = [None] * len(steps)
         if not specs:
             return results
-        packed = self._outputs(hidden, specs).cpu().tolist()
-        it = iter(packed)
+        packed, raw = self._outputs(hidden, specs)
+        traces = [OutputTrace(*(t[i].cpu() for t in raw)) for i in range(len(specs))] if trace else None
+        it = iter(enumerate(packed.cpu().tolist()))
         for i, s in enumerate(steps):
             if s.output is not None:
-                tok, cbin, wbin, hbin, cont = next(it)
-                results[i] = StepResult(tok, cbin, (wbin, hbin), bool(cont))
+                j, (tok, cbin, wbin, hbin, cont) = next(it)
+                results[i] = StepResult(tok, cbin, (wbin, hbin), bool(cont), traces[j] if traces else None)
         return results
 
     def _build_batch(self, steps: list[SeqStep]) -> tuple[ForwardBatch, dict]:
@@ -164,17 +183,18 @@ class ModelRunner:
             x[h2d(rows, torch.int64, dev)] = model.region.encode_size(size).to(x.dtype)
         return x
 
-    def _outputs(self, hidden: torch.Tensor, specs: list[OutputSpec]) -> torch.Tensor:
-        """hidden [N, dim] -> int64 [N, 5]: token, coord bin, w bin, h bin, coord>=eos."""
+    def _outputs(self, hidden: torch.Tensor, specs: list[OutputSpec]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """hidden [N, dim] -> (int64 [N, 5]: token, coord bin, w bin, h bin,
+        coord>=eos; and the raw (logits, coord logits, size logits))."""
         model = self.model
-        logits = model.text.logits(hidden)
+        raw_logits = logits = model.text.logits(hidden)
         coord_over_eos = logits[:, self.coord_id] >= logits[:, self.eos_id]
         banned = sorted({b for s in specs for b in s.banned})
         if banned:
             # -inf added at each row's banned ids (scatter_add: indexed assignment would sync)
             bias = [[float("-inf") if b in s.banned else 0.0 for b in banned] for s in specs]
             cols = h2d(banned, torch.int64, self.device).expand(len(specs), -1)
-            logits.scatter_add_(1, cols, h2d(bias, torch.float32, self.device))
+            logits = logits.scatter_add(1, cols, h2d(bias, torch.float32, self.device))  # raw_logits stays unmasked
         tokens = sample(
             logits,
             [s.temperature for s in specs],
@@ -183,6 +203,9 @@ class ModelRunner:
             [s.seed & _SEED_MASK for s in specs],
             [s.step for s in specs],
         )
-        coord_bin = model.region.decode_coordinate(hidden).argmax(dim=-1)
-        size_bins = model.region.decode_size(hidden).argmax(dim=-1)
-        return torch.stack([tokens, coord_bin, size_bins[:, 0], size_bins[:, 1], coord_over_eos.long()], dim=1)
+        coord_logits = model.region.decode_coordinate(hidden)
+        size_logits = model.region.decode_size(hidden)
+        coord_bin = coord_logits.argmax(dim=-1)
+        size_bins = size_logits.argmax(dim=-1)
+        packed = torch.stack([tokens, coord_bin, size_bins[:, 0], size_bins[:, 1], coord_over_eos.long()], dim=1)
+        return packed, (raw_logits, coord_logits, size_logits)

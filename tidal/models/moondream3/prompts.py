@@ -43,6 +43,8 @@ class PromptBuilder:
             raise InvalidRequestError("spatial_refs need an image to refer to")
         items, bidir = self._prefix(image)
         t = self.templates["query"]
+        if reasoning and not t["suffix"]:
+            raise InvalidRequestError("this checkpoint's query template has an empty suffix, which reasoning needs to hand over to the answer")
         items += t["prefix"]
         for ref in refs:
             if len(ref) == 2:
@@ -50,9 +52,10 @@ class PromptBuilder:
             else:
                 x0, y0, x1, y1 = ref
                 items += [CoordInput((x0 + x1) / 2), CoordInput((y0 + y1) / 2), SizeInput(x1 - x0, y1 - y0)]
-        items += self._encode(question) + t["suffix"]
-        if reasoning:
-            items.append(self.ids.thinking_id)
+        items += self._encode(question)
+        # Reasoning ends the prompt with the thinking id; the suffix is fed
+        # only once reasoning ends (QuerySkill), as the reference does.
+        items += [self.ids.thinking_id] if reasoning else list(t["suffix"])
         return self._checked(items), bidir
 
     def caption(self, image: InputItem, length: str) -> tuple[list[InputItem], int]:

@@ -109,7 +109,7 @@ class QuerySkill(Skill):
             return self.answer.on_token(out.token)
         token = out.token
         if token == self.ids.answer_id or self._reason_steps >= self.params.max_tokens:
-            return self._end_reasoning([self.ids.answer_id])
+            return self._end_reasoning([])
         self._reason_steps += 1
         self.completion_tokens += 1
         if token in (self.ids.start_ground_points_id, self.ids.end_ground_id):
@@ -123,13 +123,15 @@ class QuerySkill(Skill):
             item = CoordInput(value)
         if self._reason_steps >= self.params.max_tokens:
             # The reference feeds this token, then discards the next output.
-            return self._end_reasoning([item, self.ids.answer_id])
+            return self._end_reasoning([item])
         return [item]
 
     def _end_reasoning(self, feed: list[InputItem]) -> list[InputItem]:
+        """Reasoning is over: feed `feed`, then the query template's suffix,
+        after which the answer begins (the sampled answer id is not fed)."""
         self.thinking = False
         self.emit_event("reasoning", self.reasoning_result())
-        return feed
+        return feed + list(self.ids.templates["query"]["suffix"])
 
     def flush(self) -> None:
         self.answer.flush()
