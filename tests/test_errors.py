@@ -44,7 +44,7 @@ BAD_CALLS = {
     "unknown caption length": (lambda md, img: md.caption(img, "medium"), InvalidRequestError, "unknown caption length 'medium'"),
     "max_tokens 0": (lambda md, img: md.query(img, "what", settings={"max_tokens": 0}), InvalidRequestError, "max_tokens must be"),
     "negative temperature": (lambda md, img: md.caption(img, settings={"temperature": -1}), InvalidRequestError, "temperature must be"),
-    "top_p 0": (lambda md, img: md.caption(img, settings={"top_p": 0}), InvalidRequestError, r"top_p must be in \(0, 1\]"),
+    "top_p 0": (lambda md, img: md.caption(img, settings={"top_p": 0}), InvalidRequestError, r"top_p must be a number in \(0, 1\]"),
     "top_p above 1": (lambda md, img: md.query(img, "what", settings={"top_p": 1.01}), InvalidRequestError, "top_p"),
     "max_objects 0": (lambda md, img: md.detect(img, "dog", settings={"max_objects": 0}), InvalidRequestError, "max_objects must be"),
     "unknown setting": (lambda md, img: md.query(img, "what", settings={"temprature": 0}), InvalidRequestError, "unknown settings"),

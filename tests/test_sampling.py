@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -63,18 +64,75 @@ def test_sampling_follows_the_distribution():
     assert set(nucleus.tolist()) == {0}
 
 
+VOCAB, CONTEXT = 51200, 4096
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
         ({"temperature": -0.1}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": 2**70}, "temperature"),
+        ({"temperature": 101}, "temperature"),
+        ({"temperature": True}, "temperature"),
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
+        ({"top_p": float("nan")}, "top_p"),
         ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": CONTEXT + 1}, "max_tokens"),
+        ({"max_tokens": 2.0}, "max_tokens"),
         ({"top_k": -1}, "top_k"),
+        ({"top_k": VOCAB + 1}, "top_k"),
+        ({"top_k": 2**63}, "top_k"),
         ({"stop": ["ok", ""]}, "stop"),
+        ({"stop": ["x"] * 17}, "at most 16"),
+        ({"stop": ["x" * 257]}, "limit is 256"),
+        ({"stop": ["\ud800"]}, "surrogate"),
+        ({"stop": [5]}, "stop"),
         ({"seed": "x"}, "seed"),
+        ({"seed": 2**64}, "seed"),
+        ({"seed": -(2**63) - 1}, "seed"),
     ],
 )
 def test_bad_params_are_rejected(kwargs, message):
     with pytest.raises(InvalidRequestError, match=message):
-        SamplingParams(**kwargs).validate()
+        SamplingParams(**kwargs).validate(VOCAB, CONTEXT)
+
+
+def test_limits_and_numpy_scalars_are_accepted():
+    p = SamplingParams(temperature=np.float32(0.25), top_p=np.float64(1.0), top_k=np.int64(VOCAB), max_tokens=np.int32(CONTEXT), stop=["\n"], seed=2**64 - 1)
+    p.validate(VOCAB, CONTEXT)
+    assert (p.temperature, p.top_p, p.top_k, p.max_tokens) == (0.25, 1.0, VOCAB, CONTEXT)
+    assert all(type(v) in (int, float) for v in (p.temperature, p.top_p, p.top_k, p.max_tokens))
+    with pytest.raises(InvalidRequestError, match="top_k"):
+        SamplingParams(top_k=np.bool_(True)).validate(VOCAB, CONTEXT)
+
+
+def test_a_top_p_tie_keeps_the_token_that_reaches_it():
+    # the mass before the third token is exactly 0.75, which does not exceed top_p
+    probs = torch.tensor([[0.5, 0.25, 0.25, 0.0]])
+    out = filter_top_p_top_k(probs, torch.tensor([0.75]), torch.tensor([0]))
+    assert out[0].tolist() == [0.5, 0.25, 0.25, 0.0]
+    out = filter_top_p_top_k(probs, torch.tensor([0.7]), torch.tensor([0]))
+    assert out[0].tolist() == pytest.approx([2 / 3, 1 / 3, 0.0, 0.0])
+
+
+def test_top_k_1_is_greedy_whatever_the_seed():
+    torch.manual_seed(1)
+    logits = torch.randn(64, 500)
+    n = logits.shape[0]
+    got = sample(logits, [1.5] * n, [1.0] * n, [1] * n, list(range(n)), [3] * n)
+    assert torch.equal(got, logits.argmax(dim=-1))
+
+
+def test_a_tiny_temperature_is_greedy_and_never_nan():
+    torch.manual_seed(2)
+    logits = torch.randn(64, 500) * 30
+    logits[:, 7] = float("-inf")  # banned ids stay out
+    n = logits.shape[0]
+    for t in (1e-300, 1e-45, 1e-37, 1e-8):
+        got = sample(logits, [t] * n, [0.9] * n, [0] * n, list(range(n)), [0] * n)
+        assert torch.equal(got, sample(logits, [0.0] * n, [0.9] * n, [0] * n, [0] * n, [0] * n))
+    hot = sample(logits, [100.0] * n, [1.0] * n, [0] * n, list(range(n)), [0] * n)
+    assert 7 not in hot.tolist() and not torch.equal(hot, logits.argmax(dim=-1))

@@ -112,7 +112,7 @@ def test_sampling_options(client):
 
 def test_local_files_when_the_server_allows_them(golden_md):
     md = Moondream(golden_md.model, golden_md.tokenizer, EngineConfig())
-    srv = LiveServer(md, ServerConfig(allow_local_files=True))
+    srv = LiveServer(md, ServerConfig(local_files_root=golden_image("tall").parent))
     try:
         client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused")
         want = _golden("caption", image="tall", length="short")["result"]["caption"]

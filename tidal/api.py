@@ -18,13 +18,14 @@ from tidal.engine.request import Request
 from tidal.engine.sampling import SamplingParams
 from tidal.engine.skill import Skill
 from tidal.errors import InvalidRequestError, PromptTooLongError
-from tidal.images import ImageLike, image_key, load_image
+from tidal.images import DEFAULT_MAX_PIXELS, ImageLike, decoded_image, image_key
 from tidal.models.moondream3.model import Moondream3Model
 from tidal.models.moondream3.processor import overlap_crops
 from tidal.models.moondream3.prompts import PromptBuilder
 from tidal.models.moondream3.skills import CaptionSkill, LocateSkill, QuerySkill
 from tidal.models.moondream3.tokenizer import load_tokenizer
 from tidal.models.moondream3.weights import load_model, resolve_checkpoint
+from tidal.validation import as_int, short_repr
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,8 @@ class EncodedImage:
         return f"EncodedImage(key={self.key[:12]}..., positions={self.embeds.shape[0]})"
 
 
-def text_params(settings: dict[str, Any] | None) -> SamplingParams:
+def text_params(settings: dict[str, Any] | None, vocab_size: int, max_context: int) -> SamplingParams:
+    """Validated sampling parameters from a skill call's settings."""
     s = _check_keys(settings, TEXT_SETTINGS)
     stop = s.get("stop", [])
     params = SamplingParams(
@@ -64,15 +66,12 @@ def text_params(settings: dict[str, Any] | None) -> SamplingParams:
         stop=[stop] if isinstance(stop, str) else stop,
         seed=s.get("seed"),
     )
-    params.validate()
-    return params
+    return params.validate(vocab_size, max_context)
 
 
-def max_objects_setting(settings: dict[str, Any] | None) -> int:
+def max_objects_setting(settings: dict[str, Any] | None, limit: int) -> int:
     n = _check_keys(settings, OBJECT_SETTINGS).get("max_objects", DEFAULT_MAX_OBJECTS)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise InvalidRequestError(f"max_objects must be an integer >= 1, got {n!r}")
-    return n
+    return as_int(n, "max_objects", 1, limit)
 
 
 def _check_keys(settings: dict[str, Any] | None, allowed: tuple[str, ...]) -> dict[str, Any]:
@@ -82,7 +81,7 @@ def _check_keys(settings: dict[str, Any] | None, allowed: tuple[str, ...]) -> di
         raise InvalidRequestError(f"settings must be a dict, got {type(settings).__name__}")
     unknown = sorted(set(settings) - set(allowed))
     if unknown:
-        raise InvalidRequestError(f"unknown settings {unknown}; accepted here: {', '.join(allowed)}")
+        raise InvalidRequestError(f"unknown settings {short_repr(unknown, 200)}; accepted here: {', '.join(allowed)}")
     return settings
 
 
@@ -91,7 +90,12 @@ class Moondream:
 
     Calls are thread-safe and may come from many threads at once: they share
     one continuously batched engine running on a background thread.
+
+    max_image_pixels: larger images are refused (checked from the file's
+    header, before decoding); None for no limit.
     """
+
+    max_image_pixels: int | None = DEFAULT_MAX_PIXELS
 
     def __init__(self, model: Moondream3Model, tokenizer: Tokenizer, engine_config: EngineConfig | None = None) -> None:
         self.model = model
@@ -143,17 +147,17 @@ class Moondream:
         """Run the vision encoder once; the result is reusable across calls."""
         if isinstance(image, EncodedImage):
             return image
-        rgb = load_image(image)
-        embeds = self.engine.runner.encode_image(overlap_crops(rgb, self.config.vision))
-        return EncodedImage(embeds, image_key(rgb), self)
+        ref = self._image_item(image)
+        assert isinstance(ref, ImageRef)
+        return EncodedImage(self.engine.runner.encode_image(ref.crops), ref.key, self)
 
     def _image_item(self, image: ImageLike | EncodedImage) -> InputItem:
         if isinstance(image, EncodedImage):
             if image._owner is not self:
                 raise InvalidRequestError("this EncodedImage was made by another model instance")
             return ImageInput(image.embeds, image.key)
-        rgb = load_image(image)
-        return ImageRef(overlap_crops(rgb, self.config.vision), image_key(rgb), self.config.vision.n_image_tokens)
+        with decoded_image(image, self.max_image_pixels) as rgb:
+            return ImageRef(overlap_crops(rgb, self.config.vision), image_key(rgb), self.config.vision.n_image_tokens)
 
     # -- skills ----------------------------------------------------------------
     def query(
@@ -240,22 +244,25 @@ class Moondream:
         return self._submit(*self._prepare_locate(image, obj, settings, False))
 
     def _prepare_query(self, image: Any, question: Any, reasoning: bool, spatial_refs: Any, settings: dict[str, Any] | None) -> Prepared:
-        params = text_params(settings)
+        params = self._text_params(settings)
         item = None if image is None else self._image_item(image)
         items, bidir = self.prompts.query(item, question, bool(reasoning), spatial_refs)
         return QuerySkill(self.tokenizer, self.config.tokenizer, params, self._seed(params), bool(reasoning)), items, bidir
 
     def _prepare_caption(self, image: Any, length: str, settings: dict[str, Any] | None) -> Prepared:
-        params = text_params(settings)
+        params = self._text_params(settings)
         items, bidir = self.prompts.caption(self._image_item(image), length)
         return CaptionSkill(self.tokenizer, self.config.tokenizer, params, self._seed(params)), items, bidir
 
     def _prepare_locate(self, image: Any, obj: Any, settings: dict[str, Any] | None, with_size: bool) -> Prepared:
-        n = max_objects_setting(settings)
+        n = max_objects_setting(settings, self.config.text.max_context)
         items, bidir = self.prompts.locate(self._image_item(image), obj, "detect" if with_size else "point")
         return LocateSkill(self.config.tokenizer, n, with_size), items, bidir
 
     # -- plumbing --------------------------------------------------------------
+    def _text_params(self, settings: dict[str, Any] | None) -> SamplingParams:
+        return text_params(settings, self.config.text.vocab_size, self.config.text.max_context)
+
     @staticmethod
     def _seed(params: SamplingParams) -> int:
         return params.seed if params.seed is not None else random.getrandbits(63)

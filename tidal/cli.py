@@ -7,6 +7,16 @@ import logging
 import sys
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--model", required=required, help="checkpoint folder or Hugging Face repo id")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if available")
@@ -19,22 +29,33 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run every skill once (default: the embedded tiny model, no download)")
     _add_model_args(demo, required=False)
     demo.add_argument("--image", default=None, help="image file (default: the bundled sample)")
-    demo.add_argument("--max-tokens", type=int, default=48, help="tokens per text answer (default 48)")
+    demo.add_argument("--max-tokens", type=_positive_int, default=48, help="tokens per text answer (default 48)")
 
     serve = sub.add_parser("serve", help="serve the Moondream and OpenAI-compatible HTTP APIs")
     _add_model_args(serve, required=False)
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=2020)
+    serve.add_argument("--port", type=_positive_int, default=2020)
     serve.add_argument("--served-model-name", default=None, help="name reported by /v1/models (default: the model folder name)")
-    serve.add_argument("--max-running", type=int, default=64, help="requests batched at once")
-    serve.add_argument("--kv-pages", type=int, default=None, help="KV cache size in tokens (default: from free GPU memory)")
-    serve.add_argument("--token-budget", type=int, default=2048, help="positions fed per engine step")
+    serve.add_argument("--max-running", type=_positive_int, default=64, help="requests batched at once")
+    serve.add_argument("--kv-pages", type=_positive_int, default=None, help="KV cache size in tokens (default: from free GPU memory)")
+    serve.add_argument("--token-budget", type=_positive_int, default=2048, help="positions fed per engine step")
     serve.add_argument("--no-prefix-cache", action="store_true", help="turn off prefix (and image) caching")
-    serve.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503")
+    serve.add_argument("--max-queue", type=_positive_int, default=256, help="waiting requests before 503")
     serve.add_argument("--max-body-mb", type=float, default=32, help="largest request body")
-    serve.add_argument("--max-image-pixels", type=int, default=50_000_000)
-    serve.add_argument("--allow-local-files", action="store_true", help="let image_url name files on this machine")
+    serve.add_argument("--max-image-pixels", type=_positive_int, default=50_000_000)
+    serve.add_argument("--allow-local-files", metavar="DIR", default=None, help="let image_url name files under this folder (absolute paths or file:// URLs)")
     return parser
+
+
+def _local_root(folder: str | None):
+    from pathlib import Path
+
+    if folder is None:
+        return None
+    root = Path(folder).expanduser().resolve()
+    if not root.is_dir():
+        raise SystemExit(f"tidal serve: --allow-local-files {folder!r} is not a folder")
+    return root
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             max_body_bytes=int(args.max_body_mb * 1024 * 1024),
             max_image_pixels=args.max_image_pixels,
             max_queue=args.max_queue,
-            allow_local_files=args.allow_local_files,
+            local_files_root=_local_root(args.allow_local_files),
         )
         serve(args.model, args.host, args.port, args.device, args.dtype, engine, server)
         return 0

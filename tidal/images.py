@@ -1,70 +1,142 @@
-"""Turning what users pass as an image into a checked RGB PIL image."""
+"""Turning what users pass as an image into a checked RGB PIL image.
+
+Decoding is where a small upload can cost a lot of memory (a 62 KB PNG can
+decode to 8000x6000 pixels), so: only common photo and screenshot formats are
+opened; the pixel count is checked from the header before any pixel is
+decoded; and decodes in flight share a pixel budget, so many concurrent
+uploads wait for each other instead of exhausting memory.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from tidal.errors import ImageError
 
 ImageLike = Union[Image.Image, str, os.PathLike, bytes, bytearray, memoryview, np.ndarray]
 
-ACCEPTED = "a PIL image, a file path, raw image bytes (PNG, JPEG, ...), or a uint8 numpy array of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)"
+ACCEPTED = "a PIL image, a file path, raw image bytes (PNG, JPEG, WebP, GIF, BMP or TIFF), or a uint8 numpy array of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)"
+
+# Formats opened from bytes and files. Others (ICO, ICNS, PSD, ...) can hide an
+# embedded image larger than their header says; a vision model needs none of them.
+FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF")
+
+# Moondream 3 looks at an image through at most 12 crops of 378 px (about
+# 1.7 M pixels); anything above 4096 x 4096 is only downscaled, at a cost.
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
+# Pixels being decoded (and cropped) at once, across all threads: about
+# 7 bytes a pixel at the peak, so roughly 0.5 GB.
+DECODE_BUDGET_PIXELS = 4 * DEFAULT_MAX_PIXELS
+
+_ORIENTATION = 0x0112  # the EXIF tag
 
 
-def load_image(image: Any, max_pixels: int | None = None) -> Image.Image:
-    """Decode and fully load `image` as RGB, or raise ImageError saying why not.
+class PixelBudget:
+    """A counting limit on pixels decoded at once; reserve() waits for room."""
 
-    max_pixels: refuse larger images (checked from the header, before decoding).
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def reserve(self, pixels: int) -> Iterator[None]:
+        n = min(pixels, self.capacity)  # a single huge image still goes through, alone
+        with self._cond:
+            while self.used + n > self.capacity:
+                self._cond.wait()
+            self.used += n
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= n
+                self._cond.notify_all()
+
+
+DECODE_BUDGET = PixelBudget(DECODE_BUDGET_PIXELS)
+
+
+@contextmanager
+def decoded_image(image: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Iterator[Image.Image]:
+    """Decode `image` as RGB and hold its pixels in the decode budget for as
+    long as the block runs (the caller crops it there). Raises ImageError
+    saying why an image is refused.
+
+    Files and bytes get their EXIF orientation applied (photos come out the
+    way up a viewer shows them); PIL images and arrays are taken as given.
     """
     if isinstance(image, Image.Image):
-        pil = image
+        _check_size(image.width, image.height, max_pixels)
         try:
-            pil.load()
-        except Exception as exc:
-            raise ImageError(f"the PIL image could not be loaded ({exc})") from exc
-    elif isinstance(image, (str, os.PathLike)):
+            image.load()
+        except Exception:
+            raise ImageError("the PIL image could not be loaded (truncated or corrupt data)") from None
+        with DECODE_BUDGET.reserve(image.width * image.height):
+            yield image if image.mode == "RGB" else image.convert("RGB")
+        return
+    if isinstance(image, np.ndarray):
+        pil = _from_array(image)
+        _check_size(pil.width, pil.height, max_pixels)
+        with DECODE_BUDGET.reserve(pil.width * pil.height):
+            yield pil if pil.mode == "RGB" else pil.convert("RGB")
+        return
+    if isinstance(image, (str, os.PathLike)):
         path = Path(image).expanduser()
         if not path.is_file():
             raise ImageError(f"no image file at {str(path)!r}")
-        pil = _decode(path.read_bytes(), f"the file {str(path)!r}", max_pixels)
+        data, what = path.read_bytes(), "the image file"
     elif isinstance(image, (bytes, bytearray, memoryview)):
-        pil = _decode(bytes(image), "the image bytes", max_pixels)
-    elif isinstance(image, np.ndarray):
-        pil = _from_array(image)
+        data, what = bytes(image), "the image bytes"
     else:
         raise ImageError(f"unsupported image type {type(image).__name__}; pass {ACCEPTED}")
-    if pil.width < 1 or pil.height < 1:
-        raise ImageError(f"the image is empty ({pil.width}x{pil.height} pixels)")
-    _check_pixels(pil, max_pixels)
-    return pil if pil.mode == "RGB" else pil.convert("RGB")
-
-
-def _check_pixels(pil: Image.Image, max_pixels: int | None) -> None:
-    if max_pixels is not None and pil.width * pil.height > max_pixels:
-        raise ImageError(f"the image is {pil.width}x{pil.height} = {pil.width * pil.height} pixels; the limit is {max_pixels}")
-
-
-def _decode(data: bytes, what: str, max_pixels: int | None = None) -> Image.Image:
     if not data:
-        raise ImageError(f"{what} are empty" if what.endswith("bytes") else f"{what} is empty")
+        raise ImageError(f"{what} {'are' if what.endswith('bytes') else 'is'} empty")
+    pil = _open(data, what)
+    _check_size(pil.width, pil.height, max_pixels)  # from the header: nothing decoded yet
+    with DECODE_BUDGET.reserve(pil.width * pil.height):
+        try:
+            pil.load()
+            if pil.getexif().get(_ORIENTATION, 1) != 1:
+                pil = ImageOps.exif_transpose(pil)
+            rgb = pil if pil.mode == "RGB" else pil.convert("RGB")
+        except Exception:
+            raise ImageError(f"{what} could not be decoded (truncated or corrupt data); pass {ACCEPTED}") from None
+        yield rgb
+
+
+def load_image(image: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode and fully load `image` as RGB, or raise ImageError saying why not."""
+    with decoded_image(image, max_pixels) as rgb:
+        return rgb
+
+
+def _open(data: bytes, what: str) -> Image.Image:
+    """Read the header only (Pillow decodes lazily)."""
     try:
-        pil = Image.open(io.BytesIO(data))
-        _check_pixels(pil, max_pixels)  # from the header, before the pixels are decoded
-        pil.load()  # decode now: truncated or corrupt data fails here, not later
-    except ImageError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"{what}: the image has too many pixels ({exc})") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"{what} could not be decoded as an image ({exc}); pass {ACCEPTED}") from exc
-    return pil
+        return Image.open(io.BytesIO(data), formats=FORMATS)
+    except Image.DecompressionBombError:
+        raise ImageError(f"{what}: the image has far too many pixels") from None
+    except Exception:
+        raise ImageError(f"{what} could not be decoded as an image (not a PNG, JPEG, WebP, GIF, BMP or TIFF, or corrupt); pass {ACCEPTED}") from None
+
+
+def _check_size(width: int, height: int, max_pixels: int | None) -> None:
+    if width < 1 or height < 1:
+        raise ImageError(f"the image is empty ({width}x{height} pixels)")
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageError(f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels} (Moondream 3 looks at images through 12 crops of 378 px at most: downscale it)")
 
 
 def _from_array(arr: np.ndarray) -> Image.Image:

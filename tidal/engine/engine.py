@@ -16,8 +16,11 @@ from tidal.engine.request import Request
 from tidal.engine.scheduler import CacheFullError, Chunk, Scheduler
 from tidal.models.moondream3.model import Moondream3Model
 from tidal.runner.model_runner import ModelRunner, SeqStep
+from tidal.validation import as_float, as_int
 
 logger = logging.getLogger(__name__)
+
+_FAILED = object()  # a step result: the request failed and has been finished
 
 
 @dataclass
@@ -36,6 +39,14 @@ class EngineConfig:
     cpu_kv_pages: int = 65536
     prefix_cache: bool = True
     trace_logits: bool = False
+
+    def __post_init__(self) -> None:
+        self.max_running = as_int(self.max_running, "max_running", 1, 1 << 16)
+        if self.kv_pages is not None:
+            self.kv_pages = as_int(self.kv_pages, "kv_pages", 2, 1 << 40)
+        self.token_budget = as_int(self.token_budget, "token_budget", 1, 1 << 30)
+        self.kv_memory_fraction = as_float(self.kv_memory_fraction, "kv_memory_fraction", 0.0, 1.0, lo_open=True)
+        self.cpu_kv_pages = as_int(self.cpu_kv_pages, "cpu_kv_pages", 2, 1 << 40)
 
 
 @dataclass
@@ -102,20 +113,14 @@ class Engine:
         st.steps += 1
         st.max_batch = max(st.max_batch, len(chunks))
         st.last_chunks = [(c.req, c.n_positions) for c in chunks]
-        try:
-            self._encode_images(chunks)
-            steps = [self._seq_step(c) for c in chunks]
-            results = self.runner.run(steps, trace=self.config.trace_logits)
-        except Exception as exc:  # keep serving: fail this batch's requests only
-            logger.exception("engine step failed")
-            for c in chunks:
-                c.req.error = exc
-                self._finish(c.req)
-            return [c.req for c in chunks]
+        results = self._run(chunks)
         now = time.monotonic()
         touched = []
         for chunk, result in zip(chunks, results):
             req = chunk.req
+            if result is _FAILED:
+                touched.append(req)
+                continue
             req.history.extend(req.pending[: chunk.n_items])
             del req.pending[: chunk.n_items]
             self.scheduler.cache_prompt(req)
@@ -170,6 +175,30 @@ class Engine:
     def clear_prefix_cache(self) -> int:
         """Drop every cached prefix no running request uses. -> pages freed."""
         return self.prefix_cache.clear() if self.prefix_cache else 0
+
+    def _run(self, chunks: list[Chunk]) -> list:
+        """Run the step. If it fails, run its sequences one by one so that only
+        the request at fault fails (re-feeding a position rewrites the same KV
+        slot, so the retry is exact). -> a StepResult, None or _FAILED per chunk."""
+        try:
+            return self._forward(chunks)
+        except Exception:
+            if len(chunks) > 1:
+                logger.exception("engine step of %d sequences failed; retrying them one by one", len(chunks))
+        out: list = []
+        for c in chunks:
+            try:
+                out += self._forward([c])
+            except Exception as exc:
+                logger.exception("request %s failed", c.req.id)
+                c.req.error = exc
+                self._finish(c.req)
+                out.append(_FAILED)
+        return out
+
+    def _forward(self, chunks: list[Chunk]) -> list:
+        self._encode_images(chunks)
+        return self.runner.run([self._seq_step(c) for c in chunks], trace=self.config.trace_logits)
 
     def _encode_images(self, chunks: list[Chunk]) -> None:
         """Run the vision encoder for this step's new images, once per distinct image."""

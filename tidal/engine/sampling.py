@@ -13,8 +13,13 @@ import torch
 
 from tidal.errors import InvalidRequestError
 from tidal.runner.h2d import h2d
+from tidal.validation import MAX_STOP_CHARS, MAX_STOP_STRINGS, as_float, as_int, check_text
 
 _M32 = 0xFFFFFFFF
+
+
+MAX_TEMPERATURE = 100.0
+_SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
 @dataclass
@@ -28,19 +33,25 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
 
-    def validate(self) -> None:
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
-            raise InvalidRequestError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
-        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise InvalidRequestError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise InvalidRequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
-            raise InvalidRequestError(f"stop must be a list of non-empty strings, got {self.stop!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise InvalidRequestError(f"seed must be an integer, got {self.seed!r}")
+    def validate(self, vocab_size: int, max_context: int) -> "SamplingParams":
+        """Check every field's type and range, converting numpy scalars to Python
+        numbers in place; raise InvalidRequestError saying what is accepted."""
+        self.temperature = as_float(self.temperature, "temperature", 0.0, MAX_TEMPERATURE, meaning=" (0 = greedy)")
+        self.top_p = as_float(self.top_p, "top_p", 0.0, 1.0, lo_open=True)
+        self.top_k = as_int(self.top_k, "top_k", 0, vocab_size, meaning=" (0 = off)")
+        self.max_tokens = as_int(self.max_tokens, "max_tokens", 1, max_context, meaning=" (the model's context)")
+        stop = self.stop
+        if not isinstance(stop, (list, tuple)):
+            raise InvalidRequestError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
+        if len(stop) > MAX_STOP_STRINGS:
+            raise InvalidRequestError(f"stop holds {len(stop)} strings; at most {MAX_STOP_STRINGS} are accepted")
+        for i, s in enumerate(stop):
+            if check_text(s, f"stop[{i}]", MAX_STOP_CHARS, allow_empty=True) == "":
+                raise InvalidRequestError(f"stop[{i}] is empty; stop strings must be non-empty")  # "\n" is fine
+        self.stop = list(stop)
+        if self.seed is not None:
+            self.seed = as_int(self.seed, "seed", *_SEED_RANGE, meaning=" (64 bits)")
+        return self
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -101,7 +112,12 @@ def sample(
         return h2d([values[i] for i in hot], dtype, dev)
 
     rows = h2d(hot, torch.int64, dev)
-    probs = torch.softmax(logits[rows] / pick(temperature, torch.float32)[:, None], dim=-1)
+    hot_logits = logits[rows]
+    # Shift by the row max before dividing: a tiny temperature then sends the
+    # others to -inf (greedy in the limit) instead of overflowing to inf - inf.
+    temps = pick(temperature, torch.float32).clamp_min(torch.finfo(torch.float32).tiny)  # 1e-300 is 0 in float32
+    hot_logits = (hot_logits - hot_logits.amax(dim=-1, keepdim=True)) / temps[:, None]
+    probs = torch.softmax(hot_logits, dim=-1)
     probs = filter_top_p_top_k(probs, pick(top_p, torch.float32), pick(top_k, torch.int64))
     noise = hashed_uniform(pick(seeds, torch.int64), pick(steps, torch.int64), logits.shape[-1])
     out[rows] = (probs / -torch.log(noise)).argmax(dim=-1)

@@ -22,6 +22,8 @@ class APIError(Exception):
 
 
 def error_body(message: str, type: str) -> dict:
+    # Escape anything that cannot be UTF-8 (a lone surrogate echoed from input).
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": type}}
 
 
@@ -31,12 +33,14 @@ def error_response(status: int, message: str, type: str, headers: dict[str, str]
 
 def _describe(exc: RequestValidationError) -> str:
     parts = []
-    for err in exc.errors():
+    errors = exc.errors()
+    for err in errors[:5]:
         if err.get("type") == "json_invalid":
             return f"malformed JSON body: {err.get('ctx', {}).get('error', err.get('msg'))}"
         loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
         parts.append(f"{loc or 'body'}: {err.get('msg')}")
-    return "invalid request: " + "; ".join(parts)
+    more = f"; and {len(errors) - 5} more" if len(errors) > 5 else ""
+    return "invalid request: " + "; ".join(parts) + more
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -67,4 +71,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error")
-        return error_response(500, f"internal error: {type(exc).__name__}", "server_error")
+        return error_response(500, "internal error; the server log has the details", "server_error")

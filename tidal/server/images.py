@@ -1,21 +1,26 @@
-"""Images as clients send them: data URLs (base64) or, when allowed, local paths."""
+"""Images as clients send them: data URLs (base64) or, when the server allows
+it, files under one folder. Returns the image's bytes, size-checked; the Python
+API decodes them (pixel limit, decode budget)."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import io
+import stat
 from pathlib import Path
+from urllib.parse import unquote
 
 from PIL import Image
 
 from tidal.errors import ImageError
-from tidal.images import load_image
+from tidal.images import FORMATS
 from tidal.server.config import ServerConfig
 
 
-def decode_image_url(url: str, config: ServerConfig) -> Image.Image:
+def image_bytes(url: str, config: ServerConfig) -> bytes:
     """A `data:image/...;base64,...` URL (or bare base64), or a local file path
-    (plain or file://) when the server allows local files -> checked RGB image."""
+    (absolute, or file://) under the server's --allow-local-files folder."""
     if url.startswith("data:"):
         header, sep, payload = url.partition(",")
         if not sep or ";base64" not in header:
@@ -23,21 +28,57 @@ def decode_image_url(url: str, config: ServerConfig) -> Image.Image:
         return _from_base64(payload, config)
     if url.startswith(("http://", "https://")):
         raise ImageError("remote image URLs are not fetched; send the image as a data URL (data:image/jpeg;base64,...)")
-    if url.startswith("file://") or url.startswith("/"):
-        if not config.allow_local_files:
-            raise ImageError("local file paths are off on this server (start it with --allow-local-files); send a data URL")
-        path = Path(url.removeprefix("file://"))
-        if path.is_file() and path.stat().st_size > config.max_image_bytes:
-            raise ImageError(f"the image file is {path.stat().st_size} bytes; the limit is {config.max_image_bytes}")
-        return load_image(path, max_pixels=config.max_image_pixels)
+    if url.startswith("file://") or url.startswith("/") or url.startswith("~"):
+        return _local_file(url, config)
     return _from_base64(url, config)
 
 
-def _from_base64(payload: str, config: ServerConfig) -> Image.Image:
+def _from_base64(payload: str, config: ServerConfig) -> bytes:
+    payload = "".join(payload.split())  # line breaks and spaces, as MIME encoders write them
     if len(payload) * 3 // 4 > config.max_image_bytes + 3:
         raise ImageError(f"the image is over {config.max_image_bytes} bytes; the limit is {config.max_image_bytes}")
     try:
-        data = base64.b64decode(payload.strip(), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ImageError(f"image_url is not valid base64 ({exc})") from exc
-    return load_image(data, max_pixels=config.max_image_pixels)
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError("image_url is not valid base64") from None
+
+
+def _local_file(url: str, config: ServerConfig) -> bytes:
+    root = config.local_files_root
+    if root is None:
+        raise ImageError("local file paths are off on this server (start it with --allow-local-files DIR); send a data URL")
+    raw = unquote(url.removeprefix("file://")) if url.startswith("file://") else url
+    if raw.startswith("~") or ".." in Path(raw).parts:
+        raise ImageError("local image paths may not use '~' or '..'; give the absolute path of a file under the allowed folder")
+    base = Path(root).resolve()
+    try:
+        path = Path(raw).resolve()  # follows symlinks: a link out of the folder stays out
+    except (OSError, RuntimeError, ValueError):
+        raise _unreadable(raw) from None
+    if not path.is_relative_to(base):
+        raise ImageError("local image paths must lie under the folder the server allows (after following links)")
+    try:
+        st = path.stat()
+    except (OSError, ValueError):
+        raise _unreadable(raw) from None
+    if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+        raise _unreadable(raw)  # devices, pipes, folders; /proc files say 0 bytes
+    if st.st_size > config.max_image_bytes:
+        raise ImageError(f"the image file is {st.st_size} bytes; the limit is {config.max_image_bytes}")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(config.max_image_bytes + 1)
+    except (OSError, ValueError):
+        raise _unreadable(raw) from None
+    if len(data) > config.max_image_bytes:
+        raise ImageError(f"the image file is over {config.max_image_bytes} bytes; the limit is {config.max_image_bytes}")
+    try:
+        Image.open(io.BytesIO(data), formats=FORMATS)  # header only: "not an image" reads as "not found"
+    except Exception:
+        raise _unreadable(raw) from None
+    return data
+
+
+def _unreadable(raw: str) -> ImageError:
+    shown = raw if len(raw) <= 200 else raw[:197] + "..."
+    return ImageError(f"no readable image file at {shown!r} under the allowed folder")

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from tidal.engine.loop import RequestHandle
 from tidal.server.chat import ChatTask, route
 from tidal.server.errors import APIError
-from tidal.server.images import decode_image_url
+from tidal.server.images import image_bytes
 from tidal.server.schemas import ChatBody
 from tidal.server.state import ServerState, sse
 
@@ -39,7 +39,7 @@ def openai_router(state: ServerState) -> APIRouter:
 
     def submit_fn(task: ChatTask, settings: dict[str, Any] | None):
         def run() -> RequestHandle:
-            img = None if task.image_url is None else decode_image_url(task.image_url, config)
+            img = None if task.image_url is None else image_bytes(task.image_url, config)
             if task.skill in ("query", "reason"):
                 return md.submit_query(img, task.text, task.skill == "reason", None, settings)
             if task.skill == "caption":
@@ -61,6 +61,7 @@ def openai_router(state: ServerState) -> APIRouter:
     async def chat(body: ChatBody, http: Request) -> Any:
         if body.n != 1:
             raise APIError(400, "n must be 1", "invalid_request_error")
+        _refuse_unsupported(body)
         task = route(body.messages, body.reasoning)
         handle = await state.submit(task.skill, submit_fn(task, _settings(body, task)))
         rid, created = f"chatcmpl-{handle.request.id}", int(time.time())
@@ -81,6 +82,23 @@ def openai_router(state: ServerState) -> APIRouter:
         }
 
     return router
+
+
+def _refuse_unsupported(body: ChatBody) -> None:
+    """OpenAI options this server cannot honour get a 400, never silent neglect."""
+    refused = []
+    if body.logprobs or body.top_logprobs is not None:
+        refused.append("logprobs / top_logprobs")
+    if body.tools or body.functions or body.tool_choice not in (None, "none") or body.function_call not in (None, "none"):
+        refused.append("tools / functions")
+    if body.response_format is not None and body.response_format.get("type") != "text":
+        refused.append("response_format other than {'type': 'text'}")
+    if body.logit_bias:
+        refused.append("logit_bias")
+    if body.presence_penalty or body.frequency_penalty:
+        refused.append("presence_penalty / frequency_penalty")
+    if refused:
+        raise APIError(400, f"not supported by this server: {'; '.join(refused)}", "unsupported_parameter")
 
 
 def _chunk_encoder(task: ChatTask, handle: RequestHandle, rid: str, created: int, model: str, body: ChatBody, usage):

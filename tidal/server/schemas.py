@@ -3,9 +3,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
+
+from tidal.validation import MAX_TEXT_CHARS, check_text
+
+
+def _text(value: str) -> str:
+    return check_text(value, "text", MAX_TEXT_CHARS, allow_empty=True)
+
+
+# Any string a client sends: bounded, valid Unicode (a lone surrogate is a 400, not a 500).
+Text = Annotated[str, AfterValidator(_text)]
 
 
 class _Body(BaseModel):
@@ -15,13 +25,13 @@ class _Body(BaseModel):
 # -- Moondream API (the `moondream` client's JSON) --------------------------------------
 class CaptionBody(_Body):
     image_url: str
-    length: str = "normal"
+    length: Text = "normal"
     stream: bool = False
     settings: dict[str, Any] | None = None
 
 
 class QueryBody(_Body):
-    question: str
+    question: Text
     image_url: str | None = None
     reasoning: bool = False  # Moondream's API: absent means no reasoning
     spatial_refs: Any = None
@@ -31,7 +41,7 @@ class QueryBody(_Body):
 
 class LocateBody(_Body):
     image_url: str
-    object: str
+    object: Text
     settings: dict[str, Any] | None = None
     spatial_refs: Any = None  # sent by the client for point; Moondream 3 cannot use it
 
@@ -44,7 +54,7 @@ class ImageURL(BaseModel):
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ImagePart(BaseModel):
@@ -54,7 +64,7 @@ class ImagePart(BaseModel):
 
 class Message(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[Union[TextPart, ImagePart]], None] = None
+    content: Union[Text, list[Union[TextPart, ImagePart]], None] = None
 
 
 class StreamOptions(BaseModel):
@@ -62,7 +72,7 @@ class StreamOptions(BaseModel):
 
 
 class ChatBody(_Body):
-    model: str | None = None
+    model: Text | None = None
     messages: list[Message]
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -71,7 +81,18 @@ class ChatBody(_Body):
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
-    stop: Union[str, list[str], None] = None
+    stop: Union[Text, list[Text], None] = None
     seed: int | None = None
     n: int = 1
     reasoning: bool | None = None  # the moondream client's chat() sends this
+    # Accepted only to be refused with a clear 400 when used (never ignored):
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+    logit_bias: dict[str, Any] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None

@@ -31,11 +31,15 @@ class ServerState:
         self.config = config
         self.metrics = Metrics(md.loop)
         self.started = time.time()
+        self._accepting = 0  # accepted, not yet in the engine's queue (event-loop thread only)
+        md.max_image_pixels = config.max_image_pixels
 
     async def submit(self, skill: str, submit: Callable[[], RequestHandle]) -> RequestHandle:
         """Check the queue bound, then validate and submit off the event loop
-        (decoding and cropping images is CPU work)."""
-        waiting = self.md.loop.queue_length()
+        (decoding and cropping images is CPU work). A request counts against
+        the bound from here on: while its image decodes (`_accepting`), then in
+        the engine's queue."""
+        waiting = self._accepting + self.md.loop.queue_length()
         if waiting >= self.config.max_queue:
             self.metrics.rejected(skill, "overloaded")
             raise APIError(
@@ -44,11 +48,14 @@ class ServerState:
                 "overloaded",
                 headers={"Retry-After": str(self.config.retry_after_s)},
             )
+        self._accepting += 1
         try:
             return await run_in_threadpool(submit)
         except ValueError:
             self.metrics.rejected(skill, "invalid")
             raise
+        finally:
+            self._accepting -= 1  # submitted requests are in the engine's queue by now
 
     async def wait(self, handle: RequestHandle, skill: str, http: HTTPRequest) -> dict[str, Any]:
         """The request's result; a client that goes away cancels it."""
@@ -58,7 +65,7 @@ class ServerState:
                 pass
         except RequestError as exc:
             self._done(handle, skill, "error")
-            raise APIError(500, str(exc), "server_error") from exc
+            raise APIError(500, internal_error_message(handle), "server_error") from exc
         finally:
             watcher.cancel()
         status = "cancelled" if handle.request.cancelled else "ok"
@@ -78,9 +85,9 @@ class ServerState:
             status = "cancelled" if handle.request.cancelled else "ok"
             for line in encode("done", handle.request.skill.result()):
                 yield line
-        except RequestError as exc:
+        except RequestError:
             status = "error"
-            yield sse({"error": {"message": str(exc), "type": "server_error"}})
+            yield sse({"error": {"message": internal_error_message(handle), "type": "server_error"}})
         finally:
             if not handle.done:
                 handle.cancel()
@@ -109,6 +116,11 @@ class ServerState:
                 }
             )
         )
+
+
+def internal_error_message(handle: RequestHandle) -> str:
+    """What a client learns of a failure inside the engine: no internals (the log has them)."""
+    return f"internal error while running request {handle.request.id}; the server log has the details"
 
 
 def sse(obj: Any) -> str:

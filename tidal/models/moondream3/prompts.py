@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from numbers import Real
 from typing import Any
 
 from tokenizers import Tokenizer
 
 from tidal.engine.inputs import CoordInput, InputItem, SizeInput, items_len
 from tidal.errors import InvalidRequestError, PromptTooLongError
+from tidal.validation import as_float, check_text, short_repr
 
 from .config import MoondreamConfig
 
@@ -37,8 +36,8 @@ class PromptBuilder:
         return self.tokenizer.encode(text).ids  # defaults, as the reference encodes
 
     def query(self, image: InputItem | None, question: str, reasoning: bool, spatial_refs: Any = None) -> tuple[list[InputItem], int]:
-        question = _require_text(question, "question")
-        refs = validate_spatial_refs(spatial_refs)
+        question = check_text(question, "question")
+        refs = validate_spatial_refs(spatial_refs, self.max_context)
         if refs and image is None:
             raise InvalidRequestError("spatial_refs need an image to refer to")
         items, bidir = self._prefix(image)
@@ -61,13 +60,13 @@ class PromptBuilder:
     def caption(self, image: InputItem, length: str) -> tuple[list[InputItem], int]:
         lengths = self.templates["caption"]
         if not isinstance(length, str) or length not in lengths:
-            raise InvalidRequestError(f"unknown caption length {length!r}; use one of {', '.join(lengths)}")
+            raise InvalidRequestError(f"unknown caption length {short_repr(length)}; use one of {', '.join(lengths)}")
         items, bidir = self._prefix(image)
         return self._checked(items + list(lengths[length])), bidir
 
     def locate(self, image: InputItem, obj: str, skill: str) -> tuple[list[InputItem], int]:
         """detect or point: the object is encoded with a leading space."""
-        obj = _require_text(obj, "object")
+        obj = check_text(obj, "object")
         items, bidir = self._prefix(image)
         t = self.templates[skill]
         return self._checked(items + t["prefix"] + self._encode(" " + obj) + t["suffix"]), bidir
@@ -82,30 +81,20 @@ class PromptBuilder:
         return items
 
 
-def _require_text(value: Any, what: str) -> str:
-    if not isinstance(value, str):
-        raise InvalidRequestError(f"{what} must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise InvalidRequestError(f"{what} must not be empty")
-    return value
-
-
-def validate_spatial_refs(refs: Any) -> list[tuple[float, ...]]:
+def validate_spatial_refs(refs: Any, max_refs: int = 2048) -> list[tuple[float, ...]]:
     """Each ref is a point [x, y] or a box [x_min, y_min, x_max, y_max], all in [0, 1]."""
     if refs is None:
         return []
     if isinstance(refs, (str, bytes)) or not isinstance(refs, Sequence):
         raise InvalidRequestError("spatial_refs must be a list of points [x, y] or boxes [x_min, y_min, x_max, y_max]")
+    if len(refs) > max_refs:
+        raise InvalidRequestError(f"spatial_refs holds {len(refs)} refs; at most {max_refs} fit in the context")
     out = []
     for i, ref in enumerate(refs):
         if isinstance(ref, (str, bytes)) or not isinstance(ref, Sequence) or len(ref) not in (2, 4):
-            raise InvalidRequestError(f"spatial_refs[{i}] must be 2 numbers (a point) or 4 (a box), got {ref!r}")
-        vals = []
-        for v in ref:
-            if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(float(v)) or not 0.0 <= float(v) <= 1.0:
-                raise InvalidRequestError(f"spatial_refs[{i}] values must be numbers in [0, 1], got {ref!r}")
-            vals.append(float(v))
+            raise InvalidRequestError(f"spatial_refs[{i}] must be 2 numbers (a point) or 4 (a box), got {short_repr(ref)}")
+        vals = [as_float(v, f"spatial_refs[{i}] values", 0.0, 1.0) for v in ref]
         if len(vals) == 4 and (vals[0] > vals[2] or vals[1] > vals[3]):
-            raise InvalidRequestError(f"spatial_refs[{i}] is a box with min > max: {ref!r}; use [x_min, y_min, x_max, y_max]")
+            raise InvalidRequestError(f"spatial_refs[{i}] is a box with min > max: {short_repr(ref)}; use [x_min, y_min, x_max, y_max]")
         out.append(tuple(vals))
     return out
