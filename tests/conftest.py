@@ -46,6 +46,22 @@ def golden_md():
 
 
 @pytest.fixture(scope="session")
+def tiny_md(tmp_path_factory):
+    """The embedded tiny model (random weights), float32 on the CPU. Its greedy
+    text runs on without an end token, so a request stays busy as long as a
+    test needs: the model for cancellation tests."""
+    import tidal
+    from tidal.models.moondream3.tiny import ensure_tiny_checkpoint
+
+    md = tidal.Moondream.from_pretrained(ensure_tiny_checkpoint(tmp_path_factory.mktemp("cache")), device="cpu")
+    yield md
+    md.close()
+
+
+LONG_TEXT = {"temperature": 0, "max_tokens": 3000}  # with tiny_md: runs to max_tokens unless cancelled
+
+
+@pytest.fixture(scope="session")
 def golden_encoded(golden_md):
     """Each golden image encoded once."""
     return {name: golden_md.encode_image(golden_image(name)) for name in ("square378", "wide", "tall", "big", "tiny")}
@@ -93,6 +109,38 @@ def assert_engine_idle(engine) -> None:
     assert engine.req_to_token.available == engine.req_to_token.max_requests
 
 
+class PromptRecorder:
+    """Records what a Moondream instance submits: (skill, items, bidir) per request.
+    The fixture's greedy text is the same for every question and caption length,
+    so tests of routes check the prompts themselves."""
+
+    def __init__(self, md) -> None:
+        self.md, self.calls = md, []
+        submit = md._submit
+
+        def recorded(skill, items, bidir):
+            self.calls.append((skill, list(items), bidir))
+            return submit(skill, items, bidir)
+
+        md._submit = recorded
+
+    def last_text_items(self) -> list:
+        """The last request's items after its image prefix (all of them when text-only)."""
+        _, items, bidir = self.calls[-1]
+        return items[2:] if bidir else items
+
+    def expected(self, skill: str, *args) -> list:
+        """What PromptBuilder gives for the same skill and text, after the image prefix."""
+        import torch
+
+        from tidal.engine.inputs import ImageInput
+
+        image = ImageInput(torch.zeros(729, 1), "x")
+        build = getattr(self.md.prompts, skill)
+        items, _ = build(image, *args)
+        return items[2:]
+
+
 class LiveServer:
     """`tidal serve`'s app on a free local port, in a background thread."""
 
@@ -127,6 +175,16 @@ class LiveServer:
         self.sock.close()
 
 
+def wait_finished(req, timeout: float = 20.0) -> None:
+    """Wait until a request has finished (however it ended)."""
+    import time
+
+    deadline = time.time() + timeout
+    while not req.finished:
+        assert time.time() < deadline, f"{req.id} did not finish"
+        time.sleep(0.01)
+
+
 def wait_engine_idle(md, timeout: float = 20.0) -> None:
     """Wait until the engine has finished (or cancelled) everything, then check
     no page leaked and no request handle is left behind."""
@@ -144,7 +202,7 @@ def wait_engine_idle(md, timeout: float = 20.0) -> None:
 def _engines_end_idle(request):
     """After every test that used a shared engine: nothing left running, no page leaked."""
     yield
-    for name in ("golden_md", "live", "tiny_live"):
+    for name in ("golden_md", "tiny_md", "live", "tiny_live"):
         if name in request.fixturenames:
             obj = request.getfixturevalue(name)
             wait_engine_idle(getattr(obj, "md", obj))

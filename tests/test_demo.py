@@ -43,23 +43,30 @@ def test_tiny_weights_are_deterministic():
     assert torch.all(a["model.text.post_ln.weight"] == 1) and torch.all(a["model.text.lm_head.bias"] == 0)
 
 
-def test_demo_runs_every_skill(tmp_path, monkeypatch):
+def test_demo_runs_every_skill(tmp_path, monkeypatch, tiny_md):
     monkeypatch.setenv("TIDAL_CACHE", str(tmp_path))
     lines: list[str] = []
     results = run_demo(max_tokens=8, out=lines.append)
-    assert set(results) == {
-        "caption short", "caption normal (streamed)", "query", "query + reasoning", "query + spatial ref",
-        "query, text only", "detect 'car'", "point 'tree'", "caption from file path",
-    }
-    assert isinstance(results["caption short"]["caption"], str)
-    assert results["caption short"] == results["caption from file path"]  # greedy, same image
-    assert set(results["query + reasoning"]) == {"reasoning", "answer"}
-    for box in results["detect 'car'"]["objects"]:
-        assert set(box) == {"x_min", "y_min", "x_max", "y_max"} and box["x_min"] <= box["x_max"]
-    for p in results["point 'tree'"]["points"]:
-        assert 0 <= p["x"] <= 1 and 0 <= p["y"] <= 1
     assert (tmp_path / TINY_NAME / "model.safetensors").is_file()
-    assert any(line.startswith("detect 'car'") and " ms " in line for line in lines)
+    # The demo's answers are the Python API's on the same (deterministic) tiny model.
+    img = sample_image_path()
+    text = {"max_tokens": 8, "temperature": 0.0}
+    want = {
+        "caption short": tiny_md.caption(img, "short", settings=text),
+        "caption normal (streamed)": tiny_md.caption(img, "normal", settings=text),
+        "query": tiny_md.query(img, "What is in this image?", settings=text),
+        "query + reasoning": tiny_md.query(img, "How many cars are there?", reasoning=True, settings=text),
+        "query + spatial ref": tiny_md.query(img, "What is this?", spatial_refs=[[0.6, 0.65, 0.84, 0.87]], settings=text),
+        "query, text only": tiny_md.query(None, "Write one sentence about the sea.", settings=text),
+        "detect 'car'": tiny_md.detect(img, "car", settings={"max_objects": 10}),
+        "point 'tree'": tiny_md.point(img, "tree", settings={"max_objects": 10}),
+        "caption from file path": tiny_md.caption(img, "short", settings=text),
+    }
+    assert json.loads(json.dumps(results)) == json.loads(json.dumps(want))
+    assert results["caption short"]["caption"] and results["detect 'car'"]["objects"]
+    for name in want:
+        line = next(line for line in lines if line.startswith(name))
+        assert " ms " in line and json.dumps(results[name])[:40] in line
 
 
 def test_cli_demo(tmp_path):

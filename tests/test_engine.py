@@ -164,13 +164,18 @@ def test_chunked_prefill_never_stalls_decodes(fresh):
     assert running.skill.finish_reason in ("stop", "length") and late.skill.finish_reason in ("stop", "length")
 
 
-def test_cancel_frees_the_request(fresh):
-    md = fresh()
-    handle = md.submit_caption(golden_image("big"), "long", {"temperature": 0, "max_tokens": 300})
-    handle.cancel()
-    list(handle.events())
-    assert handle.request.skill.finish_reason in ("cancelled", "stop", "length")
-    assert_engine_idle(md.engine)
+def test_cancel_frees_the_request(tiny_md):
+    md = Moondream(tiny_md.model, tiny_md.tokenizer, EngineConfig())
+    try:
+        handle = md.submit_caption(golden_image("big"), "long", {"temperature": 0, "max_tokens": 3000})
+        next(handle.events())  # generating
+        handle.cancel()
+        list(handle.events())
+        assert handle.request.skill.finish_reason == "cancelled"
+        assert handle.request.skill.completion_tokens < 300  # long before max_tokens
+        assert_engine_idle(md.engine)
+    finally:
+        md.close()
 
 
 def test_a_prompt_larger_than_the_cache_is_rejected(fresh):

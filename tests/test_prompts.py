@@ -126,3 +126,16 @@ def test_reasoning_bans_eos_and_size_from_its_second_token(tok):
     assert skill.next_output().banned == ()
     skill.on_output(_out(20))
     assert set(skill.next_output().banned) == {0, 6}
+
+
+def test_the_python_api_passes_every_argument_to_the_prompt(golden_md, golden_encoded):
+    img = golden_encoded["wide"]
+    refs = [[0.25, 0.5]]
+    _, items, _ = golden_md._prepare_query(img, "what is this", True, refs, None)
+    assert items[2:] == golden_md.prompts.query(ImageInput(img.embeds, img.key), "what is this", True, refs)[0][2:]
+    assert CoordInput(0.25) in items and items[-1] == THINKING
+    for length, word in (("short", 12492), ("long", 4059)):
+        _, items, _ = golden_md._prepare_caption(img, length, None)
+        assert word in items
+    _, items, _ = golden_md._prepare_locate(img, "red car", None, True)
+    assert items[-len(golden_md.tokenizer.encode(" red car").ids) - 1 : -1] == golden_md.tokenizer.encode(" red car").ids

@@ -127,12 +127,9 @@ def test_overload_gets_503_with_retry_after(golden_md):
 
 
 @pytest.fixture(scope="module")
-def tiny_live(tmp_path_factory):
-    """The embedded tiny model: its greedy text runs on without an end token,
-    so a request stays busy for as long as a test needs."""
-    from tidal.models.moondream3.tiny import ensure_tiny_checkpoint
-
-    md = Moondream.from_pretrained(ensure_tiny_checkpoint(tmp_path_factory.mktemp("cache")), device="cpu")
+def tiny_live(tiny_md):
+    """A server on the embedded tiny model, whose text runs on until cancelled."""
+    md = Moondream(tiny_md.model, tiny_md.tokenizer, EngineConfig())
     srv = LiveServer(md)
     yield srv
     srv.stop()

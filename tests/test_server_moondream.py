@@ -10,6 +10,7 @@ import moondream
 import pytest
 from conftest import (
     LiveServer,
+    PromptRecorder,
     assert_matches_golden,
     case_id,
     golden_cases,
@@ -101,3 +102,26 @@ def test_no_reasoning_field_means_no_reasoning(live):
     want = next(c for c in golden_cases("query") if c["image"] == "wide" and c["reasoning"])["result"]
     assert {k: with_reasoning[k] for k in ("reasoning", "answer")} == json.loads(json.dumps(want))
     wait_engine_idle(live.md)
+
+
+@pytest.mark.parametrize("path, body, skill, args", [
+    ("/v1/query", {"question": "how many people are there"}, "query", ("how many people are there", False)),
+    ("/v1/query", {"question": "how many people are there", "reasoning": True}, "query", ("how many people are there", True)),
+    ("/v1/query", {"question": "what is this", "spatial_refs": [[0.25, 0.5], [0.1, 0.2, 0.6, 0.9]]}, "query", ("what is this", False, [[0.25, 0.5], [0.1, 0.2, 0.6, 0.9]])),
+    ("/v1/caption", {"length": "long"}, "caption", ("long",)),
+    ("/v1/caption", {"length": "short"}, "caption", ("short",)),
+    ("/v1/detect", {"object": "red car"}, "locate", ("red car", "detect")),
+    ("/v1/point", {"object": "red car"}, "locate", ("red car", "point")),
+])
+def test_each_endpoint_builds_the_skills_prompt(live, path, body, skill, args):
+    """Greedy text on the fixture is the same whatever the question or length: check the prompt."""
+    import httpx
+
+    rec = PromptRecorder(live.md)
+    try:
+        settings = {"max_objects": 1} if skill == "locate" else {"temperature": 0, "max_tokens": 2}
+        r = httpx.post(f"{live.url}{path}", json={"image_url": png_image("wide").image_url, "settings": settings, **body}, timeout=60)
+        assert r.status_code == 200
+        assert rec.last_text_items() == rec.expected(skill, *args)
+    finally:
+        del live.md._submit

@@ -7,7 +7,7 @@ import json
 
 import openai
 import pytest
-from conftest import LiveServer, golden_cases, golden_image, wait_engine_idle
+from conftest import LiveServer, PromptRecorder, golden_cases, golden_image, wait_engine_idle
 
 from tidal import EngineConfig, Moondream
 from tidal.server.config import ServerConfig
@@ -124,3 +124,24 @@ def test_local_files_when_the_server_allows_them(golden_md):
     finally:
         srv.stop()
         md.close()
+
+
+@pytest.mark.parametrize("text, skill, args", [
+    ("what color is the car", "query", ("what color is the car", False)),
+    ("query: how many people are there", "query", ("how many people are there", False)),
+    ("reason: how many people are there", "query", ("how many people are there", True)),
+    ("caption: long", "caption", ("long",)),
+    ("caption: short", "caption", ("short",)),
+    (None, "caption", ("normal",)),
+    ("detect: red dog", "locate", ("red dog", "detect")),
+    ("point dog", "locate", ("dog", "point")),
+])
+def test_each_route_builds_the_skills_prompt(client, live, text, skill, args):
+    """Greedy text on the fixture is the same whatever the question or length: check the prompt."""
+    rec = PromptRecorder(live.md)
+    try:
+        _ask(client, text, temperature=0, max_tokens=2)
+        assert rec.last_text_items() == rec.expected(skill, *args)
+        assert rec.calls[-1][0].name == ("query" if skill == "query" else args[-1] if skill == "locate" else "caption")
+    finally:
+        del live.md._submit  # back to the class's method

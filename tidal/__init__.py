@@ -2,6 +2,7 @@
 
 from tidal.api import EncodedImage, Moondream
 from tidal.engine.engine import EngineConfig
+from tidal.engine.loop import RequestCancelled, RequestError
 from tidal.errors import (
     CheckpointError,
     ImageError,
@@ -20,6 +21,8 @@ __all__ = [
     "InvalidRequestError",
     "Moondream",
     "PromptTooLongError",
+    "RequestCancelled",
+    "RequestError",
     "TidalError",
     "__version__",
 ]

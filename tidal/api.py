@@ -184,7 +184,7 @@ class Moondream:
                 if kind == "reasoning":
                     out["reasoning"] = payload
                     break
-        out["answer"] = _text_chunks(events, handle)
+        out["answer"] = TextStream(events, handle)
         return out
 
     def caption(
@@ -197,7 +197,7 @@ class Moondream:
         """Describe an image. length: "short", "normal" or "long". -> {"caption": str}."""
         handle = self.submit_caption(image, length, settings)
         if stream:
-            return {"caption": _text_chunks(handle.events(), handle)}
+            return {"caption": TextStream(handle.events(), handle)}
         return handle.wait()
 
     def detect(self, image: ImageLike | EncodedImage, object: str, settings: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -274,12 +274,29 @@ class Moondream:
         return self.loop.submit(Request(skill=skill, pending=items, bidir_len=bidir))
 
 
-def _text_chunks(events: Iterator[tuple[str, Any]], handle: RequestHandle) -> Iterator[str]:
-    """Answer text chunks; closing the iterator early cancels the request."""
-    try:
-        for kind, payload in events:
-            if kind == "text":
-                yield payload
-    finally:
-        if not handle.done:
-            handle.cancel()
+class TextStream:
+    """An iterator over answer text chunks. Closing it early, or dropping it
+    (even unread), cancels the request."""
+
+    def __init__(self, events: Iterator[tuple[str, Any]], handle: RequestHandle) -> None:
+        self._events, self._handle = events, handle
+
+    def __iter__(self) -> "TextStream":
+        return self
+
+    def __next__(self) -> str:
+        try:
+            for kind, payload in self._events:
+                if kind == "text":
+                    return payload
+        except BaseException:
+            self.close()
+            raise
+        raise StopIteration
+
+    def close(self) -> None:
+        if not self._handle.done:
+            self._handle.cancel()
+
+    def __del__(self) -> None:
+        self.close()

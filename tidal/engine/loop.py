@@ -23,6 +23,10 @@ class RequestError(RuntimeError):
     """The engine failed while running a request."""
 
 
+class RequestCancelled(RequestError):
+    """The request was cancelled before it finished."""
+
+
 class RequestHandle:
     """The caller's side of one request: a stream of (kind, payload) events.
 
@@ -42,8 +46,14 @@ class RequestHandle:
     def _push(self, kind: str, payload: Any) -> None:
         with self._lock:
             self._queue.put((kind, payload))
+            alive = []
             for aloop, aq in self._listeners:
-                aloop.call_soon_threadsafe(aq.put_nowait, (kind, payload))
+                try:
+                    aloop.call_soon_threadsafe(aq.put_nowait, (kind, payload))
+                    alive.append((aloop, aq))
+                except RuntimeError:  # its event loop is closed: nobody is listening there
+                    pass
+            self._listeners = alive
 
     def events(self) -> Iterator[tuple[str, Any]]:
         """Blocking iterator over events, ending after "done"."""
@@ -76,9 +86,12 @@ class RequestHandle:
             raise RequestError(f"request {self.request.id} failed: {type(err).__name__}: {err}") from err
 
     def wait(self) -> dict:
-        """Block until the request finishes; return its skill's result."""
+        """Block until the request finishes; return its skill's result.
+        Raises RequestCancelled if it was cancelled, RequestError if it failed."""
         for _ in self.events():
             pass
+        if self.request.cancelled:
+            raise RequestCancelled(f"request {self.request.id} was cancelled")
         return self.request.skill.result()
 
     def cancel(self) -> None:
@@ -93,6 +106,7 @@ class EngineLoop:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self.crashed: BaseException | None = None
+        self._crash_lock = threading.Lock()
         self.snapshot: dict[str, int] = engine.snapshot()  # refreshed by the engine thread
 
     def queue_length(self) -> int:
@@ -104,11 +118,12 @@ class EngineLoop:
         return self._inbox.qsize() + len(self._handles)
 
     def submit(self, req: Request) -> RequestHandle:
-        if self.crashed is not None:
-            raise RequestError(f"the engine loop stopped: {self.crashed!r}")
         handle = RequestHandle(req, self)
         self._ensure_thread()
-        self._inbox.put(("add", handle))
+        with self._crash_lock:  # a crash drains the inbox under this lock: nothing slips in after
+            if self.crashed is not None:
+                raise RequestError(f"the engine loop stopped after an internal error ({type(self.crashed).__name__}); restart the model")
+            self._inbox.put(("add", handle))
         return handle
 
     def cancel(self, handle: RequestHandle) -> None:
@@ -160,9 +175,19 @@ class EngineLoop:
                             done.set_exception(exc)
                 self._deliver(self.engine.step())
                 self.snapshot = self.engine.snapshot()
-        except BaseException as exc:  # a bug in the loop: fail everyone, loudly
+        except BaseException as exc:  # a bug in the engine: fail everyone, promptly and loudly
             logger.exception("engine loop crashed")
-            self.crashed = exc
+            with self._crash_lock:
+                self.crashed = exc
+                while True:  # requests submitted but not yet seen
+                    try:
+                        cmd, arg = self._inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    if cmd == "add":
+                        self._handles[arg.request.id] = arg
+                    elif cmd == "call":
+                        arg[1].set_exception(RequestError("the engine loop stopped"))
             self._fail_all(exc)
 
     def _deliver(self, reqs: list[Request]) -> None:
@@ -170,15 +195,29 @@ class EngineLoop:
             handle = self._handles.get(req.id)
             if handle is None:
                 continue
-            for kind, payload in req.skill.drain_events():
-                handle._push(kind, payload)
+            try:
+                for kind, payload in req.skill.drain_events():
+                    handle._push(kind, payload)
+            except Exception:  # a listener's failure is its own, never the engine's
+                logger.exception("delivering events of %s failed", req.id)
             if req.finished:
                 handle._push(_DONE, None)
                 del self._handles[req.id]
 
     def _fail_all(self, exc: BaseException) -> None:
+        """Finish every known request with `exc`; each step is guarded, since the
+        engine may be what broke."""
         for handle in list(self._handles.values()):
-            if not handle.request.finished:
-                handle.request.error = exc
-                self.engine.abort(handle.request)
-            self._deliver([handle.request])
+            req = handle.request
+            if not req.finished and req.error is None:
+                req.error = exc
+            try:
+                if not req.finished:
+                    self.engine.abort(req)
+            except Exception:
+                logger.exception("aborting %s failed", req.id)
+            try:
+                handle._push(_DONE, None)
+            except Exception:
+                logger.exception("failing %s failed", req.id)
+        self._handles.clear()
