@@ -21,7 +21,7 @@ from tidal.engine.engine import EngineConfig
 from tidal.engine.request import Request
 from tidal.models.moondream3.config import MoondreamConfig
 from tidal.models.moondream3.tiny import build_tokenizer
-from tidal.runner.model_runner import OutputSpec
+from tidal.core import OutputSpec
 
 
 class Sampled(FixedLength):

@@ -133,7 +133,7 @@ class PromptRecorder:
         """What PromptBuilder gives for the same skill and text, after the image prefix."""
         import torch
 
-        from tidal.engine.inputs import ImageInput
+        from tidal.core import ImageInput
 
         image = ImageInput(torch.zeros(729, 1), "x")
         build = getattr(self.md.prompts, skill)

@@ -71,7 +71,7 @@ def test_first_output_logits_agree_except_at_router_ties(bf16, fp32):
 
 
 def test_prefill_logits(bf16, golden_encoded):
-    from tidal.engine.inputs import ImageInput
+    from tidal.core import ImageInput
 
     errors = []
     for case in golden_cases("prefill_logits"):

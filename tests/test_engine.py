@@ -12,7 +12,7 @@ from conftest import (
 )
 
 from tidal import EngineConfig, Moondream, PromptTooLongError
-from tidal.engine.inputs import item_len
+from tidal.core import item_len
 from tidal.engine.request import Request
 
 SKILL_CASES = [c for c in golden_cases() if c["kind"] in ("query", "caption", "detect", "point")]

@@ -49,7 +49,7 @@ def test_tiling_and_image_embeddings(golden_md, case):
 @pytest.mark.parametrize("case", golden_cases("prefill_logits"), ids=lambda c: c["tensor"])
 def test_prefill_logits(golden_md, golden_encoded, case):
     from tidal.cache.kv_pool import KVPool, ReqToTokenPool, SlotAllocator
-    from tidal.engine.inputs import ImageInput
+    from tidal.core import ImageInput
     from tidal.runner.model_runner import ModelRunner, OutputSpec, SeqStep
 
     model = golden_md.model

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from tidal.cache.kv_pool import SlotAllocator
 from tidal.cache.radix import RadixCache
-from tidal.engine.inputs import CoordInput, ImageRef, position_keys
+from tidal.core import CoordInput, ImageRef
+from tidal.engine.prefix_keys import position_keys
 
 
 def _cache(n: int = 100) -> tuple[RadixCache, SlotAllocator]:
@@ -51,20 +52,20 @@ def test_evicting_a_leaf_exposes_its_parent():
 
 
 def test_position_keys_give_each_bidirectional_prefix_its_own_keys():
-    image = ImageRef(crops=None, key="abc", length=3)
+    image = ImageRef(payload=None, key="abc", length=3)
     keys = position_keys([0, image, 15, CoordInput(0.5)], bidir_len=4)
     prefix = (0, ("image", "abc", 3))
     assert keys == [("bidir", prefix, 0), ("bidir", prefix, 1), ("bidir", prefix, 2), ("bidir", prefix, 3), 15, ("coord", 0.5)]
     assert position_keys([0, 15], bidir_len=0) == [0, 15]  # text-only BOS differs from BOS before an image
-    other = position_keys([0, ImageRef(crops=None, key="xyz", length=3), 15], bidir_len=4)
+    other = position_keys([0, ImageRef(payload=None, key="xyz", length=3), 15], bidir_len=4)
     assert other[0] != keys[0]  # not even BOS is shared between images
     assert other[4] == keys[4]  # text after the prefix keys by token id
 
 
 def test_a_prefix_of_another_image_is_never_matched():
     cache, alloc = _cache(2000)
-    a = position_keys([0, ImageRef(crops=None, key="a", length=729), 1, 2], bidir_len=730)
-    b = position_keys([0, ImageRef(crops=None, key="b", length=729), 1, 2], bidir_len=730)
+    a = position_keys([0, ImageRef(payload=None, key="a", length=729), 1, 2], bidir_len=730)
+    b = position_keys([0, ImageRef(payload=None, key="b", length=729), 1, 2], bidir_len=730)
     cache.insert(a, alloc.alloc(len(a)))
     assert cache.match(b)[0] == []
     assert len(cache.match(a[:731])[0]) == 731

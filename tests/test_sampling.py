@@ -6,12 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from tidal.engine.sampling import (
-    SamplingParams,
-    filter_top_p_top_k,
-    hashed_uniform,
-    sample,
-)
+from tidal.engine.sampling import SamplingParams
+from tidal.runner.sampler import filter_top_p_top_k, hashed_uniform, sample
 from tidal.errors import InvalidRequestError
 
 

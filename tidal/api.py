@@ -12,7 +12,7 @@ import torch
 from tokenizers import Tokenizer
 
 from tidal.engine.engine import Engine, EngineConfig
-from tidal.engine.inputs import ImageInput, ImageRef, InputItem, items_len
+from tidal.core import ImageInput, ImageRef, InputItem, items_len
 from tidal.engine.loop import EngineLoop, RequestHandle
 from tidal.engine.request import Request
 from tidal.engine.sampling import SamplingParams
@@ -149,7 +149,7 @@ class Moondream:
             return image
         ref = self._image_item(image)
         assert isinstance(ref, ImageRef)
-        return EncodedImage(self.engine.runner.encode_image(ref.crops), ref.key, self)
+        return EncodedImage(self.engine.runner.encode_image(ref.payload), ref.key, self)
 
     def _image_item(self, image: ImageLike | EncodedImage) -> InputItem:
         if isinstance(image, EncodedImage):

@@ -11,11 +11,11 @@ import torch
 
 from tidal.cache.kv_pool import KVPool, ReqToTokenPool, SlotAllocator
 from tidal.cache.radix import RadixCache
-from tidal.engine.inputs import ImageInput, ImageRef, items_len
+from tidal.core import ImageInput, ImageRef, Model, items_len
 from tidal.engine.request import Request
 from tidal.engine.scheduler import CacheFullError, Chunk, Scheduler
-from tidal.models.moondream3.model import Moondream3Model
-from tidal.runner.model_runner import ModelRunner, SeqStep
+from tidal.core import SeqStep
+from tidal.runner.model_runner import ModelRunner
 from tidal.validation import as_float, as_int
 
 logger = logging.getLogger(__name__)
@@ -59,29 +59,29 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, model: Moondream3Model, config: EngineConfig | None = None) -> None:
+    def __init__(self, model: Model, config: EngineConfig | None = None) -> None:
         self.model = model
         self.config = config or EngineConfig()
-        tc = model.config.text
-        self.max_context = tc.max_context
+        self.max_context = model.max_context
         pages = self.config.kv_pages or self._auto_pages()
-        self.kv_pool = KVPool(tc.n_layers, pages, tc.n_kv_heads, tc.head_dim, model.dtype, model.device)
+        kv = model.kv_layout
+        self.kv_pool = KVPool(kv.n_layers, pages, kv.n_kv_heads, kv.head_dim, model.dtype, model.device)
         self.allocator = SlotAllocator(pages)
-        self.req_to_token = ReqToTokenPool(self.config.max_running, tc.max_context, model.device)
+        self.req_to_token = ReqToTokenPool(self.config.max_running, model.max_context, model.device)
         self.runner = ModelRunner(model, self.kv_pool, self.req_to_token)
         self.prefix_cache = RadixCache(self.allocator) if self.config.prefix_cache else None
         self.scheduler = Scheduler(self.allocator, self.req_to_token, self.config.token_budget, self.prefix_cache)
         self.stats = EngineStats()
 
     def _auto_pages(self) -> int:
-        tc = self.model.config.text
-        per_token = KVPool.bytes_per_token(tc.n_layers, tc.n_kv_heads, tc.head_dim, self.model.dtype)
+        kv = self.model.kv_layout
+        per_token = KVPool.bytes_per_token(kv.n_layers, kv.n_kv_heads, kv.head_dim, self.model.dtype)
         if self.model.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.model.device)
             pages = int(free * self.config.kv_memory_fraction) // per_token
         else:
             pages = self.config.cpu_kv_pages
-        return max(2, min(pages, self.config.max_running * tc.max_context + 1))
+        return max(2, min(pages, self.config.max_running * self.model.max_context + 1))
 
     # -- requests ------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -208,7 +208,7 @@ class Engine:
                 item = c.req.pending[i]
                 if isinstance(item, ImageRef):
                     if item.key not in done:
-                        done[item.key] = ImageInput(self.runner.encode_image(item.crops), item.key)
+                        done[item.key] = ImageInput(self.runner.encode_image(item.payload), item.key)
                     c.req.pending[i] = done[item.key]
 
     def _seq_step(self, c: Chunk) -> SeqStep:

@@ -8,7 +8,8 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from enum import Enum
 
-from tidal.engine.inputs import InputItem, items_len, position_keys
+from tidal.core import InputItem, items_len
+from tidal.engine.prefix_keys import position_keys
 from tidal.engine.skill import Skill
 
 _ids = itertools.count()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from tidal.cache.kv_pool import ReqToTokenPool, SlotAllocator
 from tidal.cache.radix import RadixCache
-from tidal.engine.inputs import item_len
+from tidal.core import item_len
 from tidal.engine.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)

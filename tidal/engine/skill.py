@@ -10,8 +10,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
-from tidal.engine.inputs import InputItem
-from tidal.runner.model_runner import OutputSpec, StepResult
+from tidal.core import InputItem
+from tidal.core import OutputSpec, StepResult
 
 
 class Skill(ABC):

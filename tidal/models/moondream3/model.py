@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn
 
+from tidal.core import FEED_COORD, FEED_SIZE, ForwardBatch, KVLayout
 from tidal.errors import CheckpointError
-from tidal.runner.forward_batch import ForwardBatch
 
 from .config import MoondreamConfig
 from .processor import Crops, crops_to_tensor
@@ -20,7 +21,10 @@ WEIGHT_PREFIX = "model."
 
 
 class Moondream3Model(nn.Module):
-    """Parameter names match the official checkpoint's keys minus the `model.` prefix."""
+    """Moondream 3 behind the runner's model protocol (tidal.core.Model).
+
+    Parameter names match the official checkpoint's keys minus the `model.` prefix.
+    """
 
     def __init__(self, config: MoondreamConfig, has_region_ln: bool = False) -> None:
         super().__init__()
@@ -28,6 +32,11 @@ class Moondream3Model(nn.Module):
         self.vision = VisionModel(config.vision)
         self.text = TextModel(config.text)
         self.region = RegionHead(config.region, config.text.dim, has_ln=has_region_ln)
+        tc = config.text
+        self.kv_layout = KVLayout(tc.n_layers, tc.n_kv_heads, tc.head_dim)
+        self.max_context = tc.max_context
+        self.vocab_size = tc.vocab_size
+        self._coord_id, self._eos_id = config.tokenizer.coord_id, config.tokenizer.eos_id
 
     @property
     def device(self) -> torch.device:
@@ -37,16 +46,46 @@ class Moondream3Model(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.text.wte.dtype
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
-        """-> raw hidden states [T, dim]; see TextModel.forward."""
-        return self.text(input_ids, positions, forward_batch)
+    # -- the model protocol ------------------------------------------------------
+    def embed(self, batch: ForwardBatch) -> torch.Tensor:
+        """[T, dim]: token embeddings, with image rows and coordinate/size feedback in place."""
+        x = self.text.embed(batch.input_ids)
+        for start, embeds in batch.image_spans:
+            x[start : start + embeds.shape[0]] = embeds.to(device=x.device, dtype=x.dtype)
+        if batch.feedback_kind is not None:
+            assert batch.feedback_values is not None
+            kind = batch.feedback_kind[:, None]
+            coord = self.region.encode_coordinate(batch.feedback_values[:, :1]).to(x.dtype)
+            size = self.region.encode_size(batch.feedback_values).to(x.dtype)
+            x = torch.where(kind == FEED_COORD, coord, torch.where(kind == FEED_SIZE, size, x))
+        return x
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """-> raw hidden states [T, dim] for every position of the batch."""
+        return self.text(self.embed(batch), positions, batch)
+
+    def heads(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """hidden [N, dim] -> (logits [N, vocab] float32, extras int64 [N, 4]:
+        coordinate bin, width bin, height bin, logit(coord) >= logit(eos); and
+        the raw heads)."""
+        logits = self.text.logits(hidden)
+        coord = self.region.decode_coordinate(hidden).float()
+        size = self.region.decode_size(hidden).float()
+        size_bins = size.argmax(dim=-1)
+        coord_over_eos = logits[:, self._coord_id] >= logits[:, self._eos_id]
+        extras = torch.stack([coord.argmax(dim=-1), size_bins[:, 0], size_bins[:, 1], coord_over_eos.long()], dim=1)
+        return logits, extras, {"logits": logits, "coord": coord, "size": size}
+
+    def extras_to_result(self, extras: list[int]) -> dict[str, Any]:
+        coord_bin, width_bin, height_bin, coord_over_eos = extras
+        return {"coord_bin": coord_bin, "size_bins": (width_bin, height_bin), "coord_over_eos": bool(coord_over_eos)}
 
     @torch.inference_mode()
-    def encode_image(self, crops: Crops) -> torch.Tensor:
+    def encode_image(self, payload: Crops) -> torch.Tensor:
         """Crops of one image -> image embeddings [729, text dim] in the model dtype."""
-        pixels = crops_to_tensor(crops, self.device, self.dtype)
+        pixels = crops_to_tensor(payload, self.device, self.dtype)
         features = self.vision.encode_crops(pixels)
-        return self.vision.project(features, crops.tiling)
+        return self.vision.project(features, payload.tiling)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors (keys under `model.`) into the parameters.

@@ -7,7 +7,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from tidal.engine.inputs import CoordInput, InputItem, SizeInput, items_len
+from tidal.core import CoordInput, InputItem, SizeInput, items_len
 from tidal.errors import InvalidRequestError, PromptTooLongError
 from tidal.validation import as_float, check_text, short_repr
 

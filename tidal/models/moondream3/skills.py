@@ -9,10 +9,10 @@ import torch
 from tokenizers import Tokenizer
 
 from tidal.engine.detokenizer import TextStreamer
-from tidal.engine.inputs import CoordInput, InputItem, SizeInput
+from tidal.core import CoordInput, InputItem, SizeInput
 from tidal.engine.sampling import SamplingParams
 from tidal.engine.skill import Skill
-from tidal.runner.model_runner import OutputSpec, StepResult
+from tidal.core import OutputSpec, StepResult
 
 from .config import TokenizerConfig
 from .region import size_from_bins

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tidal.layers.attention import TorchPagedAttention
 from tidal.layers.moe import moe_forward
 from tidal.layers.rotary import PartialRotary
-from tidal.runner.forward_batch import ForwardBatch
+from tidal.core import ForwardBatch
 
 from .config import TextConfig
 from .vision import MLP
@@ -70,7 +70,7 @@ class TextAttention(nn.Module):
             raise ValueError("Moondream 3 tau scaling of v needs n_kv_heads == n_heads")
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch, layer: int, rotary: PartialRotary, backend: TorchPagedAttention) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch, layer: int, rotary: PartialRotary) -> torch.Tensor:
         """x [T, dim] (already normed) -> [T, dim]."""
         t = x.shape[0]
         qkv = self.qkv(x)
@@ -83,7 +83,7 @@ class TextAttention(nn.Module):
         q = (q.float() * tau_q[..., None]).to(q.dtype)
         v = (v.float() * tau_v[..., None]).to(v.dtype)
         q, k = rotary(q, positions), rotary(k, positions)
-        out = backend.forward(q, k, v, layer, batch)
+        out = batch.attn.forward(q, k, v, layer, batch)
         return self.proj(out.reshape(t, q_dim))
 
 
@@ -111,7 +111,6 @@ class TextModel(nn.Module):
         self.post_ln = nn.LayerNorm(cfg.dim)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size)
         self.rotary: PartialRotary | None = None
-        self.backend = TorchPagedAttention()
 
     def setup_runtime(self, device: torch.device | str) -> None:
         """Build the non-weight state (rotary tables) once weights are on `device`."""
@@ -120,14 +119,12 @@ class TextModel(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.wte)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """-> raw hidden states [T, dim] (before post-LN), for every token of the batch."""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """Input embeddings [T, dim] -> raw hidden states [T, dim] (before post-LN)."""
         assert self.rotary is not None, "call setup_runtime() after loading weights"
-        x = batch.input_embeds if batch.input_embeds is not None else self.embed(input_ids)
-        self.backend.init_forward_metadata(batch)
         for i, block in enumerate(self.blocks):
             h = block.ln(x)
-            x = x + block.attn(h, positions, batch, i, self.rotary, self.backend) + block.mlp(h)
+            x = x + block.attn(h, positions, batch, i, self.rotary) + block.mlp(h)
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,9 @@
-"""Paged attention, torch reference backend.
+"""Paged attention, torch reference backend (CPU, tests, the float32 reference).
 
-Reads and writes the paged KV cache through the ForwardBatch. Masking rule:
-a query at position p sees key position j when j <= p, or when both lie in the
-sequence's bidirectional prefix (j < bidir and p < bidir). A sequence's keys
-are its positions 0 .. kv_len-1 in order.
+Masking rule: a query at position p sees key position j when j <= p, or when
+both lie in the sequence's bidirectional prefix (j < bidir and p < bidir). A
+sequence's keys are its positions 0 .. kv_len-1, in the slots its row of the
+request-to-slot table names.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tidal.runner.forward_batch import ForwardBatch
+from tidal.core import ForwardBatch
 
 
 @dataclass
@@ -27,7 +27,8 @@ class _SeqMeta:
 class TorchPagedAttention:
     """Loops over sequences; gathers each one's K/V by slot and runs SDPA."""
 
-    def init_forward_metadata(self, batch: ForwardBatch) -> None:
+    def prepare(self, batch: ForwardBatch) -> None:
+        """Once per step: each sequence's rows, slots and mask."""
         metas: list[_SeqMeta] = []
         start = 0
         device = batch.positions.device
@@ -46,11 +47,16 @@ class TorchPagedAttention:
         batch.attn_metadata = metas
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: ForwardBatch) -> torch.Tensor:
-        """q [T, H, D], k/v [T, Hkv, D] of this step's tokens -> [T, H, D]."""
+        """q [T, H, D], k/v [T, Hkv, D] of this step's positions -> [T, H, D].
+        Writes k/v into the cache at batch.out_cache_loc, then attends."""
+        batch.kv_pool.write(layer, batch.out_cache_loc, k, v)
+        return self.attend(q, layer, batch)
+
+    def attend(self, q: torch.Tensor, layer: int, batch: ForwardBatch) -> torch.Tensor:
+        """q [T, H, D] -> [T, H, D], over K/V already in the cache."""
         pool = batch.kv_pool
-        pool.write(layer, batch.out_cache_loc, k, v)
         out = torch.empty_like(q)
-        groups = q.shape[1] // k.shape[1]
+        groups = q.shape[1] // pool.k.shape[2]
         for m in batch.attn_metadata:
             keys = pool.k[layer][m.kv_index].to(q.dtype)
             vals = pool.v[layer][m.kv_index].to(q.dtype)

@@ -1,0 +1,229 @@
+"""The few types every layer shares: what a sequence feeds (input items), what
+it wants back (OutputSpec, StepResult), one step's batch (ForwardBatch), and
+the protocol a model implements for the runner. Nothing here imports another
+tidal module, so engine, cache, runner, layers and models all build on it
+without cycles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Protocol, Union
+
+import torch
+
+if TYPE_CHECKING:
+    from tidal.cache.kv_pool import KVPool
+
+
+# -- input items ------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class ImageInput:
+    """An image's embeddings, one position per row: embeds [n, dim].
+
+    `key` is a content hash of the image, used by the prefix cache.
+    """
+
+    embeds: torch.Tensor = field(repr=False)
+    key: str
+
+    def __len__(self) -> int:
+        return int(self.embeds.shape[0])
+
+
+@dataclass(frozen=True, eq=False)
+class ImageRef:
+    """An image not yet encoded: the model's preprocessed `payload` (for
+    Moondream 3, its crops) and content key. The engine has the model encode
+    it into an ImageInput of `length` positions before the prefill that needs
+    it, or skips that when the prefix cache has it."""
+
+    payload: object = field(repr=False)
+    key: str
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
+
+
+@dataclass(frozen=True)
+class CoordInput:
+    """A coordinate in [0, 1], fed through the model's coordinate encoder."""
+
+    value: float
+
+
+@dataclass(frozen=True)
+class SizeInput:
+    """A (width, height) pair, fed through the model's size encoder."""
+
+    width: float
+    height: float
+
+
+InputItem = Union[int, ImageInput, ImageRef, CoordInput, SizeInput]
+
+# ForwardBatch.feedback_kind values: how a position's embedding is made.
+FEED_TOKEN, FEED_COORD, FEED_SIZE = 0, 1, 2
+
+
+def item_len(item: InputItem) -> int:
+    """Positions an item occupies."""
+    return len(item) if isinstance(item, (ImageInput, ImageRef)) else 1
+
+
+def items_len(items: list[InputItem]) -> int:
+    return sum(item_len(i) for i in items)
+
+
+# -- outputs ----------------------------------------------------------------------
+@dataclass
+class OutputSpec:
+    """How to turn a sequence's last hidden state into its next token."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    step: int = 0  # how many tokens this request sampled before; keys the noise
+    banned: tuple[int, ...] = ()
+
+
+@dataclass
+class SeqStep:
+    """One sequence's share of a step: feed `items` from position `start_pos`.
+
+    Slots for those positions must already be in the request-to-slot table.
+    `output` None means no output is needed (a prefill chunk that does not
+    finish the prompt).
+    """
+
+    row: int
+    start_pos: int
+    items: list[InputItem]
+    bidir_len: int
+    output: OutputSpec | None
+
+
+@dataclass
+class OutputTrace:
+    """The raw float32 outputs behind a StepResult (kept only when tracing):
+    the head name ("logits", and for Moondream 3 "coord" and "size") -> tensor."""
+
+    heads: dict[str, torch.Tensor]
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        try:
+            return self.__dict__["heads"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+@dataclass
+class StepResult:
+    """What a skill may need from a sequence's last hidden state this step.
+
+    token: sampled with the OutputSpec. The region fields are Moondream 3's
+    (None for models without a region head): argmax of the coordinate logits,
+    of the (width, height) size logits, and whether logit(coord) >= logit(eos).
+    """
+
+    token: int
+    coord_bin: int | None = None
+    size_bins: tuple[int, int] | None = None
+    coord_over_eos: bool | None = None
+    trace: OutputTrace | None = None
+
+
+# -- one step's batch -------------------------------------------------------------
+class ForwardMode(Enum):
+    PREFILL = "prefill"  # every sequence feeds more than one position
+    DECODE = "decode"  # every sequence feeds exactly one position
+    MIXED = "mixed"
+
+
+@dataclass
+class ForwardBatch:
+    """One engine step: a ragged batch of sequences, flattened to T positions.
+
+    Position-level device tensors (sequences back to back):
+        input_ids: [T] token ids (0 where an embedding replaces the token).
+        positions: [T] absolute positions.
+        out_cache_loc: [T] KV slots that receive each position's K/V.
+        feedback_kind: [T] FEED_TOKEN / FEED_COORD / FEED_SIZE, or None when
+            every position is a token (or an image position).
+        feedback_values: [T, 2] float32: the coordinate in column 0, or
+            (width, height); None with feedback_kind.
+    image_spans: (first row, embeds [n, dim]) of each image fed this step.
+    Sequence-level host lists (length B): q_lens, kv_lens (cached + new after
+        this step), bidir_lens (leading positions that attend bidirectionally
+        among themselves), req_rows (rows of the request-to-slot table).
+    kv_pool, req_to_token: the paged cache.
+    attn: the attention backend; layers call attn.forward(q, k, v, layer, batch).
+    attn_metadata: what the backend prepared for this step (device tensors).
+    """
+
+    mode: ForwardMode
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    out_cache_loc: torch.Tensor
+    q_lens: list[int]
+    kv_lens: list[int]
+    bidir_lens: list[int]
+    req_rows: list[int]
+    kv_pool: "KVPool"
+    req_to_token: torch.Tensor
+    feedback_kind: torch.Tensor | None = None
+    feedback_values: torch.Tensor | None = None
+    image_spans: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    attn: Any = field(default=None, repr=False)
+    attn_metadata: Any = field(default=None, repr=False)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.q_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+# -- what the runner needs from a model -------------------------------------------
+@dataclass(frozen=True)
+class KVLayout:
+    """The shape of one position's cached K/V: per layer, [n_kv_heads, head_dim]."""
+
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+
+
+class Model(Protocol):
+    """A model behind the runner. Moondream 3 is one implementation.
+
+    forward: hidden states [T, dim] for every position of the batch; the
+        model embeds the batch's items itself (`embed`: tokens, images,
+        feedback) and its attention reads and writes the paged cache through
+        `batch.attn`.
+    heads: for the hidden states [N, dim] of positions that want an output ->
+        (float32 logits [N, vocab], int64 extras [N, k] or None, raw heads for
+        tracing). extras_to_result turns one row of extras into StepResult fields.
+    encode_image: an ImageRef's payload -> embeddings [length, dim].
+    """
+
+    device: torch.device
+    dtype: torch.dtype
+    kv_layout: KVLayout
+    max_context: int
+    vocab_size: int
+
+    def embed(self, batch: ForwardBatch) -> torch.Tensor: ...
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor: ...
+
+    def heads(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]: ...
+
+    def extras_to_result(self, extras: list[int]) -> dict[str, Any]: ...
+
+    def encode_image(self, payload: object) -> torch.Tensor: ...

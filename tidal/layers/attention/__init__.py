@@ -1,0 +1,30 @@
+"""Attention backends over the paged KV cache. The runner owns one, prepares its
+metadata once per step and hands it to the layers through ForwardBatch.attn.
+
+A backend has:
+    prepare(batch): build this step's metadata (device tensors) on batch.attn_metadata.
+    forward(q, k, v, layer, batch): write k/v [T, Hkv, D] at batch.out_cache_loc,
+        then attend; q [T, H, D] -> [T, H, D].
+    attend(q, layer, batch): attend over K/V already written (for fused
+        kernels that write the cache themselves).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tidal.layers.attention.torch_backend import TorchPagedAttention
+
+__all__ = ["TorchPagedAttention", "make_backend"]
+
+
+def make_backend(device: torch.device):
+    """The Triton backend on CUDA (when Triton imports), else the torch reference."""
+    if device.type == "cuda":
+        from tidal.kernels import triton_available
+
+        if triton_available():
+            from tidal.layers.attention.triton_backend import TritonPagedAttention
+
+            return TritonPagedAttention()
+    return TorchPagedAttention()
