@@ -26,8 +26,8 @@ import torch
 from PIL import Image
 
 from tidal.api import Moondream
+from tidal.core import ImageRef, OutputSpec, StepResult
 from tidal.engine.engine import EngineConfig
-from tidal.core import ImageRef
 from tidal.engine.request import Request
 from tidal.engine.skill import Skill
 from tidal.images import image_key
@@ -37,7 +37,6 @@ from tidal.models.moondream3.model import Moondream3Model
 from tidal.models.moondream3.processor import overlap_crops
 from tidal.models.moondream3.skills import LocateSkill
 from tidal.models.moondream3.tiny import build_tokenizer, init_random_
-from tidal.core import OutputSpec, StepResult
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FULL = MoondreamConfig()  # --tiny swaps in the embedded tiny shapes for a CPU dry run

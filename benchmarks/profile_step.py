@@ -17,11 +17,11 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.bench_moondream import FixedLength, build
 from tidal.api import Moondream
+from tidal.core import OutputSpec
 from tidal.engine.engine import EngineConfig
 from tidal.engine.request import Request
 from tidal.models.moondream3.config import MoondreamConfig
 from tidal.models.moondream3.tiny import build_tokenizer
-from tidal.core import OutputSpec
 
 
 class Sampled(FixedLength):

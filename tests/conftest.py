@@ -3,10 +3,36 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run under Triton's interpreter on the CPU (tests/test_kernels.py);
+    # this must be set before triton is first imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _let_triton_interpreter_index_with_numpy_2_4() -> None:
+    """Triton 3.6's interpreter turns a loaded scalar (a 1-element array) into a
+    Python int with int(array), which numpy 2.4 refuses; take the element."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    patch = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope) -> None:
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _let_triton_interpreter_index_with_numpy_2_4()
 
 GOLDEN = Path(__file__).parent / "data" / "moondream3-tiny"
 SHARED_GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "moondream3-tiny"

@@ -54,3 +54,22 @@ def test_the_engine_side_imports_no_model():
     for layer in ("engine", "cache", "runner", "layers", "kernels"):
         for path in (ROOT / layer).rglob("*.py"):
             assert not any(m.startswith("tidal.models") for m in _imports(path)), path
+
+
+def test_tidal_runs_where_triton_is_missing(tmp_path):
+    """A CPU install has no Triton: tidal imports and answers without it."""
+    import subprocess
+    import sys
+
+    from conftest import GOLDEN
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import tidal\n"
+        f"md = tidal.Moondream.from_pretrained({str(GOLDEN)!r}, device='cpu')\n"
+        "print(md.query(None, 'what color is the car', settings={'temperature': 0, 'max_tokens': 16})['answer'])\n"
+        "md.close()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "w44836 w44836"  # the fixture's text-only answer

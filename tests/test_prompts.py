@@ -7,12 +7,11 @@ import copy
 import pytest
 from conftest import golden_cases
 
-from tidal.core import CoordInput, ImageInput, SizeInput
+from tidal.core import CoordInput, ImageInput, SizeInput, StepResult
 from tidal.engine.sampling import SamplingParams
 from tidal.models.moondream3.config import MoondreamConfig
 from tidal.models.moondream3.prompts import PromptBuilder
 from tidal.models.moondream3.skills import QuerySkill
-from tidal.core import StepResult
 
 BOS, ANSWER, THINKING, COORD = 0, 3, 4, 5
 

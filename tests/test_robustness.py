@@ -12,7 +12,14 @@ import time
 
 import numpy as np
 import pytest
-from conftest import LONG_TEXT, assert_matches_golden, golden_cases, golden_image, run_case, wait_finished
+from conftest import (
+    LONG_TEXT,
+    assert_matches_golden,
+    golden_cases,
+    golden_image,
+    run_case,
+    wait_finished,
+)
 
 from tidal import EngineConfig, InvalidRequestError, Moondream
 from tidal.engine.loop import RequestCancelled, RequestError

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tidal.engine.sampling import SamplingParams
-from tidal.runner.sampler import filter_top_p_top_k, hashed_uniform, sample
 from tidal.errors import InvalidRequestError
+from tidal.runner.sampler import filter_top_p_top_k, hashed_uniform, sample
 
 
 def test_top_p_keeps_the_nucleus():

@@ -7,7 +7,13 @@ import json
 
 import openai
 import pytest
-from conftest import LiveServer, PromptRecorder, golden_cases, golden_image, wait_engine_idle
+from conftest import (
+    LiveServer,
+    PromptRecorder,
+    golden_cases,
+    golden_image,
+    wait_engine_idle,
+)
 
 from tidal import EngineConfig, Moondream
 from tidal.server.config import ServerConfig

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from tidal.engine.engine import Engine, EngineConfig
 from tidal.core import ImageInput, ImageRef, InputItem, items_len
+from tidal.engine.engine import Engine, EngineConfig
 from tidal.engine.loop import EngineLoop, RequestHandle
 from tidal.engine.request import Request
 from tidal.engine.sampling import SamplingParams

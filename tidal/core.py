@@ -7,6 +7,7 @@ without cycles.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol, Union
@@ -15,6 +16,18 @@ import torch
 
 if TYPE_CHECKING:
     from tidal.cache.kv_pool import KVPool
+
+
+# -- host to device ---------------------------------------------------------------
+def h2d(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a device tensor, without waiting for the device: a plain
+    torch.tensor(list, device="cuda") synchronizes the stream; staging through
+    pinned memory and copying non-blocking keeps an engine step to its one
+    deliberate device-to-host read."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
 
 
 # -- input items ------------------------------------------------------------------
@@ -210,6 +223,7 @@ class Model(Protocol):
         (float32 logits [N, vocab], int64 extras [N, k] or None, raw heads for
         tracing). extras_to_result turns one row of extras into StepResult fields.
     encode_image: an ImageRef's payload -> embeddings [length, dim].
+    use_kernels: fused Triton kernels on or off.
     """
 
     device: torch.device
@@ -227,3 +241,6 @@ class Model(Protocol):
     def extras_to_result(self, extras: list[int]) -> dict[str, Any]: ...
 
     def encode_image(self, payload: object) -> torch.Tensor: ...
+
+    def use_kernels(self, enabled: bool) -> None:
+        """Turn the model's fused Triton kernels on or off (the engine decides)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from tidal.runner.h2d import h2d
+from tidal.core import h2d
 
 
 class KVPool:
@@ -74,10 +74,15 @@ class SlotAllocator:
 
 
 class ReqToTokenPool:
-    """table[row, pos] = KV slot of position `pos` of the request holding `row`."""
+    """table[row, pos] = KV slot of position `pos` of the request holding `row`.
+
+    One extra row, `scratch_row`, is never handed out: it maps every position
+    to slot 0, for the padding rows of a CUDA-graph batch.
+    """
 
     def __init__(self, max_requests: int, max_context: int, device: torch.device | str) -> None:
-        self.table = torch.zeros((max_requests, max_context), dtype=torch.int64, device=device)
+        self.table = torch.zeros((max_requests + 1, max_context), dtype=torch.int64, device=device)
+        self.scratch_row = max_requests
         self._free_rows = list(range(max_requests - 1, -1, -1))
         self.max_requests = max_requests
 

@@ -11,10 +11,11 @@ import torch
 
 from tidal.cache.kv_pool import KVPool, ReqToTokenPool, SlotAllocator
 from tidal.cache.radix import RadixCache
-from tidal.core import ImageInput, ImageRef, Model, items_len
+from tidal.core import ImageInput, ImageRef, Model, SeqStep, items_len
 from tidal.engine.request import Request
 from tidal.engine.scheduler import CacheFullError, Chunk, Scheduler
-from tidal.core import SeqStep
+from tidal.kernels import triton_available
+from tidal.layers.attention import make_backend
 from tidal.runner.model_runner import ModelRunner
 from tidal.validation import as_float, as_int
 
@@ -30,7 +31,12 @@ class EngineConfig:
     token_budget: positions fed per step (a whole image prefix may exceed it).
     prefix_cache: share the KV of common prompt prefixes (images by content).
     trace_logits: keep every output's raw logits on its request (`Request.trace`),
-    for tests and debugging."""
+    for tests and debugging.
+    kernels: the Triton fast path (fused kernels, paged-attention kernels);
+    None: on where the device is CUDA. It is a setting of the model, so the
+    last engine made on a model decides for all engines sharing it.
+    cuda_graphs: with kernels on CUDA, capture decode steps as CUDA graphs at
+    start-up (one per batch-size bucket up to max_running) and replay them."""
 
     max_running: int = 64
     kv_pages: int | None = None
@@ -39,6 +45,8 @@ class EngineConfig:
     cpu_kv_pages: int = 65536
     prefix_cache: bool = True
     trace_logits: bool = False
+    kernels: bool | None = None
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         self.max_running = as_int(self.max_running, "max_running", 1, 1 << 16)
@@ -68,7 +76,17 @@ class Engine:
         self.kv_pool = KVPool(kv.n_layers, pages, kv.n_kv_heads, kv.head_dim, model.dtype, model.device)
         self.allocator = SlotAllocator(pages)
         self.req_to_token = ReqToTokenPool(self.config.max_running, model.max_context, model.device)
-        self.runner = ModelRunner(model, self.kv_pool, self.req_to_token)
+        kernels = self.config.kernels
+        if kernels is None:
+            kernels = model.device.type == "cuda" and triton_available()
+        model.use_kernels(kernels)
+        self.runner = ModelRunner(model, self.kv_pool, self.req_to_token, backend=make_backend(kernels))
+        self.warmup_s = 0.0
+        if kernels and self.config.cuda_graphs and model.device.type == "cuda":
+            from tidal.runner.graphs import DecodeGraphs  # imports Triton
+
+            self.runner.graphs = DecodeGraphs(self.runner, self.config.max_running)
+            self.warmup_s = self.runner.graphs.capture()
         self.prefix_cache = RadixCache(self.allocator) if self.config.prefix_cache else None
         self.scheduler = Scheduler(self.allocator, self.req_to_token, self.config.token_budget, self.prefix_cache)
         self.stats = EngineStats()

@@ -6,7 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tidal.errors import InvalidRequestError
-from tidal.validation import MAX_STOP_CHARS, MAX_STOP_STRINGS, as_float, as_int, check_text
+from tidal.validation import (
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    as_float,
+    as_int,
+    check_text,
+)
 
 MAX_TEMPERATURE = 100.0
 _SEED_RANGE = (-(2**63), 2**64 - 1)

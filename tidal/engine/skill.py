@@ -10,8 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
-from tidal.core import InputItem
-from tidal.core import OutputSpec, StepResult
+from tidal.core import InputItem, OutputSpec, StepResult
 
 
 class Skill(ABC):

@@ -1,4 +1,5 @@
-"""Mixture-of-experts MLP, torch reference.
+"""Mixture-of-experts MLP: routing, and the torch reference of the experts
+(the CUDA fast path is tidal.kernels.fused_moe).
 
 Routing: top-k over the router logits, softmax over those k (in float32).
 Expert e: h, g = split(x @ fc1[e].T); y = (gelu_exact(h) * (g + 1)) @ fc2[e].T.
@@ -34,16 +35,20 @@ def moe_forward(
     fc1: torch.Tensor,
     fc2: torch.Tensor,
     top_k: int,
+    fused: bool = False,
 ) -> torch.Tensor:
-    """x [T, D]; fc1 [E, 2I, D]; fc2 [E, D, I] -> [T, D]."""
+    """x [T, D]; fc1 [E, 2I, D]; fc2 [E, D, I] -> [T, D]. fused: the Triton
+    kernels (tidal.kernels.fused_moe); else the torch reference."""
     weights, ids = route(x, router_w, router_b, top_k)
+    if fused:
+        from tidal.kernels.fused_moe import fused_experts
+
+        return fused_experts(x, weights, ids, fc1, fc2)
     return experts(x, weights, ids, fc1, fc2)
 
 
 def experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor) -> torch.Tensor:
-    """Weighted sum of each token's routed experts: ids/weights [T, k] -> [T, D]."""
-    if grouped_mm_supported(x, fc1):
-        return _moe_grouped(x, weights, ids, fc1, fc2)
+    """Weighted sum of each token's routed experts, torch reference: ids/weights [T, k] -> [T, D]."""
     if ids.numel() <= _GATHER_LIMIT:
         return _moe_gather(x, weights, ids, fc1, fc2)
     return _moe_loop(x, weights, ids, fc1, fc2)
@@ -68,26 +73,3 @@ def _moe_loop(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, fc1: to
         y = (_expert_act(h) @ fc2[e].T) * weights[tok, slot, None]
         out.index_add_(0, tok, y)
     return out
-
-
-def grouped_mm_supported(x: torch.Tensor, fc1: torch.Tensor) -> bool:
-    """torch._grouped_mm: bf16 on Hopper or newer, dims in multiples of 16."""
-    if not (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")):
-        return False
-    if torch.cuda.get_device_capability(x.device) < (9, 0):
-        return False
-    return all(d % 16 == 0 for d in fc1.shape[1:])
-
-
-def _moe_grouped(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor) -> torch.Tensor:
-    """All experts in two grouped GEMMs over tokens sorted by expert; no host sync."""
-    top_k = ids.shape[1]
-    flat = ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    token = order // top_k
-    counts = torch.zeros(fc1.shape[0], dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
-    offsets = torch.cumsum(counts, 0).to(torch.int32)  # (bincount would sync to size its output)
-    h = torch._grouped_mm(x[token], fc1.transpose(1, 2), offs=offsets)
-    y = torch._grouped_mm(_expert_act(h), fc2.transpose(1, 2), offs=offsets)
-    y = y * weights.reshape(-1)[order, None]
-    return torch.zeros_like(x).index_add_(0, token, y)

@@ -24,10 +24,10 @@ from tidal.core import (
     SeqStep,
     SizeInput,
     StepResult,
+    h2d,
     item_len,
 )
 from tidal.layers.attention import make_backend
-from tidal.runner.h2d import h2d
 from tidal.runner.sampler import sample
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ class ModelRunner:
         self.kv_pool = kv_pool
         self.req_to_token = req_to_token
         self.device = model.device
-        self.backend = backend if backend is not None else make_backend(model.device)
+        self.backend = backend if backend is not None else make_backend(False)
         self.graphs = None  # a DecodeGraphs once captured (CUDA)
 
     @torch.inference_mode()

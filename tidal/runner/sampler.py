@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from tidal.runner.h2d import h2d
+from tidal.core import h2d
 
 _M32 = 0xFFFFFFFF
 
@@ -38,7 +38,7 @@ def filter_top_p_top_k(probs: torch.Tensor, top_p: torch.Tensor, top_k: torch.Te
     A token is cut when the probability mass strictly before it exceeds top_p,
     or its rank is >= top_k (top_k 0 keeps all).
     """
-    sorted_p, order = probs.sort(dim=-1, descending=True)
+    sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
     before = sorted_p.cumsum(dim=-1) - sorted_p
     cut = before > top_p[:, None]
     ranks = torch.arange(probs.shape[-1], device=probs.device)[None, :]
@@ -72,13 +72,17 @@ def sample(
         return h2d([values[i] for i in hot], dtype, dev)
 
     rows = h2d(hot, torch.int64, dev)
-    hot_logits = logits[rows]
+    out[rows] = sample_rows(logits[rows], pick(temperature, torch.float32), pick(top_p, torch.float32), pick(top_k, torch.int64), pick(seeds, torch.int64), pick(steps, torch.int64))
+    return out
+
+
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """Draw one token per row, every row sampled; parameters are device tensors
+    [N] (so CUDA graphs can capture it). Temperatures must be > 0."""
     # Shift by the row max before dividing: a tiny temperature then sends the
     # others to -inf (greedy in the limit) instead of overflowing to inf - inf.
-    temps = pick(temperature, torch.float32).clamp_min(torch.finfo(torch.float32).tiny)  # 1e-300 is 0 in float32
-    hot_logits = (hot_logits - hot_logits.amax(dim=-1, keepdim=True)) / temps[:, None]
-    probs = torch.softmax(hot_logits, dim=-1)
-    probs = filter_top_p_top_k(probs, pick(top_p, torch.float32), pick(top_k, torch.int64))
-    noise = hashed_uniform(pick(seeds, torch.int64), pick(steps, torch.int64), logits.shape[-1])
-    out[rows] = (probs / -torch.log(noise)).argmax(dim=-1)
-    return out
+    temps = temperature.clamp_min(torch.finfo(torch.float32).tiny)  # 1e-300 is 0 in float32
+    scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temps[:, None]
+    probs = filter_top_p_top_k(torch.softmax(scaled, dim=-1), top_p, top_k)
+    noise = hashed_uniform(seeds, steps, logits.shape[-1])
+    return (probs / -torch.log(noise)).argmax(dim=-1)

@@ -11,20 +11,15 @@ A backend has:
 
 from __future__ import annotations
 
-import torch
-
 from tidal.layers.attention.torch_backend import TorchPagedAttention
 
 __all__ = ["TorchPagedAttention", "make_backend"]
 
 
-def make_backend(device: torch.device):
-    """The Triton backend on CUDA (when Triton imports), else the torch reference."""
-    if device.type == "cuda":
-        from tidal.kernels import triton_available
+def make_backend(kernels: bool):
+    """The Triton backend (CUDA, or Triton's interpreter in tests), else the torch reference."""
+    if kernels:
+        from tidal.layers.attention.triton_backend import TritonPagedAttention
 
-        if triton_available():
-            from tidal.layers.attention.triton_backend import TritonPagedAttention
-
-            return TritonPagedAttention()
+        return TritonPagedAttention()
     return TorchPagedAttention()

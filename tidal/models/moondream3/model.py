@@ -80,6 +80,10 @@ class Moondream3Model(nn.Module):
         coord_bin, width_bin, height_bin, coord_over_eos = extras
         return {"coord_bin": coord_bin, "size_bins": (width_bin, height_bin), "coord_over_eos": bool(coord_over_eos)}
 
+    def use_kernels(self, enabled: bool) -> None:
+        """The Triton fast path (fused tau/rotary/KV write, fused MoE) or the torch reference."""
+        self.text.use_kernels(enabled)
+
     @torch.inference_mode()
     def encode_image(self, payload: Crops) -> torch.Tensor:
         """Crops of one image -> image embeddings [729, text dim] in the model dtype."""

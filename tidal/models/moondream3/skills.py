@@ -8,11 +8,10 @@ from __future__ import annotations
 import torch
 from tokenizers import Tokenizer
 
+from tidal.core import CoordInput, InputItem, OutputSpec, SizeInput, StepResult
 from tidal.engine.detokenizer import TextStreamer
-from tidal.core import CoordInput, InputItem, SizeInput
 from tidal.engine.sampling import SamplingParams
 from tidal.engine.skill import Skill
-from tidal.core import OutputSpec, StepResult
 
 from .config import TokenizerConfig
 from .region import size_from_bins

@@ -11,13 +11,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tidal.layers.attention import TorchPagedAttention
+from tidal.core import ForwardBatch
+from tidal.kernels import triton_available
 from tidal.layers.moe import moe_forward
 from tidal.layers.rotary import PartialRotary
-from tidal.core import ForwardBatch
 
 from .config import TextConfig
 from .vision import MLP
+
+if triton_available():
+    from tidal.kernels.tau_rope import tau_rope_kv
 
 
 class ExpertWeights(nn.Module):
@@ -35,9 +38,10 @@ class MoEMLP(nn.Module):
         self.fc1 = ExpertWeights(num_experts, 2 * inner, dim)
         self.fc2 = ExpertWeights(num_experts, dim, inner)
         self.top_k = top_k
+        self.fused = False  # the Triton fused-MoE kernels (CUDA); set by TextModel.use_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return moe_forward(x, self.router.weight, self.router.bias, self.fc1.weight, self.fc2.weight, self.top_k)
+        return moe_forward(x, self.router.weight, self.router.bias, self.fc1.weight, self.fc2.weight, self.top_k, self.fused)
 
 
 def tau_scales(qkv: torch.Tensor, positions: torch.Tensor, wq: torch.Tensor, wv: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,11 +73,18 @@ class TextAttention(nn.Module):
         if cfg.n_kv_heads != cfg.n_heads:
             raise ValueError("Moondream 3 tau scaling of v needs n_kv_heads == n_heads")
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.fused_tau: torch.Tensor | None = None  # [2H, qkv_dim] float32 when the fused kernel is on
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch, layer: int, rotary: PartialRotary) -> torch.Tensor:
         """x [T, dim] (already normed) -> [T, dim]."""
         t = x.shape[0]
         qkv = self.qkv(x)
+        if self.fused_tau is not None:
+            # tau, rotary and the K/V write in one kernel (same arithmetic as below)
+            lin = F.linear(F.gelu(qkv.float()), self.fused_tau)
+            pool = batch.kv_pool
+            q = tau_rope_kv(qkv, lin, self.tau["alpha"], positions, batch.out_cache_loc, rotary.cos, rotary.sin, pool.k[layer], pool.v[layer], self.n_heads, self.head_dim)
+            return self.proj(batch.attn.attend(q, layer, batch).reshape(t, -1))
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
         q = q.view(t, self.n_heads, self.head_dim)
@@ -113,8 +124,17 @@ class TextModel(nn.Module):
         self.rotary: PartialRotary | None = None
 
     def setup_runtime(self, device: torch.device | str) -> None:
-        """Build the non-weight state (rotary tables) once weights are on `device`."""
+        """Build the non-weight state (rotary tables) once weights are on `device`,
+        and turn the Triton kernels on where they run (CUDA)."""
         self.rotary = PartialRotary(self.cfg.rotary_dim, self.cfg.max_context, self.cfg.rope_theta, device)
+
+    def use_kernels(self, enabled: bool) -> None:
+        """Fused Triton kernels (tau + rotary + KV write, MoE) or the torch reference."""
+        for block in self.blocks:
+            attn = block.attn
+            attn.fused_tau = torch.cat([attn.tau["wq"], attn.tau["wv"]]).float() if enabled else None
+            if isinstance(block.mlp, MoEMLP):
+                block.mlp.fused = enabled
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.wte)

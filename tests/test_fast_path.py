@@ -1,0 +1,87 @@
+"""The fast path end to end (fused tau/rotary/KV write, Triton paged attention,
+fused MoE) through the engine, held to the golden fixture and to the torch
+path's logits. On a GPU it runs natively; without one, under Triton's CPU
+interpreter (slow, so a handful of cases)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import GOLDEN, assert_matches_golden, golden_cases, golden_image
+
+pytest.importorskip("triton")
+
+import tidal  # noqa: E402
+from tidal import EngineConfig  # noqa: E402
+
+
+def _one(kind: str, image: str | None, **match) -> dict:
+    return next(c for c in golden_cases(kind) if c["image"] == image and all(c.get(k) == v for k, v in match.items()))
+
+
+CASES = [
+    _one("query", "wide", reasoning=False, spatial_refs=None),
+    _one("query", "tall", reasoning=True),
+    next(c for c in golden_cases("query") if c["image"] == "square378" and c.get("spatial_refs")),
+    _one("query", None),
+    _one("caption", "square378", length="long"),
+    _one("detect", "wide"),
+    _one("point", "tall"),
+]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _submit(md, case):
+    img = None if case["image"] is None else golden_image(case["image"])
+    kind = case["kind"]
+    if kind == "query":
+        job = md._prepare_query(img, case["question"], case["reasoning"], case.get("spatial_refs"), case["settings"])
+    elif kind == "caption":
+        job = md._prepare_caption(img, case["length"], case["settings"])
+    else:
+        job = md._prepare_locate(img, case["object"], case["settings"], kind == "detect")
+    return md._submit(*job)
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """Each case on the torch path and on the fast path, alone; then all of
+    them at once on the fast path (mixed prefill and decode steps)."""
+    out = {}
+    for kernels in (False, True):
+        md = tidal.Moondream.from_pretrained(GOLDEN, device=DEVICE, dtype="float32", engine_config=EngineConfig(trace_logits=True, kernels=kernels, token_budget=60_000))
+        try:
+            out[kernels] = []
+            for case in CASES:
+                h = _submit(md, case)
+                h.wait()
+                out[kernels].append(h.request)
+            if kernels:
+                handles = [_submit(md, c) for c in CASES]
+                for h in handles:
+                    h.wait()
+                out["batched"] = [h.request for h in handles]
+                assert md.engine.stats.max_batch == len(CASES)
+        finally:
+            md.close()
+    return out
+
+
+def _rel(a, b) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+@pytest.mark.parametrize("i", range(len(CASES)), ids=lambda i: f"{CASES[i]['kind']}-{CASES[i]['image']}")
+def test_fast_path_gives_the_reference_results(runs, i):
+    assert_matches_golden(runs[True][i].skill.result(), CASES[i])
+    assert_matches_golden(runs["batched"][i].skill.result(), CASES[i])
+
+
+@pytest.mark.parametrize("i", range(len(CASES)), ids=lambda i: f"{CASES[i]['kind']}-{CASES[i]['image']}")
+def test_fast_path_logits_equal_the_torch_path(runs, i):
+    torch_req, fast_req, batched = runs[False][i], runs[True][i], runs["batched"][i]
+    assert len(torch_req.trace) == len(fast_req.trace) == len(batched.trace) > 0
+    for want, got, got_b in zip(torch_req.trace, fast_req.trace, batched.trace):
+        for name in ("logits", "coord", "size"):
+            assert _rel(getattr(got, name), getattr(want, name)) <= 1e-5, name
+            assert _rel(getattr(got_b, name), getattr(want, name)) <= 1e-5, name

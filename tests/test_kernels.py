@@ -1,0 +1,221 @@
+"""Each Triton kernel against its torch reference, on fresh random inputs of
+several shapes, with outputs poisoned (NaN) before every run.
+
+On a GPU: real shapes, float32 (tight) and bfloat16 (within 1e-2). Without one:
+small shapes under Triton's CPU interpreter (conftest sets TRITON_INTERPRET),
+float32 only, so CI checks the kernels' logic on every commit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+CUDA = torch.cuda.is_available()
+DEV = torch.device("cuda" if CUDA else "cpu")
+DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32]
+
+
+def tol(dtype: torch.dtype) -> float:
+    return 1e-5 if dtype == torch.float32 else 1e-2
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| (NaN, e.g. from an unwritten output, never passes)."""
+    err = float((a.double() - b.double()).norm() / b.double().norm())
+    return err if err == err else float("inf")
+
+
+# -- paged attention ------------------------------------------------------------------------
+def _paged_cache(seqs: list[tuple[int, int, int]], heads_kv: int, dim: int, dtype, gen):
+    """seqs: (q_len, kv_len, bidir) each. Every sequence's positions live in
+    random, scattered slots; returns the cache, the table, and per-sequence slots."""
+    total = sum(kv for _, kv, _ in seqs)
+    n_slots = total + 17
+    perm = torch.randperm(n_slots - 1, generator=gen)[:total] + 1  # slot 0 stays unused
+    k = torch.randn(n_slots, heads_kv, dim, generator=gen).to(dtype)
+    v = torch.randn(n_slots, heads_kv, dim, generator=gen).to(dtype)
+    max_ctx = max(kv for _, kv, _ in seqs) + 5
+    table = torch.zeros(len(seqs) + 2, max_ctx, dtype=torch.int64)
+    rows, used = [], 0
+    for i, (_, kv, _) in enumerate(seqs):
+        row = len(seqs) + 1 - i  # rows in another order than the batch
+        table[row, :kv] = perm[used : used + kv]
+        used += kv
+        rows.append(row)
+    return k, v, table, rows
+
+
+def _reference_attention(q, k, v, table, rows, seqs):
+    """float64, one sequence at a time, with the mask rule spelled out."""
+    out, start = [], 0
+    groups = q.shape[1] // k.shape[1]
+    for (q_len, kv_len, bidir), row in zip(seqs, rows):
+        slots = table[row, :kv_len]
+        keys = k[slots].double().repeat_interleave(groups, dim=1)
+        vals = v[slots].double().repeat_interleave(groups, dim=1)
+        qs = q[start : start + q_len].double()
+        qpos = torch.arange(kv_len - q_len, kv_len)[:, None]
+        kpos = torch.arange(kv_len)[None, :]
+        seen = (kpos <= qpos) | ((kpos < bidir) & (qpos < bidir))
+        scores = torch.einsum("qhd,khd->hqk", qs, keys) / q.shape[-1] ** 0.5
+        scores = scores.masked_fill(~seen[None], float("-inf"))
+        out.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), vals))
+        start += q_len
+    return torch.cat(out)
+
+
+DECODE_CASES = [
+    # (kv lens, heads, kv heads, split): one sequence, several, long contexts, GQA
+    ([9], 2, 2, 128),
+    ([1, 130, 64, 257], 4, 4, 128),
+    ([731, 5, 300], 4, 2, 256),
+] + ([([4096, 740, 1500, 33] * 8, 32, 32, 256), ([750] * 64, 32, 32, 2048), ([3000, 17], 32, 4, 128)] if CUDA else [])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"B{len(c[0])}-H{c[1]}/{c[2]}-split{c[3]}")
+def test_decode_attention(case, dtype):
+    from tidal.kernels.paged_attention import decode_attention
+
+    kv_lens, heads, heads_kv, split = case
+    gen = torch.Generator().manual_seed(len(kv_lens) * 31 + heads)
+    dim = 64
+    seqs = [(1, n, 0) for n in kv_lens]
+    k, v, table, rows = _paged_cache(seqs, heads_kv, dim, dtype, gen)
+    q = torch.randn(len(seqs), heads, dim, generator=gen).to(dtype)
+    want = _reference_attention(q, k, v, table, rows, seqs)
+    out = torch.full_like(q, float("nan"), device=DEV)
+    got = decode_attention(
+        q.to(DEV), k.to(DEV), v.to(DEV), table.to(DEV),
+        torch.tensor(rows, device=DEV), torch.tensor(kv_lens, dtype=torch.int32, device=DEV),
+        split=split, max_context=table.shape[1], out=out,
+    )
+    assert got is out
+    assert rel(got.cpu(), want) <= tol(dtype)
+
+
+EXTEND_CASES = [
+    # (q_len, kv_len, bidir) per sequence: a whole image prefix, a prompt after a
+    # cached prefix, a chunk inside the prefix's step, decodes mixed in, text only
+    [(12, 12, 8)],
+    [(70, 70, 50), (3, 60, 50), (1, 9, 0), (66, 100, 0)],
+    [(5, 20, 20), (64, 64, 0), (1, 1, 0)],
+] + ([[(731, 731, 730), (9, 739, 730), (1, 800, 730), (200, 1200, 730), (130, 130, 0)]] if CUDA else [])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("seqs", EXTEND_CASES, ids=lambda s: "-".join(f"{a}/{b}/{c}" for a, b, c in s))
+@pytest.mark.parametrize("heads, heads_kv", [(4, 4), (4, 2)])
+def test_extend_attention(seqs, heads, heads_kv, dtype):
+    from tidal.kernels.paged_attention import (
+        EXTEND_BLOCK_M,
+        extend_attention,
+        extend_blocks,
+    )
+
+    gen = torch.Generator().manual_seed(sum(a * b for a, b, _ in seqs))
+    dim = 64
+    k, v, table, rows = _paged_cache(seqs, heads_kv, dim, dtype, gen)
+    total_q = sum(s[0] for s in seqs)
+    q = torch.randn(total_q, heads, dim, generator=gen).to(dtype)
+    want = _reference_attention(q, k, v, table, rows, seqs)
+    blocks = extend_blocks([s[0] for s in seqs], [s[1] for s in seqs], [s[2] for s in seqs], rows, EXTEND_BLOCK_M)
+    out = torch.full_like(q, float("nan"), device=DEV)
+    got = extend_attention(q.to(DEV), k.to(DEV), v.to(DEV), table.to(DEV), torch.tensor(blocks, dtype=torch.int32, device=DEV), out=out)
+    assert rel(got.cpu(), want) <= tol(dtype)
+
+
+# -- fused MoE ----------------------------------------------------------------------------------
+def _moe_reference(x, weights, ids, fc1, fc2):
+    """float64, token by token."""
+    x, fc1, fc2 = x.double(), fc1.double(), fc2.double()
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for w, e in zip(weights[t].double(), ids[t]):
+            h, g = (fc1[e] @ x[t]).chunk(2)
+            out[t] += w * (fc2[e] @ (torch.nn.functional.gelu(h) * (g + 1)))
+    return out
+
+
+def test_align_by_expert_groups_pairs_into_one_expert_blocks():
+    from tidal.kernels.fused_moe import align_by_expert
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.stack([torch.randperm(9, generator=gen)[:3] for _ in range(11)])  # 11 tokens, top-3 of 9 experts
+    pairs, block_expert = align_by_expert(ids, 9, 4)
+    flat = ids.reshape(-1)
+    seen = []
+    for b, e in enumerate(block_expert.tolist()):
+        rows = pairs[b * 4 : (b + 1) * 4].tolist()
+        real = [r for r in rows if r < flat.numel()]
+        if e == 9:
+            assert not real  # past the last expert: padding only
+        assert all(flat[r] == e for r in real)
+        assert real == sorted(real)  # stable: pairs keep token order within an expert
+        seen += real
+    assert sorted(seen) == list(range(flat.numel()))
+
+
+MOE_CASES = [(1, 8, 2, 64, 48), (5, 8, 2, 64, 48), (40, 6, 3, 96, 80)] + (
+    [(1, 64, 8, 2048, 1024), (8, 64, 8, 2048, 1024), (64, 64, 8, 2048, 1024), (300, 64, 8, 2048, 1024), (1500, 64, 8, 2048, 1024)] if CUDA else []
+)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", MOE_CASES, ids=lambda c: "T{}-E{}-k{}-D{}-I{}".format(*c))
+def test_fused_moe(case, dtype):
+    from tidal.kernels.fused_moe import fused_experts
+
+    tokens, experts, top_k, dim, inner = case
+    gen = torch.Generator().manual_seed(tokens + experts)
+    x = torch.randn(tokens, dim, generator=gen).to(dtype)
+    fc1 = (torch.randn(experts, 2 * inner, dim, generator=gen) / dim**0.5).to(dtype)
+    fc2 = (torch.randn(experts, dim, inner, generator=gen) / inner**0.5).to(dtype)
+    logits = torch.randn(tokens, experts, generator=gen)
+    top, ids = logits.topk(top_k, dim=-1)
+    weights = top.softmax(-1)
+    want = _moe_reference(x, weights, ids, fc1, fc2)
+    got = fused_experts(x.to(DEV), weights.to(DEV), ids.to(DEV), fc1.to(DEV), fc2.to(DEV))
+    assert got.shape == want.shape
+    assert rel(got.cpu(), want) <= (1e-5 if dtype == torch.float32 else 1.5e-2)
+
+
+# -- tau + rotary + KV write -----------------------------------------------------------------------
+TAU_CASES = [(3, 2, 64, 32), (17, 4, 64, 32)] + ([(1, 32, 64, 32), (256, 32, 64, 32), (1000, 32, 64, 32)] if CUDA else [])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", TAU_CASES, ids=lambda c: "T{}-H{}-D{}-R{}".format(*c))
+def test_tau_rope_kv(case, dtype):
+    from tidal.kernels.tau_rope import tau_rope_kv
+    from tidal.layers.rotary import PartialRotary
+    from tidal.models.moondream3.text import tau_scales
+
+    tokens, heads, dim, rot = case
+    gen = torch.Generator().manual_seed(tokens * heads)
+    qkv = torch.randn(tokens, 3 * heads * dim, generator=gen).to(dtype)
+    wq, wv = torch.randn(heads, 3 * heads * dim, generator=gen) * 0.05, torch.randn(heads, 3 * heads * dim, generator=gen) * 0.05
+    alpha = torch.randn(heads, generator=gen)
+    positions = torch.randint(0, 4000, (tokens,), generator=gen)
+    slots = torch.randperm(tokens + 9, generator=gen)[:tokens]
+    rotary = PartialRotary(rot, 4096, 1.5e6, "cpu")
+    # the torch path (tidal.models.moondream3.text.TextAttention)
+    tau_q, tau_v = tau_scales(qkv, positions, wq, wv, alpha)
+    q, k, v = qkv.view(tokens, 3, heads, dim).unbind(1)
+    want_q = rotary((q.float() * tau_q[..., None]).to(dtype), positions)
+    want_k = rotary(k, positions)
+    want_v = (v.float() * tau_v[..., None]).to(dtype)
+    lin = torch.nn.functional.linear(torch.nn.functional.gelu(qkv.float()), torch.cat([wq, wv]))
+    k_cache = torch.full((tokens + 9, heads, dim), float("nan"), dtype=dtype, device=DEV)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    got_q = tau_rope_kv(qkv.to(DEV), lin.to(DEV), alpha.to(DEV), positions.to(DEV), slots.to(DEV), rotary.cos.to(DEV), rotary.sin.to(DEV), k_cache, v_cache, heads, dim)
+    t = tol(dtype) if dtype == torch.float32 else 4e-3
+    assert rel(got_q.cpu(), want_q) <= t
+    assert rel(k_cache[slots.to(DEV)].cpu(), want_k) <= t
+    assert rel(v_cache[slots.to(DEV)].cpu(), want_v) <= t
+    untouched = torch.ones(tokens + 9, dtype=torch.bool)
+    untouched[slots] = False
+    assert k_cache[untouched.to(DEV)].isnan().all()  # nothing else written

@@ -1,0 +1,253 @@
+"""Paged attention over the request-to-slot table.
+
+A sequence's keys are positions 0 .. kv_len-1; table[row, p] is the KV slot of
+position p. A query at position p sees key j when j <= p, or when both lie in
+the bidirectional prefix (j < bidir and p < bidir).
+
+decode_attention: one query per sequence (the newest position: it sees every
+key). Split-K: each program covers `split` positions and writes a partial
+output and log-sum-exp; a second kernel combines the splits in a fixed order,
+so results do not depend on scheduling (no atomics anywhere).
+
+extend_attention: any number of new queries per sequence (prefill, chunked
+prefill, mixed steps), against cached and new keys, with the bidirectional
+prefix. Work is cut into blocks of up to BLOCK_M queries of one sequence,
+described by a small host-built table.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# -- decode ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, K, V, Table, Rows, KvLens, PartO, PartLse,
+    stride_qb, stride_qh,
+    stride_ks, stride_kh,
+    stride_vs, stride_vh,
+    stride_tr,
+    stride_ob, stride_oh, stride_os,
+    stride_lb, stride_lh,
+    sm_scale,
+    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.program_id(2)
+    kv_len = tl.load(KvLens + b)
+    row = tl.load(Rows + b).to(tl.int64)
+    kvh = h // GROUP
+    d = tl.arange(0, D)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + d).to(tl.float32) * sm_scale
+    start = s * SPLIT
+    end = tl.minimum(start + SPLIT, kv_len)
+    m_i = tl.full([1], float("-inf"), tl.float32)
+    l_i = tl.zeros([1], tl.float32)
+    acc = tl.zeros([D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        mask = n < end
+        slot = tl.load(Table + row * stride_tr + n, mask=mask, other=0).to(tl.int64)
+        k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
+        sc = tl.sum(k * q[None, :], axis=1)
+        sc = tl.where(mask, sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=0))
+        p = tl.exp(sc - m_new)
+        alpha = tl.exp(m_i - m_new)
+        v = tl.load(V + slot[:, None] * stride_vs + kvh * stride_vh + d[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        m_i = m_new
+    has = l_i > 0
+    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+    tl.store(PartO + b * stride_ob + h * stride_oh + s * stride_os + d, acc / tl.where(has, l_i, 1.0))
+    tl.store(PartLse + b * stride_lb + h * stride_lh + s + tl.arange(0, 1), lse)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    PartO, PartLse, Out,
+    stride_ob, stride_oh, stride_os,
+    stride_lb, stride_lh,
+    stride_outb, stride_outh,
+    NSPLIT, NS: tl.constexpr, D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, NS)
+    d = tl.arange(0, D)
+    smask = s < NSPLIT
+    lse = tl.load(PartLse + b * stride_lb + h * stride_lh + s, mask=smask, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    w = tl.where(lse == float("-inf"), 0.0, tl.exp(lse - m))
+    o = tl.load(PartO + b * stride_ob + h * stride_oh + s[:, None] * stride_os + d[None, :], mask=smask[:, None], other=0.0)
+    out = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
+    tl.store(Out + b * stride_outb + h * stride_outh + d, out.to(Out.dtype.element_ty))
+
+
+def decode_split(max_context: int, batch: int, heads: int, num_sms: int = 132) -> int:
+    """Positions per split: small enough that the grid fills the GPU at small
+    batch, large enough not to launch idle programs at large batch."""
+    split = 128
+    while split < max_context and batch * heads * triton.cdiv(max_context, split) > 8 * num_sms and split < 2048:
+        split *= 2
+    return split
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    table: torch.Tensor,
+    rows: torch.Tensor,
+    kv_lens: torch.Tensor,
+    split: int,
+    max_context: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q [B, H, D]; k/v_cache [S, Hkv, D]; table [R, C]; rows, kv_lens [B] ->
+    out [B, H, D]. Grid sizes depend only on (B, H, max_context, split), so
+    the launch is graph-capturable."""
+    bsz, heads, dim = q.shape
+    group = heads // k_cache.shape[1]
+    nsplit = triton.cdiv(max_context, split)
+    part_o = torch.empty((bsz, heads, nsplit, dim), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((bsz, heads, nsplit), dtype=torch.float32, device=q.device)
+    if out is None:
+        out = torch.empty_like(q)
+    _decode_split_kernel[(bsz, heads, nsplit)](
+        q, k_cache, v_cache, table, rows, kv_lens, part_o, part_lse,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1),
+        v_cache.stride(0), v_cache.stride(1),
+        table.stride(0),
+        part_o.stride(0), part_o.stride(1), part_o.stride(2),
+        part_lse.stride(0), part_lse.stride(1),
+        dim**-0.5,
+        GROUP=group, D=dim, BLOCK_N=64, SPLIT=split,
+        num_warps=4,
+    )
+    _decode_reduce_kernel[(bsz, heads)](
+        part_o, part_lse, out,
+        part_o.stride(0), part_o.stride(1), part_o.stride(2),
+        part_lse.stride(0), part_lse.stride(1),
+        out.stride(0), out.stride(1),
+        nsplit, NS=triton.next_power_of_2(nsplit), D=dim,
+        num_warps=4,
+    )
+    return out
+
+
+# -- extend / prefill -------------------------------------------------------------------
+
+
+@triton.jit
+def _extend_kernel(
+    Q, K, V, Out, Table, Blocks,
+    stride_qt, stride_qh,
+    stride_ks, stride_kh,
+    stride_vs, stride_vh,
+    stride_ot, stride_oh,
+    stride_tr,
+    sm_scale,
+    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    info = Blocks + pid * 6
+    q_start = tl.load(info + 0)
+    q_count = tl.load(info + 1)
+    pos0 = tl.load(info + 2)
+    row = tl.load(info + 3).to(tl.int64)
+    kv_len = tl.load(info + 4)
+    bidir = tl.load(info + 5)
+    kvh = h // GROUP
+    m = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, D)
+    mvalid = m < q_count
+    qpos = pos0 + m
+    q = tl.load(Q + (q_start + m)[:, None].to(tl.int64) * stride_qt + h * stride_qh + d[None, :], mask=mvalid[:, None], other=0.0)
+    # Keys a query of this block can see: up to its own position, or the whole prefix.
+    hi = tl.maximum(pos0 + q_count, tl.where(pos0 < bidir, bidir, 0))
+    hi = tl.minimum(hi, kv_len)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for n0 in range(0, hi, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nmask = n < hi
+        slot = tl.load(Table + row * stride_tr + n, mask=nmask, other=0).to(tl.int64)
+        k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=nmask[:, None], other=0.0)
+        if IEEE:
+            sc = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            sc = tl.dot(q, tl.trans(k))
+        sc = sc * sm_scale
+        seen = (n[None, :] <= qpos[:, None]) | ((n[None, :] < bidir) & (qpos[:, None] < bidir))
+        seen = seen & nmask[None, :]
+        sc = tl.where(seen, sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(sc - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        v = tl.load(V + slot[:, None] * stride_vs + kvh * stride_vh + d[None, :], mask=nmask[:, None], other=0.0)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(Out + (q_start + m)[:, None].to(tl.int64) * stride_ot + h * stride_oh + d[None, :], out.to(Out.dtype.element_ty), mask=mvalid[:, None])
+
+
+def extend_blocks(q_lens: list[int], kv_lens: list[int], bidir_lens: list[int], rows: list[int], block_m: int) -> list[list[int]]:
+    """The work table of extend_attention, built on the host: one entry per
+    block of up to block_m queries of one sequence:
+    [first query's row in the batch, queries, first query's position, table row, kv_len, bidir]."""
+    out, start = [], 0
+    for q_len, kv_len, bidir, row in zip(q_lens, kv_lens, bidir_lens, rows):
+        pos0 = kv_len - q_len
+        for i in range(0, q_len, block_m):
+            out.append([start + i, min(block_m, q_len - i), pos0 + i, row, kv_len, bidir])
+        start += q_len
+    return out
+
+
+EXTEND_BLOCK_M = 64
+
+
+def extend_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    table: torch.Tensor,
+    blocks: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q [T, H, D]; k/v_cache [S, Hkv, D] (the new keys already written);
+    blocks int32 [NB, 6] from extend_blocks -> out [T, H, D]."""
+    _, heads, dim = q.shape
+    if out is None:
+        out = torch.empty_like(q)
+    nblocks = blocks.shape[0]
+    if nblocks == 0:
+        return out
+    _extend_kernel[(nblocks, heads)](
+        q, k_cache, v_cache, out, table, blocks,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1),
+        v_cache.stride(0), v_cache.stride(1),
+        out.stride(0), out.stride(1),
+        table.stride(0),
+        dim**-0.5,
+        GROUP=heads // k_cache.shape[1], D=dim, BLOCK_M=EXTEND_BLOCK_M, BLOCK_N=64, IEEE=q.dtype == torch.float32,
+        num_warps=4, num_stages=2,
+    )
+    return out

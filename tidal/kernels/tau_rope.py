@@ -1,0 +1,102 @@
+"""Moondream 3's attention input in one pass: tau scaling of q and v, partial
+rotary on q and k, and the K/V write into the paged cache.
+
+For position t and head h, with lin = gelu(qkv) @ [wq; wv].T (computed by
+the caller, float32):
+    pos_term = 1 + sigmoid(alpha[h] * log(pos + 1)) - 0.5
+    q = rotary(round(q * (tanh(lin[h]) + pos_term)))
+    k = rotary(k)
+    v = round(v * (tanh(lin[H + h]) + pos_term))
+where round() is the cast to the model dtype the torch path makes, and rotary
+turns dims [0, R) as halves (real [0, R/2), imaginary [R/2, R)).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tanh(x):
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _rotate(x, partner, cos, sin, d, HALF: tl.constexpr, ROT: tl.constexpr):
+    """Rotated dims: x*cos -/+ partner*sin; the rest pass through."""
+    sign = tl.where(d < HALF, -1.0, 1.0)
+    return tl.where(d < ROT, x * cos + sign * partner * sin, x)
+
+
+@triton.jit
+def _tau_rope_kv_kernel(
+    QKV, Lin, Alpha, Pos, Loc, Cos, Sin, QOut, KCache, VCache,
+    tokens, stride_qkv, stride_lin, stride_qo_t, stride_qo_h, stride_cs,
+    stride_ks, stride_kh, stride_vs, stride_vh,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, ROT: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    h = tl.program_id(1)
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = t < tokens
+    t64 = t.to(tl.int64)
+    d = tl.arange(0, D)
+    partner = tl.where(d < HALF, d + HALF, tl.where(d < ROT, d - HALF, d))
+    freq = tl.where(d < HALF, d, d - HALF)
+    pos = tl.load(Pos + t, mask=tmask, other=0)
+    slot = tl.load(Loc + t, mask=tmask, other=0).to(tl.int64)
+    m2 = tmask[:, None]
+    fmask = m2 & (d < ROT)[None, :]
+    cos = tl.load(Cos + pos[:, None] * stride_cs + freq[None, :], mask=fmask, other=1.0)
+    sin = tl.load(Sin + pos[:, None] * stride_cs + freq[None, :], mask=fmask, other=0.0)
+    pos_term = 1.0 + tl.sigmoid(tl.load(Alpha + h).to(tl.float32) * tl.log(pos.to(tl.float32) + 1.0)) - 0.5
+    row = QKV + t64[:, None] * stride_qkv
+    tau_q = _tanh(tl.load(Lin + t64 * stride_lin + h, mask=tmask, other=0.0)) + pos_term
+    q = (tl.load(row + h * D + d[None, :], mask=m2, other=0.0).to(tl.float32) * tau_q[:, None]).to(QOut.dtype.element_ty).to(tl.float32)
+    qp = (tl.load(row + h * D + partner[None, :], mask=m2, other=0.0).to(tl.float32) * tau_q[:, None]).to(QOut.dtype.element_ty).to(tl.float32)
+    q = _rotate(q, qp, cos, sin, d[None, :], HALF, ROT)
+    tl.store(QOut + t64[:, None] * stride_qo_t + h * stride_qo_h + d[None, :], q.to(QOut.dtype.element_ty), mask=m2)
+    if h < HKV:
+        k_off = H * D + h * D
+        k = tl.load(row + k_off + d[None, :], mask=m2, other=0.0).to(tl.float32)
+        kp = tl.load(row + k_off + partner[None, :], mask=m2, other=0.0).to(tl.float32)
+        k = _rotate(k, kp, cos, sin, d[None, :], HALF, ROT)
+        tl.store(KCache + slot[:, None] * stride_ks + h * stride_kh + d[None, :], k.to(KCache.dtype.element_ty), mask=m2)
+        tau_v = _tanh(tl.load(Lin + t64 * stride_lin + H + h, mask=tmask, other=0.0)) + pos_term
+        v = tl.load(row + k_off + HKV * D + d[None, :], mask=m2, other=0.0).to(tl.float32) * tau_v[:, None]
+        tl.store(VCache + slot[:, None] * stride_vs + h * stride_vh + d[None, :], v.to(QOut.dtype.element_ty).to(VCache.dtype.element_ty), mask=m2)
+
+
+def tau_rope_kv(
+    qkv: torch.Tensor,
+    lin: torch.Tensor,
+    alpha: torch.Tensor,
+    positions: torch.Tensor,
+    out_cache_loc: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    n_heads: int,
+    head_dim: int,
+) -> torch.Tensor:
+    """qkv [T, (H + 2 Hkv) * D]; lin [T, 2H] float32; alpha [H]; positions,
+    out_cache_loc [T]; cos/sin [max_pos, R/2]; k/v_cache [S, Hkv, D] (one
+    layer's) -> q [T, H, D]. Writes k and v at out_cache_loc."""
+    tokens = qkv.shape[0]
+    n_kv = k_cache.shape[1]
+    assert qkv.stride(1) == 1 and lin.stride(1) == 1 and cos.stride(1) == 1
+    q = torch.empty((tokens, n_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    if tokens == 0:
+        return q
+    half = cos.shape[1]
+    block_t = 1 if tokens == 1 else 16
+    _tau_rope_kv_kernel[(triton.cdiv(tokens, block_t), n_heads)](
+        qkv, lin, alpha, positions, out_cache_loc, cos, sin, q, k_cache, v_cache,
+        tokens, qkv.stride(0), lin.stride(0), q.stride(0), q.stride(1), cos.stride(0),
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        H=n_heads, HKV=n_kv, D=head_dim, HALF=half, ROT=2 * half, BLOCK_T=block_t,
+        num_warps=1 if block_t == 1 else 4,
+    )
+    return q

@@ -1,0 +1,198 @@
+"""CUDA graphs for decode-shaped steps (every sequence feeds one position:
+a token, or a coordinate or size fed back by detect, point or reasoning).
+
+One graph per batch-size bucket and sampling variant (greedy-only, or with
+temperature sampling), captured at start-up; a step is padded up to its bucket
+and replayed. Inputs live in static device buffers, field-major so each field
+is a contiguous vector, filled by one pinned host-to-device copy per dtype;
+padding rows feed token 0 at position 0 into scratch slot 0 through the
+table's scratch row and are ignored.
+
+`replay=False` runs the very same function eagerly on the same buffers: the
+reference that graph replays are compared with, bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from tidal.core import (
+    FEED_COORD,
+    FEED_SIZE,
+    CoordInput,
+    ForwardBatch,
+    ForwardMode,
+    SeqStep,
+    SizeInput,
+    StepResult,
+)
+from tidal.kernels.paged_attention import decode_split
+from tidal.layers.attention.triton_backend import DecodeMetadata
+from tidal.runner.sampler import sample_rows
+
+if TYPE_CHECKING:
+    from tidal.runner.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 80, 96, 128, 160, 192, 224, 256)
+MAX_BANNED = 4  # banned ids per row a graph takes (the skills ban at most 2)
+
+# int64 fields, then float32 fields (rows of the static buffers)
+_INTS = ("input_ids", "positions", "rows", "kv_lens", "kinds", "top_k", "seeds", "steps") + tuple(f"banned{i}" for i in range(MAX_BANNED))
+_FLOATS = ("value0", "value1", "temperature", "top_p")
+_I = {name: i for i, name in enumerate(_INTS)}
+_F = {name: i for i, name in enumerate(_FLOATS)}
+
+
+class DecodeGraphs:
+    def __init__(self, runner: "ModelRunner", max_batch: int, buckets: tuple[int, ...] = BUCKETS) -> None:
+        self.runner = runner
+        self.buckets = tuple(sorted({b for b in buckets if b < max_batch} | {max_batch}))
+        self.max_batch = max_batch
+        dev = runner.device
+        n = max_batch
+        self.ints = torch.zeros((len(_INTS), n), dtype=torch.int64, device=dev)
+        self.floats = torch.zeros((len(_FLOATS), n), dtype=torch.float32, device=dev)
+        self.ints_host = torch.zeros((len(_INTS), n), dtype=torch.int64).pin_memory()
+        self.floats_host = torch.zeros((len(_FLOATS), n), dtype=torch.float32).pin_memory()
+        self.out: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}  # (packed, logits) per graph
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.replays = 0
+        self.eager_runs = 0
+        self.last_logits: torch.Tensor | None = None  # of the last run, for tests
+        self._pad(0, n)
+
+    # -- capture ---------------------------------------------------------------------
+    def capture(self, progress: bool = True) -> float:
+        """Compile, warm up and capture every (bucket, variant); -> seconds taken."""
+        from tqdm import tqdm
+
+        t0 = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        todo = [(b, s) for b in sorted(self.buckets, reverse=True) for s in (False, True)]  # largest first: smaller ones reuse its memory
+        for bucket, sampled in tqdm(todo, desc="capturing CUDA graphs", disable=not progress, unit="graph"):
+            self._pad(0, self.max_batch)
+            with torch.inference_mode():
+                self._step(bucket, sampled)  # compiles the kernels and warms the libraries
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.out[(bucket, sampled)] = self._step(bucket, sampled)
+            self.graphs[(bucket, sampled)] = graph
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    # -- one step -------------------------------------------------------------------
+    def can_run(self, steps: list[SeqStep]) -> bool:
+        return len(steps) <= self.max_batch and all(
+            s.output is not None and len(s.items) == 1 and isinstance(s.items[0], (int, CoordInput, SizeInput)) and len(s.output.banned) <= MAX_BANNED
+            for s in steps
+        )
+
+    def bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    def run(self, steps: list[SeqStep], replay: bool = True) -> list[StepResult | None]:
+        """Fill the static inputs, replay the bucket's graph (or run it eagerly),
+        read the outputs back (the step's one device-to-host read)."""
+        n = len(steps)
+        bucket = self.bucket(n)
+        sampled = any(s.output.temperature > 0 for s in steps)  # type: ignore[union-attr]
+        self._fill(steps)
+        self._pad(n, bucket)
+        self.ints.copy_(self.ints_host, non_blocking=True)
+        self.floats.copy_(self.floats_host, non_blocking=True)
+        key = (bucket, sampled)
+        if replay and key in self.graphs:
+            self.graphs[key].replay()
+            out, self.last_logits = self.out[key]
+            self.replays += 1
+        else:
+            with torch.inference_mode():
+                out, self.last_logits = self._step(bucket, sampled)
+            self.eager_runs += 1
+        rows = out[:n].cpu().tolist()
+        return [self.runner.to_result(r) for r in rows]
+
+    def _fill(self, steps: list[SeqStep]) -> None:
+        ints, floats = self.ints_host, self.floats_host
+        vocab = self.runner.model.vocab_size
+        cols = [[] for _ in _INTS]
+        fcols = [[] for _ in _FLOATS]
+        for s in steps:
+            item, spec = s.items[0], s.output
+            assert spec is not None
+            kind, v0, v1, tok = 0, 0.0, 0.0, 0
+            if isinstance(item, int):
+                tok = item
+            elif isinstance(item, CoordInput):
+                kind, v0 = FEED_COORD, item.value
+            else:
+                kind, v0, v1 = FEED_SIZE, item.width, item.height
+            banned = list(spec.banned) + [vocab] * (MAX_BANNED - len(spec.banned))
+            for name, val in zip(_INTS, (tok, s.start_pos, s.row, s.start_pos + 1, kind, spec.top_k, spec.seed & ((1 << 63) - 1), spec.step, *banned)):
+                cols[_I[name]].append(val)
+            for name, val in zip(_FLOATS, (v0, v1, spec.temperature, spec.top_p)):
+                fcols[_F[name]].append(val)
+        n = len(steps)
+        ints[:, :n] = torch.tensor(cols, dtype=torch.int64)
+        floats[:, :n] = torch.tensor(fcols, dtype=torch.float32)
+
+    def _pad(self, start: int, end: int) -> None:
+        """Padding rows: token 0 at position 0 of the scratch row (slot 0), greedy."""
+        if end <= start:
+            return
+        ints, floats = self.ints_host, self.floats_host
+        ints[:, start:end] = 0
+        ints[_I["rows"], start:end] = self.runner.req_to_token.scratch_row
+        ints[_I["kv_lens"], start:end] = 1
+        for i in range(MAX_BANNED):
+            ints[_I[f"banned{i}"], start:end] = self.runner.model.vocab_size
+        floats[:, start:end] = 0.0
+        floats[_F["top_p"], start:end] = 1.0
+
+    def _step(self, bucket: int, sampled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The captured function: forward, heads, bans, sampling -> (packed
+        [bucket, 1 + extras], the logits before bans [bucket, vocab])."""
+        runner = self.runner
+        model = runner.model
+        ints, floats = self.ints[:, :bucket], self.floats[:, :bucket]
+        table = runner.req_to_token.table
+        rows = ints[_I["rows"]]
+        positions = ints[_I["positions"]]
+        slots = table[rows, positions]  # each new position's KV slot, gathered on the device
+        heads = runner.kv_pool.k.shape[2]
+        batch = ForwardBatch(
+            mode=ForwardMode.DECODE,
+            input_ids=ints[_I["input_ids"]],
+            positions=positions,
+            out_cache_loc=slots,
+            q_lens=[1] * bucket,
+            kv_lens=[],
+            bidir_lens=[0] * bucket,
+            req_rows=[],
+            kv_pool=runner.kv_pool,
+            req_to_token=table,
+            feedback_kind=ints[_I["kinds"]],
+            feedback_values=floats[_F["value0"] : _F["value1"] + 1].T,
+            attn=runner.backend,
+            attn_metadata=DecodeMetadata(rows, ints[_I["kv_lens"]], decode_split(table.shape[1], bucket, heads)),
+        )
+        hidden = model.forward(batch.input_ids, positions, batch)
+        raw, extras, _ = model.heads(hidden)
+        logits = raw
+        banned = ints[_I["banned0"] : _I["banned0"] + MAX_BANNED].T  # [bucket, MAX_BANNED], vocab = none
+        mask = torch.zeros((bucket, logits.shape[1] + 1), dtype=logits.dtype, device=logits.device).scatter_(1, banned, float("-inf"))
+        logits = logits + mask[:, :-1]
+        tokens = logits.argmax(dim=-1)
+        if sampled:
+            temps = floats[_F["temperature"]]
+            drawn = sample_rows(logits, temps, floats[_F["top_p"]], ints[_I["top_k"]], ints[_I["seeds"]], ints[_I["steps"]])
+            tokens = torch.where(temps > 0, drawn, tokens)
+        packed = tokens[:, None] if extras is None else torch.cat([tokens[:, None], extras], dim=1)
+        return packed, raw
