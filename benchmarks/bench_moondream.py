@@ -1,12 +1,14 @@
-"""Moondream 3 on one GPU: correctness checks at real width, then timings at full size.
+"""Moondream 3 on one GPU: tidal's fast path (Triton kernels, CUDA graphs) and
+torch path, at full size with random bf16 weights (never zeros), each figure
+beside its floor: the bytes the step must read over the copy bandwidth
+measured in the same run.
 
-Random bf16 weights of the real shapes (never zeros); fixed output lengths;
-CUDA-synchronized wall clock around whole engine steps (each step ends in its
-one device-to-host read); medians over repeats after warm-up.
+    PYTHONPATH=. python3 benchmarks/bench_moondream.py [--out DIR] [--quick] [--tiny]
 
-    PYTHONPATH=. python3 benchmarks/bench_moondream.py [--out DIR] [--quick]
-
-Prints a table last; writes the numbers as JSON to DIR/bench.json.
+Method: fixed output lengths (a skill that never stops early; detect and point
+forced to N objects), wall clock around whole engine steps with
+torch.cuda.synchronize() (each step ends in its one device-to-host read),
+medians after warm-up. Prints a table last; writes DIR/bench.json.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import os
 import statistics
 import subprocess
 import time
-import warnings
 from dataclasses import replace
 from datetime import datetime, timezone
 
@@ -31,7 +32,6 @@ from tidal.engine.engine import EngineConfig
 from tidal.engine.request import Request
 from tidal.engine.skill import Skill
 from tidal.images import image_key
-from tidal.layers.moe import _moe_grouped, _moe_loop, route
 from tidal.models.moondream3.config import MoondreamConfig
 from tidal.models.moondream3.model import Moondream3Model
 from tidal.models.moondream3.processor import overlap_crops
@@ -40,6 +40,7 @@ from tidal.models.moondream3.tiny import build_tokenizer, init_random_
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FULL = MoondreamConfig()  # --tiny swaps in the embedded tiny shapes for a CPU dry run
+KV_BYTES_PER_POSITION = 0  # set in main: all layers' K and V of one position
 
 
 # -- helpers ---------------------------------------------------------------------
@@ -48,12 +49,12 @@ class FixedLength(Skill):
 
     name = "fixed"
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, temperature: float = 0.0) -> None:
         super().__init__()
-        self.n, self.steps = n, 0
+        self.n, self.steps, self.temperature = n, 0, temperature
 
     def next_output(self) -> OutputSpec:
-        return OutputSpec(temperature=0.0)
+        return OutputSpec(temperature=self.temperature, top_p=0.9, seed=7, step=self.steps)
 
     def on_output(self, out: StepResult) -> list | None:
         self.steps += 1
@@ -64,7 +65,7 @@ class FixedLength(Skill):
 
 
 class ForcedObjects(LocateSkill):
-    """Detect that always finds max_objects boxes (random weights may say eos at once)."""
+    """Detect/point that always finds max_objects (random weights may say eos at once)."""
 
     def on_output(self, out: StepResult):
         return super().on_output(replace(out, token=1, coord_over_eos=True))
@@ -82,10 +83,6 @@ def build(config: MoondreamConfig, dtype: torch.dtype, seed: int = 0) -> Moondre
 def image(w: int, h: int, seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def sync() -> None:
@@ -106,48 +103,117 @@ def timed(fn, repeat: int, warmup: int = 1) -> list[float]:
     return out
 
 
-def run_to_end(md: Moondream, req: Request) -> None:
-    md.engine.add_request(req)
-    while not req.finished:
+def run_to_end(md: Moondream, reqs: list[Request]) -> None:
+    for r in reqs:
+        md.engine.add_request(r)
+    while not all(r.finished for r in reqs):
         md.engine.step()
 
 
-# -- correctness at real width ----------------------------------------------------------
-def check_correctness(results: dict) -> None:
-    cfg = FULL
-    small = replace(cfg, text=replace(cfg.text, n_layers=max(cfg.text.n_layers, 6)), vision=replace(cfg.vision, enc_n_layers=3))
-    ref = build(small, torch.float32, seed=1)
-    fast = build(small, torch.bfloat16, seed=1)
-    with torch.no_grad():
-        for p32, p16 in zip(ref.parameters(), fast.parameters()):
-            p16.copy_(p32)  # same weights, rounded to bf16
-    tok = build_tokenizer(cfg.text.vocab_size)
-    md32, md16 = Moondream(ref, tok), Moondream(fast, tok)
-    img = image(800, 600, 0)
-    e32, e16 = md32.encode_image(img), md16.encode_image(img)
-    results["embeds_rel_err_bf16"] = rel(e16.embeds, e32.embeds)
-    h = [md.submit_query(e, "what is in the picture", settings={"temperature": 0, "max_tokens": 8}) for md, e in ((md32, e32), (md16, e16))]
-    for x in h:
-        x.wait()
-    results["greedy_tokens_bf16_equal_fp32"] = h[0].request.skill.answer.tokens == h[1].request.skill.answer.tokens
-    md32.close()
-    md16.close()
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second (the memory ceiling)."""
+    if DEV.type != "cuda":
+        return float("nan")
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=DEV)
+    b = torch.empty_like(a)
+    ms = statistics.median(timed(lambda: b.copy_(a), 10, warmup=3))
+    del a, b
+    return 2 * (1 << 30) / (ms / 1000)
 
-    # MoE: grouped GEMMs vs the per-expert loop, real expert shapes, bf16
-    moe = fast.text.blocks[-1].mlp
-    x = torch.randn(300, cfg.text.dim, device=DEV, dtype=torch.bfloat16)
-    w, ids = route(x, moe.router.weight, moe.router.bias, moe.top_k)
-    loop = _moe_loop(x.float(), w.float(), ids, moe.fc1.weight.float(), moe.fc2.weight.float())  # same routing, fp32
-    if DEV.type == "cuda":
-        results["moe_grouped_rel_err"] = rel(_moe_grouped(x, w, ids, moe.fc1.weight, moe.fc2.weight), loop)
-    del ref, fast
-    torch.cuda.empty_cache()
+
+# -- floors ------------------------------------------------------------------------
+def weight_bytes(model: Moondream3Model) -> tuple[int, int, int]:
+    """(bytes every decode step reads whatever the batch: attention, dense MLPs,
+    routers, norms, lm_head, region heads; bytes of one expert of one layer;
+    MoE layers)."""
+    expert = moe_layers = 0
+    dense = 0
+    for name, p in model.text.named_parameters():
+        if p.dim() == 3:  # stacked experts [E, out, in]
+            expert += p[0].numel() * p.element_size()
+            moe_layers += name.endswith("fc1.weight")
+            continue
+        if name == "wte":
+            continue  # one row per token
+        dense += p.numel() * p.element_size()
+    dense += sum(p.numel() * p.element_size() for n, p in model.region.named_parameters() if "decoder" in n)
+    return dense, expert // max(moe_layers, 1), moe_layers
+
+
+def decode_floor_ms(model: Moondream3Model, batch: int, context: int, bandwidth: float) -> float:
+    """Bytes a decode step must read: the dense weights, the experts the batch
+    routes to (expected distinct experts of 8-of-64 uniform routing), and every
+    sequence's cached K/V."""
+    dense, expert, moe_layers = weight_bytes(model)
+    moe = model.config.text.moe
+    used = moe.num_experts * (1 - (1 - moe.experts_per_token / moe.num_experts) ** batch) if moe else 0
+    total = dense + moe_layers * used * expert + batch * context * KV_BYTES_PER_POSITION
+    return total / bandwidth * 1000
+
+
+# -- measurements -------------------------------------------------------------------------
+def decode_sweep(md: Moondream, batches: tuple[int, ...], context: int, tokens: int, results: dict, label: str, bandwidth: float) -> None:
+    """ms per decode step with `context` cached positions per sequence (distinct prompts, no sharing)."""
+    for batch in batches:
+        reqs = [Request(skill=FixedLength(tokens + 1), pending=[0] + [(10 + 7 * i + j) % 50000 + 10 for j in range(context - 1)], bidir_len=0) for i in range(batch)]
+        for r in reqs:
+            md.engine.add_request(r)
+        while any(not r.history or r.pending_len > 1 for r in reqs):
+            md.engine.step()  # the prefills
+        steps = []
+        while md.engine.has_work():
+            sync()
+            t = time.perf_counter()
+            md.engine.step()
+            sync()
+            steps.append((time.perf_counter() - t) * 1000)
+        ms = statistics.median(steps)
+        results[f"{label}_decode_b{batch}_ms"] = ms
+        results[f"{label}_decode_b{batch}_tok_s"] = batch * 1000 / ms
+        results[f"floor_decode_b{batch}_ms"] = decode_floor_ms(md.model, batch, context + tokens // 2, bandwidth)
+        print(f"{label} decode batch {batch}: {ms:.2f} ms/step, {batch * 1000 / ms:.0f} tok/s (floor {results[f'floor_decode_b{batch}_ms']:.2f} ms)", flush=True)
+
+
+def first_output(md: Moondream, img: Image.Image, question_ids: list[int]) -> None:
+    crops = overlap_crops(img, md.config.vision)
+    ref = ImageRef(crops, image_key(img), md.config.vision.n_image_tokens)
+    run_to_end(md, [Request(skill=FixedLength(1), pending=[0, ref, 1, 15381, 2, *question_ids, 3], bidir_len=730)])
+
+
+def ttft(md: Moondream, results: dict, reps: int, label: str) -> None:
+    """Time to the first output of a query: crops, vision encoder, image prefill
+    and prompt; cold (a new image each time) and with the image cached."""
+    for name, (w, h) in {"378": (378, 378), "1080p": (1920, 1080)}.items():
+        seeds = iter(range(1000, 2000))
+        results[f"{label}_ttft_{name}_cold_ms"] = statistics.median(timed(lambda: first_output(md, image(w, h, next(seeds)), [54, 60, 71]), reps))
+        img = image(w, h, 5)
+        first_output(md, img, [54])
+        qs = iter(range(100, 200))
+        results[f"{label}_ttft_{name}_cached_ms"] = statistics.median(timed(lambda: first_output(md, img, [next(qs), 61]), reps))
+        results[f"crops_{name}_ms"] = statistics.median(timed(lambda: overlap_crops(image(w, h, 3), md.config.vision), reps))
+        print(f"{label} ttft {name}: cold {results[f'{label}_ttft_{name}_cold_ms']:.1f} ms, cached {results[f'{label}_ttft_{name}_cached_ms']:.1f} ms", flush=True)
+
+
+def locate(md: Moondream, results: dict, reps: int, label: str) -> None:
+    """detect and point of 10 objects: latency alone, throughput at batch 32."""
+    enc = md.encode_image(image(800, 600, 3))
+    for skill, with_size in (("detect", True), ("point", False)):
+        def job():
+            items, bidir = md.prompts.locate(md._image_item(enc), "car", skill)
+            return Request(skill=ForcedObjects(md.config.tokenizer, 10, with_size), pending=items, bidir_len=bidir)
+
+        results[f"{label}_{skill}_10_ms"] = statistics.median(timed(lambda: run_to_end(md, [job()]), reps))
+        ms = statistics.median(timed(lambda: run_to_end(md, [job() for _ in range(32)]), max(1, reps // 2)))
+        results[f"{label}_{skill}_10_b32_req_s"] = 32 * 1000 / ms
+        print(f"{label} {skill} 10 objects: {results[f'{label}_{skill}_10_ms']:.1f} ms alone, {32 * 1000 / ms:.1f} req/s at batch 32", flush=True)
 
 
 def count_syncs(md: Moondream) -> int:
     """Synchronizing CUDA calls in one batch-1 decode step (-1 off CUDA)."""
     if DEV.type != "cuda":
         return -1
+    import warnings
+
     req = Request(skill=FixedLength(50), pending=[0, 1, 2, 3], bidir_len=0)
     md.engine.add_request(req)
     for _ in range(3):
@@ -162,75 +228,70 @@ def count_syncs(md: Moondream) -> int:
     return sum("called a synchronizing" in str(w.message) for w in caught)
 
 
-# -- timings at full size --------------------------------------------------------------
-def bench(results: dict, quick: bool) -> None:
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes on any device: a dry run of the script itself")
+    args = ap.parse_args()
+    global FULL, KV_BYTES_PER_POSITION
+    if args.tiny:
+        from tidal.models.moondream3.tiny import TINY_OVERRIDES
+
+        FULL = MoondreamConfig.from_dict(TINY_OVERRIDES)
+    tc = FULL.text
+    KV_BYTES_PER_POSITION = 2 * tc.n_layers * tc.n_kv_heads * tc.head_dim * 2
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git or os.environ.get("TIDAL_COMMIT", "unknown")  # the device copy has no .git
+    results: dict = {
+        "gpu": torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "commit": commit,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    bandwidth = copy_bandwidth()
+    results["copy_bandwidth_tb_s"] = bandwidth / 1e12
+    reps = 3 if args.quick else 5
+    batches = (1, 8, 32) if args.quick else (1, 8, 32, 64, 128, 256)
+
     t0 = time.perf_counter()
     model = build(FULL, torch.bfloat16)
     sync()
     results["build_s"] = time.perf_counter() - t0
     results["params_b"] = sum(p.numel() for p in model.parameters()) / 1e9
     tok = build_tokenizer(model.config.text.vocab_size)
-    md = Moondream(model, tok, EngineConfig(prefix_cache=False, max_running=64))
-    vcfg = model.config.vision
+
+    # fast path: kernels, CUDA graphs up to batch 256
+    kernels = DEV.type == "cuda"
     t0 = time.perf_counter()
-    md.caption(image(640, 480, 1), "short", settings={"temperature": 0, "max_tokens": 4})
-    results["first_request_s"] = time.perf_counter() - t0
+    md = Moondream(model, tok, EngineConfig(max_running=max(batches), prefix_cache=False, kernels=kernels))
+    results["fast_warmup_s"] = time.perf_counter() - t0
+    results["fast_graph_capture_s"] = md.engine.warmup_s
     results["syncs_per_decode_step"] = count_syncs(md)
-
-    def first_output(img: Image.Image) -> None:
-        crops = overlap_crops(img, vcfg)
-        ref = ImageRef(crops, image_key(img), vcfg.n_image_tokens)
-        run_to_end(md, Request(skill=FixedLength(1), pending=[0, ref, 1, 15381, 2, 54, 3], bidir_len=730))
-
-    reps = 3 if quick else 7
-    for name, (w, h) in {"378": (378, 378), "1080p": (1920, 1080)}.items():
-        img = image(w, h, 2)
-        results[f"encode_prefill_{name}_ms"] = statistics.median(timed(lambda: first_output(img), reps))
-        results[f"crops_{name}_ms"] = statistics.median(timed(lambda: overlap_crops(img, vcfg), reps))
-
-    for batch in (1, 8, 32) if quick else (1, 8, 32, 64):
-        n_tokens = 32
-        reqs = [Request(skill=FixedLength(n_tokens + 1), pending=[0] + list(range(10, 10 + 100)), bidir_len=0) for _ in range(batch)]
-        for r in reqs:
-            md.engine.add_request(r)
-        while any(not r.history or r.pending_len > 1 for r in reqs):
-            md.engine.step()  # the prefills
-        steps = []
-        while md.engine.has_work():
-            sync()
-            t = time.perf_counter()
-            md.engine.step()
-            steps.append((time.perf_counter() - t) * 1000)
-        ms = statistics.median(steps)
-        results[f"decode_b{batch}_ms_per_step"] = ms
-        results[f"decode_b{batch}_tok_per_s"] = batch * 1000 / ms
-
-    enc = md.encode_image(image(800, 600, 3))
-
-    def detect10() -> None:
-        items, bidir = md.prompts.locate(md._image_item(enc), "car", "detect")
-        run_to_end(md, Request(skill=ForcedObjects(model.config.tokenizer, 10, True), pending=items, bidir_len=bidir))
-
-    results["detect_10_objects_ms"] = statistics.median(timed(detect10, reps))
+    decode_sweep(md, batches, 740, 16 if args.quick else 32, results, "fast", bandwidth)
+    graphs = md.engine.runner.graphs
+    if graphs is not None:
+        results["fast_decode_graph_replays"] = graphs.replays
+        results["fast_decode_eager_runs"] = graphs.eager_runs
     md.close()
 
+    md = Moondream(model, tok, EngineConfig(max_running=64, kernels=kernels))  # prefix cache on
+    ttft(md, results, reps, "fast")
+    locate(md, results, reps, "fast")
+    steps, graphs = md.engine.stats.steps, md.engine.runner.graphs
+    if graphs is not None:
+        results["fast_share_of_steps_replayed"] = graphs.replays / max(steps, 1)
+    md.close()
+    if DEV.type == "cuda":
+        results["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--tiny", action="store_true", help="tiny shapes: a dry run of the script itself")
-    args = ap.parse_args()
-    global FULL
-    if args.tiny:
-        from tidal.models.moondream3.tiny import TINY_OVERRIDES
+    # the torch path on the same weights: batch-1 decode and time to first output
+    md = Moondream(model, tok, EngineConfig(max_running=8, prefix_cache=False, kernels=False))
+    decode_sweep(md, (1,), 740, 4, results, "torch", bandwidth)
+    first_output(md, image(378, 378, 9), [54])
+    results["torch_ttft_378_cold_ms"] = statistics.median(timed(lambda: first_output(md, image(378, 378, 10), [54]), 2, warmup=0))
+    md.close()
 
-        FULL = MoondreamConfig.from_dict(TINY_OVERRIDES)
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    commit = git or os.environ.get("TIDAL_COMMIT", "unknown")  # the device copy has no .git
-    results: dict = {"gpu": torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu", "torch": torch.__version__, "commit": commit, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    check_correctness(results)
-    bench(results, args.quick)
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(results, f, indent=2)
     print("\n| measure | value |\n| --- | --- |")
