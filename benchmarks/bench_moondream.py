@@ -241,8 +241,8 @@ def main() -> None:
         FULL = MoondreamConfig.from_dict(TINY_OVERRIDES)
     tc = FULL.text
     KV_BYTES_PER_POSITION = 2 * tc.n_layers * tc.n_kv_heads * tc.head_dim * 2
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    commit = git or os.environ.get("TIDAL_COMMIT", "unknown")  # the device copy has no .git
+    # the device's copy of the tree may carry a stale .git: the caller names the commit
+    commit = os.environ.get("TIDAL_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
     results: dict = {
         "gpu": torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu",
         "torch": torch.__version__,

@@ -1,78 +1,116 @@
-"""Where one engine step spends its time and where it waits on the device.
+"""Where a decode step's time goes, kernel by kernel, and how the big kernels
+do against their own floors.
 
-    PYTHONPATH=. python3 benchmarks/profile_step.py [--batch 1 32] [--sync-trace]
+    PYTHONPATH=. python3 benchmarks/profile_step.py [--batch 1 32] [--out DIR]
 
-Random bf16 weights at full size. Prints the top CUDA and CPU ops of one
-decode step per batch size (torch.profiler), and with --sync-trace the stack
-of every synchronizing call in a sampled (temperature > 0) decode step.
+Random bf16 weights at full size. For each batch size: the graph replay's
+time (GPU time of the whole step), then torch.profiler over the same step run
+eagerly through the same function (kernel names, counts, CUDA time), then the
+fused MoE and decode attention alone against bytes / copy bandwidth.
 """
 
 from __future__ import annotations
 
 import argparse
-import traceback
+import os
+import statistics
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.bench_moondream import FixedLength, build
+from benchmarks.bench_moondream import FixedLength, build, copy_bandwidth, timed
 from tidal.api import Moondream
-from tidal.core import OutputSpec
 from tidal.engine.engine import EngineConfig
 from tidal.engine.request import Request
 from tidal.models.moondream3.config import MoondreamConfig
 from tidal.models.moondream3.tiny import build_tokenizer
 
 
-class Sampled(FixedLength):
-    def next_output(self) -> OutputSpec:
-        return OutputSpec(temperature=0.7, top_p=0.9, seed=1, step=self.steps)
-
-
-def decoding(md: Moondream, batch: int, skill=FixedLength) -> list[Request]:
-    reqs = [Request(skill=skill(10_000), pending=[0] + list(range(10, 110)), bidir_len=0) for _ in range(batch)]
+def decoding(md: Moondream, batch: int, context: int = 740) -> list[Request]:
+    reqs = [Request(skill=FixedLength(10_000), pending=[0] + [(i * 7 + j) % 5000 + 10 for j in range(context - 1)], bidir_len=0) for i in range(batch)]
     for r in reqs:
         md.engine.add_request(r)
     while any(not r.history or r.pending_len > 1 for r in reqs):
         md.engine.step()
-    for _ in range(3):
-        md.engine.step()
+    md.engine.step()
     torch.cuda.synchronize()
     return reqs
+
+
+def kernel_table(prof, top: int = 25) -> str:
+    rows = {}
+    for evt in prof.key_averages():
+        if evt.device_time_total > 0 and evt.device_type.name == "CUDA":
+            rows[evt.key] = (evt.count, evt.device_time_total)
+    total = sum(t for _, t in rows.values())
+    lines = [f"{'kernel':<70} {'count':>6} {'us':>9} {'share':>6}"]
+    for name, (count, t) in sorted(rows.items(), key=lambda kv: -kv[1][1])[:top]:
+        lines.append(f"{name[:70]:<70} {count:>6} {t:>9.1f} {t / total:>6.1%}")
+    lines.append(f"{'total':<70} {sum(c for c, _ in rows.values()):>6} {total:>9.1f}")
+    return "\n".join(lines)
+
+
+def microbench(model, bandwidth: float) -> list[str]:
+    """The fused MoE of one layer and decode attention, alone, against their floors."""
+    from tidal.kernels.fused_moe import fused_experts
+    from tidal.kernels.paged_attention import decode_attention, decode_split
+    from tidal.layers.moe import route
+
+    out = []
+    moe = model.text.blocks[-1].mlp
+    expert_bytes = (moe.fc1.weight[0].numel() + moe.fc2.weight[0].numel()) * 2
+    for tokens in (1, 8, 32, 64, 256):
+        x = torch.randn(tokens, model.config.text.dim, device="cuda", dtype=torch.bfloat16)
+        w, ids = route(x, moe.router.weight, moe.router.bias, moe.top_k)
+        used = int(torch.unique(ids).numel())
+        ms = statistics.median(timed(lambda: fused_experts(x, w, ids, moe.fc1.weight, moe.fc2.weight), 20, warmup=3))
+        floor = used * expert_bytes / bandwidth * 1000
+        out.append(f"fused MoE, {tokens:>3} tokens ({used:>2} experts): {ms * 1000:7.1f} us, floor {floor * 1000:6.1f} us ({floor / ms:5.1%} of bandwidth)")
+    heads, dim = model.config.text.n_heads, model.config.text.head_dim
+    for batch, ctx in ((1, 740), (32, 740), (128, 740)):
+        slots = batch * ctx + 1
+        k = torch.randn(slots, heads, dim, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        table = torch.arange(1, slots, device="cuda").view(batch, ctx)
+        table = torch.nn.functional.pad(table, (0, 4096 - ctx))
+        q = torch.randn(batch, heads, dim, device="cuda", dtype=torch.bfloat16)
+        rows = torch.arange(batch, device="cuda")
+        lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+        split = decode_split(4096, batch, heads)
+        ms = statistics.median(timed(lambda: decode_attention(q, k, v, table, rows, lens, split, 4096), 20, warmup=3))
+        floor = batch * ctx * heads * dim * 2 * 2 / bandwidth * 1000
+        out.append(f"decode attention, batch {batch:>3} x {ctx} positions (split {split}): {ms * 1000:7.1f} us, floor {floor * 1000:6.1f} us")
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
-    ap.add_argument("--sync-trace", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    bandwidth = copy_bandwidth()
     model = build(MoondreamConfig(), torch.bfloat16)
-    md = Moondream(model, build_tokenizer(model.config.text.vocab_size), EngineConfig(prefix_cache=False))
+    md = Moondream(model, build_tokenizer(model.config.text.vocab_size), EngineConfig(prefix_cache=False, max_running=max(args.batch)))
+    graphs = md.engine.runner.graphs
+    report = [f"copy bandwidth {bandwidth / 1e12:.2f} TB/s"]
     for batch in args.batch:
         reqs = decoding(md, batch)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            md.engine.step()
+        steps = [md.engine._seq_step(c) for c in md.engine.scheduler.schedule()]
+        assert len(steps) == batch and graphs.can_run(steps)
+        replay = statistics.median(timed(lambda: graphs.run(steps), 20, warmup=3))
+        eager = statistics.median(timed(lambda: graphs.run(steps, replay=False), 5, warmup=1))
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            graphs.run(steps, replay=False)
             torch.cuda.synchronize()
-        print(f"\n=== decode step, batch {batch} ===")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=50))
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=50))
+        report += [f"\n=== decode step, batch {batch}: graph replay {replay:.3f} ms, the same step eager {eager:.2f} ms ===", kernel_table(prof)]
         for r in reqs:
             md.engine.abort(r)
-    if args.sync_trace:
-        reqs = decoding(md, 3, Sampled)
-        torch.cuda.set_sync_debug_mode("error")
-        while True:
-            try:
-                md.engine.step()
-                break
-            except RuntimeError as exc:
-                if "synchronizing" not in str(exc):
-                    raise
-                print("\n--- synchronizing call ---")
-                traceback.print_exc(limit=-6)
-                break
-        torch.cuda.set_sync_debug_mode("default")
+    report += ["", *microbench(model, bandwidth)]
     md.close()
+    text = "\n".join(report)
+    with open(os.path.join(args.out, "profile.txt"), "w") as f:
+        f.write(text)
+    print(text)
 
 
 if __name__ == "__main__":

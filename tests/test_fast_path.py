@@ -13,6 +13,7 @@ pytest.importorskip("triton")
 
 import tidal  # noqa: E402
 from tidal import EngineConfig  # noqa: E402
+from tidal.engine.request import Request  # noqa: E402
 
 
 def _one(kind: str, image: str | None, **match) -> dict:
@@ -31,16 +32,18 @@ CASES = [
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _submit(md, case):
+def _prepare(md, case):
     img = None if case["image"] is None else golden_image(case["image"])
     kind = case["kind"]
     if kind == "query":
-        job = md._prepare_query(img, case["question"], case["reasoning"], case.get("spatial_refs"), case["settings"])
-    elif kind == "caption":
-        job = md._prepare_caption(img, case["length"], case["settings"])
-    else:
-        job = md._prepare_locate(img, case["object"], case["settings"], kind == "detect")
-    return md._submit(*job)
+        return md._prepare_query(img, case["question"], case["reasoning"], case.get("spatial_refs"), case["settings"])
+    if kind == "caption":
+        return md._prepare_caption(img, case["length"], case["settings"])
+    return md._prepare_locate(img, case["object"], case["settings"], kind == "detect")
+
+
+def _submit(md, case):
+    return md._submit(*_prepare(md, case))
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +59,13 @@ def runs():
                 h = _submit(md, case)
                 h.wait()
                 out[kernels].append(h.request)
-            if kernels:
-                handles = [_submit(md, c) for c in CASES]
-                for h in handles:
-                    h.wait()
-                out["batched"] = [h.request for h in handles]
+            if kernels:  # all at once, stepped here so that they surely share steps
+                reqs = [Request(skill=skill, pending=items, bidir_len=bidir) for skill, items, bidir in (_prepare(md, c) for c in CASES)]
+                for r in reqs:
+                    md.engine.add_request(r)
+                while md.engine.has_work():
+                    md.engine.step()
+                out["batched"] = reqs
                 assert md.engine.stats.max_batch == len(CASES)
         finally:
             md.close()
