@@ -184,7 +184,8 @@ def test_fused_moe(case, dtype):
 
 
 # -- tau + rotary + KV write -----------------------------------------------------------------------
-TAU_CASES = [(3, 2, 64, 32), (17, 4, 64, 32)] + ([(1, 32, 64, 32), (256, 32, 64, 32), (1000, 32, 64, 32)] if CUDA else [])
+# up to 64 positions tau's projection runs inside the kernel; past that, as a GEMM
+TAU_CASES = [(3, 2, 64, 32), (17, 4, 64, 32), (70, 2, 64, 32)] + ([(1, 32, 64, 32), (64, 32, 64, 32), (256, 32, 64, 32), (1000, 32, 64, 32)] if CUDA else [])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -208,10 +209,9 @@ def test_tau_rope_kv(case, dtype):
     want_q = rotary((q.float() * tau_q[..., None]).to(dtype), positions)
     want_k = rotary(k, positions)
     want_v = (v.float() * tau_v[..., None]).to(dtype)
-    lin = torch.nn.functional.linear(torch.nn.functional.gelu(qkv.float()), torch.cat([wq, wv]))
     k_cache = torch.full((tokens + 9, heads, dim), float("nan"), dtype=dtype, device=DEV)
     v_cache = torch.full_like(k_cache, float("nan"))
-    got_q = tau_rope_kv(qkv.to(DEV), lin.to(DEV), alpha.to(DEV), positions.to(DEV), slots.to(DEV), rotary.cos.to(DEV), rotary.sin.to(DEV), k_cache, v_cache, heads, dim)
+    got_q = tau_rope_kv(qkv.to(DEV), torch.cat([wq, wv]).to(DEV), alpha.to(DEV), positions.to(DEV), slots.to(DEV), rotary.cos.to(DEV), rotary.sin.to(DEV), k_cache, v_cache, heads, dim)
     t = tol(dtype) if dtype == torch.float32 else 4e-3
     assert rel(got_q.cpu(), want_q) <= t
     assert rel(k_cache[slots.to(DEV)].cpu(), want_k) <= t
@@ -219,3 +219,58 @@ def test_tau_rope_kv(case, dtype):
     untouched = torch.ones(tokens + 9, dtype=torch.bool)
     untouched[slots] = False
     assert k_cache[untouched.to(DEV)].isnan().all()  # nothing else written
+
+
+# -- MoE routing + alignment in one kernel -----------------------------------------------------
+@pytest.mark.parametrize("tokens, experts, top_k, block_m", [(1, 8, 2, 16), (13, 16, 4, 16), (40, 64, 8, 16)] + ([(1, 64, 8, 16), (256, 64, 8, 32), (512, 64, 8, 64)] if CUDA else []))
+def test_route_and_align(tokens, experts, top_k, block_m):
+    from tidal.kernels.fused_moe import align_by_expert
+    from tidal.kernels.moe_route import route_and_align
+    from tidal.layers.moe import route
+
+    gen = torch.Generator().manual_seed(tokens)
+    logits = torch.randn(tokens, experts, generator=gen)  # float32: no ties
+    # the torch reference: route() on the same logits (identity router), then align_by_expert
+    want_w, want_ids = route(logits, torch.eye(experts), None, top_k)
+    want_pairs, want_blocks = align_by_expert(want_ids, experts, block_m)
+    w, ids, pairs, blocks = route_and_align(logits.to(DEV), top_k, block_m, torch.float32)
+    assert torch.equal(ids.cpu(), want_ids)
+    assert rel(w.cpu(), want_w) <= 1e-6
+    assert torch.equal(pairs.cpu(), want_pairs) and torch.equal(blocks.cpu(), want_blocks)
+    w16, ids16, _, _ = route_and_align(logits.to(DEV, torch.bfloat16), top_k, block_m, torch.bfloat16)
+    assert w16.dtype == torch.bfloat16 and rel(w16.cpu().float(), want_w) <= 2e-2
+
+
+def test_route_ties_go_to_the_lower_expert():
+    from tidal.kernels.moe_route import route_and_align
+
+    logits = torch.tensor([[1.0, 3.0, 2.0, 3.0, 2.0, 0.0, 2.0, -1.0]])
+    w, ids, _, _ = route_and_align(logits.to(DEV), 4, 16, torch.float32)
+    assert ids.tolist() == [[1, 3, 2, 4]]
+    assert w[0, 0] == w[0, 1] and w[0, 2] == w[0, 3]
+
+
+# -- residual + top-k sum + LayerNorm -------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens, dim, k, norm", [(1, 128, 2, True), (7, 96, 1, True), (5, 128, 4, False)] + ([(1, 2048, 8, True), (300, 2048, 8, True), (64, 2048, 1, False)] if CUDA else []))
+def test_residual_norm(tokens, dim, k, norm, dtype):
+    from tidal.kernels.residual_norm import residual_norm
+
+    gen = torch.Generator().manual_seed(tokens * dim + k)
+    x, attn = torch.randn(tokens, dim, generator=gen).to(dtype), torch.randn(tokens, dim, generator=gen).to(dtype)
+    parts = torch.randn(tokens, k, dim, generator=gen).to(dtype)
+    ln = torch.nn.LayerNorm(dim).to(dtype)
+    with torch.no_grad():
+        ln.weight.copy_(torch.randn(dim, generator=gen))
+        ln.bias.copy_(torch.randn(dim, generator=gen))
+    # the torch path: x + attn + mlp in the model dtype, the MoE's sum over k, then LayerNorm
+    want_x = x + attn + parts.sum(dim=1)
+    want_h = ln(want_x)
+    ln_dev = ln.to(DEV)
+    got_x, got_h = residual_norm(x.to(DEV), attn.to(DEV), parts.to(DEV), ln_dev if norm else None)
+    t = 1e-6 if dtype == torch.float32 else 8e-3
+    assert rel(got_x.cpu(), want_x) <= t
+    if norm:
+        assert rel(got_h.cpu(), want_h.detach()) <= t
+    else:
+        assert got_h is None

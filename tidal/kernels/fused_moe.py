@@ -135,17 +135,24 @@ def _moe_down_kernel(
     tl.store(Out + rows64[:, None] * stride_ot + n[None, :], acc.to(Out.dtype.element_ty), mask=valid[:, None] & nmask[None, :])
 
 
-def fused_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor) -> torch.Tensor:
-    """x [T, D]; weights/ids [T, k] (routing); fc1 [E, 2I, D]; fc2 [E, D, I] -> [T, D].
-
-    out[t] = sum_j weights[t, j] * (act(x[t] @ fc1[e].T) @ fc2[e].T), e = ids[t, j],
-    act(h, g) = gelu(h) * (g + 1), summed over j in order.
-    """
-    tokens, top_k = ids.shape
+def expert_pairs(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    fc1: torch.Tensor,
+    fc2: torch.Tensor,
+    top_k: int,
+    pairs: torch.Tensor,
+    block_expert: torch.Tensor,
+    config: tuple[int, int, int, int, int],
+) -> torch.Tensor:
+    """Each (token, expert) pair's weighted output, [T * k, D] (pair t * k + j),
+    given the expert-sorted layout of align_by_expert / route_and_align made
+    with config's BLOCK_M."""
+    tokens = x.shape[0]
     num_experts, two_inner, dim = fc1.shape
     inner = two_inner // 2
-    block_m, block_n, block_k, warps, stages = moe_config(tokens)
-    pairs, block_expert = align_by_expert(ids, num_experts, block_m)
+    block_m, block_n, block_k, warps, stages = config
+    assert x.stride(1) == fc1.stride(2) == fc2.stride(2) == 1
     nblocks = block_expert.shape[0]
     num_pairs = tokens * top_k
     ieee = x.dtype == torch.float32
@@ -165,4 +172,17 @@ def fused_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, fc1
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee,
         num_warps=warps, num_stages=stages,
     )
-    return per_pair.view(tokens, top_k, dim).sum(dim=1)
+    return per_pair
+
+
+def fused_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor) -> torch.Tensor:
+    """x [T, D]; weights/ids [T, k] (routing); fc1 [E, 2I, D]; fc2 [E, D, I] -> [T, D].
+
+    out[t] = sum_j weights[t, j] * (act(x[t] @ fc1[e].T) @ fc2[e].T), e = ids[t, j],
+    act(h, g) = gelu(h) * (g + 1), summed over j in order.
+    """
+    tokens, top_k = ids.shape
+    config = moe_config(tokens)
+    pairs, block_expert = align_by_expert(ids, fc1.shape[0], config[0])
+    per_pair = expert_pairs(x, weights, fc1, fc2, top_k, pairs, block_expert, config)
+    return per_pair.view(tokens, top_k, -1).sum(dim=1)

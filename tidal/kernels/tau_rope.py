@@ -1,8 +1,9 @@
 """Moondream 3's attention input in one pass: tau scaling of q and v, partial
 rotary on q and k, and the K/V write into the paged cache.
 
-For position t and head h, with lin = gelu(qkv) @ [wq; wv].T (computed by
-the caller, float32):
+For position t and head h, with lin = gelu(qkv) @ [wq; wv].T in float32
+(given by the caller, or for small batches computed here: a program reads
+its head's two rows of [wq; wv], which saves three launches per layer):
     pos_term = 1 + sigmoid(alpha[h] * log(pos + 1)) - 0.5
     q = rotary(round(q * (tanh(lin[h]) + pos_term)))
     k = rotary(k)
@@ -24,6 +25,11 @@ def _tanh(x):
 
 
 @triton.jit
+def _gelu_exact(x):
+    return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+
+@triton.jit
 def _rotate(x, partner, cos, sin, d, HALF: tl.constexpr, ROT: tl.constexpr):
     """Rotated dims: x*cos -/+ partner*sin; the rest pass through."""
     sign = tl.where(d < HALF, -1.0, 1.0)
@@ -32,10 +38,11 @@ def _rotate(x, partner, cos, sin, d, HALF: tl.constexpr, ROT: tl.constexpr):
 
 @triton.jit
 def _tau_rope_kv_kernel(
-    QKV, Lin, Alpha, Pos, Loc, Cos, Sin, QOut, KCache, VCache,
-    tokens, stride_qkv, stride_lin, stride_qo_t, stride_qo_h, stride_cs,
+    QKV, Lin, WTau, Alpha, Pos, Loc, Cos, Sin, QOut, KCache, VCache,
+    tokens, stride_qkv, stride_lin, stride_w, stride_qo_t, stride_qo_h, stride_cs,
     stride_ks, stride_kh, stride_vs, stride_vh,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, ROT: tl.constexpr, BLOCK_T: tl.constexpr,
+    LIN_HERE: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     h = tl.program_id(1)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -52,7 +59,19 @@ def _tau_rope_kv_kernel(
     sin = tl.load(Sin + pos[:, None] * stride_cs + freq[None, :], mask=fmask, other=0.0)
     pos_term = 1.0 + tl.sigmoid(tl.load(Alpha + h).to(tl.float32) * tl.log(pos.to(tl.float32) + 1.0)) - 0.5
     row = QKV + t64[:, None] * stride_qkv
-    tau_q = _tanh(tl.load(Lin + t64 * stride_lin + h, mask=tmask, other=0.0)) + pos_term
+    if LIN_HERE:
+        lin_q = tl.zeros([BLOCK_T], tl.float32)
+        lin_v = tl.zeros([BLOCK_T], tl.float32)
+        for c0 in range(0, (H + 2 * HKV) * D, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            cm = c < (H + 2 * HKV) * D
+            feat = _gelu_exact(tl.load(row + c[None, :], mask=m2 & cm[None, :], other=0.0).to(tl.float32))
+            lin_q += tl.sum(feat * tl.load(WTau + h * stride_w + c, mask=cm, other=0.0)[None, :], axis=1)
+            lin_v += tl.sum(feat * tl.load(WTau + (H + h) * stride_w + c, mask=cm, other=0.0)[None, :], axis=1)
+    else:
+        lin_q = tl.load(Lin + t64 * stride_lin + h, mask=tmask, other=0.0)
+        lin_v = tl.load(Lin + t64 * stride_lin + H + h, mask=tmask, other=0.0)
+    tau_q = _tanh(lin_q) + pos_term
     q = (tl.load(row + h * D + d[None, :], mask=m2, other=0.0).to(tl.float32) * tau_q[:, None]).to(QOut.dtype.element_ty).to(tl.float32)
     qp = (tl.load(row + h * D + partner[None, :], mask=m2, other=0.0).to(tl.float32) * tau_q[:, None]).to(QOut.dtype.element_ty).to(tl.float32)
     q = _rotate(q, qp, cos, sin, d[None, :], HALF, ROT)
@@ -63,14 +82,17 @@ def _tau_rope_kv_kernel(
         kp = tl.load(row + k_off + partner[None, :], mask=m2, other=0.0).to(tl.float32)
         k = _rotate(k, kp, cos, sin, d[None, :], HALF, ROT)
         tl.store(KCache + slot[:, None] * stride_ks + h * stride_kh + d[None, :], k.to(KCache.dtype.element_ty), mask=m2)
-        tau_v = _tanh(tl.load(Lin + t64 * stride_lin + H + h, mask=tmask, other=0.0)) + pos_term
+        tau_v = _tanh(lin_v) + pos_term
         v = tl.load(row + k_off + HKV * D + d[None, :], mask=m2, other=0.0).to(tl.float32) * tau_v[:, None]
         tl.store(VCache + slot[:, None] * stride_vs + h * stride_vh + d[None, :], v.to(QOut.dtype.element_ty).to(VCache.dtype.element_ty), mask=m2)
 
 
+LIN_HERE_MAX_TOKENS = 64  # above: one float32 GEMM for all heads is cheaper
+
+
 def tau_rope_kv(
     qkv: torch.Tensor,
-    lin: torch.Tensor,
+    w_tau: torch.Tensor,
     alpha: torch.Tensor,
     positions: torch.Tensor,
     out_cache_loc: torch.Tensor,
@@ -81,22 +103,26 @@ def tau_rope_kv(
     n_heads: int,
     head_dim: int,
 ) -> torch.Tensor:
-    """qkv [T, (H + 2 Hkv) * D]; lin [T, 2H] float32; alpha [H]; positions,
-    out_cache_loc [T]; cos/sin [max_pos, R/2]; k/v_cache [S, Hkv, D] (one
-    layer's) -> q [T, H, D]. Writes k and v at out_cache_loc."""
+    """qkv [T, (H + 2 Hkv) * D]; w_tau [2H, (H + 2 Hkv) * D] float32 ([wq; wv]);
+    alpha [H]; positions, out_cache_loc [T]; cos/sin [max_pos, R/2];
+    k/v_cache [S, Hkv, D] (one layer's) -> q [T, H, D]. Writes k and v at
+    out_cache_loc."""
     tokens = qkv.shape[0]
     n_kv = k_cache.shape[1]
-    assert qkv.stride(1) == 1 and lin.stride(1) == 1 and cos.stride(1) == 1
+    assert qkv.stride(1) == 1 and w_tau.stride(1) == 1 and cos.stride(1) == 1
     q = torch.empty((tokens, n_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     if tokens == 0:
         return q
     half = cos.shape[1]
+    lin_here = tokens <= LIN_HERE_MAX_TOKENS
+    lin = w_tau if lin_here else torch.nn.functional.linear(torch.nn.functional.gelu(qkv.float()), w_tau)
     block_t = 1 if tokens == 1 else 16
     _tau_rope_kv_kernel[(triton.cdiv(tokens, block_t), n_heads)](
-        qkv, lin, alpha, positions, out_cache_loc, cos, sin, q, k_cache, v_cache,
-        tokens, qkv.stride(0), lin.stride(0), q.stride(0), q.stride(1), cos.stride(0),
+        qkv, lin, w_tau, alpha, positions, out_cache_loc, cos, sin, q, k_cache, v_cache,
+        tokens, qkv.stride(0), lin.stride(0), w_tau.stride(0), q.stride(0), q.stride(1), cos.stride(0),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         H=n_heads, HKV=n_kv, D=head_dim, HALF=half, ROT=2 * half, BLOCK_T=block_t,
+        LIN_HERE=lin_here, BLOCK_C=256,
         num_warps=1 if block_t == 1 else 4,
     )
     return q

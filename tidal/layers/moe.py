@@ -47,6 +47,25 @@ def moe_forward(
     return experts(x, weights, ids, fc1, fc2)
 
 
+def moe_parts(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor | None, fc1: torch.Tensor, fc2: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The fast path's MoE, before the sum over the k experts (which the
+    residual kernel does): x [T, D] -> each token's k weighted expert outputs
+    [T, k, D]. Routing and alignment take one launch at decode sizes."""
+    from tidal.kernels.fused_moe import align_by_expert, expert_pairs, moe_config
+    from tidal.kernels.moe_route import MAX_TOKENS, route_and_align
+
+    tokens = x.shape[0]
+    config = moe_config(tokens)
+    logits = F.linear(x, router_w, router_b)
+    if tokens <= MAX_TOKENS:
+        weights, ids, pairs, block_expert = route_and_align(logits, top_k, config[0], x.dtype)
+    else:
+        top_logits, ids = torch.topk(logits, top_k, dim=-1)
+        weights = torch.softmax(top_logits, dim=-1, dtype=torch.float32).to(x.dtype)
+        pairs, block_expert = align_by_expert(ids, fc1.shape[0], config[0])
+    return expert_pairs(x, weights, fc1, fc2, top_k, pairs, block_expert, config).view(tokens, top_k, -1)
+
+
 def experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor) -> torch.Tensor:
     """Weighted sum of each token's routed experts, torch reference: ids/weights [T, k] -> [T, D]."""
     if ids.numel() <= _GATHER_LIMIT:

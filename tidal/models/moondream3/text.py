@@ -13,13 +13,14 @@ import torch.nn.functional as F
 
 from tidal.core import ForwardBatch
 from tidal.kernels import triton_available
-from tidal.layers.moe import moe_forward
+from tidal.layers.moe import moe_forward, moe_parts
 from tidal.layers.rotary import PartialRotary
 
 from .config import TextConfig
 from .vision import MLP
 
 if triton_available():
+    from tidal.kernels.residual_norm import residual_norm
     from tidal.kernels.tau_rope import tau_rope_kv
 
 
@@ -42,6 +43,10 @@ class MoEMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return moe_forward(x, self.router.weight, self.router.bias, self.fc1.weight, self.fc2.weight, self.top_k, self.fused)
+
+    def parts(self, x: torch.Tensor) -> torch.Tensor:
+        """The fast path: [T, k, D], the k weighted expert outputs, not yet summed."""
+        return moe_parts(x, self.router.weight, self.router.bias, self.fc1.weight, self.fc2.weight, self.top_k)
 
 
 def tau_scales(qkv: torch.Tensor, positions: torch.Tensor, wq: torch.Tensor, wv: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,9 +86,8 @@ class TextAttention(nn.Module):
         qkv = self.qkv(x)
         if self.fused_tau is not None:
             # tau, rotary and the K/V write in one kernel (same arithmetic as below)
-            lin = F.linear(F.gelu(qkv.float()), self.fused_tau)
             pool = batch.kv_pool
-            q = tau_rope_kv(qkv, lin, self.tau["alpha"], positions, batch.out_cache_loc, rotary.cos, rotary.sin, pool.k[layer], pool.v[layer], self.n_heads, self.head_dim)
+            q = tau_rope_kv(qkv, self.fused_tau, self.tau["alpha"], positions, batch.out_cache_loc, rotary.cos, rotary.sin, pool.k[layer], pool.v[layer], self.n_heads, self.head_dim)
             return self.proj(batch.attn.attend(q, layer, batch).reshape(t, -1))
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
@@ -122,6 +126,7 @@ class TextModel(nn.Module):
         self.post_ln = nn.LayerNorm(cfg.dim)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size)
         self.rotary: PartialRotary | None = None
+        self.fused = False  # the Triton fast path; see use_kernels
 
     def setup_runtime(self, device: torch.device | str) -> None:
         """Build the non-weight state (rotary tables) once weights are on `device`,
@@ -129,7 +134,8 @@ class TextModel(nn.Module):
         self.rotary = PartialRotary(self.cfg.rotary_dim, self.cfg.max_context, self.cfg.rope_theta, device)
 
     def use_kernels(self, enabled: bool) -> None:
-        """Fused Triton kernels (tau + rotary + KV write, MoE) or the torch reference."""
+        """Fused Triton kernels (tau + rotary + KV write, MoE, residual + LayerNorm) or the torch reference."""
+        self.fused = enabled
         for block in self.blocks:
             attn = block.attn
             attn.fused_tau = torch.cat([attn.tau["wq"], attn.tau["wv"]]).float() if enabled else None
@@ -142,6 +148,16 @@ class TextModel(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """Input embeddings [T, dim] -> raw hidden states [T, dim] (before post-LN)."""
         assert self.rotary is not None, "call setup_runtime() after loading weights"
+        if self.fused:
+            # the same arithmetic; each block ends in one kernel: the MoE's sum
+            # over its k experts, both residual adds and the next block's LayerNorm
+            blocks = self.blocks
+            h = blocks[0].ln(x)
+            for i, block in enumerate(blocks):
+                attn = block.attn(h, positions, batch, i, self.rotary)
+                parts = block.mlp.parts(h) if isinstance(block.mlp, MoEMLP) else block.mlp(h)[:, None, :]
+                x, h = residual_norm(x, attn, parts, blocks[i + 1].ln if i + 1 < len(blocks) else None)
+            return x
         for i, block in enumerate(self.blocks):
             h = block.ln(x)
             x = x + block.attn(h, positions, batch, i, self.rotary) + block.mlp(h)

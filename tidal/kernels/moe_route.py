@@ -1,0 +1,95 @@
+"""MoE routing and expert alignment in one kernel launch, for decode-sized batches.
+
+From router logits [T, E]: each token's top-k experts (the lower index wins
+a tie, which bf16 logits make common; torch.topk leaves tie order open), softmax over those k logits in float32, cast to the activation dtype
+(the reference's rounding); then the layout fused_moe's GEMMs read: pairs
+(t * k + j) sorted by expert, stably, each expert's run padded to BLOCK_M,
+and each block's expert (E past the end). One program does it all: at decode
+sizes a launch costs more than the work, and the torch version is ~25 launches.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_TOKENS = 512  # above this (prefill) the torch ops are used: eager, and cheap next to the GEMMs
+
+
+@triton.jit
+def _route_align_kernel(
+    Logits, Weights, Ids, Pairs, BlockExpert,
+    tokens, stride_l, nblocks,
+    E: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, BM: tl.constexpr, CH: tl.constexpr,
+):
+    e = tl.arange(0, E)
+    kk = tl.arange(0, K)
+    # -- top-k and softmax, BLOCK_T tokens at a time --------------------------------------
+    for t0 in range(0, tokens, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        tm = t < tokens
+        logits = tl.load(Logits + t[:, None] * stride_l + e[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
+        top = tl.max(logits, axis=1)
+        vals = tl.zeros([BLOCK_T, K], tl.float32)
+        ids = tl.zeros([BLOCK_T, K], tl.int32)
+        for j in tl.static_range(K):
+            v = tl.max(logits, axis=1)
+            idx = tl.min(tl.where(logits == v[:, None], e[None, :], E), axis=1)
+            vals = tl.where(kk[None, :] == j, v[:, None], vals)
+            ids = tl.where(kk[None, :] == j, idx[:, None], ids)
+            logits = tl.where(e[None, :] == idx[:, None], float("-inf"), logits)
+        p = tl.exp(vals - top[:, None])
+        w = p / tl.sum(p, axis=1)[:, None]
+        out = t[:, None] * K + kk[None, :]
+        tl.store(Ids + out, ids.to(Ids.dtype.element_ty), mask=tm[:, None])
+        tl.store(Weights + out, w.to(Weights.dtype.element_ty), mask=tm[:, None])
+    num_pairs = tokens * K
+    for i0 in range(0, nblocks * BM, CH):  # padding entries name no pair
+        i = i0 + tl.arange(0, CH)
+        tl.store(Pairs + i, num_pairs, mask=i < nblocks * BM)
+    tl.debug_barrier()  # the ids (and the fill) are visible to every thread from here
+    # -- pairs per expert, padded runs ---------------------------------------------------------
+    counts = tl.zeros([E], tl.int32)
+    for p0 in range(0, num_pairs, CH):
+        p = p0 + tl.arange(0, CH)
+        ids = tl.load(Ids + p, mask=p < num_pairs, other=E).to(tl.int32)
+        counts += tl.sum((ids[:, None] == e[None, :]).to(tl.int32), axis=0)
+    padded = (counts + BM - 1) // BM * BM
+    pad_end = tl.cumsum(padded, axis=0)
+    pad_start = pad_end - padded
+    # -- each pair's place: its expert's run start + its rank among that expert's pairs --
+    running = tl.zeros([E], tl.int32)
+    for p0 in range(0, num_pairs, CH):
+        p = p0 + tl.arange(0, CH)
+        pm = p < num_pairs
+        ids = tl.load(Ids + p, mask=pm, other=E).to(tl.int32)
+        onehot = (ids[:, None] == e[None, :]).to(tl.int32)
+        before = tl.cumsum(onehot, axis=0) - 1 + running[None, :] + pad_start[None, :]
+        dest = tl.sum(onehot * before, axis=1)
+        tl.store(Pairs + dest, p.to(Pairs.dtype.element_ty), mask=pm)
+        running += tl.sum(onehot, axis=0)
+    for b0 in range(0, nblocks, CH):
+        b = b0 + tl.arange(0, CH)
+        expert = tl.sum((pad_end[None, :] <= (b * BM)[:, None]).to(tl.int32), axis=1)
+        tl.store(BlockExpert + b, expert, mask=b < nblocks)
+
+
+def route_and_align(router_logits: torch.Tensor, top_k: int, block_m: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """router_logits [T, E] -> (weights [T, k] in dtype, ids [T, k] int64,
+    pairs [NB * block_m] int32, block_expert [NB] int32); see align_by_expert."""
+    tokens, experts = router_logits.shape
+    assert experts & (experts - 1) == 0 and top_k & (top_k - 1) == 0, "experts and top-k must be powers of two"
+    nblocks = triton.cdiv(tokens * top_k + experts * (block_m - 1), block_m)
+    dev = router_logits.device
+    weights = torch.empty((tokens, top_k), dtype=dtype, device=dev)
+    ids = torch.empty((tokens, top_k), dtype=torch.int64, device=dev)
+    pairs = torch.empty(nblocks * block_m, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(nblocks, dtype=torch.int32, device=dev)
+    _route_align_kernel[(1,)](
+        router_logits, weights, ids, pairs, block_expert,
+        tokens, router_logits.stride(0), nblocks,
+        E=experts, K=top_k, BLOCK_T=32, BM=block_m, CH=256,
+        num_warps=8,
+    )
+    return weights, ids, pairs, block_expert
