@@ -13,6 +13,9 @@ from conftest import (
     run_case,
 )
 
+from tidal.core import OutputSpec
+from tidal.engine.skill import Skill
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 SKILL_CASES = [c for c in golden_cases() if c["kind"] in ("query", "caption", "detect", "point")]
@@ -118,6 +121,24 @@ def test_bf16_fast_path_follows_the_float32_torch_path():
     assert all(m <= 0.05 for *_, m in divergences), divergences
 
 
+class Endless(Skill):
+    """Samples (temperature 0.7) and never stops: a decode batch that stays whole."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.seed, self.steps = seed, 0
+
+    def next_output(self) -> OutputSpec:
+        return OutputSpec(temperature=0.7, top_p=0.9, seed=self.seed, step=self.steps, banned=(3,))
+
+    def on_output(self, out) -> list:
+        self.steps += 1
+        return [out.token]
+
+    def result(self) -> dict:
+        return {}
+
+
 def test_decode_graph_replays_are_bit_identical_to_eager_runs():
     """The same batch-32 decode step, replayed ten times from its CUDA graph and
     run eagerly through the same function: the same logits, bit for bit."""
@@ -131,8 +152,8 @@ def test_decode_graph_replays_are_bit_identical_to_eager_runs():
         images = [md.encode_image(golden_image(n)) for n in ("wide", "tall", "square378", "big")]
         reqs = []
         for i in range(32):
-            skill, items, bidir = md._prepare_query(images[i % 4], f"question {i}", False, None, {"temperature": 0.7, "max_tokens": 40, "seed": i})
-            reqs.append(Request(skill=skill, pending=items, bidir_len=bidir))
+            _, items, bidir = md._prepare_query(images[i % 4], f"question {i}", False, None, None)
+            reqs.append(Request(skill=Endless(seed=i), pending=items, bidir_len=bidir))
             md.engine.add_request(reqs[-1])
         while any(not r.history or r.pending_len > 1 for r in reqs):
             md.engine.step()

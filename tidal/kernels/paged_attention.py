@@ -93,7 +93,7 @@ def _decode_reduce_kernel(
 def decode_split(max_context: int, batch: int, heads: int, num_sms: int = 132) -> int:
     """Positions per split: small enough that the grid fills the GPU at small
     batch, large enough not to launch idle programs at large batch."""
-    split = 128
+    split = 64
     while split < max_context and batch * heads * triton.cdiv(max_context, split) > 8 * num_sms and split < 2048:
         split *= 2
     return split
@@ -130,7 +130,7 @@ def decode_attention(
         part_lse.stride(0), part_lse.stride(1),
         dim**-0.5,
         GROUP=group, D=dim, BLOCK_N=64, SPLIT=split,
-        num_warps=4,
+        num_warps=4, num_stages=3,
     )
     _decode_reduce_kernel[(bsz, heads)](
         part_o, part_lse, out,

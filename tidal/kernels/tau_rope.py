@@ -116,13 +116,14 @@ def tau_rope_kv(
     half = cos.shape[1]
     lin_here = tokens <= LIN_HERE_MAX_TOKENS
     lin = w_tau if lin_here else torch.nn.functional.linear(torch.nn.functional.gelu(qkv.float()), w_tau)
-    block_t = 1 if tokens == 1 else 16
+    # with the projection inside, many programs and wide chunks keep loads in flight
+    block_t = 1 if tokens == 1 else 4 if lin_here else 16
     _tau_rope_kv_kernel[(triton.cdiv(tokens, block_t), n_heads)](
         qkv, lin, w_tau, alpha, positions, out_cache_loc, cos, sin, q, k_cache, v_cache,
         tokens, qkv.stride(0), lin.stride(0), w_tau.stride(0), q.stride(0), q.stride(1), cos.stride(0),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         H=n_heads, HKV=n_kv, D=head_dim, HALF=half, ROT=2 * half, BLOCK_T=block_t,
-        LIN_HERE=lin_here, BLOCK_C=256,
-        num_warps=1 if block_t == 1 else 4,
+        LIN_HERE=lin_here, BLOCK_C=1024 if lin_here else 256,
+        num_warps=4,
     )
     return q
