@@ -159,14 +159,16 @@ def decode_sweep(md: Moondream, batches: tuple[int, ...], context: int, tokens: 
             md.engine.add_request(r)
         while any(not r.history or r.pending_len > 1 for r in reqs):
             md.engine.step()  # the prefills
-        steps = []
+        steps, sizes = [], []
         while md.engine.has_work():
             sync()
             t = time.perf_counter()
             md.engine.step()
             sync()
             steps.append((time.perf_counter() - t) * 1000)
+            sizes.append(len(md.engine.stats.last_chunks))
         ms = statistics.median(steps)
+        results[f"{label}_decode_b{batch}_median_rows"] = statistics.median(sizes)  # sequences per measured step
         results[f"{label}_decode_b{batch}_ms"] = ms
         results[f"{label}_decode_b{batch}_tok_s"] = batch * 1000 / ms
         results[f"floor_decode_b{batch}_ms"] = decode_floor_ms(md.model, batch, context + tokens // 2, bandwidth)
@@ -232,6 +234,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on any device: a dry run of the script itself")
+    ap.add_argument("--memory-gb", type=float, default=None, help="cap this process's device memory (e.g. 24 for a 24 GB card)")
     args = ap.parse_args()
     global FULL, KV_BYTES_PER_POSITION
     if args.tiny:
@@ -248,6 +251,9 @@ def main() -> None:
         "commit": commit,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if args.memory_gb is not None and DEV.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(args.memory_gb * 2**30 / torch.cuda.get_device_properties(DEV).total_memory)
+        results["memory_cap_gb"] = args.memory_gb
     bandwidth = copy_bandwidth()
     results["copy_bandwidth_tb_s"] = bandwidth / 1e12
     reps = 3 if args.quick else 5

@@ -92,14 +92,29 @@ class Engine:
         self.stats = EngineStats()
 
     def _auto_pages(self) -> int:
+        """KV pages from the device memory left after the weights, within the
+        process's memory cap (torch.cuda.set_per_process_memory_fraction),
+        less a reserve for activations, sampling and CUDA graphs; at most what
+        max_running full contexts could use."""
         kv = self.model.kv_layout
         per_token = KVPool.bytes_per_token(kv.n_layers, kv.n_kv_heads, kv.head_dim, self.model.dtype)
-        if self.model.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.model.device)
-            pages = int(free * self.config.kv_memory_fraction) // per_token
-        else:
-            pages = self.config.cpu_kv_pages
-        return max(2, min(pages, self.config.max_running * self.model.max_context + 1))
+        most = self.config.max_running * self.model.max_context + 1
+        dev = self.model.device
+        if dev.type != "cuda":
+            return max(2, min(self.config.cpu_kv_pages, most))
+        free, total = torch.cuda.mem_get_info(dev)
+        capped = torch.cuda.get_per_process_memory_fraction(dev) * total - torch.cuda.memory_reserved(dev)
+        usable = min(free, capped) - self._reserve_bytes()
+        pages = int(max(usable, 0) * self.config.kv_memory_fraction) // per_token
+        if pages < self.model.max_context:
+            logger.warning("only %d KV pages fit in the device memory left (%.1f GiB); long prompts will wait or be refused", pages, usable / 2**30)
+        return max(2, min(pages, most))
+
+    def _reserve_bytes(self) -> int:
+        """Memory kept free of the KV pool: a prefill chunk's activations, the
+        largest decode batch's logits and sampling buffers, graph pools."""
+        vocab = getattr(self.model, "vocab_size", 0)
+        return (1 << 30) + self.config.token_budget * (64 << 10) + self.config.max_running * vocab * 16
 
     # -- requests ------------------------------------------------------------
     def add_request(self, req: Request) -> None:
