@@ -146,3 +146,8 @@ def test_serve_refuses_zero_running_requests_at_once():
     out = subprocess.run([sys.executable, "-m", "tidal", "serve", "--max-running", "0"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--max-running" in out.stderr and "at least 1" in out.stderr
     assert time.time() - t0 < 30
+
+
+def test_serve_refuses_a_kv_fraction_past_one():
+    out = subprocess.run([sys.executable, "-m", "tidal", "serve", "--kv-memory-fraction", "1.5"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "kv_memory_fraction must be a number in (0, 1]" in out.stderr

@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-running", type=_positive_int, default=64, help="requests batched at once")
     serve.add_argument("--kv-pages", type=_positive_int, default=None, help="KV cache size in tokens (default: from free GPU memory)")
     serve.add_argument("--token-budget", type=_positive_int, default=2048, help="positions fed per engine step")
+    serve.add_argument("--kv-memory-fraction", type=float, default=0.85, help="share of the GPU memory left after the weights that the KV cache takes (default 0.85)")
+    serve.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly (debugging)")
     serve.add_argument("--no-prefix-cache", action="store_true", help="turn off prefix (and image) caching")
     serve.add_argument("--max-queue", type=_positive_int, default=256, help="waiting requests before 503")
     serve.add_argument("--max-body-mb", type=float, default=32, help="largest request body")
@@ -59,7 +61,8 @@ def _local_root(folder: str | None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
         from tidal.demo import run_demo
@@ -74,7 +77,17 @@ def main(argv: list[str] | None = None) -> int:
         from tidal.server.serve import serve
 
         name = args.served_model_name or (Path(args.model).name if args.model else "moondream3-tiny")
-        engine = EngineConfig(max_running=args.max_running, kv_pages=args.kv_pages, token_budget=args.token_budget, prefix_cache=not args.no_prefix_cache)
+        try:
+            engine = EngineConfig(
+                max_running=args.max_running,
+                kv_pages=args.kv_pages,
+                token_budget=args.token_budget,
+                kv_memory_fraction=args.kv_memory_fraction,
+                prefix_cache=not args.no_prefix_cache,
+                cuda_graphs=not args.no_cuda_graphs,
+            )
+        except ValueError as exc:
+            parser.error(str(exc))
         server = ServerConfig(
             model_name=name,
             max_body_bytes=int(args.max_body_mb * 1024 * 1024),
