@@ -105,6 +105,25 @@ def run_case(md, case: dict, image):
     return md.point(image, case["object"], settings=settings)
 
 
+def prepare_case(md, case: dict, image=None):
+    """A golden skill case as the engine takes it: (skill, items, bidir_len).
+    image: what to pass as the image (default: the case's image file)."""
+    img = (None if case["image"] is None else golden_image(case["image"])) if image is None else image
+    kind = case["kind"]
+    if kind == "query":
+        return md._prepare_query(img, case["question"], case["reasoning"], case.get("spatial_refs"), case["settings"])
+    if kind == "caption":
+        return md._prepare_caption(img, case["length"], case["settings"])
+    return md._prepare_locate(img, case["object"], case["settings"], kind == "detect")
+
+
+def finished_request(md, case: dict):
+    """Run a golden case to the end through md; -> its Request (result, trace)."""
+    handle = md._submit(*prepare_case(md, case))
+    handle.wait()
+    return handle.request
+
+
 def assert_matches_golden(result: dict, case: dict) -> None:
     """Texts and grounding exactly, coordinates within 1e-5, same counts."""
     got = json.loads(json.dumps(result))

@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import GOLDEN, assert_matches_golden, golden_cases, golden_image, run_case
+from conftest import (
+    GOLDEN,
+    assert_matches_golden,
+    finished_request,
+    golden_cases,
+    golden_image,
+    run_case,
+)
 from safetensors.torch import load_file
 
 import tidal
@@ -50,17 +57,7 @@ def test_image_embeddings(bf16, case):
 
 
 def _first_logits(md, case) -> torch.Tensor:
-    img = None if case["image"] is None else golden_image(case["image"])
-    kind = case["kind"]
-    if kind == "query":
-        job = md._prepare_query(img, case["question"], case["reasoning"], case.get("spatial_refs"), case["settings"])
-    elif kind == "caption":
-        job = md._prepare_caption(img, case["length"], case["settings"])
-    else:
-        job = md._prepare_locate(img, case["object"], case["settings"], kind == "detect")
-    handle = md._submit(*job)
-    handle.wait()
-    return handle.request.trace[0].logits
+    return finished_request(md, case).trace[0].logits
 
 
 def test_first_output_logits_agree_except_at_router_ties(bf16, fp32):

@@ -8,6 +8,7 @@ from conftest import (
     GOLDEN,
     assert_matches_golden,
     case_id,
+    finished_request,
     golden_cases,
     golden_image,
     run_case,
@@ -52,20 +53,6 @@ def test_skill_on_cuda(cuda_md, cuda_encoded, case):
     assert_matches_golden(run_case(cuda_md, case, image), case)
 
 
-def _traced(md, case):
-    img = None if case["image"] is None else golden_image(case["image"])
-    kind = case["kind"]
-    if kind == "query":
-        job = md._prepare_query(img, case["question"], case["reasoning"], case.get("spatial_refs"), case["settings"])
-    elif kind == "caption":
-        job = md._prepare_caption(img, case["length"], case["settings"])
-    else:
-        job = md._prepare_locate(img, case["object"], case["settings"], kind == "detect")
-    handle = md._submit(*job)
-    handle.wait()
-    return handle.request
-
-
 # The outputs each skill acts on: text skills the token, detect the coordinate
 # and size bins, point the coordinate bins; both decide whether to go on by
 # logit(coord id 5) >= logit(eos id 0).
@@ -100,7 +87,7 @@ def test_bf16_fast_path_follows_the_float32_torch_path():
     divergences, agree = [], 0
     try:
         for case in SKILL_CASES:
-            want, got = _traced(f32, case), _traced(b16, case)
+            want, got = finished_request(f32, case), finished_request(b16, case)
             if want.skill.result() == got.skill.result():
                 agree += 1
                 continue

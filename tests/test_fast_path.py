@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import GOLDEN, assert_matches_golden, golden_cases, golden_image
+from conftest import (
+    GOLDEN,
+    assert_matches_golden,
+    finished_request,
+    golden_cases,
+    prepare_case,
+)
 
 pytest.importorskip("triton")
 
@@ -32,20 +38,6 @@ CASES = [
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _prepare(md, case):
-    img = None if case["image"] is None else golden_image(case["image"])
-    kind = case["kind"]
-    if kind == "query":
-        return md._prepare_query(img, case["question"], case["reasoning"], case.get("spatial_refs"), case["settings"])
-    if kind == "caption":
-        return md._prepare_caption(img, case["length"], case["settings"])
-    return md._prepare_locate(img, case["object"], case["settings"], kind == "detect")
-
-
-def _submit(md, case):
-    return md._submit(*_prepare(md, case))
-
-
 @pytest.fixture(scope="module")
 def runs():
     """Each case on the torch path and on the fast path, alone; then all of
@@ -56,11 +48,9 @@ def runs():
         try:
             out[kernels] = []
             for case in CASES:
-                h = _submit(md, case)
-                h.wait()
-                out[kernels].append(h.request)
+                out[kernels].append(finished_request(md, case))
             if kernels:  # all at once, stepped here so that they surely share steps
-                reqs = [Request(skill=skill, pending=items, bidir_len=bidir) for skill, items, bidir in (_prepare(md, c) for c in CASES)]
+                reqs = [Request(skill=skill, pending=items, bidir_len=bidir) for skill, items, bidir in (prepare_case(md, c) for c in CASES)]
                 for r in reqs:
                     md.engine.add_request(r)
                 while md.engine.has_work():

@@ -11,7 +11,7 @@ Greedy text can agree by luck; logits cannot.
 from __future__ import annotations
 
 import pytest
-from conftest import assert_engine_idle, golden_cases, golden_image
+from conftest import assert_engine_idle, golden_cases, prepare_case
 
 from tidal import EngineConfig, Moondream
 from tidal.engine.request import Request
@@ -36,18 +36,8 @@ TARGETS = {
 }
 
 
-def _prepare(md: Moondream, case: dict, image=None):
-    img = golden_image(case["image"]) if image is None else image
-    kind = case["kind"]
-    if kind == "query":
-        return md._prepare_query(img, case["question"], case["reasoning"], case.get("spatial_refs"), case["settings"])
-    if kind == "caption":
-        return md._prepare_caption(img, case["length"], case["settings"])
-    return md._prepare_locate(img, case["object"], case["settings"], kind == "detect")
-
-
 def _submit(md: Moondream, case: dict):
-    return md._submit(*_prepare(md, case))
+    return md._submit(*prepare_case(md, case))
 
 
 def _engine(golden_md, **config) -> Moondream:
@@ -158,7 +148,7 @@ def test_after_preemption(alone, engine, name):
     """Preempted after its first output, the request recomputes what it had
     fed and goes on; every output, before and after, is unchanged."""
     md = engine(prefix_cache=False)
-    skill, items, bidir = _prepare(md, TARGETS[name][1])
+    skill, items, bidir = prepare_case(md, TARGETS[name][1])
     req = Request(skill=skill, pending=items, bidir_len=bidir)
     md.engine.add_request(req)
     while not req.trace:
