@@ -103,7 +103,7 @@ def decoded_image(image: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> It
         raise ImageError(f"unsupported image type {type(image).__name__}; pass {ACCEPTED}")
     if not data:
         raise ImageError(f"{what} {'are' if what.endswith('bytes') else 'is'} empty")
-    pil = _open(data, what)
+    pil = open_header(data, what)
     _check_size(pil.width, pil.height, max_pixels)  # from the header: nothing decoded yet
     with DECODE_BUDGET.reserve(pil.width * pil.height):
         try:
@@ -122,8 +122,9 @@ def load_image(image: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image
         return rgb
 
 
-def _open(data: bytes, what: str) -> Image.Image:
-    """Read the header only (Pillow decodes lazily)."""
+def open_header(data: bytes, what: str) -> Image.Image:
+    """Open image bytes of an accepted format, reading the header only (Pillow
+    decodes lazily); ImageError if they are not one."""
     try:
         return Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError:

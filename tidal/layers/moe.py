@@ -35,15 +35,10 @@ def moe_forward(
     fc1: torch.Tensor,
     fc2: torch.Tensor,
     top_k: int,
-    fused: bool = False,
 ) -> torch.Tensor:
-    """x [T, D]; fc1 [E, 2I, D]; fc2 [E, D, I] -> [T, D]. fused: the Triton
-    kernels (tidal.kernels.fused_moe); else the torch reference."""
+    """x [T, D]; fc1 [E, 2I, D]; fc2 [E, D, I] -> [T, D], the torch reference
+    (the fast path is moe_parts)."""
     weights, ids = route(x, router_w, router_b, top_k)
-    if fused:
-        from tidal.kernels.fused_moe import fused_experts
-
-        return fused_experts(x, weights, ids, fc1, fc2)
     return experts(x, weights, ids, fc1, fc2)
 
 

@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import stat
 from pathlib import Path
 from urllib.parse import unquote
 
-from PIL import Image
-
 from tidal.errors import ImageError
-from tidal.images import FORMATS
+from tidal.images import open_header
 from tidal.server.config import ServerConfig
 
 
@@ -73,9 +70,9 @@ def _local_file(url: str, config: ServerConfig) -> bytes:
     if len(data) > config.max_image_bytes:
         raise ImageError(f"the image file is over {config.max_image_bytes} bytes; the limit is {config.max_image_bytes}")
     try:
-        Image.open(io.BytesIO(data), formats=FORMATS)  # header only: "not an image" reads as "not found"
-    except Exception:
-        raise _unreadable(raw) from None
+        open_header(data, "the image file")
+    except ImageError:
+        raise _unreadable(raw) from None  # "not an image" reads as "not found"
     return data
 
 

@@ -39,10 +39,9 @@ class MoEMLP(nn.Module):
         self.fc1 = ExpertWeights(num_experts, 2 * inner, dim)
         self.fc2 = ExpertWeights(num_experts, dim, inner)
         self.top_k = top_k
-        self.fused = False  # the Triton fused-MoE kernels (CUDA); set by TextModel.use_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return moe_forward(x, self.router.weight, self.router.bias, self.fc1.weight, self.fc2.weight, self.top_k, self.fused)
+        return moe_forward(x, self.router.weight, self.router.bias, self.fc1.weight, self.fc2.weight, self.top_k)
 
     def parts(self, x: torch.Tensor) -> torch.Tensor:
         """The fast path: [T, k, D], the k weighted expert outputs, not yet summed."""
@@ -139,8 +138,6 @@ class TextModel(nn.Module):
         for block in self.blocks:
             attn = block.attn
             attn.fused_tau = torch.cat([attn.tau["wq"], attn.tau["wv"]]).float() if enabled else None
-            if isinstance(block.mlp, MoEMLP):
-                block.mlp.fused = enabled
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.wte)
