@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "tidal"
 # Top to bottom; a module may import its own layer or any below it.
 ORDER = ["cli", "demo", "server", "api", "models", "engine", "cache", "runner", "layers", "kernels", "core", "base"]
-BASE = {"errors", "validation", "images"}  # leaf helpers any layer may use
+BASE = {"errors", "validation", "images", "resample"}  # leaf helpers any layer may use
 
 
 def _layer(module: str) -> str:

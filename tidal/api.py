@@ -8,6 +8,7 @@ import random
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 
@@ -20,7 +21,6 @@ from tidal.engine.skill import Skill
 from tidal.errors import InvalidRequestError, PromptTooLongError
 from tidal.images import DEFAULT_MAX_PIXELS, ImageLike, decoded_image, image_key
 from tidal.models.moondream3.model import Moondream3Model
-from tidal.models.moondream3.processor import overlap_crops
 from tidal.models.moondream3.prompts import PromptBuilder
 from tidal.models.moondream3.skills import CaptionSkill, LocateSkill, QuerySkill
 from tidal.models.moondream3.tokenizer import load_tokenizer
@@ -157,7 +157,8 @@ class Moondream:
                 raise InvalidRequestError("this EncodedImage was made by another model instance")
             return ImageInput(image.embeds, image.key)
         with decoded_image(image, self.max_image_pixels) as rgb:
-            return ImageRef(overlap_crops(rgb, self.config.vision), image_key(rgb), self.config.vision.n_image_tokens)
+            # the model crops the pixels when it encodes them: not at all when the image is cached
+            return ImageRef(np.asarray(rgb), image_key(rgb), self.config.vision.n_image_tokens)
 
     # -- skills ----------------------------------------------------------------
     def query(

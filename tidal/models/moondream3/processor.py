@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tidal.resample import resize_like_pillow
+
 from .config import VisionConfig
 
 
@@ -59,27 +61,60 @@ class Crops:
         return int(self.pixels.shape[0])
 
 
-def overlap_crops(image: Image.Image, config: VisionConfig) -> Crops:
-    """Cut an RGB image into the global crop plus overlapping local crops."""
-    rgb = np.asarray(image.convert("RGB"))
+@dataclass(frozen=True)
+class CropPlan:
+    """Where an image's local crops come from: the image is resized to
+    (height, width) and cut every `window` pixels into `tiling` crops."""
+
+    tiling: tuple[int, int]
+    height: int
+    width: int
+    window: int
+
+
+def crop_plan(height: int, width: int, config: VisionConfig) -> CropPlan:
+    """The local-crop layout for an image of `height` x `width` pixels."""
     size, patch, margin = config.crop_size, config.enc_patch_size, config.overlap_margin
     margin_px = patch * margin
     window = (size // patch - 2 * margin) * patch  # usable pixels per local crop
-    orig_h, orig_w = rgb.shape[:2]
-    tiling = select_tiling(orig_h - 2 * margin_px, orig_w - 2 * margin_px, window, config.max_crops)
+    tiling = select_tiling(height - 2 * margin_px, width - 2 * margin_px, window, config.max_crops)
+    return CropPlan(tiling, tiling[0] * window + 2 * margin_px, tiling[1] * window + 2 * margin_px, window)
 
-    target_h = tiling[0] * window + 2 * margin_px
-    target_w = tiling[1] * window + 2 * margin_px
+
+def overlap_crops(image: Image.Image, config: VisionConfig) -> Crops:
+    """Cut an RGB image into the global crop plus overlapping local crops (Pillow, on the CPU)."""
+    rgb = np.asarray(image.convert("RGB"))
+    size = config.crop_size
+    plan = crop_plan(rgb.shape[0], rgb.shape[1], config)
     pil = Image.fromarray(rgb)
-    resized = np.asarray(pil.resize((target_w, target_h), Image.Resampling.LANCZOS))
-    crops = np.zeros((tiling[0] * tiling[1] + 1, size, size, 3), dtype=np.uint8)
+    resized = np.asarray(pil.resize((plan.width, plan.height), Image.Resampling.LANCZOS))
+    crops = np.zeros((plan.tiling[0] * plan.tiling[1] + 1, size, size, 3), dtype=np.uint8)
     crops[0] = np.asarray(pil.resize((size, size), Image.Resampling.LANCZOS))
-    for i in range(tiling[0]):
-        for j in range(tiling[1]):
-            y0, x0 = i * window, j * window
-            region = resized[y0 : min(y0 + size, target_h), x0 : min(x0 + size, target_w)]
-            crops[1 + i * tiling[1] + j, : region.shape[0], : region.shape[1]] = region
-    return Crops(pixels=crops, tiling=tiling)
+    for idx, (y0, x0) in enumerate(_crop_origins(plan)):
+        region = resized[y0 : y0 + size, x0 : x0 + size]
+        crops[1 + idx, : region.shape[0], : region.shape[1]] = region
+    return Crops(pixels=crops, tiling=plan.tiling)
+
+
+def overlap_crops_tensor(pixels: torch.Tensor, config: VisionConfig) -> tuple[torch.Tensor, tuple[int, int]]:
+    """overlap_crops on any torch device, equal to it pixel for pixel.
+
+    pixels: uint8 [H, W, 3]. -> (uint8 crops [n_crops, crop, crop, 3] on the
+    same device, global crop first; tiling (rows, cols)).
+    """
+    size = config.crop_size
+    plan = crop_plan(int(pixels.shape[0]), int(pixels.shape[1]), config)
+    resized = resize_like_pillow(pixels, (plan.width, plan.height))
+    crops = pixels.new_zeros((plan.tiling[0] * plan.tiling[1] + 1, size, size, 3))
+    crops[0] = resize_like_pillow(pixels, (size, size))
+    for idx, (y0, x0) in enumerate(_crop_origins(plan)):
+        region = resized[y0 : y0 + size, x0 : x0 + size]
+        crops[1 + idx, : region.shape[0], : region.shape[1]] = region
+    return crops, plan.tiling
+
+
+def _crop_origins(plan: CropPlan) -> list[tuple[int, int]]:
+    return [(i * plan.window, j * plan.window) for i in range(plan.tiling[0]) for j in range(plan.tiling[1])]
 
 
 def crops_to_tensor(crops: Crops, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
@@ -90,9 +125,29 @@ def crops_to_tensor(crops: Crops, device: torch.device | str, dtype: torch.dtype
     the reference results.
     """
     x = torch.from_numpy(np.ascontiguousarray(crops.pixels.transpose(0, 3, 1, 2)))
+    return _normalize_on_cpu(x).to(device=device, dtype=dtype)
+
+
+def _normalize_on_cpu(x: torch.Tensor) -> torch.Tensor:
     # On the CPU, where the reference ran: CUDA rounds bf16 division differently.
-    x = x.to(dtype=torch.bfloat16).div_(255.0).sub_(0.5).div_(0.5)
-    return x.to(device=device, dtype=dtype)
+    return x.to(dtype=torch.bfloat16).div_(255.0).sub_(0.5).div_(0.5)
+
+
+_LUTS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def normalize_crops(crops: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """crops_to_tensor for uint8 crops already on their device.
+
+    crops: uint8 [n, crop, crop, 3] -> [n, 3, crop, crop] in [-1, 1], `dtype`.
+    Each value is looked up in a 256-entry table computed with crops_to_tensor's
+    own CPU arithmetic, so the results are identical on any device.
+    """
+    key = (crops.device, dtype)
+    lut = _LUTS.get(key)
+    if lut is None:
+        lut = _LUTS[key] = _normalize_on_cpu(torch.arange(256, dtype=torch.uint8)).to(device=crops.device, dtype=dtype)
+    return lut[crops.permute(0, 3, 1, 2).long()]
 
 
 def stitch_crops(local: torch.Tensor, tiling: tuple[int, int], margin: int) -> torch.Tensor:
