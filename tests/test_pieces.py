@@ -154,3 +154,21 @@ def test_config_overrides_and_defaults():
     real = MoondreamConfig()
     assert (real.text.dim, real.text.n_layers, real.text.rotary_dim, real.text.rope_theta) == (2048, 24, 32, 1.5e6)
     assert MoondreamConfig.from_dict({"text": {"moe": None}}).text.is_moe_layer(10) is False
+
+
+def test_slot_table_writes_apply_together_in_order():
+    """The scheduler's writes to the request-to-slot table wait for one flush;
+    an entry written twice keeps the later value, as if written one by one."""
+    from tidal.cache.kv_pool import ReqToTokenPool
+
+    pool = ReqToTokenPool(4, 16, "cpu")
+    want = torch.zeros_like(pool.table)
+    writes = [(0, 0, [5, 6, 7]), (2, 3, [9]), (0, 2, [11, 12]), (3, 0, []), (2, 3, [13, 14])]
+    for row, start, slots in writes:
+        pool.write(row, start, slots)
+        want[row, start : start + len(slots)] = torch.tensor(slots, dtype=torch.int64)
+    assert torch.equal(pool.table, torch.zeros_like(pool.table))  # nothing before the flush
+    pool.flush()
+    assert torch.equal(pool.table, want)
+    pool.flush()  # nothing pending: no change
+    assert torch.equal(pool.table, want)

@@ -7,6 +7,7 @@ sharing never needs copy-on-write of partly filled pages.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from tidal.core import h2d
@@ -85,14 +86,34 @@ class ReqToTokenPool:
         self.scratch_row = max_requests
         self._free_rows = list(range(max_requests - 1, -1, -1))
         self.max_requests = max_requests
+        self._pending: list[tuple[int, int, list[int]]] = []
 
     @property
     def available(self) -> int:
         return len(self._free_rows)
 
     def write(self, row: int, start: int, slots: list[int]) -> None:
-        """table[row, start : start + len(slots)] = slots, without waiting on the device."""
-        self.table[row, start : start + len(slots)] = h2d(slots, torch.int64, self.table.device)
+        """table[row, start : start + len(slots)] = slots, applied at the next flush()."""
+        if slots:
+            self._pending.append((row, start, slots))
+
+    def flush(self) -> None:
+        """Apply the pending writes in one host-to-device copy and one scatter
+        (a step schedules one write per request: 256 small copies otherwise).
+        Where two writes hit the same entry, the later one wins, as if applied in order."""
+        if not self._pending:
+            return
+        rows = np.concatenate([np.full(len(s), r, dtype=np.int64) for r, _, s in self._pending])
+        cols = np.concatenate([np.arange(st, st + len(s), dtype=np.int64) for _, st, s in self._pending])
+        vals = np.concatenate([np.asarray(s, dtype=np.int64) for _, _, s in self._pending])
+        self._pending.clear()
+        keys = rows * self.table.shape[1] + cols
+        if len(np.unique(keys)) < len(keys):  # keep each entry's last write
+            _, last = np.unique(keys[::-1], return_index=True)
+            keep = len(keys) - 1 - last
+            rows, cols, vals = rows[keep], cols[keep], vals[keep]
+        packed = h2d(np.stack([rows, cols, vals]), torch.int64, self.table.device)
+        self.table[packed[0], packed[1]] = packed[2]
 
     def alloc(self) -> int | None:
         return self._free_rows.pop() if self._free_rows else None

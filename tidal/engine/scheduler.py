@@ -170,7 +170,7 @@ class Scheduler:
         prefixes, then preempting the newest other running requests."""
         if self.allocator.available < n and self.cache is not None:
             self.cache.evict(n - self.allocator.available)
-        busy = {c.req for c in scheduled} | {req}
+        busy = {c.req for c in scheduled} | {req} if self.allocator.available < n else set()
         while self.allocator.available < n:
             victim = next((r for r in reversed(self.running) if r not in busy), None)
             if victim is None:

@@ -103,6 +103,7 @@ class DecodeGraphs:
         n = len(steps)
         bucket = self.bucket(n)
         sampled = any(s.output.temperature > 0 for s in steps)  # type: ignore[union-attr]
+        self.runner.req_to_token.flush()  # the scheduler's slot assignments, in one copy
         self._fill(steps)
         self._pad(n, bucket)
         self.ints.copy_(self.ints_host, non_blocking=True)

@@ -97,6 +97,7 @@ class ModelRunner:
     def build_batch(self, steps: list[SeqStep]) -> ForwardBatch:
         """Flatten the steps' items into position-level device tensors (one
         host-to-device copy each, none waiting on the device)."""
+        self.req_to_token.flush()  # the scheduler's slot assignments, in one copy
         ids: list[int] = []
         positions: list[int] = []
         kinds: list[int] = []
