@@ -3,7 +3,12 @@ torch path, at full size with random bf16 weights (never zeros), each figure
 beside its floor: the bytes the step must read over the copy bandwidth
 measured in the same run.
 
-    PYTHONPATH=. python3 benchmarks/bench_moondream.py [--out DIR] [--quick] [--tiny]
+    PYTHONPATH=. python3 benchmarks/bench_moondream.py [--out DIR] [--quick] [--tiny] [--only PART]
+
+Beside tidal, in the same run on the same weights: the model authors' reference
+implementation, eager and under its own torch.compile (when it has been fetched
+into peers/moondream3: see benchmarks/reference_peer.py), and the mixed workload
+through the Python API and the HTTP server (benchmarks/mixed_workload.py).
 
 Method: fixed output lengths (a skill that never stops early; detect and point
 forced to N objects), wall clock around whole engine steps with
@@ -27,20 +32,21 @@ import torch
 from PIL import Image
 
 from tidal.api import Moondream
-from tidal.core import ImageRef, OutputSpec, StepResult
+from tidal.core import OutputSpec, StepResult
 from tidal.engine.engine import EngineConfig
 from tidal.engine.request import Request
 from tidal.engine.skill import Skill
 from tidal.images import image_key
 from tidal.models.moondream3.config import MoondreamConfig
 from tidal.models.moondream3.model import Moondream3Model
-from tidal.models.moondream3.processor import overlap_crops
+from tidal.models.moondream3.processor import overlap_crops_tensor
 from tidal.models.moondream3.skills import LocateSkill
 from tidal.models.moondream3.tiny import build_tokenizer, init_random_
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FULL = MoondreamConfig()  # --tiny swaps in the embedded tiny shapes for a CPU dry run
 KV_BYTES_PER_POSITION = 0  # set in main: all layers' K and V of one position
+PARTS = ("decode", "latency", "mixed", "torch", "reference")
 
 
 # -- helpers ---------------------------------------------------------------------
@@ -179,8 +185,9 @@ def decode_sweep(md: Moondream, batches: tuple[int, ...], context: int, tokens: 
 
 
 def first_output(md: Moondream, img: Image.Image, question_ids: list[int]) -> None:
-    crops = overlap_crops(img, md.config.vision)
-    ref = ImageRef(crops, image_key(img), md.config.vision.n_image_tokens)
+    """A query's first output as the API makes it: hash the pixels; crops and
+    encoder only when the prefix cache lacks the image."""
+    ref = md._image_item(img)
     run_to_end(md, [Request(skill=FixedLength(1), pending=[0, ref, 1, 15381, 2, *question_ids, 3], bidir_len=730)])
 
 
@@ -194,8 +201,13 @@ def ttft(md: Moondream, results: dict, reps: int, label: str) -> None:
         first_output(md, img, [54])
         qs = iter(range(100, 200))
         results[f"{label}_ttft_{name}_cached_ms"] = statistics.median(timed(lambda: first_output(md, img, [next(qs), 61]), reps))
-        results[f"crops_{name}_ms"] = statistics.median(timed(lambda: overlap_crops(image(w, h, 3), md.config.vision), reps))
-        print(f"{label} ttft {name}: cold {results[f'{label}_ttft_{name}_cold_ms']:.1f} ms, cached {results[f'{label}_ttft_{name}_cached_ms']:.1f} ms", flush=True)
+        img = image(w, h, 3)
+        pixels = torch.from_numpy(np.asarray(img)).to(DEV)
+        results[f"crops_{name}_ms"] = statistics.median(timed(lambda: overlap_crops_tensor(pixels, md.config.vision), reps))
+        results[f"hash_{name}_ms"] = statistics.median(timed(lambda: image_key(img), reps))
+        arr = np.asarray(img)
+        results[f"{label}_encode_{name}_ms"] = statistics.median(timed(lambda: md.engine.runner.encode_image(arr), reps))
+        print(f"{label} ttft {name}: cold {results[f'{label}_ttft_{name}_cold_ms']:.1f} ms, cached {results[f'{label}_ttft_{name}_cached_ms']:.1f} ms (of it: hash {results[f'hash_{name}_ms']:.2f} ms, crops on the device {results[f'crops_{name}_ms']:.2f} ms, whole image encode {results[f'{label}_encode_{name}_ms']:.1f} ms)", flush=True)
 
 
 def locate(md: Moondream, results: dict, reps: int, label: str) -> None:
@@ -237,14 +249,19 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on any device: a dry run of the script itself")
-    ap.add_argument("--only", choices=["decode"], default=None, help="just the decode sweep")
+    ap.add_argument("--only", default=None, help=f"comma-separated parts to run, of {','.join(PARTS)} (default: all)")
     ap.add_argument("--memory-gb", type=float, default=None, help="cap this process's device memory (e.g. 24 for a 24 GB card)")
     args = ap.parse_args()
     global FULL, KV_BYTES_PER_POSITION
+    tiny_overrides = None
     if args.tiny:
+        import copy
+
         from tidal.models.moondream3.tiny import TINY_OVERRIDES
 
-        FULL = MoondreamConfig.from_dict(TINY_OVERRIDES)
+        tiny_overrides = copy.deepcopy(TINY_OVERRIDES)
+        tiny_overrides["vision"]["enc_n_layers"] = 27  # the reference takes its crop grid (27x27) from this
+        FULL = MoondreamConfig.from_dict(tiny_overrides)
     tc = FULL.text
     KV_BYTES_PER_POSITION = 2 * tc.n_layers * tc.n_kv_heads * tc.head_dim * 2
     # the device's copy of the tree may carry a stale .git: the caller names the commit
@@ -270,41 +287,93 @@ def main() -> None:
     results["params_b"] = sum(p.numel() for p in model.parameters()) / 1e9
     tok = build_tokenizer(model.config.text.vocab_size)
 
-    # fast path: kernels, CUDA graphs up to batch 256
     kernels = DEV.type == "cuda"
-    t0 = time.perf_counter()
-    md = Moondream(model, tok, EngineConfig(max_running=max(batches), prefix_cache=False, kernels=kernels))
-    results["fast_warmup_s"] = time.perf_counter() - t0
-    results["fast_graph_capture_s"] = md.engine.warmup_s
-    results["syncs_per_decode_step"] = count_syncs(md)
-    decode_sweep(md, batches, 740, 16 if args.quick else 32, results, "fast", bandwidth)
-    graphs = md.engine.runner.graphs
-    if graphs is not None:
-        results["fast_decode_graph_replays"] = graphs.replays
-        results["fast_decode_eager_runs"] = graphs.eager_runs
-    md.close()
-    if args.only == "decode":
-        _report(results, args.out)
-        return
+    parts = set(args.only.split(",")) if args.only else set(PARTS)
+    if parts - set(PARTS):
+        ap.error(f"unknown parts {sorted(parts - set(PARTS))}; choose from {','.join(PARTS)}")
+    if "decode" in parts:  # fast path: kernels, CUDA graphs up to batch 256
+        t0 = time.perf_counter()
+        md = Moondream(model, tok, EngineConfig(max_running=max(batches), prefix_cache=False, kernels=kernels))
+        results["fast_warmup_s"] = time.perf_counter() - t0
+        results["fast_graph_capture_s"] = md.engine.warmup_s
+        results["syncs_per_decode_step"] = count_syncs(md)
+        decode_sweep(md, batches, 740, 16 if args.quick else 32, results, "fast", bandwidth)
+        graphs = md.engine.runner.graphs
+        if graphs is not None:
+            results["fast_decode_graph_replays"] = graphs.replays
+            results["fast_decode_eager_runs"] = graphs.eager_runs
+        md = _close(md)
 
-    md = Moondream(model, tok, EngineConfig(max_running=64, kernels=kernels))  # prefix cache on
-    ttft(md, results, reps, "fast")
-    locate(md, results, reps, "fast")
-    steps, graphs = md.engine.stats.steps, md.engine.runner.graphs
-    if graphs is not None:
-        results["fast_share_of_steps_replayed"] = graphs.replays / max(steps, 1)
-    md.close()
-    if DEV.type == "cuda":
-        results["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    if "latency" in parts:
+        md = Moondream(model, tok, EngineConfig(max_running=64, kernels=kernels))  # prefix cache on
+        ttft(md, results, reps, "fast")
+        locate(md, results, reps, "fast")
+        steps, graphs = md.engine.stats.steps, md.engine.runner.graphs
+        if graphs is not None:
+            results["fast_share_of_steps_replayed"] = graphs.replays / max(steps, 1)
+        md = _close(md)
+        if DEV.type == "cuda":
+            results["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
 
-    # the torch path on the same weights: batch-1 decode and time to first output
-    md = Moondream(model, tok, EngineConfig(max_running=8, prefix_cache=False, kernels=False))
-    decode_sweep(md, (1,), 740, 4, results, "torch", bandwidth)
-    first_output(md, image(378, 378, 9), [54])
-    results["torch_ttft_378_cold_ms"] = statistics.median(timed(lambda: first_output(md, image(378, 378, 10), [54]), 2, warmup=0))
-    md.close()
+    if "mixed" in parts:
+        import mixed_workload
 
+        md = Moondream(model, tok, EngineConfig(max_running=64, kernels=kernels))
+        mixed_workload.measure(md, results, "fast", concurrencies=(1, 4) if args.tiny else (1, 16, 64), requests_per_client=2 if args.quick else 4)
+        md = _close(md)
+
+    if "torch" in parts:  # the torch path on the same weights: batch-1 decode and time to first output
+        md = Moondream(model, tok, EngineConfig(max_running=8, prefix_cache=False, kernels=False))
+        decode_sweep(md, (1,), 740, 4, results, "torch", bandwidth)
+        first_output(md, image(378, 378, 9), [54])
+        results["torch_ttft_378_cold_ms"] = statistics.median(timed(lambda: first_output(md, image(378, 378, 10), [54]), 2, warmup=0))
+        md = _close(md)
+
+    if "reference" in parts:
+        import reference_peer
+
+        if not reference_peer.available():
+            print(f"the reference is not in {reference_peer.DEFAULT_PATH}: skipped (see benchmarks/reference_peer.py)", flush=True)
+        else:
+            ref = reference_peer.load(model, tok, tiny_overrides)
+            images = {"378": image(378, 378, 21), "1080p": image(1920, 1080, 22)}
+            same_model_check(model, tok, ref, images, results, kernels)
+            reference_peer.measure(ref, images, results, "ref_eager", 8 if args.tiny else 16, 2)
+            results["ref_compile_s"] = reference_peer.compile_(ref)
+            print(f"reference compile: {results['ref_compile_s']:.0f} s", flush=True)
+            reference_peer.measure(ref, images, results, "ref_compiled", 32, reps)
+            del ref
     _report(results, args.out)
+
+
+def same_model_check(model, tok, ref, images: dict, results: dict, kernels: bool) -> None:
+    """The reference and tidal's fast path give the same first-answer logits on
+    the same image and question (both bf16: agreement to bf16's resolution)."""
+    import reference_peer
+
+    md = Moondream(model, tok, EngineConfig(max_running=1, kernels=kernels, cuda_graphs=False, trace_logits=True))
+    for name, img in images.items():
+        req = Request(skill=FixedLength(1), pending=[0, md._image_item(img), 1, 15381, 2, 54, 60, 3], bidir_len=730)
+        run_to_end(md, [req])
+        ours = req.trace[0].logits.float().flatten().cpu()
+        theirs = reference_peer.first_logits(ref, img, [54, 60]).cpu()
+        err = float((ours - theirs).abs().max() / theirs.abs().max())
+        results[f"ref_vs_fast_first_logits_{name}_rel_err"] = err
+        results[f"ref_vs_fast_first_token_{name}_same"] = bool(ours.argmax() == theirs.argmax())
+        print(f"same model check, {name}: first-answer logits within {err:.2e} relative of the reference; same token: {bool(ours.argmax() == theirs.argmax())}", flush=True)
+    _close(md)
+
+
+def _close(md: Moondream) -> None:
+    """Stop the engine; with the caller's reference dropped (md = _close(md)), its
+    KV pool and graphs go back before the next part."""
+    import gc
+
+    md.close()
+    md.engine = None  # the KV pool and graphs, even if something else holds md
+    gc.collect()
+    if DEV.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _report(results: dict, out: str) -> None:

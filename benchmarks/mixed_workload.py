@@ -1,0 +1,195 @@
+"""The mixed workload of the performance issue, through the Python API (the engine
+in process) and through the HTTP server (uvicorn on localhost, a client per slot).
+
+Mix: 70% short-answer queries (8 tokens), 10% captions (64 tokens), 10% detect and
+10% point (5 objects each); images from 378x378 to 1920x1080, half of the requests
+on an image seen before (the prefix cache's share). `concurrency` clients each send
+their next request when the last one answered (closed loop).
+
+Random weights would stop at an end token whenever it happens to win: while the
+workload runs, the end token's logit bias is lowered so every request produces
+its full length (restored afterwards).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import random
+import socket
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+SIZES = [(378, 378), (640, 480), (800, 600), (1024, 768), (1280, 720), (1920, 1080)]
+QUESTIONS = ["what is this", "how many cars are there", "what color is the sky", "is there a dog", "where is the person"]
+
+
+@dataclass(frozen=True)
+class Job:
+    skill: str  # query | caption | detect | point
+    image: int  # index into the image list
+    text: str
+
+
+def make_jobs(n: int, seed: int = 0) -> tuple[list[Job], list[Image.Image]]:
+    """n jobs of the mix; half reuse an image an earlier job used."""
+    rng = random.Random(seed)
+    images: list[Image.Image] = []
+    jobs = []
+    for i in range(n):
+        skill = rng.choices(["query", "caption", "detect", "point"], weights=[70, 10, 10, 10])[0]
+        if images and rng.random() < 0.5:
+            idx = rng.randrange(len(images))
+        else:
+            w, h = rng.choice(SIZES)
+            arr = np.random.default_rng(seed * 100_000 + i).integers(0, 255, (h, w, 3), dtype=np.uint8)
+            images.append(Image.fromarray(arr))
+            idx = len(images) - 1
+        jobs.append(Job(skill, idx, rng.choice(QUESTIONS) if skill == "query" else rng.choice(["car", "person", "dog"])))
+    return jobs, images
+
+
+@contextmanager
+def no_early_stop(model, eos_id: int):
+    """Every request runs its full length: the end token never wins."""
+    bias = model.text.lm_head.bias
+    saved = bias[eos_id].clone()
+    with torch.no_grad():
+        bias[eos_id] = -1e4
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            bias[eos_id] = saved
+
+
+def _call_api(md, job: Job, image) -> None:
+    if job.skill == "query":
+        md.query(image, job.text, settings={"max_tokens": 8})
+    elif job.skill == "caption":
+        md.caption(image, "normal", settings={"max_tokens": 64})
+    elif job.skill == "detect":
+        md.detect(image, job.text, {"max_objects": 5})
+    else:
+        md.point(image, job.text, {"max_objects": 5})
+
+
+def _closed_loop(jobs: list[Job], concurrency: int, call) -> dict:
+    """Run every job with `concurrency` clients; -> requests/s and latency percentiles."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    queue = iter(list(enumerate(jobs)))
+
+    def client() -> None:
+        while True:
+            with lock:
+                nxt = next(queue, None)
+            if nxt is None:
+                return
+            t0 = time.perf_counter()
+            call(nxt[1])
+            dt = time.perf_counter() - t0
+            with lock:
+                latencies.append(dt)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        for f in [pool.submit(client) for _ in range(concurrency)]:
+            f.result()
+    wall = time.perf_counter() - t0
+    lat = sorted(latencies)
+    return {
+        "requests": len(lat),
+        "req_s": len(lat) / wall,
+        "p50_ms": statistics.median(lat) * 1000,
+        "p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1000,
+    }
+
+
+def run_engine(md, jobs: list[Job], images: list[Image.Image], concurrency: int) -> dict:
+    """Through the Python API (decode, hash, crops, engine), all in this process."""
+    return _closed_loop(jobs, concurrency, lambda job: _call_api(md, job, images[job.image]))
+
+
+def _jpeg_urls(images: list[Image.Image]) -> list[str]:
+    urls = []
+    for img in images:
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        urls.append("data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode())
+    return urls
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def http_server(md):
+    """tidal's app on a localhost port, in a thread of this process."""
+    import uvicorn
+
+    from tidal.server.app import create_app
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(md), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def run_http(md, jobs: list[Job], images: list[Image.Image], concurrency: int) -> dict:
+    """Through the HTTP server: JPEG data URLs, JSON bodies, one connection per client."""
+    import httpx
+
+    urls = _jpeg_urls(images)
+    with http_server(md) as base:
+        local = threading.local()
+
+        def call(job: Job) -> None:
+            client = getattr(local, "client", None)
+            if client is None:
+                client = local.client = httpx.Client(base_url=base, timeout=600)
+            body: dict = {"image_url": urls[job.image]}
+            if job.skill == "query":
+                body |= {"question": job.text, "settings": {"max_tokens": 8}}
+            elif job.skill == "caption":
+                body |= {"length": "normal", "settings": {"max_tokens": 64}}
+            else:
+                body |= {"object": job.text, "settings": {"max_objects": 5}}
+            r = client.post(f"/v1/{job.skill}", json=body)
+            if r.status_code != 200:
+                raise RuntimeError(f"{job.skill}: HTTP {r.status_code}: {r.text[:200]}")
+
+        return _closed_loop(jobs, concurrency, call)
+
+
+def measure(md, results: dict, label: str, concurrencies=(1, 16, 64), requests_per_client: int = 4, min_requests: int = 32) -> None:
+    """The mix at each concurrency, through the API and through HTTP."""
+    eos = md.config.tokenizer.eos_id
+    with no_early_stop(md.model, eos):
+        for via, run in (("engine", run_engine), ("http", run_http)):
+            for c in concurrencies:
+                n = max(min_requests, c * requests_per_client)
+                jobs, images = make_jobs(n, seed=c)
+                md.clear_cache()
+                r = run(md, jobs, images, c)
+                for k, v in r.items():
+                    results[f"{label}_mixed_{via}_c{c}_{k}"] = v
+                print(f"{label} mixed via {via}, concurrency {c}: {r['req_s']:.1f} req/s, p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms ({r['requests']} requests)", flush=True)
