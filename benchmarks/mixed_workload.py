@@ -4,7 +4,8 @@ in process) and through the HTTP server (uvicorn on localhost, a client per slot
 Mix: 70% short-answer queries (8 tokens), 10% captions (64 tokens), 10% detect and
 10% point (5 objects each); images from 378x378 to 1920x1080, half of the requests
 on an image seen before (the prefix cache's share). `concurrency` clients each send
-their next request when the last one answered (closed loop).
+their next request when the last one answered (closed loop); HTTP clients run in
+a separate process, as real clients would.
 
 Random weights would stop at an end token whenever it happens to win: while the
 workload runs, the end token's logit bias is lowered so every request produces
@@ -154,30 +155,63 @@ def http_server(md):
         thread.join(10)
 
 
-def run_http(md, jobs: list[Job], images: list[Image.Image], concurrency: int) -> dict:
-    """Through the HTTP server: JPEG data URLs, JSON bodies, one connection per client."""
+def _body(job: Job, url: str) -> dict:
+    body: dict = {"image_url": url}
+    if job.skill == "query":
+        body |= {"question": job.text, "settings": {"max_tokens": 8}}
+    elif job.skill == "caption":
+        body |= {"length": "normal", "settings": {"max_tokens": 64}}
+    else:
+        body |= {"object": job.text, "settings": {"max_objects": 5}}
+    return body
+
+
+def _http_clients(base: str, jobs: list[tuple[str, dict]], concurrency: int) -> tuple[list[float], float]:
+    """In a separate process (the server's GIL is the server's): `concurrency`
+    asyncio clients, each sending its next request when the last one answered.
+    -> (latencies in s, wall s)."""
+    import asyncio
+
     import httpx
 
+    async def main() -> tuple[list[float], float]:
+        queue = list(reversed(jobs))
+        latencies: list[float] = []
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
+
+            async def worker() -> None:
+                while queue:
+                    skill, body = queue.pop()
+                    t0 = time.perf_counter()
+                    r = await client.post(f"/v1/{skill}", json=body)
+                    if r.status_code != 200:
+                        raise RuntimeError(f"{skill}: HTTP {r.status_code}: {r.text[:200]}")
+                    latencies.append(time.perf_counter() - t0)
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            return latencies, time.perf_counter() - t0
+
+    return asyncio.run(main())
+
+
+def run_http(md, jobs: list[Job], images: list[Image.Image], concurrency: int) -> dict:
+    """Through the HTTP server (in this process, as `tidal serve` runs it), driven
+    by clients in another process: JPEG data URLs, JSON bodies, keep-alive connections."""
+    import multiprocessing
+
     urls = _jpeg_urls(images)
-    with http_server(md) as base:
-        local = threading.local()
-
-        def call(job: Job) -> None:
-            client = getattr(local, "client", None)
-            if client is None:
-                client = local.client = httpx.Client(base_url=base, timeout=600)
-            body: dict = {"image_url": urls[job.image]}
-            if job.skill == "query":
-                body |= {"question": job.text, "settings": {"max_tokens": 8}}
-            elif job.skill == "caption":
-                body |= {"length": "normal", "settings": {"max_tokens": 64}}
-            else:
-                body |= {"object": job.text, "settings": {"max_objects": 5}}
-            r = client.post(f"/v1/{job.skill}", json=body)
-            if r.status_code != 200:
-                raise RuntimeError(f"{job.skill}: HTTP {r.status_code}: {r.text[:200]}")
-
-        return _closed_loop(jobs, concurrency, call)
+    work = [(job.skill, _body(job, urls[job.image])) for job in jobs]
+    with http_server(md) as base, multiprocessing.get_context("spawn").Pool(1) as pool:
+        latencies, wall = pool.apply(_http_clients, (base, work, concurrency))
+    lat = sorted(latencies)
+    return {
+        "requests": len(lat),
+        "req_s": len(lat) / wall,
+        "p50_ms": statistics.median(lat) * 1000,
+        "p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1000,
+    }
 
 
 def measure(md, results: dict, label: str, concurrencies=(1, 16, 64), requests_per_client: int = 4, min_requests: int = 32) -> None:
@@ -189,7 +223,15 @@ def measure(md, results: dict, label: str, concurrencies=(1, 16, 64), requests_p
                 n = max(min_requests, c * requests_per_client)
                 jobs, images = make_jobs(n, seed=c)
                 md.clear_cache()
+                steps0, replays0 = md.engine.stats.steps, _replays(md)
                 r = run(md, jobs, images, c)
+                r["steps"] = md.engine.stats.steps - steps0
+                r["graph_share"] = (_replays(md) - replays0) / max(r["steps"], 1)
                 for k, v in r.items():
                     results[f"{label}_mixed_{via}_c{c}_{k}"] = v
-                print(f"{label} mixed via {via}, concurrency {c}: {r['req_s']:.1f} req/s, p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms ({r['requests']} requests)", flush=True)
+                print(f"{label} mixed via {via}, concurrency {c}: {r['req_s']:.1f} req/s, p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms ({r['requests']} requests, {r['steps']} engine steps, {r['graph_share']:.0%} replayed from graphs)", flush=True)
+
+
+def _replays(md) -> int:
+    graphs = md.engine.runner.graphs
+    return graphs.replays if graphs is not None else 0

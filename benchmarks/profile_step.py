@@ -83,9 +83,45 @@ def microbench(model, bandwidth: float) -> list[str]:
     return out
 
 
+def prefill_report(md: Moondream, n_images: int) -> list[str]:
+    """An image prefill step (bos + 729 image positions + a 6-token question) for
+    `n_images` requests at once: wall time, then kernel by kernel; and the
+    vision encoder for 1 and 9 crops."""
+    import numpy as np
+    from PIL import Image
+
+    from tidal.core import ImageInput
+
+    rng = np.random.default_rng(0)
+    pixels = [rng.integers(0, 255, (378, 378, 3), dtype=np.uint8) for _ in range(n_images)]
+    embeds = [md.engine.runner.encode_image(p) for p in pixels]
+
+    def step() -> None:
+        reqs = [Request(skill=FixedLength(1), pending=[0, ImageInput(e, f"img{i}-{rng.integers(1 << 30)}"), 1, 15381, 2, 54, 60, 3], bidir_len=730) for i, e in enumerate(embeds)]
+        for r in reqs:
+            md.engine.add_request(r)
+        while not all(r.finished for r in reqs):
+            md.engine.step()
+
+    ms = statistics.median(timed(step, 5, warmup=2))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    out = [f"\n=== image prefill, {n_images} request(s) x 737 positions: {ms:.2f} ms wall ===", kernel_table(prof)]
+    for crops in (1, 9):
+        big = np.asarray(Image.fromarray(pixels[0]).resize((378 * 3, 378 * 3) if crops == 9 else (378, 378)))
+        enc = statistics.median(timed(lambda: md.engine.runner.encode_image(big), 5, warmup=2))
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            md.engine.runner.encode_image(big)
+            torch.cuda.synchronize()
+        out += [f"\n=== image encode, {big.shape[1]}x{big.shape[0]} px: {enc:.2f} ms wall ===", kernel_table(prof, top=12)]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--prefill", type=int, nargs="*", default=[], help="also profile image prefill steps of these many requests")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     bandwidth = copy_bandwidth()
@@ -105,6 +141,8 @@ def main() -> None:
         report += [f"\n=== decode step, batch {batch}: graph replay {replay:.3f} ms, the same step eager {eager:.2f} ms ===", kernel_table(prof)]
         for r in reqs:
             md.engine.abort(r)
+    for n in args.prefill:
+        report += prefill_report(md, n)
     report += ["", *microbench(model, bandwidth)]
     md.close()
     text = "\n".join(report)

@@ -158,7 +158,7 @@ class Moondream:
             return ImageInput(image.embeds, image.key)
         with decoded_image(image, self.max_image_pixels) as rgb:
             # the model crops the pixels when it encodes them: not at all when the image is cached
-            return ImageRef(np.asarray(rgb), image_key(rgb), self.config.vision.n_image_tokens)
+            return ImageRef(np.array(rgb), image_key(rgb), self.config.vision.n_image_tokens)
 
     # -- skills ----------------------------------------------------------------
     def query(
