@@ -348,6 +348,10 @@ def main() -> None:
         md = Moondream(model, tok, EngineConfig(max_running=64, kernels=kernels))
         mixed_workload.measure(md, results, "fast", concurrencies=(1, 4) if args.tiny else (1, 16, 64), requests_per_client=2 if args.quick else 4)
         md = _close(md)
+        # larger prefill steps: the experts' weights are read once for more images
+        md = Moondream(model, tok, EngineConfig(max_running=64, kernels=kernels, token_budget=8192))
+        mixed_workload.measure(md, results, "fast_budget8k", concurrencies=(4,) if args.tiny else (64,), requests_per_client=2 if args.quick else 4, vias=("engine",))
+        md = _close(md)
 
     _report(results, args.out)
 

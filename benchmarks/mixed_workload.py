@@ -214,11 +214,13 @@ def run_http(md, jobs: list[Job], images: list[Image.Image], concurrency: int) -
     }
 
 
-def measure(md, results: dict, label: str, concurrencies=(1, 16, 64), requests_per_client: int = 4, min_requests: int = 32) -> None:
+def measure(md, results: dict, label: str, concurrencies=(1, 16, 64), requests_per_client: int = 4, min_requests: int = 32, vias=("engine", "http")) -> None:
     """The mix at each concurrency, through the API and through HTTP."""
     eos = md.config.tokenizer.eos_id
+    runs = {"engine": run_engine, "http": run_http}
     with no_early_stop(md.model, eos):
-        for via, run in (("engine", run_engine), ("http", run_http)):
+        for via in vias:
+            run = runs[via]
             for c in concurrencies:
                 n = max(min_requests, c * requests_per_client)
                 jobs, images = make_jobs(n, seed=c)

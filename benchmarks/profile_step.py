@@ -66,6 +66,20 @@ def microbench(model, bandwidth: float) -> list[str]:
         ms = statistics.median(timed(lambda: fused_experts(x, w, ids, moe.fc1.weight, moe.fc2.weight), 20, warmup=3))
         floor = used * expert_bytes / bandwidth * 1000
         out.append(f"fused MoE, {tokens:>3} tokens ({used:>2} experts): {ms * 1000:7.1f} us, floor {floor * 1000:6.1f} us ({floor / ms:5.1%} of bandwidth)")
+    from tidal.kernels.fused_moe import align_by_expert
+    from tidal.kernels.moe_route import route_and_align
+
+    for tokens in (64, 737, 1474, 2048, 4096, 8192):
+        logits = torch.randn(tokens, moe.router.weight.shape[0], device="cuda", dtype=torch.bfloat16)
+
+        def torch_route():
+            top, ids = torch.topk(logits, moe.top_k, dim=-1)
+            torch.softmax(top, dim=-1, dtype=torch.float32).to(logits.dtype)
+            align_by_expert(ids, logits.shape[1], 64)
+
+        kernel = statistics.median(timed(lambda: route_and_align(logits, moe.top_k, 64, logits.dtype), 20, warmup=3))
+        ref = statistics.median(timed(torch_route, 20, warmup=3))
+        out.append(f"routing + alignment, {tokens:>4} tokens: kernels {kernel * 1000:7.1f} us, torch ops {ref * 1000:7.1f} us (wall, eager)")
     heads, dim = model.config.text.n_heads, model.config.text.head_dim
     for batch, ctx in ((1, 740), (32, 740), (128, 740)):
         slots = batch * ctx + 1

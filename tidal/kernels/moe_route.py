@@ -4,8 +4,10 @@ From router logits [T, E]: each token's top-k experts (the lower index wins
 a tie, which bf16 logits make common; torch.topk leaves tie order open), softmax over those k logits in float32, cast to the activation dtype
 (the reference's rounding); then the layout fused_moe's GEMMs read: pairs
 (t * k + j) sorted by expert, stably, each expert's run padded to BLOCK_M,
-and each block's expert (E past the end). One program does it all: at decode
-sizes a launch costs more than the work, and the torch version is ~25 launches.
+and each block's expert (E past the end). At decode sizes one program does it
+all (a launch costs more than the work; the torch version is ~25 launches);
+for more tokens the top-k runs on a grid of programs and the alignment in a
+second, single-program launch.
 """
 
 from __future__ import annotations
@@ -14,21 +16,35 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_TOKENS = 512  # above this (prefill) the torch ops are used: eager, and cheap next to the GEMMs
+MAX_TOKENS = 4096  # above this the torch ops are used (the one-program alignment grows with the pairs)
+ONE_LAUNCH_MAX_TOKENS = 64  # above this the top-k runs on a grid, in a launch of its own
 
 
 @triton.jit
 def _route_align_kernel(
     Logits, Weights, Ids, Pairs, BlockExpert,
-    tokens, stride_l, nblocks,
+    tokens, stride_l, nblocks, tokens_per_program,
     E: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, BM: tl.constexpr, CH: tl.constexpr,
+    TOPK: tl.constexpr, ALIGN: tl.constexpr,
 ):
     e = tl.arange(0, E)
     kk = tl.arange(0, K)
-    # -- top-k and softmax, BLOCK_T tokens at a time --------------------------------------
-    for t0 in range(0, tokens, BLOCK_T):
+    if TOPK:
+        _topk_softmax(Logits, Weights, Ids, tokens, stride_l, tokens_per_program, e, kk, E, K, BLOCK_T)
+    if ALIGN:
+        if TOPK:
+            tl.debug_barrier()  # this program's ids are visible to all its threads from here
+        _align(Ids, Pairs, BlockExpert, tokens, nblocks, e, E, K, BM, CH)
+
+
+@triton.jit
+def _topk_softmax(Logits, Weights, Ids, tokens, stride_l, tokens_per_program, e, kk, E: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Top-k and softmax of this program's tokens, BLOCK_T at a time."""
+    lo = tl.program_id(0) * tokens_per_program
+    hi = tl.minimum(lo + tokens_per_program, tokens)
+    for t0 in range(lo, hi, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
-        tm = t < tokens
+        tm = t < hi
         logits = tl.load(Logits + t[:, None] * stride_l + e[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
         top = tl.max(logits, axis=1)
         vals = tl.zeros([BLOCK_T, K], tl.float32)
@@ -44,11 +60,16 @@ def _route_align_kernel(
         out = t[:, None] * K + kk[None, :]
         tl.store(Ids + out, ids.to(Ids.dtype.element_ty), mask=tm[:, None])
         tl.store(Weights + out, w.to(Weights.dtype.element_ty), mask=tm[:, None])
+
+
+@triton.jit
+def _align(Ids, Pairs, BlockExpert, tokens, nblocks, e, E: tl.constexpr, K: tl.constexpr, BM: tl.constexpr, CH: tl.constexpr):
+    """The expert-sorted, padded layout of all pairs (one program)."""
     num_pairs = tokens * K
     for i0 in range(0, nblocks * BM, CH):  # padding entries name no pair
         i = i0 + tl.arange(0, CH)
         tl.store(Pairs + i, num_pairs, mask=i < nblocks * BM)
-    tl.debug_barrier()  # the ids (and the fill) are visible to every thread from here
+    tl.debug_barrier()  # the fill is visible to every thread before pairs land on it
     # -- pairs per expert, padded runs ---------------------------------------------------------
     counts = tl.zeros([E], tl.int32)
     for p0 in range(0, num_pairs, CH):
@@ -86,10 +107,11 @@ def route_and_align(router_logits: torch.Tensor, top_k: int, block_m: int, dtype
     ids = torch.empty((tokens, top_k), dtype=torch.int64, device=dev)
     pairs = torch.empty(nblocks * block_m, dtype=torch.int32, device=dev)
     block_expert = torch.empty(nblocks, dtype=torch.int32, device=dev)
-    _route_align_kernel[(1,)](
-        router_logits, weights, ids, pairs, block_expert,
-        tokens, router_logits.stride(0), nblocks,
-        E=experts, K=top_k, BLOCK_T=32, BM=block_m, CH=256,
-        num_warps=8,
-    )
+    args = (router_logits, weights, ids, pairs, block_expert, tokens, router_logits.stride(0), nblocks)
+    consts = dict(E=experts, K=top_k, BLOCK_T=32, BM=block_m, CH=256, num_warps=8)
+    if tokens <= ONE_LAUNCH_MAX_TOKENS:
+        _route_align_kernel[(1,)](*args, tokens, TOPK=True, ALIGN=True, **consts)
+    else:
+        _route_align_kernel[(triton.cdiv(tokens, 32),)](*args, 32, TOPK=True, ALIGN=False, **consts)
+        _route_align_kernel[(1,)](*args, tokens, TOPK=False, ALIGN=True, **consts)
     return weights, ids, pairs, block_expert
