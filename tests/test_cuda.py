@@ -111,12 +111,12 @@ def test_bf16_fast_path_follows_the_float32_torch_path():
 class Endless(Skill):
     """Samples (temperature 0.7) and never stops: a decode batch that stays whole."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, temperature: float = 0.7, banned: tuple[int, ...] = (3,)) -> None:
         super().__init__()
-        self.seed, self.steps = seed, 0
+        self.seed, self.steps, self.temperature, self.banned = seed, 0, temperature, banned
 
     def next_output(self) -> OutputSpec:
-        return OutputSpec(temperature=0.7, top_p=0.9, seed=self.seed, step=self.steps, banned=(3,))
+        return OutputSpec(temperature=self.temperature, top_p=0.9, seed=self.seed, step=self.steps, banned=self.banned)
 
     def on_output(self, out) -> list:
         self.steps += 1
@@ -208,6 +208,45 @@ def test_one_device_sync_per_decode_step():
                 torch.cuda.set_sync_debug_mode("default")
         assert len(md.engine.stats.last_chunks) == 3  # the step decoded all three
         assert len(syncs) <= 1, "\n---\n".join(syncs)
+        for r in reqs:
+            md.engine.abort(r)
+    finally:
+        md.close()
+
+
+def test_short_extends_replay_graphs_and_match_the_extend_kernel():
+    """A question about a cached image (and a text-only prompt) feeds several
+    causal positions: the step replays a decode graph, one row per position,
+    and its outputs equal the extend kernel's (float32, eager) to 1e-5."""
+    from tidal import EngineConfig, Moondream
+    from tidal.engine.request import Request
+
+    md = Moondream.from_pretrained(GOLDEN, device="cuda", dtype="float32", engine_config=EngineConfig(max_running=16))
+    try:
+        graphs, runner = md.engine.runner.graphs, md.engine.runner
+        image = golden_image("wide")
+        _, items, bidir = md._prepare_query(image, "what is this", False, None, None)
+        first = Request(skill=Endless(seed=0), pending=items, bidir_len=bidir)
+        md.engine.add_request(first)
+        md.engine.step()  # the image and its question: eager; the image prefix is cached now
+        md.engine.abort(first)
+        reqs = []
+        for i, (img, q) in enumerate([(image, "how many cars are there"), (image, "what color is the sky"), (None, "write a poem about the sea")]):
+            _, items, bidir = md._prepare_query(img, q, False, None, None)
+            reqs.append(Request(skill=Endless(seed=i, temperature=0.0, banned=()), pending=items, bidir_len=bidir))
+            md.engine.add_request(reqs[-1])
+        steps = [md.engine._seq_step(c) for c in md.engine.scheduler.schedule()]
+        assert len(steps) == 3 and graphs.can_run(steps)
+        assert all(len(s.items) > 1 for s in steps) and steps[0].start_pos == 730  # served from the cache
+        want_logits, _, _ = md.model.heads(runner.forward(steps))  # the extend kernel, eagerly
+        replays = graphs.replays
+        got = graphs.run(steps)
+        assert graphs.replays == replays + 1
+        rows = [sum(len(s.items) for s in steps[: i + 1]) - 1 for i in range(3)]
+        got_logits = graphs.last_logits[rows]
+        err = float((got_logits - want_logits).abs().max() / want_logits.abs().max())
+        assert err <= 1e-5, err
+        assert [r.token for r in got] == want_logits.argmax(-1).tolist()
         for r in reqs:
             md.engine.abort(r)
     finally:

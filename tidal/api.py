@@ -19,7 +19,7 @@ from tidal.engine.request import Request
 from tidal.engine.sampling import SamplingParams
 from tidal.engine.skill import Skill
 from tidal.errors import InvalidRequestError, PromptTooLongError
-from tidal.images import DEFAULT_MAX_PIXELS, ImageLike, decoded_image, image_key
+from tidal.images import DEFAULT_MAX_PIXELS, ImageLike, decoded_image, pixels_key
 from tidal.models.moondream3.model import Moondream3Model
 from tidal.models.moondream3.prompts import PromptBuilder
 from tidal.models.moondream3.skills import CaptionSkill, LocateSkill, QuerySkill
@@ -158,7 +158,8 @@ class Moondream:
             return ImageInput(image.embeds, image.key)
         with decoded_image(image, self.max_image_pixels) as rgb:
             # the model crops the pixels when it encodes them: not at all when the image is cached
-            return ImageRef(np.array(rgb), image_key(rgb), self.config.vision.n_image_tokens)
+            pixels = np.asarray(rgb)
+            return ImageRef(pixels, pixels_key(pixels), self.config.vision.n_image_tokens)
 
     # -- skills ----------------------------------------------------------------
     def query(

@@ -154,7 +154,12 @@ def _from_array(arr: np.ndarray) -> Image.Image:
 
 def image_key(rgb: Image.Image) -> str:
     """Content hash of the decoded pixels: equal pixels give equal keys."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{rgb.width}x{rgb.height}".encode())
-    h.update(rgb.tobytes())
-    return h.hexdigest()
+    return pixels_key(np.asarray(rgb))
+
+
+def pixels_key(pixels: np.ndarray) -> str:
+    """Content hash of uint8 pixels [H, W, C], read in place (SHA-256 runs at
+    GB/s where the CPU has SHA instructions; a 1080p image is ~6 MB)."""
+    h = hashlib.sha256(f"{pixels.shape}".encode())
+    h.update(memoryview(np.ascontiguousarray(pixels)).cast("B"))
+    return h.hexdigest()[:32]

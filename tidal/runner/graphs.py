@@ -1,5 +1,10 @@
 """CUDA graphs for decode-shaped steps (every sequence feeds one position:
-a token, or a coordinate or size fed back by detect, point or reasoning).
+a token, or a coordinate or size fed back by detect, point or reasoning), and
+for short causal extends: a sequence feeding n positions past its
+bidirectional prefix (a question about a cached image, a prompt chunk) becomes
+n rows, row i attending to the first start + i + 1 positions, exactly what
+causal attention gives it (all n positions' K/V are written before any row
+attends); only its last row's output is read.
 
 One graph per batch-size bucket and sampling variant (greedy-only, or with
 temperature sampling), captured at start-up; a step is padded up to its bucket
@@ -89,8 +94,10 @@ class DecodeGraphs:
 
     # -- one step -------------------------------------------------------------------
     def can_run(self, steps: list[SeqStep]) -> bool:
-        return len(steps) <= self.max_batch and all(
-            s.output is not None and len(s.items) == 1 and isinstance(s.items[0], (int, CoordInput, SizeInput)) and len(s.output.banned) <= MAX_BANNED
+        return sum(len(s.items) for s in steps) <= self.max_batch and all(
+            s.start_pos >= s.bidir_len  # causal from the first new position on
+            and all(isinstance(item, (int, CoordInput, SizeInput)) for item in s.items)
+            and (s.output is None or len(s.output.banned) <= MAX_BANNED)
             for s in steps
         )
 
@@ -100,11 +107,11 @@ class DecodeGraphs:
     def run(self, steps: list[SeqStep], replay: bool = True) -> list[StepResult | None]:
         """Fill the static inputs, replay the bucket's graph (or run it eagerly),
         read the outputs back (the step's one device-to-host read)."""
-        n = len(steps)
+        n = sum(len(s.items) for s in steps)
         bucket = self.bucket(n)
-        sampled = any(s.output.temperature > 0 for s in steps)  # type: ignore[union-attr]
+        sampled = any(s.output is not None and s.output.temperature > 0 for s in steps)
         self.runner.req_to_token.flush()  # the scheduler's slot assignments, in one copy
-        self._fill(steps)
+        last_rows = self._fill(steps)
         self._pad(n, bucket)
         self.ints.copy_(self.ints_host, non_blocking=True)
         self.floats.copy_(self.floats_host, non_blocking=True)
@@ -118,31 +125,44 @@ class DecodeGraphs:
                 out, self.last_logits = self._step(bucket, sampled)
             self.eager_runs += 1
         rows = out[:n].cpu().tolist()
-        return [self.runner.to_result(r) for r in rows]
+        return [None if last is None else self.runner.to_result(rows[last]) for last in last_rows]
 
-    def _fill(self, steps: list[SeqStep]) -> None:
+    def _fill(self, steps: list[SeqStep]) -> list[int | None]:
+        """Write the steps' rows into the host buffers; -> each step's output row (None: no output)."""
         ints, floats = self.ints_host, self.floats_host
         vocab = self.runner.model.vocab_size
         cols = [[] for _ in _INTS]
         fcols = [[] for _ in _FLOATS]
+        none = [vocab] * MAX_BANNED
+        last_rows: list[int | None] = []
+        n = 0
         for s in steps:
-            item, spec = s.items[0], s.output
-            assert spec is not None
-            kind, v0, v1, tok = 0, 0.0, 0.0, 0
-            if isinstance(item, int):
-                tok = item
-            elif isinstance(item, CoordInput):
-                kind, v0 = FEED_COORD, item.value
-            else:
-                kind, v0, v1 = FEED_SIZE, item.width, item.height
-            banned = list(spec.banned) + [vocab] * (MAX_BANNED - len(spec.banned))
-            for name, val in zip(_INTS, (tok, s.start_pos, s.row, s.start_pos + 1, kind, spec.top_k, spec.seed & ((1 << 63) - 1), spec.step, *banned)):
-                cols[_I[name]].append(val)
-            for name, val in zip(_FLOATS, (v0, v1, spec.temperature, spec.top_p)):
-                fcols[_F[name]].append(val)
-        n = len(steps)
+            spec = s.output
+            for i, item in enumerate(s.items):
+                kind, v0, v1, tok = 0, 0.0, 0.0, 0
+                if isinstance(item, int):
+                    tok = item
+                elif isinstance(item, CoordInput):
+                    kind, v0 = FEED_COORD, item.value
+                else:
+                    kind, v0, v1 = FEED_SIZE, item.width, item.height
+                pos = s.start_pos + i
+                if spec is not None and i == len(s.items) - 1:
+                    banned = list(spec.banned) + [vocab] * (MAX_BANNED - len(spec.banned))
+                    ivals = (tok, pos, s.row, pos + 1, kind, spec.top_k, spec.seed & ((1 << 63) - 1), spec.step, *banned)
+                    fvals = (v0, v1, spec.temperature, spec.top_p)
+                else:  # a row whose output nobody reads: greedy, nothing banned
+                    ivals = (tok, pos, s.row, pos + 1, kind, 0, 0, 0, *none)
+                    fvals = (v0, v1, 0.0, 1.0)
+                for name, val in zip(_INTS, ivals):
+                    cols[_I[name]].append(val)
+                for name, val in zip(_FLOATS, fvals):
+                    fcols[_F[name]].append(val)
+            n += len(s.items)
+            last_rows.append(n - 1 if spec is not None else None)
         ints[:, :n] = torch.tensor(cols, dtype=torch.int64)
         floats[:, :n] = torch.tensor(fcols, dtype=torch.float32)
+        return last_rows
 
     def _pad(self, start: int, end: int) -> None:
         """Padding rows: token 0 at position 0 of the scratch row (slot 0), greedy."""

@@ -104,8 +104,9 @@ class Moondream3Model(nn.Module):
             pixels, tiling = crops_to_tensor(payload, self.device, self.dtype), payload.tiling
         elif self.device.type == "cuda":
             # ~6 MB for 1080p; Pillow would take tens of ms of CPU per image
-            host = payload if payload.flags.c_contiguous and payload.flags.writeable else np.array(payload)
-            src = torch.from_numpy(host).pin_memory().to(self.device, non_blocking=True)
+            host = torch.empty(payload.shape, dtype=torch.uint8, pin_memory=True)
+            host.numpy()[...] = payload  # one copy into pinned memory (the array may be read-only)
+            src = host.to(self.device, non_blocking=True)
             crops, tiling = overlap_crops_tensor(src, self.config.vision)
             pixels = normalize_crops(crops, self.dtype)
         else:
