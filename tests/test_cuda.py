@@ -221,7 +221,7 @@ def test_short_extends_replay_graphs_and_match_the_extend_kernel():
     from tidal import EngineConfig, Moondream
     from tidal.engine.request import Request
 
-    md = Moondream.from_pretrained(GOLDEN, device="cuda", dtype="float32", engine_config=EngineConfig(max_running=16))
+    md = Moondream.from_pretrained(GOLDEN, device="cuda", dtype="float32", engine_config=EngineConfig(max_running=64))
     try:
         graphs, runner = md.engine.runner.graphs, md.engine.runner
         image = golden_image("wide")
@@ -237,7 +237,7 @@ def test_short_extends_replay_graphs_and_match_the_extend_kernel():
             md.engine.add_request(reqs[-1])
         steps = [md.engine._seq_step(c) for c in md.engine.scheduler.schedule()]
         assert len(steps) == 3 and graphs.can_run(steps)
-        assert all(len(s.items) > 1 for s in steps) and steps[0].start_pos == 730  # served from the cache
+        assert all(len(s.items) > 1 for s in steps) and steps[0].start_pos >= 730  # the image served from the cache
         want_logits, _, _ = md.model.heads(runner.forward(steps))  # the extend kernel, eagerly
         replays = graphs.replays
         got = graphs.run(steps)

@@ -172,3 +172,18 @@ def test_slot_table_writes_apply_together_in_order():
     assert torch.equal(pool.table, want)
     pool.flush()  # nothing pending: no change
     assert torch.equal(pool.table, want)
+
+
+def test_image_keys_follow_the_pixels():
+    """Equal pixels, equal keys (however the image arrived); a changed pixel
+    in the last chunk or another shape of the same bytes, another key."""
+    from tidal.images import image_key, pixels_key
+
+    rng = np.random.default_rng(0)
+    big = rng.integers(0, 255, (700, 900, 3), dtype=np.uint8)  # several hash chunks
+    key = pixels_key(big)
+    assert image_key(Image.fromarray(big)) == key == pixels_key(big.copy())
+    changed = big.copy()
+    changed[-1, -1, -1] ^= 1
+    assert pixels_key(changed) != key
+    assert pixels_key(big.reshape(900, 700, 3)) != key
