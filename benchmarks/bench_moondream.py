@@ -379,8 +379,13 @@ def _close(md: Moondream) -> None:
     KV pool and graphs go back before the next part."""
     import gc
 
+    engine = md.engine
     md.close()
-    md.engine = None  # the KV pool and graphs, even if something else holds md
+    # the KV pool and graphs go even if something still holds the engine
+    engine.kv_pool.k = engine.kv_pool.v = None
+    engine.runner.graphs = None
+    md.engine = None
+    del engine
     gc.collect()
     if DEV.type == "cuda":
         torch.cuda.empty_cache()
