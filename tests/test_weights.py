@@ -12,8 +12,9 @@ from conftest import GOLDEN, assert_matches_golden, golden_cases, run_case
 from safetensors.torch import load_file, save_file
 
 from tidal import CheckpointError, Moondream
+from tidal.models.checkpoint import resolve_checkpoint
 from tidal.models.moondream3.tokenizer import load_tokenizer
-from tidal.models.moondream3.weights import load_model, resolve_checkpoint
+from tidal.models.moondream3.weights import load_model
 
 CASE = next(c for c in golden_cases("point") if c["image"] == "tall")
 

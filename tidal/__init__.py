@@ -3,6 +3,7 @@
 from tidal.api import EncodedImage, Moondream
 from tidal.engine.engine import EngineConfig
 from tidal.engine.loop import RequestCancelled, RequestError
+from tidal.engine.sampling import SamplingParams
 from tidal.errors import (
     CheckpointError,
     ImageError,
@@ -10,6 +11,7 @@ from tidal.errors import (
     PromptTooLongError,
     TidalError,
 )
+from tidal.llm import LLM
 
 __version__ = "0.1.0"
 
@@ -19,10 +21,12 @@ __all__ = [
     "EngineConfig",
     "ImageError",
     "InvalidRequestError",
+    "LLM",
     "Moondream",
     "PromptTooLongError",
     "RequestCancelled",
     "RequestError",
+    "SamplingParams",
     "TidalError",
     "__version__",
 ]

@@ -20,11 +20,12 @@ from tidal.engine.sampling import SamplingParams
 from tidal.engine.skill import Skill
 from tidal.errors import InvalidRequestError, PromptTooLongError
 from tidal.images import DEFAULT_MAX_PIXELS, ImageLike, decoded_image, pixels_key
+from tidal.models.checkpoint import resolve_checkpoint
 from tidal.models.moondream3.model import Moondream3Model
 from tidal.models.moondream3.prompts import PromptBuilder
 from tidal.models.moondream3.skills import CaptionSkill, LocateSkill, QuerySkill
 from tidal.models.moondream3.tokenizer import load_tokenizer
-from tidal.models.moondream3.weights import load_model, resolve_checkpoint
+from tidal.models.moondream3.weights import load_model
 from tidal.validation import as_int, short_repr
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,20 @@ class EncodedImage:
 
     def __repr__(self) -> str:
         return f"EncodedImage(key={self.key[:12]}..., positions={self.embeds.shape[0]})"
+
+
+def resolve_device_dtype(device: str | torch.device | None, dtype: str | torch.dtype | None) -> tuple[torch.device, torch.dtype]:
+    """device: "cuda" when available, else "cpu"; dtype: bfloat16 on CUDA, float32 on CPU."""
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequestError("device='cuda' was asked for but torch sees no CUDA device")
+    if dtype is None:
+        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dev, dtype
+    if dtype in _DTYPES:
+        return dev, _DTYPES[dtype]
+    raise InvalidRequestError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
 
 
 def text_params(settings: dict[str, Any] | None, vocab_size: int, max_context: int) -> SamplingParams:
@@ -119,17 +134,7 @@ class Moondream:
         device: "cuda" when available, else "cpu". dtype: "bfloat16" on CUDA,
         "float32" on CPU; or "float32" / "bfloat16" / "float16".
         """
-        dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise InvalidRequestError("device='cuda' was asked for but torch sees no CUDA device")
-        if dtype is None:
-            dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
-        elif isinstance(dtype, torch.dtype):
-            dt = dtype
-        elif dtype in _DTYPES:
-            dt = _DTYPES[dtype]
-        else:
-            raise InvalidRequestError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+        dev, dt = resolve_device_dtype(device, dtype)
         folder = resolve_checkpoint(path_or_repo)
         tok = load_tokenizer(folder, tokenizer)
         return cls(load_model(folder, dev, dt), tok, engine_config)

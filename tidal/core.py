@@ -224,6 +224,8 @@ class Model(Protocol):
         tracing). extras_to_result turns one row of extras into StepResult fields.
     encode_image: an ImageRef's payload -> embeddings [length, dim].
     use_kernels: fused Triton kernels on or off.
+    cuda_graphs_ok (optional attribute, default True): False for a model whose
+        step syncs on the device, so the engine captures no graphs for it.
     """
 
     device: torch.device

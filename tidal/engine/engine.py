@@ -82,7 +82,9 @@ class Engine:
         model.use_kernels(kernels)
         self.runner = ModelRunner(model, self.kv_pool, self.req_to_token, backend=make_backend(kernels))
         self.warmup_s = 0.0
-        if kernels and self.config.cuda_graphs and model.device.type == "cuda":
+        # a model whose step cannot be captured (it syncs on the device) says so
+        capturable = getattr(model, "cuda_graphs_ok", True)
+        if kernels and self.config.cuda_graphs and capturable and model.device.type == "cuda":
             from tidal.runner.graphs import DecodeGraphs  # imports Triton
 
             self.runner.graphs = DecodeGraphs(self.runner, self.config.max_running)

@@ -1,8 +1,12 @@
 """Mixture-of-experts MLP: routing, and the torch reference of the experts
-(the CUDA fast path is tidal.kernels.fused_moe).
+(the CUDA fast path is tidal.kernels.fused_moe, for Moondream's activation).
 
-Routing: top-k over the router logits, softmax over those k (in float32).
-Expert e: h, g = split(x @ fc1[e].T); y = (gelu_exact(h) * (g + 1)) @ fc2[e].T.
+Routing: top-k over the router logits; the k weights are a softmax over those
+k (in float32), or with renormalize=False the softmax over all experts at
+those k (Qwen3's norm_topk_prob=False).
+Expert e: h, g = split(x @ fc1[e].T); y = act(h, g) @ fc2[e].T with act
+"geglu_plus1" = gelu_exact(h) * (g + 1) (Moondream 3) or "swiglu" =
+silu(h) * g (Qwen3: fc1 holds gate_proj then up_proj).
 """
 
 from __future__ import annotations
@@ -15,16 +19,24 @@ import torch.nn.functional as F
 _GATHER_LIMIT = 16
 
 
-def route(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor | None, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+ACTIVATIONS = ("geglu_plus1", "swiglu")
+
+
+def route(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor | None, top_k: int, renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, D] -> (weights [T, k] in x.dtype, expert ids [T, k])."""
     logits = F.linear(x, router_w, router_b)
     top_logits, top_ids = torch.topk(logits, top_k, dim=-1)
-    weights = torch.softmax(top_logits, dim=-1, dtype=torch.float32).to(x.dtype)
-    return weights, top_ids
+    if renormalize:
+        weights = torch.softmax(top_logits, dim=-1, dtype=torch.float32)
+    else:
+        weights = torch.softmax(logits, dim=-1, dtype=torch.float32).gather(1, top_ids)
+    return weights.to(x.dtype), top_ids
 
 
-def _expert_act(h: torch.Tensor) -> torch.Tensor:
+def _expert_act(h: torch.Tensor, act: str = "geglu_plus1") -> torch.Tensor:
     a, g = h.chunk(2, dim=-1)
+    if act == "swiglu":
+        return F.silu(a) * g
     return F.gelu(a) * (g + 1)
 
 
@@ -35,11 +47,13 @@ def moe_forward(
     fc1: torch.Tensor,
     fc2: torch.Tensor,
     top_k: int,
+    act: str = "geglu_plus1",
+    renormalize: bool = True,
 ) -> torch.Tensor:
     """x [T, D]; fc1 [E, 2I, D]; fc2 [E, D, I] -> [T, D], the torch reference
     (the fast path is moe_parts)."""
-    weights, ids = route(x, router_w, router_b, top_k)
-    return experts(x, weights, ids, fc1, fc2)
+    weights, ids = route(x, router_w, router_b, top_k, renormalize)
+    return experts(x, weights, ids, fc1, fc2, act)
 
 
 def moe_parts(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor | None, fc1: torch.Tensor, fc2: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -61,29 +75,31 @@ def moe_parts(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor | 
     return expert_pairs(x, weights, fc1, fc2, top_k, pairs, block_expert, config).view(tokens, top_k, -1)
 
 
-def experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor) -> torch.Tensor:
+def experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor, act: str = "geglu_plus1") -> torch.Tensor:
     """Weighted sum of each token's routed experts, torch reference: ids/weights [T, k] -> [T, D]."""
+    if act not in ACTIVATIONS:
+        raise ValueError(f"unknown expert activation {act!r}; one of {ACTIVATIONS}")
     if ids.numel() <= _GATHER_LIMIT:
-        return _moe_gather(x, weights, ids, fc1, fc2)
-    return _moe_loop(x, weights, ids, fc1, fc2)
+        return _moe_gather(x, weights, ids, fc1, fc2, act)
+    return _moe_loop(x, weights, ids, fc1, fc2, act)
 
 
-def _moe_gather(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor) -> torch.Tensor:
+def _moe_gather(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor, act: str) -> torch.Tensor:
     """Few tokens: gather each (token, expert) pair's weights, one batched matmul."""
     n_tokens, top_k = ids.shape
     flat = ids.reshape(-1)
     xk = x.repeat_interleave(top_k, dim=0)  # [T*k, D]
     h = torch.bmm(fc1[flat], xk[:, :, None]).squeeze(-1)
-    y = torch.bmm(fc2[flat], _expert_act(h)[:, :, None]).squeeze(-1)
+    y = torch.bmm(fc2[flat], _expert_act(h, act)[:, :, None]).squeeze(-1)
     return (y.view(n_tokens, top_k, -1) * weights[..., None]).sum(dim=1)
 
 
-def _moe_loop(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor) -> torch.Tensor:
+def _moe_loop(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor, act: str) -> torch.Tensor:
     """The reference: one matmul pair per expert in use (syncs on the device)."""
     out = torch.zeros_like(x)
     for e in torch.unique(ids).tolist():
         tok, slot = (ids == e).nonzero(as_tuple=True)
         h = x[tok] @ fc1[e].T
-        y = (_expert_act(h) @ fc2[e].T) * weights[tok, slot, None]
+        y = (_expert_act(h, act) @ fc2[e].T) * weights[tok, slot, None]
         out.index_add_(0, tok, y)
     return out

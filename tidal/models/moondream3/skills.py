@@ -9,9 +9,9 @@ import torch
 from tokenizers import Tokenizer
 
 from tidal.core import CoordInput, InputItem, OutputSpec, SizeInput, StepResult
-from tidal.engine.detokenizer import TextStreamer
 from tidal.engine.sampling import SamplingParams
 from tidal.engine.skill import Skill
+from tidal.engine.text_output import TextOutput
 
 from .config import TokenizerConfig
 from .region import size_from_bins
@@ -30,11 +30,12 @@ class TextAnswer:
 
     def __init__(self, skill: Skill, tokenizer: Tokenizer, params: SamplingParams, ids: TokenizerConfig, seed: int) -> None:
         self.skill, self.params, self.ids, self.seed = skill, params, ids, seed
-        self.streamer = TextStreamer(tokenizer)
+        self.out = TextOutput(tokenizer, params.stop, skill.emit)
         self.tokens: list[int] = []
-        self.text = ""
-        self._held = ""  # decoded text held back while it could begin a stop string
-        self._stopped = False
+
+    @property
+    def text(self) -> str:
+        return self.out.text
 
     def spec(self, step: int) -> OutputSpec:
         p = self.params
@@ -47,36 +48,18 @@ class TextAnswer:
             return None
         self.tokens.append(token)
         self.skill.completion_tokens += 1
-        self._add(self.streamer.push(token))
-        if self._stopped:
+        if self.out.push(token):
+            self.skill.finish_reason = "stop"
             return None
         if len(self.tokens) >= self.params.max_tokens:
             self.skill.finish_reason = "length"
             return None
         return [token]
 
-    def _add(self, chunk: str, final: bool = False) -> None:
-        """Release decoded text, holding back a tail that could start a stop string."""
-        pending = self._held + chunk
-        stops = self.params.stop
-        hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
-        if hits:
-            self._release(pending[: min(hits)])
-            self._held, self._stopped = "", True
-            self.skill.finish_reason = "stop"
-            return
-        keep = 0 if final or not stops else max(len(s) for s in stops) - 1
-        split = max(0, len(pending) - keep)
-        self._release(pending[:split])
-        self._held = pending[split:]
-
-    def _release(self, text: str) -> None:
-        self.text += text
-        self.skill.emit(text)
-
     def flush(self) -> None:
-        if not self._stopped:
-            self._add(self.streamer.finish(), final=True)
+        self.out.finish()
+        if self.out.stopped:  # a stop string completed by the held-back tail
+            self.skill.finish_reason = "stop"
 
 
 class QuerySkill(Skill):

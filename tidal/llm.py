@@ -1,0 +1,145 @@
+"""tidal.LLM: plain text generation for any supported model, as in vLLM.
+
+    llm = tidal.LLM.from_pretrained("path/or/hf-repo")
+    outs = llm.generate(["The sea is", {"prompt_token_ids": [1, 2, 3]}], tidal.SamplingParams(max_tokens=32))
+    outs[0]["text"], outs[0]["token_ids"], outs[0]["finish_reason"], outs[0]["usage"]
+
+Requests run batched on the engine; outputs come back in request order.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+
+from tidal.api import resolve_device_dtype
+from tidal.engine.engine import Engine, EngineConfig
+from tidal.engine.generate import GenerateSkill
+from tidal.engine.loop import EngineLoop, RequestHandle
+from tidal.engine.request import Request
+from tidal.engine.sampling import SamplingParams
+from tidal.errors import InvalidRequestError, PromptTooLongError
+from tidal.models.checkpoint import read_json, resolve_checkpoint
+from tidal.models.registry import architecture, load_model
+from tidal.validation import check_text
+
+
+class LLM:
+    def __init__(self, model: Any, tokenizer: Tokenizer | None, eos_ids: Sequence[int], engine_config: EngineConfig | None = None) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.eos_ids = tuple(eos_ids)
+        self.engine = Engine(model, engine_config)
+        self.loop = EngineLoop(self.engine)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo: str | os.PathLike[str],
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        engine_config: EngineConfig | None = None,
+    ) -> LLM:
+        """Any supported checkpoint (config.json's `architectures` decides), a
+        local folder or a Hugging Face repo id."""
+        dev, dt = resolve_device_dtype(device, dtype)
+        folder = resolve_checkpoint(path_or_repo)
+        arch = architecture(folder)
+        model = load_model(folder, dev, dt)
+        if arch == "HfMoondream":
+            from tidal.models.moondream3.tokenizer import load_tokenizer
+
+            return cls(model, load_tokenizer(folder), (model.config.tokenizer.eos_id,), engine_config)
+        return cls(model, _tokenizer(folder), _eos_ids(folder), engine_config)
+
+    def close(self) -> None:
+        """Stop the engine thread (requests still running fail)."""
+        self.loop.close()
+
+    # -- generation ------------------------------------------------------------------
+    def generate(self, requests: Any, sampling_params: SamplingParams | None = None, ignore_eos: bool = False) -> list[dict[str, Any]]:
+        """requests: a prompt string, {"prompt": str} or {"prompt_token_ids": [...]},
+        or a list of them -> one output per request, in order: {"text",
+        "token_ids", "finish_reason", "usage": {"prompt_tokens", "completion_tokens"}}."""
+        many = isinstance(requests, (list, tuple))
+        prepared = [self._prepare(r, sampling_params, ignore_eos) for r in (requests if many else [requests])]
+        handles = [self._submit(*p) for p in prepared]  # everything validated before anything runs
+        outs = [self._output(h) for h in handles]
+        return outs if many else outs[0]
+
+    def stream(self, request: Any, sampling_params: SamplingParams | None = None, ignore_eos: bool = False) -> Iterator[str]:
+        """Text chunks of one request as they are generated."""
+        handle = self._submit(*self._prepare(request, sampling_params, ignore_eos))
+        try:
+            for kind, payload in handle.events():
+                if kind == "text":
+                    yield payload
+        finally:
+            if not handle.done:
+                handle.cancel()
+
+    def _prepare(self, request: Any, params: SamplingParams | None, ignore_eos: bool) -> tuple[GenerateSkill, list[int]]:
+        if isinstance(request, str):
+            request = {"prompt": request}
+        if not isinstance(request, dict):
+            raise InvalidRequestError(f"a request is a prompt string or a dict with 'prompt' or 'prompt_token_ids', got {type(request).__name__}")
+        unknown = set(request) - {"prompt", "prompt_token_ids"}
+        if unknown & {"images", "videos"}:
+            raise InvalidRequestError(f"{type(self.model).__name__} takes text only here: drop {sorted(unknown)}")
+        if unknown:
+            raise InvalidRequestError(f"unknown request fields {sorted(unknown)}; use 'prompt' or 'prompt_token_ids'")
+        if ("prompt" in request) == ("prompt_token_ids" in request):
+            raise InvalidRequestError("give exactly one of 'prompt' and 'prompt_token_ids'")
+        if "prompt" in request:
+            if self.tokenizer is None:
+                raise InvalidRequestError("this checkpoint has no tokenizer.json: pass prompt_token_ids")
+            ids = self.tokenizer.encode(check_text(request["prompt"], "prompt", 1 << 20), add_special_tokens=False).ids
+        else:
+            ids = request["prompt_token_ids"]
+            if not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                raise InvalidRequestError("prompt_token_ids must be a list of ints")
+            ids = list(ids)
+        vocab = self.model.vocab_size
+        if not ids:
+            raise InvalidRequestError("the prompt is empty")
+        if any(not 0 <= i < vocab for i in ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+        p = SamplingParams(**vars(params)) if params is not None else SamplingParams()
+        p.validate(vocab, self.model.max_context)
+        if len(ids) + p.max_tokens > self.model.max_context:
+            raise PromptTooLongError(f"the prompt ({len(ids)} tokens) and max_tokens ({p.max_tokens}) exceed the context of {self.model.max_context}")
+        seed = p.seed if p.seed is not None else random.getrandbits(63)
+        return GenerateSkill(self.tokenizer, p, seed, self.eos_ids, ignore_eos), ids
+
+    def _submit(self, skill: GenerateSkill, ids: list[int]) -> RequestHandle:
+        pages = self.engine.allocator.capacity
+        if len(ids) > pages:
+            raise PromptTooLongError(f"the prompt takes {len(ids)} positions but the KV cache holds {pages} pages")
+        return self.loop.submit(Request(skill=skill, pending=list(ids), bidir_len=0))
+
+    @staticmethod
+    def _output(handle: RequestHandle) -> dict[str, Any]:
+        out = handle.wait()
+        req = handle.request
+        out["usage"] = {"prompt_tokens": req.prompt_tokens, "completion_tokens": req.skill.completion_tokens}
+        return out
+
+
+def _tokenizer(folder: Path) -> Tokenizer | None:
+    path = folder / "tokenizer.json"
+    return Tokenizer.from_file(str(path)) if path.is_file() else None
+
+
+def _eos_ids(folder: Path) -> tuple[int, ...]:
+    """End tokens: generation_config.json's, else config.json's."""
+    for name in ("generation_config.json", "config.json"):
+        if (folder / name).is_file():
+            eos = read_json(folder, name).get("eos_token_id")
+            if eos is not None:
+                return tuple(eos) if isinstance(eos, list) else (int(eos),)
+    return ()

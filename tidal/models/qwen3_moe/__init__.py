@@ -1,0 +1,1 @@
+"""Qwen3-MoE (text): config, model, loader."""
