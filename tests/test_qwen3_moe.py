@@ -213,3 +213,53 @@ def test_logits_match_transformers_on_cuda(tmp_path_factory):
             assert tokens == want.argmax(-1).tolist()
     finally:
         llm.close()
+
+
+# A chat template in the style of Qwen's: system prompt, tools as JSON, loop
+# controls, a thinking switch, an error for unknown roles.
+CHAT_TEMPLATE = (
+    "{%- if tools %}{{- '<|im_start|>system\\n' }}{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}"
+    "{{- 'Tools:\\n' }}{%- for tool in tools %}{{- tool | tojson }}{{- '\\n' }}{%- endfor %}{{- '<|im_end|>\\n' }}"
+    "{%- elif messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}{%- endif %}\n"
+    "{%- for message in messages %}\n"
+    "  {%- if message.role == 'system' and loop.first %}{%- continue %}{%- endif %}\n"
+    "  {%- if message.role not in ['user', 'assistant', 'system'] %}{{- raise_exception('unknown role ' + message.role) }}{%- endif %}\n"
+    "  {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}\n"
+    "{%- endfor %}\n"
+    # block tags without '-': what trim_blocks and lstrip_blocks remove shows
+    "\n{% if add_generation_prompt %}\n<|im_start|>assistant\n"
+    "    {% if enable_thinking is defined and enable_thinking is false %}\n<think>\n\n</think>\n\n    {% endif %}\n{% endif %}"
+)
+CONVERSATIONS = [
+    [{"role": "user", "content": "what color is the car"}],
+    [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}, {"role": "user", "content": "why é ü <b>"}],
+]
+
+
+def test_chat_templates_render_as_transformers_renders_them(tmp_path_factory):
+    from tidal.chat_template import ChatTemplate
+
+    _, folder = _checkpoint(tmp_path_factory, "base")
+    from tokenizers import Tokenizer
+
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_file(str(folder / "tokenizer.json")), eos_token="<|endoftext|>")
+    hf_tok.chat_template = CHAT_TEMPLATE
+    hf_tok.save_pretrained(folder)
+    template = ChatTemplate.from_folder(folder)
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"city": "Zürich"}}}]
+    for messages in CONVERSATIONS:
+        for kwargs in ({}, {"enable_thinking": False}, {"tools": tools}):
+            for gen in (True, False):
+                want = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen, **kwargs)
+                assert template.render(messages, add_generation_prompt=gen, **kwargs) == want
+    with pytest.raises(InvalidRequestError, match="unknown role tool_x"):
+        template.render([{"role": "tool_x", "content": "?"}])
+    llm = tidal.LLM.from_pretrained(folder, device="cpu")
+    try:
+        params = tidal.SamplingParams(temperature=0.0, max_tokens=5)
+        rendered = template.render(CONVERSATIONS[1], enable_thinking=False)
+        assert llm.chat(CONVERSATIONS[1], params, ignore_eos=True, enable_thinking=False) == llm.generate(rendered, params, ignore_eos=True)
+        both = llm.chat(CONVERSATIONS, params, ignore_eos=True)
+        assert [o["token_ids"] for o in both] == [llm.generate(template.render(m), params, ignore_eos=True)["token_ids"] for m in CONVERSATIONS]
+    finally:
+        llm.close()

@@ -19,6 +19,7 @@ import torch
 from tokenizers import Tokenizer
 
 from tidal.api import resolve_device_dtype
+from tidal.chat_template import ChatTemplate
 from tidal.engine.engine import Engine, EngineConfig
 from tidal.engine.generate import GenerateSkill
 from tidal.engine.loop import EngineLoop, RequestHandle
@@ -31,8 +32,8 @@ from tidal.validation import check_text
 
 
 class LLM:
-    def __init__(self, model: Any, tokenizer: Tokenizer | None, eos_ids: Sequence[int], engine_config: EngineConfig | None = None) -> None:
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model: Any, tokenizer: Tokenizer | None, eos_ids: Sequence[int], engine_config: EngineConfig | None = None, chat_template: ChatTemplate | None = None) -> None:
+        self.model, self.tokenizer, self.chat_template = model, tokenizer, chat_template
         self.eos_ids = tuple(eos_ids)
         self.engine = Engine(model, engine_config)
         self.loop = EngineLoop(self.engine)
@@ -55,7 +56,7 @@ class LLM:
             from tidal.models.moondream3.tokenizer import load_tokenizer
 
             return cls(model, load_tokenizer(folder), (model.config.tokenizer.eos_id,), engine_config)
-        return cls(model, _tokenizer(folder), _eos_ids(folder), engine_config)
+        return cls(model, _tokenizer(folder), _eos_ids(folder), engine_config, ChatTemplate.from_folder(folder))
 
     def close(self) -> None:
         """Stop the engine thread (requests still running fail)."""
@@ -70,6 +71,17 @@ class LLM:
         prepared = [self._prepare(r, sampling_params, ignore_eos) for r in (requests if many else [requests])]
         handles = [self._submit(*p) for p in prepared]  # everything validated before anything runs
         outs = [self._output(h) for h in handles]
+        return outs if many else outs[0]
+
+    def chat(self, messages: Any, sampling_params: SamplingParams | None = None, add_generation_prompt: bool = True, ignore_eos: bool = False, **template_kwargs: Any) -> Any:
+        """One conversation ([{"role", "content"}, ...]) or a list of them, through
+        the checkpoint's own chat template; extra keyword arguments reach the
+        template (e.g. enable_thinking=False). -> generate's outputs."""
+        if self.chat_template is None:
+            raise InvalidRequestError("this checkpoint has no chat template (tokenizer_config.json or chat_template.jinja): use generate()")
+        many = isinstance(messages, list) and bool(messages) and isinstance(messages[0], list)
+        prompts = [self.chat_template.render(m, add_generation_prompt, **template_kwargs) for m in (messages if many else [messages])]
+        outs = self.generate(prompts, sampling_params, ignore_eos)
         return outs if many else outs[0]
 
     def stream(self, request: Any, sampling_params: SamplingParams | None = None, ignore_eos: bool = False) -> Iterator[str]:
