@@ -189,7 +189,7 @@ class PromptRecorder:
 class LiveServer:
     """`tidal serve`'s app on a free local port, in a background thread."""
 
-    def __init__(self, md, config=None) -> None:
+    def __init__(self, md, config=None, app=None) -> None:
         import asyncio
         import socket
         import threading
@@ -199,7 +199,7 @@ class LiveServer:
         from tidal.server.app import create_app
 
         self.md = md
-        self.app = create_app(md, config)
+        self.app = app if app is not None else create_app(md, config)
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]

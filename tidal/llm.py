@@ -84,6 +84,10 @@ class LLM:
         outs = self.generate(prompts, sampling_params, ignore_eos)
         return outs if many else outs[0]
 
+    def submit(self, request: Any, sampling_params: SamplingParams | None = None, ignore_eos: bool = False) -> RequestHandle:
+        """Validate and queue one request without waiting (the server's entry point)."""
+        return self._submit(*self._prepare(request, sampling_params, ignore_eos))
+
     def stream(self, request: Any, sampling_params: SamplingParams | None = None, ignore_eos: bool = False) -> Iterator[str]:
         """Text chunks of one request as they are generated."""
         handle = self._submit(*self._prepare(request, sampling_params, ignore_eos))

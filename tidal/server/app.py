@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tidal.api import Moondream
+from tidal.llm import LLM
 from tidal.server.config import ServerConfig
 from tidal.server.errors import error_body, install_error_handlers
 from tidal.server.moondream_routes import moondream_router
@@ -67,13 +68,31 @@ class BodyLimit:
 
 
 def create_app(md: Moondream, config: ServerConfig | None = None) -> FastAPI:
+    """Moondream 3 behind its own API and OpenAI's chat completions."""
     config = config or ServerConfig()
     state = ServerState(md, config)
     app = FastAPI(title="tidal", version="0.1.0", description="Moondream 3 behind Moondream- and OpenAI-compatible APIs")
-    app.state.tidal = state
-    install_error_handlers(app)
     app.include_router(moondream_router(state))
     app.include_router(openai_router(state))
+    return _common(app, state, md)
+
+
+def create_llm_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
+    """Any text model tidal.LLM runs, behind OpenAI's completions and chat completions."""
+    from tidal.server.llm_routes import llm_router
+
+    config = config or ServerConfig()
+    state = ServerState(llm, config)
+    app = FastAPI(title="tidal", version="0.1.0", description="a text model behind OpenAI-compatible APIs")
+    app.include_router(llm_router(state, llm))
+    return _common(app, state, llm)
+
+
+def _common(app: FastAPI, state: ServerState, md: Moondream | LLM) -> FastAPI:
+    """Error handlers, /health, /metrics and the body limit."""
+    config = state.config
+    app.state.tidal = state
+    install_error_handlers(app)
 
     @app.get("/health")
     async def health() -> Any:

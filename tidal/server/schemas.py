@@ -96,3 +96,25 @@ class ChatBody(_Body):
     logit_bias: dict[str, Any] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+
+
+class CompletionBody(_Body):
+    """OpenAI `POST /v1/completions` (text models served through tidal.LLM)."""
+
+    model: Text | None = None
+    prompt: Union[Text, list[int]]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    stop: Union[Text, list[Text], None] = None
+    seed: int | None = None
+    n: int = 1
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    echo: bool = False
+    logit_bias: dict[str, Any] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None

@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from tidal.api import Moondream
 from tidal.engine.loop import RequestError, RequestHandle
+from tidal.llm import LLM
 from tidal.server.config import ServerConfig
 from tidal.server.errors import APIError
 from tidal.server.metrics import Metrics
@@ -26,13 +27,14 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no pr
 
 
 class ServerState:
-    def __init__(self, md: Moondream, config: ServerConfig) -> None:
+    def __init__(self, md: Moondream | LLM, config: ServerConfig) -> None:
         self.md = md
         self.config = config
         self.metrics = Metrics(md.loop)
         self.started = time.time()
         self._accepting = 0  # accepted, not yet in the engine's queue (event-loop thread only)
-        md.max_image_pixels = config.max_image_pixels
+        if isinstance(md, Moondream):
+            md.max_image_pixels = config.max_image_pixels
 
     async def submit(self, skill: str, submit: Callable[[], RequestHandle]) -> RequestHandle:
         """Check the queue bound, then validate and submit off the event loop

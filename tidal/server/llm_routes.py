@@ -1,0 +1,129 @@
+"""OpenAI-compatible routes for text models served through tidal.LLM:
+`/v1/completions`, `/v1/chat/completions` (text), `/v1/models`. Moondream's
+own endpoints answer 404 saying why."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from tidal.engine.loop import RequestHandle
+from tidal.engine.sampling import SamplingParams
+from tidal.llm import LLM
+from tidal.server.errors import APIError
+from tidal.server.schemas import ChatBody, CompletionBody, ImagePart
+from tidal.server.state import ServerState, sse
+
+MOONDREAM_ONLY = ("query", "caption", "detect", "point", "segment")
+
+
+def _params(llm: LLM, body: Any, default_max_tokens: int | None) -> SamplingParams:
+    """OpenAI's defaults (temperature 1, top_p 1) where the body is silent."""
+    stop = body.stop
+    max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or default_max_tokens
+    return SamplingParams(
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=body.top_k or 0,
+        max_tokens=max_tokens if max_tokens is not None else 16,
+        stop=[stop] if isinstance(stop, str) else list(stop or []),
+        seed=body.seed,
+    )
+
+
+def _refuse(body: Any) -> None:
+    refused = [name for name in ("logprobs", "top_logprobs", "tools", "functions", "logit_bias", "presence_penalty", "frequency_penalty") if getattr(body, name, None)]
+    if getattr(body, "echo", False):
+        refused.append("echo")
+    if getattr(body, "response_format", None) is not None and body.response_format.get("type") != "text":
+        refused.append("response_format other than {'type': 'text'}")
+    if body.n != 1:
+        refused.append("n other than 1")
+    if refused:
+        raise APIError(400, f"not supported by this server: {', '.join(refused)}", "unsupported_parameter")
+
+
+def _usage(handle: RequestHandle) -> dict[str, int]:
+    req = handle.request
+    done = req.skill.completion_tokens
+    return {"prompt_tokens": req.prompt_tokens, "completion_tokens": done, "total_tokens": req.prompt_tokens + done}
+
+
+def llm_router(state: ServerState, llm: LLM) -> APIRouter:
+    router = APIRouter(prefix="/v1")
+    config = state.config
+
+    @router.get("/models")
+    async def models() -> Any:
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": int(state.started), "owned_by": "tidal"}]}
+
+    for name in MOONDREAM_ONLY:
+
+        @router.post(f"/{name}", name=f"not_{name}")
+        async def moondream_only(http: Request) -> Any:
+            raise APIError(404, f"{http.url.path} is Moondream 3's API; this server runs {config.model_name} ({type(llm.model).__name__}): use /v1/chat/completions or /v1/completions", "not_found")
+
+    @router.post("/completions")
+    async def completions(body: CompletionBody, http: Request) -> Any:
+        _refuse(body)
+        request = {"prompt": body.prompt} if isinstance(body.prompt, str) else {"prompt_token_ids": body.prompt}
+        params = _params(llm, body, None)
+        handle = await state.submit("completion", lambda: llm.submit(request, params, body.ignore_eos))
+        return await _respond(state, handle, body, http, "text_completion", "cmpl")
+
+    @router.post("/chat/completions")
+    async def chat(body: ChatBody, http: Request) -> Any:
+        _refuse(body)
+        if llm.chat_template is None:
+            raise APIError(400, f"{config.model_name} has no chat template: use /v1/completions", "invalid_request_error")
+        messages = []
+        for m in body.messages:
+            if isinstance(m.content, list):
+                if any(isinstance(p, ImagePart) for p in m.content):
+                    raise APIError(400, f"{config.model_name} is a text model: image parts are not accepted", "invalid_request_error")
+                text = "".join(p.text for p in m.content)
+            else:
+                text = m.content or ""
+            messages.append({"role": m.role, "content": text})
+        prompt = llm.chat_template.render(messages, add_generation_prompt=True)
+        room = llm.model.max_context - len(llm.tokenizer.encode(prompt, add_special_tokens=False).ids) if llm.tokenizer else None
+        params = _params(llm, body, max(1, room) if room is not None else None)
+        handle = await state.submit("chat", lambda: llm.submit(prompt, params))
+        return await _respond(state, handle, body, http, "chat.completion", "chatcmpl")
+
+    return router
+
+
+async def _respond(state: ServerState, handle: RequestHandle, body: Any, http: Request, kind: str, prefix: str) -> Any:
+    rid, created, model = f"{prefix}-{handle.request.id}", int(time.time()), body.model or state.config.model_name
+    chat = kind == "chat.completion"
+    skill = "chat" if chat else "completion"
+
+    def choice(text: str | None, finish: str | None, delta: bool) -> dict[str, Any]:
+        if not chat:
+            return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        if delta:
+            return {"index": 0, "delta": {} if text is None else {"content": text}, "finish_reason": finish}
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+
+    if body.stream:
+        object_name = "chat.completion.chunk" if chat else "text_completion"
+
+        def encode(event: str, payload: Any) -> list[str]:
+            def line(c: dict[str, Any]) -> str:
+                return sse({"id": rid, "object": object_name, "created": created, "model": model, "choices": [c]})
+
+            if event == "text":
+                return [line(choice(payload, None, True))]
+            if event != "done":
+                return []
+            out = [line(choice(None if chat else "", handle.request.skill.finish_reason or "stop", True))]
+            if body.stream_options is not None and body.stream_options.include_usage:
+                out.append(sse({"id": rid, "object": object_name, "created": created, "model": model, "choices": [], "usage": _usage(handle)}))
+            return out + ["data: [DONE]\n\n"]
+
+        return state.sse_response(handle, skill, encode)
+    result = await state.wait(handle, skill, http)
+    return {"id": rid, "object": kind, "created": created, "model": model, "choices": [choice(result["text"], result["finish_reason"] or "stop", False)], "usage": _usage(handle)}
