@@ -263,3 +263,17 @@ def test_chat_templates_render_as_transformers_renders_them(tmp_path_factory):
         assert [o["token_ids"] for o in both] == [llm.generate(template.render(m), params, ignore_eos=True)["token_ids"] for m in CONVERSATIONS]
     finally:
         llm.close()
+
+
+def test_streaming_and_stop_strings(pair):
+    """stream() yields the text generate() returns; a stop string ends the text before it."""
+    _, llm, _ = pair
+    params = tidal.SamplingParams(temperature=0.0, max_tokens=12)
+    full = llm.generate("what color is the car", params, ignore_eos=True)
+    assert "".join(llm.stream("what color is the car", params, ignore_eos=True)) == full["text"]
+    words = full["text"].split()
+    assert len(words) >= 3
+    stop = words[2]
+    cut = llm.generate("what color is the car", tidal.SamplingParams(temperature=0.0, max_tokens=12, stop=[stop]), ignore_eos=True)
+    assert cut["text"] == full["text"][: full["text"].find(stop)] and cut["finish_reason"] == "stop"
+    assert len(cut["token_ids"]) < 12
