@@ -1,0 +1,181 @@
+"""Qwen3-VL's vision tower: patches -> merged image tokens and deepstack features.
+
+Per image (grid t x h x w patches, in the processor's merge-window order):
+a linear patch embedding (the checkpoint's Conv3d, whose kernel equals its
+stride), plus learned position embeddings resampled bilinearly (corners
+aligned) from their square grid to h x w; blocks of pre-LN attention (full
+within each image, 2-D rotary: half the rotated pairs turn with the patch
+row, half with its column; a video attends frame by frame) and a GELU-tanh MLP; after the blocks listed in
+deepstack_visual_indexes, a merger of each 2x2 window (LayerNorm after the
+shuffle) gives a deepstack feature; the final merger (LayerNorm before)
+gives the tokens the decoder reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    depth: int = 27
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_heads: int = 16
+    in_channels: int = 3
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    out_hidden_size: int = 3584
+    num_position_embeddings: int = 2304
+    deepstack_visual_indexes: tuple[int, ...] = (8, 16, 24)
+    rope_theta: float = 10000.0
+
+    @classmethod
+    def from_hf(cls, raw: dict[str, Any]) -> VisionConfig:
+        rope = raw.get("rope_parameters") or {}
+        return cls(
+            **{k: raw[k] for k in ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size", "temporal_patch_size", "spatial_merge_size", "out_hidden_size", "num_position_embeddings") if k in raw},
+            deepstack_visual_indexes=tuple(raw.get("deepstack_visual_indexes", cls.deepstack_visual_indexes)),
+            rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", cls.rope_theta))),
+        )
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        k = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+        self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=k, stride=k, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, C * T * P * P] -> [N, hidden] (one kernel position per patch: a matmul)."""
+        w = self.proj.weight
+        return F.linear(x.to(w.dtype), w.reshape(w.shape[0], -1), self.proj.bias)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.heads = cfg.num_heads
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        n, dim = x.shape
+        q, k, v = self.qkv(x).view(n, 3, self.heads, dim // self.heads).unbind(1)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        out = torch.empty_like(q)
+        start = 0
+        for length in lengths:  # attention stays within each image (video frame)
+            s = slice(start, start + length)
+            o = F.scaled_dot_product_attention(q[s].transpose(0, 1)[None], k[s].transpose(0, 1)[None], v[s].transpose(0, 1)[None])
+            out[s] = o[0].transpose(0, 1)
+            start += length
+        return self.proj(out.reshape(n, dim))
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [N, H, D]; cos/sin [N, D/2]: halves layout, math in float32."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    re, im = xf[..., :half], xf[..., half:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.cat([re * c - im * s, im * c + re * s], dim=-1).to(x.dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.linear_fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.linear_fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_fc2(F.gelu(self.linear_fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=1e-6)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=1e-6)
+        self.mlp = MLP(cfg)
+
+
+class Merger(nn.Module):
+    """Each 2x2 (merge x merge) window of patches -> one token of out_hidden_size."""
+
+    def __init__(self, cfg: VisionConfig, norm_after_shuffle: bool) -> None:
+        super().__init__()
+        width = cfg.hidden_size * cfg.spatial_merge_size**2
+        self.norm = nn.LayerNorm(width if norm_after_shuffle else cfg.hidden_size, eps=1e-6)
+        self.linear_fc1 = nn.Linear(width, width)
+        self.linear_fc2 = nn.Linear(width, cfg.out_hidden_size)
+        self.width, self.norm_after_shuffle = width, norm_after_shuffle
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x.reshape(-1, self.width)) if self.norm_after_shuffle else self.norm(x).reshape(-1, self.width)
+        return self.linear_fc2(F.gelu(self.linear_fc1(x)))
+
+
+class VisionModel(nn.Module):
+    """Parameter names follow the checkpoint's (under `model.visual.`)."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.pos_embed = nn.Embedding(cfg.num_position_embeddings, cfg.hidden_size)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.merger = Merger(cfg, norm_after_shuffle=False)
+        self.deepstack_merger_list = nn.ModuleList(Merger(cfg, norm_after_shuffle=True) for _ in cfg.deepstack_visual_indexes)
+
+    def forward(self, patches: torch.Tensor, grids: list[tuple[int, int, int]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """patches [N, C*T*P*P] of the images (or videos) with grids (t, h, w),
+        concatenated -> (tokens [N / m^2, out], deepstack features: each [N / m^2, out])."""
+        x = self.patch_embed(patches)
+        x = x + self._positions(grids).to(x.dtype)
+        cos, sin = self._rotary(grids, x.device)
+        lengths = [h * w for t, h, w in grids for _ in range(t)]  # attention within each frame
+        deep = []
+        for i, block in enumerate(self.blocks):
+            x = x + block.attn(block.norm1(x), cos, sin, lengths)
+            x = x + block.mlp(block.norm2(x))
+            if i in self.cfg.deepstack_visual_indexes:
+                deep.append(self.deepstack_merger_list[self.cfg.deepstack_visual_indexes.index(i)](x))
+        return self.merger(x), deep
+
+    def _merge_order(self, grid: torch.Tensor) -> torch.Tensor:
+        """[h, w, ...] -> [h * w, ...] in merge-window order (the processor's patch order)."""
+        m = self.cfg.spatial_merge_size
+        h, w = grid.shape[:2]
+        return grid.reshape(h // m, m, w // m, m, *grid.shape[2:]).transpose(1, 2).reshape(h * w, *grid.shape[2:])
+
+    def _positions(self, grids: list[tuple[int, int, int]]) -> torch.Tensor:
+        """Learned position embeddings, bilinearly resampled (corners aligned) to each grid."""
+        side = int(self.cfg.num_position_embeddings**0.5)
+        table = self.pos_embed.weight.float().reshape(side, side, -1).permute(2, 0, 1)[None]  # [1, C, side, side]
+        out = []
+        for t, h, w in grids:
+            grid = F.interpolate(table, size=(h, w), mode="bilinear", align_corners=True)[0].permute(1, 2, 0)  # [h, w, C]
+            out.append(self._merge_order(grid).repeat(t, 1))
+        return torch.cat(out)
+
+    def _rotary(self, grids: list[tuple[int, int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [N, head_dim / 2]: the first half of the angles from the patch row, the second from its column."""
+        head_dim = self.cfg.hidden_size // self.cfg.num_heads
+        spatial = head_dim // 2
+        inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, spatial, 2, dtype=torch.float32, device=device) / spatial))
+        angles = []
+        for t, h, w in grids:
+            rows = torch.arange(h, device=device)[:, None].expand(h, w)
+            cols = torch.arange(w, device=device)[None, :].expand(h, w)
+            pos = self._merge_order(torch.stack([rows, cols], dim=-1)).repeat(t, 1).float()  # [h*w*t, 2]
+            angles.append(torch.cat([pos[:, :1] * inv_freq, pos[:, 1:] * inv_freq], dim=-1))
+        a = torch.cat(angles)
+        return a.cos(), a.sin()
