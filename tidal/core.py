@@ -36,10 +36,18 @@ class ImageInput:
     """An image's embeddings, one position per row: embeds [n, dim].
 
     `key` is a content hash of the image, used by the prefix cache.
+    extra: model-specific per-position features the model adds later (Qwen3-VL:
+        deepstack features [k, n, dim]).
+    rope / rope_advance: for models with 3-axis rotary positions (Qwen3-VL), the
+        positions' rotary offsets [3, n] from the image's first rotary index, and
+        how far the index moves past the image (not n in general).
     """
 
     embeds: torch.Tensor = field(repr=False)
     key: str
+    extra: torch.Tensor | None = field(default=None, repr=False)
+    rope: torch.Tensor | None = field(default=None, repr=False)
+    rope_advance: int | None = None
 
     def __len__(self) -> int:
         return int(self.embeds.shape[0])
@@ -55,6 +63,8 @@ class ImageRef:
     payload: object = field(repr=False)
     key: str
     length: int
+    rope: torch.Tensor | None = field(default=None, repr=False)  # as in ImageInput
+    rope_advance: int | None = None
 
     def __len__(self) -> int:
         return self.length
@@ -117,6 +127,7 @@ class SeqStep:
     items: list[InputItem]
     bidir_len: int
     output: OutputSpec | None
+    rope_delta: int = 0  # rotary index - position at start_pos (3-axis rotary models; see ImageInput)
 
 
 @dataclass
@@ -168,7 +179,7 @@ class ForwardBatch:
             every position is a token (or an image position).
         feedback_values: [T, 2] float32: the coordinate in column 0, or
             (width, height); None with feedback_kind.
-    image_spans: (first row, embeds [n, dim]) of each image fed this step.
+    image_spans: (first row, ImageInput) of each image fed this step.
     Sequence-level host lists (length B): q_lens, kv_lens (cached + new after
         this step), bidir_lens (leading positions that attend bidirectionally
         among themselves), req_rows (rows of the request-to-slot table).
@@ -189,7 +200,8 @@ class ForwardBatch:
     req_to_token: torch.Tensor
     feedback_kind: torch.Tensor | None = None
     feedback_values: torch.Tensor | None = None
-    image_spans: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    image_spans: list[tuple[int, ImageInput]] = field(default_factory=list)
+    rope_positions: torch.Tensor | None = None  # [3, T] rotary indices, for models with rope_axes == 3
     attn: Any = field(default=None, repr=False)
     attn_metadata: Any = field(default=None, repr=False)
 

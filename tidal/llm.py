@@ -15,17 +15,20 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 
 from tidal.api import resolve_device_dtype
 from tidal.chat_template import ChatTemplate
+from tidal.core import ImageRef, InputItem, items_len
 from tidal.engine.engine import Engine, EngineConfig
 from tidal.engine.generate import GenerateSkill
 from tidal.engine.loop import EngineLoop, RequestHandle
 from tidal.engine.request import Request
 from tidal.engine.sampling import SamplingParams
 from tidal.errors import InvalidRequestError, PromptTooLongError
+from tidal.images import DEFAULT_MAX_PIXELS, decoded_image, pixels_key
 from tidal.models.checkpoint import read_json, resolve_checkpoint
 from tidal.models.registry import architecture, load_model
 from tidal.validation import check_text
@@ -104,11 +107,13 @@ class LLM:
             request = {"prompt": request}
         if not isinstance(request, dict):
             raise InvalidRequestError(f"a request is a prompt string or a dict with 'prompt' or 'prompt_token_ids', got {type(request).__name__}")
-        unknown = set(request) - {"prompt", "prompt_token_ids"}
-        if unknown & {"images", "videos"}:
-            raise InvalidRequestError(f"{type(self.model).__name__} takes text only here: drop {sorted(unknown)}")
+        unknown = set(request) - {"prompt", "prompt_token_ids", "images"}
+        if "videos" in unknown:
+            raise InvalidRequestError("videos are not supported yet")
         if unknown:
-            raise InvalidRequestError(f"unknown request fields {sorted(unknown)}; use 'prompt' or 'prompt_token_ids'")
+            raise InvalidRequestError(f"unknown request fields {sorted(unknown)}; use 'prompt' or 'prompt_token_ids', and 'images'")
+        if "images" in request and not hasattr(self.model, "image_tokens"):
+            raise InvalidRequestError(f"{type(self.model).__name__} takes text only here: drop 'images'")
         if ("prompt" in request) == ("prompt_token_ids" in request):
             raise InvalidRequestError("give exactly one of 'prompt' and 'prompt_token_ids'")
         if "prompt" in request:
@@ -125,18 +130,41 @@ class LLM:
             raise InvalidRequestError("the prompt is empty")
         if any(not 0 <= i < vocab for i in ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+        items = self._with_images(ids, request.get("images")) if "images" in request else list(ids)
         p = SamplingParams(**vars(params)) if params is not None else SamplingParams()
         p.validate(vocab, self.model.max_context)
-        if len(ids) + p.max_tokens > self.model.max_context:
-            raise PromptTooLongError(f"the prompt ({len(ids)} tokens) and max_tokens ({p.max_tokens}) exceed the context of {self.model.max_context}")
+        n = items_len(items)
+        if n + p.max_tokens > self.model.max_context:
+            raise PromptTooLongError(f"the prompt ({n} positions) and max_tokens ({p.max_tokens}) exceed the context of {self.model.max_context}")
         seed = p.seed if p.seed is not None else random.getrandbits(63)
-        return GenerateSkill(self.tokenizer, p, seed, self.eos_ids, ignore_eos), ids
+        return GenerateSkill(self.tokenizer, p, seed, self.eos_ids, ignore_eos), items
 
-    def _submit(self, skill: GenerateSkill, ids: list[int]) -> RequestHandle:
+    def _with_images(self, ids: list[int], images: Any) -> list[InputItem]:
+        """Each image placeholder token in `ids` (one per image, as the chat
+        template writes it) becomes the image's positions, in order."""
+        if not isinstance(images, (list, tuple)):
+            raise InvalidRequestError("'images' must be a list of images (paths, bytes, PIL images or arrays)")
+        token = self.model.image_token_id
+        slots = [i for i, t in enumerate(ids) if t == token]
+        if len(slots) != len(images):
+            raise InvalidRequestError(f"the prompt holds {len(slots)} image placeholders (token {token}) for {len(images)} images: one per image")
+        refs = []
+        for image in images:
+            with decoded_image(image, DEFAULT_MAX_PIXELS) as rgb:
+                pixels = np.asarray(rgb)
+            n, grid = self.model.image_tokens(pixels.shape[0], pixels.shape[1])
+            rope, advance = self.model.image_rope(grid)
+            refs.append(ImageRef(pixels, pixels_key(pixels), n, rope=rope, rope_advance=advance))
+        items: list[InputItem] = list(ids)
+        for slot, ref in zip(reversed(slots), reversed(refs)):
+            items[slot] = ref
+        return items
+
+    def _submit(self, skill: GenerateSkill, items: list[InputItem]) -> RequestHandle:
         pages = self.engine.allocator.capacity
-        if len(ids) > pages:
-            raise PromptTooLongError(f"the prompt takes {len(ids)} positions but the KV cache holds {pages} pages")
-        return self.loop.submit(Request(skill=skill, pending=list(ids), bidir_len=0))
+        if items_len(items) > pages:
+            raise PromptTooLongError(f"the prompt takes {items_len(items)} positions but the KV cache holds {pages} pages")
+        return self.loop.submit(Request(skill=skill, pending=list(items), bidir_len=0))
 
     @staticmethod
     def _output(handle: RequestHandle) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -80,6 +80,7 @@ class Engine:
         if kernels is None:
             kernels = model.device.type == "cuda" and triton_available()
         model.use_kernels(kernels)
+        self._rope3 = getattr(model, "rope_axes", 1) == 3
         self.runner = ModelRunner(model, self.kv_pool, self.req_to_token, backend=make_backend(kernels))
         self.warmup_s = 0.0
         # a model whose step cannot be captured (it syncs on the device) says so
@@ -243,7 +244,7 @@ class Engine:
                 item = c.req.pending[i]
                 if isinstance(item, ImageRef):
                     if item.key not in done:
-                        done[item.key] = ImageInput(self.runner.encode_image(item.payload), item.key)
+                        done[item.key] = _as_input(self.runner.encode_image(item.payload), item)
                     c.req.pending[i] = done[item.key]
 
     def _seq_step(self, c: Chunk) -> SeqStep:
@@ -251,7 +252,9 @@ class Engine:
         start = req.num_cached - c.n_positions  # slots were reserved by the scheduler
         output = req.skill.next_output() if c.completes else None
         assert req.row is not None
-        return SeqStep(req.row, start, req.pending[: c.n_items], req.bidir_len, output)
+        # 3-axis rotary models only: a walk over the history each step (cheap next to their steps)
+        delta = _rope_delta(req.history) if self._rope3 else 0
+        return SeqStep(req.row, start, req.pending[: c.n_items], req.bidir_len, output, delta)
 
     def _finish(self, req: Request) -> None:
         if req.finished:
@@ -261,3 +264,21 @@ class Engine:
         req.skill.flush()
         self.scheduler.remove(req)
         req.finished_at = time.monotonic()
+
+
+def _as_input(encoded: torch.Tensor | ImageInput, ref: ImageRef) -> ImageInput:
+    """What the model's encode_image gave (embeddings, or an ImageInput with
+    extras), as the ImageInput of `ref`'s image."""
+    if isinstance(encoded, ImageInput):
+        return replace(encoded, key=ref.key)
+    return ImageInput(encoded, ref.key, rope=ref.rope, rope_advance=ref.rope_advance)
+
+
+def _rope_delta(history: list) -> int:
+    """Rotary index minus position after `history` (3-axis rotary models: each
+    image moves the index by rope_advance, not by its length)."""
+    delta = 0
+    for item in history:
+        if isinstance(item, (ImageInput, ImageRef)) and item.rope_advance is not None:
+            delta += item.rope_advance - len(item)
+    return delta

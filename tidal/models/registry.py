@@ -24,9 +24,16 @@ def _qwen3_moe(folder: Path, device: torch.device, dtype: torch.dtype):
     return load_model(folder, device, dtype)
 
 
+def _qwen3_vl(folder: Path, device: torch.device, dtype: torch.dtype):
+    from tidal.models.qwen3_vl.loader import load_model
+
+    return load_model(folder, device, dtype)
+
+
 ARCHITECTURES: dict[str, Callable] = {
     "HfMoondream": _moondream3,
     "Qwen3MoeForCausalLM": _qwen3_moe,
+    "Qwen3VLForConditionalGeneration": _qwen3_vl,
 }
 
 

@@ -102,18 +102,28 @@ class ModelRunner:
         positions: list[int] = []
         kinds: list[int] = []
         values: list[tuple[float, float]] = []
-        images: list[tuple[int, torch.Tensor]] = []
+        images: list[tuple[int, ImageInput]] = []
+        rope3 = getattr(self.model, "rope_axes", 1) == 3
+        rope: list[torch.Tensor] = []  # [3, n] pieces, for 3-axis rotary models
         q_lens, kv_lens, bidir, rows = [], [], [], []
         loc_parts: list[torch.Tensor] = []
         for s in steps:
             n = 0
+            delta = s.rope_delta
             for item in s.items:
+                if rope3:
+                    at = s.start_pos + n + delta
+                    if isinstance(item, ImageInput) and item.rope is not None:
+                        rope.append(item.rope + at)
+                        delta += (item.rope_advance or len(item)) - len(item)
+                    else:
+                        rope.append(torch.arange(at, at + item_len(item)).expand(3, -1))
                 if isinstance(item, int):
                     ids.append(item)
                     kinds.append(0)
                     values.append((0.0, 0.0))
                 elif isinstance(item, ImageInput):
-                    images.append((len(ids), item.embeds))
+                    images.append((len(ids), item))
                     ids.extend([0] * len(item))
                     kinds.extend([0] * len(item))
                     values.extend([(0.0, 0.0)] * len(item))
@@ -151,6 +161,7 @@ class ModelRunner:
             feedback_kind=h2d(kinds, torch.int64, dev) if has_feedback else None,
             feedback_values=h2d(values, torch.float32, dev) if has_feedback else None,
             image_spans=images,
+            rope_positions=_to_device(torch.cat(rope, dim=1), dev) if rope3 else None,
         )
 
     # -- outputs --------------------------------------------------------------------
@@ -174,3 +185,8 @@ class ModelRunner:
         )
         packed = tokens[:, None] if extras is None else torch.cat([tokens[:, None], extras], dim=1)
         return packed, raw
+
+
+def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """A host tensor on `dev` without waiting for the device (pinned, non-blocking)."""
+    return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t

@@ -58,8 +58,8 @@ class Moondream3Model(nn.Module):
     def embed(self, batch: ForwardBatch) -> torch.Tensor:
         """[T, dim]: token embeddings, with image rows and coordinate/size feedback in place."""
         x = self.text.embed(batch.input_ids)
-        for start, embeds in batch.image_spans:
-            x[start : start + embeds.shape[0]] = embeds.to(device=x.device, dtype=x.dtype)
+        for start, image in batch.image_spans:
+            x[start : start + len(image)] = image.embeds.to(device=x.device, dtype=x.dtype)
         if batch.feedback_kind is not None:
             assert batch.feedback_values is not None
             kind = batch.feedback_kind[:, None]

@@ -1,0 +1,113 @@
+"""Qwen3-VL held to transformers (float32, CPU): logits at every output within
+1e-4 for prompts with no image, one image, and two images of different sizes;
+the same answers batched and with the images' prefix served from the cache."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import tidal
+from tidal.engine.engine import EngineConfig
+from tidal.models.qwen3_vl.processor import ImageProcessorConfig, process_image
+
+transformers = pytest.importorskip("transformers")
+
+IMAGE = 7
+PROCESSOR = dict(patch_size=8, merge_size=2, temporal_patch_size=2, min_pixels=256, max_pixels=12_000, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3VLConfig(
+        text_config=dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8, rope_parameters={"rope_type": "default", "rope_theta": 5000.0, "mrope_section": [2, 1, 1], "mrope_interleaved": True}),
+        vision_config=dict(depth=2, hidden_size=16, num_heads=2, intermediate_size=32, out_hidden_size=32, patch_size=8, num_position_embeddings=16, deepstack_visual_indexes=[0, 1]),
+        image_token_id=IMAGE,
+        video_token_id=8,
+    )
+    hf = transformers.Qwen3VLForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.2 if p.dim() > 1 else 0.05)
+    folder = tmp_path_factory.mktemp("qwen3vl")
+    hf.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({**PROCESSOR, "size": {"shortest_edge": PROCESSOR["min_pixels"], "longest_edge": PROCESSOR["max_pixels"]}, "resample": 3}))
+    llm = tidal.LLM.from_pretrained(folder, device="cpu", dtype="float32", engine_config=EngineConfig(trace_logits=True, max_running=8))
+    yield hf, llm
+    llm.close()
+
+
+def _image(h: int, w: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+CASES = {
+    "text": ([11, 12, 13, 40, 41], []),
+    "one image": ([11, 20, IMAGE, 21, 30, 31, 32], [(40, 56, 1)]),
+    "two images": ([11, 20, IMAGE, 21, 22, 20, IMAGE, 21, 50, 51], [(64, 40, 2), (33, 70, 3)]),
+}
+
+
+def _hf_logits(hf, ids: list[int], images: list[np.ndarray]) -> torch.Tensor:
+    """transformers' logits over `ids` with each placeholder expanded to its image's tokens."""
+    cfg = ImageProcessorConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in PROCESSOR.items()})
+    expanded, patches, grids = [], [], []
+    images = list(images)
+    for t in ids:
+        if t == IMAGE:
+            p, grid = process_image(torch.from_numpy(images.pop(0)), cfg)
+            patches.append(p)
+            grids.append(grid)
+            expanded += [IMAGE] * (grid[1] * grid[2] // 4)
+        else:
+            expanded.append(t)
+    types = torch.tensor([[int(t == IMAGE) for t in expanded]])
+    kwargs = {"pixel_values": torch.cat(patches), "image_grid_thw": torch.tensor(grids), "mm_token_type_ids": types} if patches else {}
+    with torch.no_grad():
+        return hf(input_ids=torch.tensor([expanded]), **kwargs).logits[0].float(), len(expanded)
+
+
+def _run(llm, cases: list[tuple[list[int], list[np.ndarray]]], max_tokens: int):
+    params = tidal.SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    handles = [llm._submit(*llm._prepare({"prompt_token_ids": ids, "images": imgs}, params, ignore_eos=True)) for ids, imgs in cases]
+    out = []
+    for h in handles:
+        res = h.wait()
+        out.append((res["token_ids"], torch.stack([t.logits.flatten() for t in h.request.trace])))
+    return out
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_logits_match_transformers(pair, name):
+    hf, llm = pair
+    ids, specs = CASES[name]
+    images = [_image(*s) for s in specs]
+    ((tokens, logits),) = _run(llm, [(ids, images)], 6)
+    full, prompt_len = _hf_logits(hf, ids + tokens, images)
+    want = full[prompt_len - len(tokens) - 1 : prompt_len - 1]
+    assert _rel(logits, want) <= 1e-4, _rel(logits, want)
+    assert tokens == want.argmax(-1).tolist()
+
+
+def test_batched_and_cached_give_the_same_logits(pair):
+    _, llm = pair
+    cases = [(CASES[n][0], [_image(*s) for s in CASES[n][1]]) for n in sorted(CASES)]
+    alone = [_run(llm, [c], 6)[0] for c in cases]
+    together = _run(llm, cases, 6)  # and the images' prefixes now come from the cache
+    for (ta, la), (tb, lb) in zip(alone, together):
+        assert ta == tb and _rel(lb, la) <= 1e-5
+    assert llm.engine.snapshot()["cache_hit_positions"] > 0
+
+
+def test_placeholders_must_match_the_images(pair):
+    _, llm = pair
+    with pytest.raises(tidal.InvalidRequestError, match="1 image placeholders .* 2 images"):
+        llm.generate({"prompt_token_ids": [11, IMAGE, 12], "images": [_image(20, 20, 0), _image(20, 20, 1)]})

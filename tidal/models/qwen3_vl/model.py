@@ -1,0 +1,142 @@
+"""Qwen3-VL (`Qwen3VLForConditionalGeneration`; the MoE variant's decoder too)
+behind the runner's model protocol.
+
+The decoder is Qwen3's (tidal.models.qwen3_moe: dense MLPs, or sparse MoE
+blocks for Qwen3-VL-MoE) with multimodal rotary positions (3 axes, see mrope)
+and deepstack: after decoder layer i, the i-th deepstack feature of each image
+is added to that image's positions. Images sit anywhere in the prompt and
+attend causally; the vision tower runs once per image (encode_image).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tidal.core import ForwardBatch, ImageInput
+from tidal.errors import CheckpointError
+from tidal.models.qwen3_moe.config import Qwen3MoeConfig
+from tidal.models.qwen3_moe.model import Qwen3MoeModel
+
+from .mrope import image_advance, image_offsets, mrope_angles
+from .processor import ImageProcessorConfig, process_image, smart_resize
+from .vision import VisionConfig, VisionModel, _rotate
+
+
+class _MRotary:
+    """The step's rotary angles, applied to q and k as the decoder's attention asks."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        self.cos, self.sin = cos, sin
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return _rotate(x, self.cos, self.sin)
+
+
+class Qwen3VLModel(nn.Module):
+    rope_axes = 3  # the runner gives rotary indices [3, T] (ForwardBatch.rope_positions)
+    cuda_graphs_ok = False  # decode graphs carry one position per row, not three
+
+    def __init__(self, text: Qwen3MoeConfig, vision: VisionConfig, processor: ImageProcessorConfig, image_token_id: int, mrope_section: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.language_model = Qwen3MoeModel(text)
+        self.visual = VisionModel(vision)
+        self.processor, self.image_token_id, self.mrope_section = processor, image_token_id, mrope_section
+        self.kv_layout = self.language_model.kv_layout
+        self.max_context = self.language_model.max_context
+        self.vocab_size = self.language_model.vocab_size
+        d = text.head_dim
+        self.register_buffer("inv_freq", 1.0 / (text.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.dtype
+
+    def setup_runtime(self, device: torch.device | str) -> None:
+        self.language_model.setup_runtime(device)
+        d = self.language_model.config.head_dim
+        self.inv_freq = 1.0 / (self.language_model.config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+
+    # -- images ------------------------------------------------------------------
+    def image_tokens(self, height: int, width: int) -> tuple[int, tuple[int, int, int]]:
+        """(decoder positions, patch grid) of an image of height x width pixels, before processing it."""
+        p = self.processor
+        h, w = smart_resize(height, width, p.patch_size * p.merge_size, p.min_pixels, p.max_pixels)
+        grid = (1, h // p.patch_size, w // p.patch_size)
+        return grid[1] * grid[2] // p.merge_size**2, grid
+
+    def image_rope(self, grid: tuple[int, int, int]) -> tuple[torch.Tensor, int]:
+        m = self.processor.merge_size
+        return image_offsets(grid, m), image_advance(grid, m)
+
+    @torch.inference_mode()
+    def encode_image(self, payload: np.ndarray) -> ImageInput:
+        """RGB pixels uint8 [H, W, 3] -> tokens [n, hidden], deepstack [k, n, hidden], rotary offsets."""
+        pixels = torch.tensor(payload, device=self.device)  # a copy: the array may be read-only
+        patches, grid = process_image(pixels, self.processor)
+        tokens, deep = self.visual(patches.to(self.visual.pos_embed.weight.dtype), [grid])
+        rope, advance = self.image_rope(grid)
+        extra = torch.stack(deep).to(self.dtype) if deep else None
+        return ImageInput(tokens.to(self.dtype), "", extra=extra, rope=rope, rope_advance=advance)
+
+    # -- the model protocol ------------------------------------------------------
+    def embed(self, batch: ForwardBatch) -> torch.Tensor:
+        if batch.feedback_kind is not None:
+            raise ValueError("Qwen3-VL takes tokens and images only")
+        x = F.embedding(batch.input_ids, self.language_model.embed_tokens)
+        for start, image in batch.image_spans:
+            x[start : start + len(image)] = image.embeds.to(device=x.device, dtype=x.dtype)
+        return x
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """-> hidden states [T, hidden] before the final norm."""
+        assert batch.rope_positions is not None, "the runner gives 3-axis rotary positions to this model"
+        angles = mrope_angles(batch.rope_positions, self.inv_freq, self.mrope_section)
+        rotary = _MRotary(angles.cos(), angles.sin())
+        x = self.embed(batch)
+        lm = self.language_model
+        for i, layer in enumerate(lm.layers):
+            x = x + layer.self_attn(layer.input_layernorm(x), positions, batch, i, rotary)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            for start, image in batch.image_spans:
+                if image.extra is not None and i < image.extra.shape[0]:
+                    x[start : start + len(image)] += image.extra[i].to(x.dtype)
+        return x
+
+    def heads(self, hidden: torch.Tensor) -> tuple[torch.Tensor, None, dict[str, torch.Tensor]]:
+        return self.language_model.heads(hidden)
+
+    def extras_to_result(self, extras: list[int]) -> dict[str, Any]:
+        return {}
+
+    def use_kernels(self, enabled: bool) -> None:
+        """No fused kernels for this model yet: the torch layers (attention: the runner's backend)."""
+
+    # -- weights -----------------------------------------------------------------
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Checkpoint keys `model.language_model.*`, `model.visual.*`, `lm_head.weight`; strict."""
+        text, visual, unexpected = [], {}, []
+        for key, tensor in weights:
+            if key.startswith("model.language_model."):
+                text.append((key.removeprefix("model.language_model."), tensor))
+            elif key == "lm_head.weight":
+                text.append((key, tensor))
+            elif key.startswith("model.visual."):
+                visual[key.removeprefix("model.visual.")] = tensor
+            else:
+                unexpected.append(key)
+        if unexpected:
+            raise CheckpointError(f"checkpoint does not match the Qwen3-VL architecture: unexpected weights ({len(unexpected)}): {', '.join(unexpected[:8])}")
+        self.language_model.load_weights(text)
+        missing, extra = self.visual.load_state_dict({k: v.to(self.visual.pos_embed.weight.dtype) for k, v in visual.items()}, strict=False, assign=False)
+        if missing or extra:
+            raise CheckpointError(f"the vision tower's weights do not match: missing {missing[:8]}, unexpected {extra[:8]}")
