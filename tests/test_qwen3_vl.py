@@ -17,6 +17,12 @@ from tidal.models.qwen3_vl.processor import ImageProcessorConfig, process_image
 transformers = pytest.importorskip("transformers")
 
 IMAGE = 7
+# image parts become the image placeholder token, as Qwen's template writes <|image_pad|>
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m.role }}: {% if m.content is string %}{{ m.content }}{% else %}"
+    "{% for p in m.content %}{% if p.type == 'image' %}<|md_reserved_6|>{% else %}{{ p.text }}{% endif %}{% endfor %}"
+    "{% endif %}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+)
 PROCESSOR = dict(patch_size=8, merge_size=2, temporal_patch_size=2, min_pixels=256, max_pixels=12_000, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
 
@@ -35,6 +41,10 @@ def pair(tmp_path_factory):
             p.normal_(0, 0.2 if p.dim() > 1 else 0.05)
     folder = tmp_path_factory.mktemp("qwen3vl")
     hf.save_pretrained(folder)
+    from tidal.models.moondream3.tiny import build_tokenizer
+
+    build_tokenizer(96).save(str(folder / "tokenizer.json"))  # id 7 (IMAGE) is its "<|md_reserved_6|>"
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
     (folder / "preprocessor_config.json").write_text(json.dumps({**PROCESSOR, "size": {"shortest_edge": PROCESSOR["min_pixels"], "longest_edge": PROCESSOR["max_pixels"]}, "resample": 3}))
     llm = tidal.LLM.from_pretrained(folder, device="cpu", dtype="float32", engine_config=EngineConfig(trace_logits=True, max_running=8))
     yield hf, llm
@@ -111,3 +121,36 @@ def test_placeholders_must_match_the_images(pair):
     _, llm = pair
     with pytest.raises(tidal.InvalidRequestError, match="1 image placeholders .* 2 images"):
         llm.generate({"prompt_token_ids": [11, IMAGE, 12], "images": [_image(20, 20, 0), _image(20, 20, 1)]})
+
+
+def test_chat_completions_with_an_image_part(pair):
+    """The OpenAI route turns image parts into the template's placeholders and
+    the images into the request's: the answer equals LLM.generate's."""
+    import base64
+    import io
+
+    import openai
+    from conftest import LiveServer
+    from PIL import Image
+
+    from tidal.server.app import create_llm_app
+    from tidal.server.config import ServerConfig
+
+    _, llm = pair
+    img = _image(40, 56, 9)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    messages = [{"role": "user", "content": [{"type": "text", "text": "what is"}, {"type": "image"}, {"type": "text", "text": "this"}]}]
+    prompt = llm.chat_template.render(messages)
+    want = llm.generate({"prompt": prompt, "images": [img]}, tidal.SamplingParams(temperature=0.0, max_tokens=5), ignore_eos=True)
+    config = ServerConfig(model_name="qwen3-vl-test")
+    srv = LiveServer(llm, config, app=create_llm_app(llm, config))
+    try:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused")
+        content = [{"type": "text", "text": "what is"}, {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "this"}]
+        got = client.chat.completions.create(model="m", messages=[{"role": "user", "content": content}], max_tokens=5, temperature=0, extra_body={})
+        assert got.choices[0].message.content == want["text"]
+        assert got.usage.prompt_tokens == want["usage"]["prompt_tokens"]
+    finally:
+        srv.stop()

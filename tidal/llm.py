@@ -132,8 +132,10 @@ class LLM:
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
         items = self._with_images(ids, request.get("images")) if "images" in request else list(ids)
         p = SamplingParams(**vars(params)) if params is not None else SamplingParams()
-        p.validate(vocab, self.model.max_context)
         n = items_len(items)
+        if p.max_tokens is None:  # up to the context (the server's default for chat)
+            p.max_tokens = max(1, self.model.max_context - n)
+        p.validate(vocab, self.model.max_context)
         if n + p.max_tokens > self.model.max_context:
             raise PromptTooLongError(f"the prompt ({n} positions) and max_tokens ({p.max_tokens}) exceed the context of {self.model.max_context}")
         seed = p.seed if p.seed is not None else random.getrandbits(63)

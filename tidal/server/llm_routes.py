@@ -1,6 +1,6 @@
-"""OpenAI-compatible routes for text models served through tidal.LLM:
-`/v1/completions`, `/v1/chat/completions` (text), `/v1/models`. Moondream's
-own endpoints answer 404 saying why."""
+"""OpenAI-compatible routes for models served through tidal.LLM:
+`/v1/completions`, `/v1/chat/completions` (text, and image parts for a model
+that sees images), `/v1/models`. Moondream's own endpoints answer 404 saying why."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from tidal.engine.loop import RequestHandle
 from tidal.engine.sampling import SamplingParams
 from tidal.llm import LLM
 from tidal.server.errors import APIError
+from tidal.server.images import image_bytes
 from tidal.server.schemas import ChatBody, CompletionBody, ImagePart
 from tidal.server.state import ServerState, sse
 
@@ -78,19 +79,34 @@ def llm_router(state: ServerState, llm: LLM) -> APIRouter:
         _refuse(body)
         if llm.chat_template is None:
             raise APIError(400, f"{config.model_name} has no chat template: use /v1/completions", "invalid_request_error")
-        messages = []
+        sees_images = hasattr(llm.model, "image_tokens")
+        messages, urls = [], []
         for m in body.messages:
             if isinstance(m.content, list):
-                if any(isinstance(p, ImagePart) for p in m.content):
+                if not sees_images and any(isinstance(p, ImagePart) for p in m.content):
                     raise APIError(400, f"{config.model_name} is a text model: image parts are not accepted", "invalid_request_error")
-                text = "".join(p.text for p in m.content)
+                parts = []
+                for p in m.content:
+                    if isinstance(p, ImagePart):
+                        urls.append(p.image_url if isinstance(p.image_url, str) else p.image_url.url)
+                        parts.append({"type": "image"})
+                    else:
+                        parts.append({"type": "text", "text": p.text})
+                messages.append({"role": m.role, "content": parts if sees_images else "".join(p["text"] for p in parts)})
             else:
-                text = m.content or ""
-            messages.append({"role": m.role, "content": text})
+                messages.append({"role": m.role, "content": m.content or ""})
         prompt = llm.chat_template.render(messages, add_generation_prompt=True)
-        room = llm.model.max_context - len(llm.tokenizer.encode(prompt, add_special_tokens=False).ids) if llm.tokenizer else None
-        params = _params(llm, body, max(1, room) if room is not None else None)
-        handle = await state.submit("chat", lambda: llm.submit(prompt, params))
+        params = _params(llm, body, None)
+        if body.max_tokens is None and body.max_completion_tokens is None:
+            params.max_tokens = None  # up to the context, counted once the images are known
+
+        def submit() -> RequestHandle:  # off the event loop: images are fetched and decoded here
+            request: dict[str, Any] = {"prompt": prompt}
+            if urls:
+                request["images"] = [image_bytes(u, config) for u in urls]
+            return llm.submit(request, params)
+
+        handle = await state.submit("chat", submit)
         return await _respond(state, handle, body, http, "chat.completion", "chatcmpl")
 
     return router
