@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +80,16 @@ def iter_weights(files: dict[str, Path], device: str = "cpu") -> Iterator[tuple[
                 for key in keys:
                     yield key, f.get_tensor(key)
                     bar.update(1)
+
+
+def build_and_load(make: Callable[[], torch.nn.Module], files: dict[str, Path], device: torch.device | str, dtype: torch.dtype) -> Any:
+    """`make()` on the meta device, cast while still there (so the real
+    allocation happens once, in `dtype`), allocated on `device`, then filled
+    by its `load_weights` from `files` (strict: each model says what is
+    missing) -> the model in eval mode, without gradients."""
+    with torch.device("meta"):
+        model = make()
+    model = model.to(dtype).to_empty(device=device)
+    load_device = str(device) if torch.device(device).type == "cuda" else "cpu"
+    model.load_weights(iter_weights(files, load_device))
+    return model.eval().requires_grad_(False)

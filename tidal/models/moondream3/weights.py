@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from tidal.models.checkpoint import iter_weights, read_json, weight_files
+from tidal.models.checkpoint import build_and_load, read_json, weight_files
 
 from .config import MoondreamConfig
 from .model import Moondream3Model
@@ -29,13 +29,7 @@ def load_model(folder: Path, device: torch.device | str, dtype: torch.dtype) -> 
     config = read_config(folder)
     files = weight_files(folder)
     has_region_ln = any(k.startswith("model.region.ln.") for k in files)
-    with torch.device("meta"):
-        model = Moondream3Model(config, has_region_ln=has_region_ln)
-    # Cast while still on meta so the real allocation happens once, in `dtype`.
-    model = model.to(dtype).to_empty(device=device)
-    load_device = str(device) if torch.device(device).type == "cuda" else "cpu"
-    model.load_weights(iter_weights(files, load_device))
+    model = build_and_load(lambda: Moondream3Model(config, has_region_ln=has_region_ln), files, device, dtype)
     model.text.setup_runtime(device)
-    model.eval().requires_grad_(False)
     logger.info("loaded %s (%d tensors) on %s as %s", folder, len(files), device, dtype)
     return model

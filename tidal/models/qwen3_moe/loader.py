@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from tidal.models.checkpoint import iter_weights, read_json, weight_files
+from tidal.models.checkpoint import build_and_load, read_json, weight_files
 
 from .config import Qwen3MoeConfig
 from .model import Qwen3MoeModel
@@ -19,12 +19,7 @@ def load_model(folder: Path, device: torch.device | str, dtype: torch.dtype) -> 
     """config.json + safetensors (one file or shards) -> the model on `device` in `dtype` (strict)."""
     config = Qwen3MoeConfig.from_hf(read_json(folder))
     files = weight_files(folder)
-    with torch.device("meta"):
-        model = Qwen3MoeModel(config)
-    model = model.to(dtype).to_empty(device=device)
-    load_device = str(device) if torch.device(device).type == "cuda" else "cpu"
-    model.load_weights(iter_weights(files, load_device))
+    model = build_and_load(lambda: Qwen3MoeModel(config), files, device, dtype)
     model.setup_runtime(device)
-    model.eval().requires_grad_(False)
     logger.info("loaded %s (%d tensors) on %s as %s", folder, len(files), device, dtype)
     return model

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from tidal.errors import CheckpointError
-from tidal.models.checkpoint import iter_weights, read_json, weight_files
+from tidal.models.checkpoint import build_and_load, read_json, weight_files
 from tidal.models.qwen3_moe.config import Qwen3MoeConfig
 
 from .model import Qwen3VLModel
@@ -45,12 +45,7 @@ def read_configs(folder: Path) -> dict:
 def load_model(folder: Path, device: torch.device | str, dtype: torch.dtype) -> Qwen3VLModel:
     configs = read_configs(folder)
     files = weight_files(folder)
-    with torch.device("meta"):
-        model = Qwen3VLModel(**configs)
-    model = model.to(dtype).to_empty(device=device)
-    load_device = str(device) if torch.device(device).type == "cuda" else "cpu"
-    model.load_weights(iter_weights(files, load_device))
+    model = build_and_load(lambda: Qwen3VLModel(**configs), files, device, dtype)
     model.setup_runtime(device)
-    model.eval().requires_grad_(False)
     logger.info("loaded %s (%d tensors) on %s as %s", folder, len(files), device, dtype)
     return model
