@@ -26,29 +26,55 @@ CHAT_TEMPLATE = (
 PROCESSOR = dict(patch_size=8, merge_size=2, temporal_patch_size=2, min_pixels=256, max_pixels=12_000, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
+TEXT = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8, rope_parameters={"rope_type": "default", "rope_theta": 5000.0, "mrope_section": [2, 1, 1], "mrope_interleaved": True})
+VISION = dict(depth=2, hidden_size=16, num_heads=2, intermediate_size=32, out_hidden_size=32, patch_size=8, num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
+# Qwen3-VL-MoE: the same with sparse blocks (2 * inner != hidden, so expert layouts are told apart by shape)
+MOE = dict(moe_intermediate_size=8, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
+
+
+def _save(tmp_path_factory, variant: str):
     torch.manual_seed(0)
-    cfg = transformers.Qwen3VLConfig(
-        text_config=dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8, rope_parameters={"rope_type": "default", "rope_theta": 5000.0, "mrope_section": [2, 1, 1], "mrope_interleaved": True}),
-        vision_config=dict(depth=2, hidden_size=16, num_heads=2, intermediate_size=32, out_hidden_size=32, patch_size=8, num_position_embeddings=16, deepstack_visual_indexes=[0, 1]),
-        image_token_id=IMAGE,
-        video_token_id=8,
-    )
-    hf = transformers.Qwen3VLForConditionalGeneration(cfg).eval()
+    if variant == "moe":
+        cfg = transformers.Qwen3VLMoeConfig(text_config=TEXT | MOE, vision_config=VISION, image_token_id=IMAGE, video_token_id=8)
+        hf = transformers.Qwen3VLMoeForConditionalGeneration(cfg).eval()
+    else:
+        cfg = transformers.Qwen3VLConfig(text_config=TEXT, vision_config=VISION, image_token_id=IMAGE, video_token_id=8)
+        hf = transformers.Qwen3VLForConditionalGeneration(cfg).eval()
     with torch.no_grad():
         for p in hf.parameters():
             p.normal_(0, 0.2 if p.dim() > 1 else 0.05)
-    folder = tmp_path_factory.mktemp("qwen3vl")
+    folder = tmp_path_factory.mktemp(f"qwen3vl-{variant}")
     hf.save_pretrained(folder)
     from tidal.models.moondream3.tiny import build_tokenizer
 
     build_tokenizer(96).save(str(folder / "tokenizer.json"))  # id 7 (IMAGE) is its "<|md_reserved_6|>"
     (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
     (folder / "preprocessor_config.json").write_text(json.dumps({**PROCESSOR, "size": {"shortest_edge": PROCESSOR["min_pixels"], "longest_edge": PROCESSOR["max_pixels"]}, "resample": 3}))
+    return hf, folder
+
+
+@pytest.fixture(scope="module", params=["dense", "moe"])
+def pair(request, tmp_path_factory):
+    hf, folder = _save(tmp_path_factory, request.param)
     llm = tidal.LLM.from_pretrained(folder, device="cpu", dtype="float32", engine_config=EngineConfig(trace_logits=True, max_running=8))
     yield hf, llm
     llm.close()
+
+
+def test_moe_experts_load_from_either_stacked_layout(tmp_path_factory):
+    """Qwen3-VL-MoE's Hub files stack experts as [E, in, out]; transformers 5 saves [E, out, in]."""
+    from safetensors.torch import load_file, save_file
+
+    from tidal.models.qwen3_vl.loader import load_model
+
+    _, folder = _save(tmp_path_factory, "moe")
+    saved = load_model(folder, "cpu", torch.float32)
+    tensors = load_file(str(folder / "model.safetensors"))
+    hub = {k: (v.transpose(1, 2).contiguous() if k.endswith(("experts.gate_up_proj", "experts.down_proj")) else v) for k, v in tensors.items()}
+    save_file(hub, str(folder / "model.safetensors"))
+    from_hub = load_model(folder, "cpu", torch.float32)
+    for (name, a), (_, b) in zip(saved.named_parameters(), from_hub.named_parameters()):
+        assert torch.equal(a, b), name
 
 
 def _image(h: int, w: int, seed: int) -> np.ndarray:

@@ -34,6 +34,7 @@ ARCHITECTURES: dict[str, Callable] = {
     "HfMoondream": _moondream3,
     "Qwen3MoeForCausalLM": _qwen3_moe,
     "Qwen3VLForConditionalGeneration": _qwen3_vl,
+    "Qwen3VLMoeForConditionalGeneration": _qwen3_vl,  # the same model with Qwen3-MoE's sparse blocks
 }
 
 

@@ -151,9 +151,10 @@ class Qwen3MoeModel(nn.Module):
     # -- weights -----------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors into the parameters, strictly. Experts come
-        one per key (`mlp.experts.{e}.{gate,up,down}_proj.weight`, the Hub's
-        layout) or stacked (`mlp.experts.gate_up_proj` / `down_proj`, as
-        transformers 5 holds them)."""
+        one per key (`mlp.experts.{e}.{gate,up,down}_proj.weight`, Qwen3-MoE's
+        Hub files) or stacked (`mlp.experts.gate_up_proj` / `down_proj`), as
+        [E, out, in] (transformers 5) or [E, in, out] (Qwen3-VL-MoE's Hub files;
+        told apart by shape)."""
         params = dict(self.named_parameters())
         seen: set[str] = set()
         unexpected: list[str] = []
@@ -189,7 +190,10 @@ class Qwen3MoeModel(nn.Module):
                     unexpected.append(key)
             elif len(parts) == 5 and parts[2:4] == ["mlp", "experts"] and parts[4] in ("gate_up_proj", "down_proj"):
                 base = ".".join(parts[:3])
-                put(f"{base}.fc1" if parts[4] == "gate_up_proj" else f"{base}.fc2", tensor)
+                target = f"{base}.fc1" if parts[4] == "gate_up_proj" else f"{base}.fc2"
+                if target in params and tensor.dim() == 3 and tuple(tensor.shape) != tuple(params[target].shape) and tuple(tensor.shape[1:]) == tuple(params[target].shape[:0:-1]):
+                    tensor = tensor.transpose(1, 2)  # stored [E, in, out] (Qwen3-VL-MoE's Hub files)
+                put(target, tensor)
             elif self.lm_head is None and name == "lm_head.weight":
                 continue  # tied: the embedding serves
             else:

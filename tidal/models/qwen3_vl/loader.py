@@ -27,9 +27,10 @@ def read_configs(folder: Path) -> dict:
     section = tuple(int(v) for v in rope.get("mrope_section", (24, 20, 20)))
     if rope.get("mrope_interleaved") is False:
         raise CheckpointError("only interleaved M-RoPE (Qwen3-VL's) is supported")
-    # the dense decoder is Qwen3-MoE's with no experts
+    # the dense decoder is Qwen3-MoE's with no experts; Qwen3-VL-MoE's always renormalizes its top-k
     text_raw.setdefault("moe_intermediate_size", 0)
     text_raw.setdefault("num_experts_per_tok", 0)
+    text_raw.setdefault("norm_topk_prob", True)
     text_raw["rope_parameters"] = {"rope_theta": rope.get("rope_theta", 5_000_000.0)}
     text_raw["tie_word_embeddings"] = raw.get("tie_word_embeddings", text_raw.get("tie_word_embeddings", False))
     processor = ImageProcessorConfig.from_folder(folder) if (folder / "preprocessor_config.json").is_file() else ImageProcessorConfig()
