@@ -87,6 +87,17 @@ class SizeInput:
 
 InputItem = Union[int, ImageInput, ImageRef, CoordInput, SizeInput]
 
+
+def rope_delta(items: "list[InputItem]") -> int:
+    """How far the rotary index runs ahead of the position after `items`
+    (3-axis rotary models: an image moves the index by rope_advance, not by
+    its length; 0 for every other model)."""
+    delta = 0
+    for item in items:
+        if isinstance(item, (ImageInput, ImageRef)) and item.rope_advance is not None:
+            delta += item.rope_advance - len(item)
+    return delta
+
 # ForwardBatch.feedback_kind values: how a position's embedding is made.
 FEED_TOKEN, FEED_COORD, FEED_SIZE = 0, 1, 2
 

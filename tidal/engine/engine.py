@@ -11,7 +11,7 @@ import torch
 
 from tidal.cache.kv_pool import KVPool, ReqToTokenPool, SlotAllocator
 from tidal.cache.radix import RadixCache
-from tidal.core import ImageInput, ImageRef, Model, SeqStep, items_len
+from tidal.core import ImageInput, ImageRef, Model, SeqStep, items_len, rope_delta
 from tidal.engine.request import Request
 from tidal.engine.scheduler import CacheFullError, Chunk, Scheduler
 from tidal.kernels import triton_available
@@ -80,7 +80,6 @@ class Engine:
         if kernels is None:
             kernels = model.device.type == "cuda" and triton_available()
         model.use_kernels(kernels)
-        self._rope3 = getattr(model, "rope_axes", 1) == 3
         self.runner = ModelRunner(model, self.kv_pool, self.req_to_token, backend=make_backend(kernels))
         self.warmup_s = 0.0
         # a model whose step cannot be captured (it syncs on the device) says so
@@ -157,6 +156,7 @@ class Engine:
             if result is _FAILED:
                 touched.append(req)
                 continue
+            req.rope_delta += rope_delta(req.pending[: chunk.n_items])
             req.history.extend(req.pending[: chunk.n_items])
             del req.pending[: chunk.n_items]
             self.scheduler.cache_prompt(req)
@@ -252,9 +252,7 @@ class Engine:
         start = req.num_cached - c.n_positions  # slots were reserved by the scheduler
         output = req.skill.next_output() if c.completes else None
         assert req.row is not None
-        # 3-axis rotary models only: a walk over the history each step (cheap next to their steps)
-        delta = _rope_delta(req.history) if self._rope3 else 0
-        return SeqStep(req.row, start, req.pending[: c.n_items], req.bidir_len, output, delta)
+        return SeqStep(req.row, start, req.pending[: c.n_items], req.bidir_len, output, req.rope_delta)
 
     def _finish(self, req: Request) -> None:
         if req.finished:
@@ -272,13 +270,3 @@ def _as_input(encoded: torch.Tensor | ImageInput, ref: ImageRef) -> ImageInput:
     if isinstance(encoded, ImageInput):
         return replace(encoded, key=ref.key)
     return ImageInput(encoded, ref.key, rope=ref.rope, rope_advance=ref.rope_advance)
-
-
-def _rope_delta(history: list) -> int:
-    """Rotary index minus position after `history` (3-axis rotary models: each
-    image moves the index by rope_advance, not by its length)."""
-    delta = 0
-    for item in history:
-        if isinstance(item, (ImageInput, ImageRef)) and item.rope_advance is not None:
-            delta += item.rope_advance - len(item)
-    return delta

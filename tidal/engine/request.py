@@ -38,6 +38,7 @@ class Request:
     bidir_len: int
     id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     history: list[InputItem] = field(default_factory=list)
+    rope_delta: int = 0  # tidal.core.rope_delta(history), kept as history changes
     status: RequestStatus = RequestStatus.WAITING
     row: int | None = None
     slots: list[int] = field(default_factory=list)

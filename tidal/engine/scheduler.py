@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from tidal.cache.kv_pool import ReqToTokenPool, SlotAllocator
 from tidal.cache.radix import RadixCache
-from tidal.core import item_len
+from tidal.core import item_len, rope_delta
 from tidal.engine.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
@@ -116,6 +116,7 @@ class Scheduler:
         req.cache_node, req.shared_len, req.slots = node, pos, list(slots)
         req.cached_prompt_tokens = max(req.cached_prompt_tokens, pos)
         req.history, req.pending = items[:n_items], items[n_items:]
+        req.rope_delta = rope_delta(req.history)
         self.req_to_token.write(req.row, 0, slots)
 
     def _drop_prefix(self, req: Request) -> None:
@@ -124,6 +125,7 @@ class Scheduler:
             self.cache.unlock(req.cache_node)  # type: ignore[union-attr]
             req.pending = req.history + req.pending
             req.history, req.slots, req.shared_len, req.cache_node = [], [], 0, None
+            req.rope_delta = 0
 
     # -- one step --------------------------------------------------------
     def schedule(self) -> list[Chunk]:
@@ -218,7 +220,7 @@ class Scheduler:
         logger.info("preempting %s (%d cached positions)", req.id, req.num_cached)
         self._release(req)
         req.pending = req.history + req.pending
-        req.history = []
+        req.history, req.rope_delta = [], 0
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)
         self.num_preemptions += 1
