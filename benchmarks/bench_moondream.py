@@ -391,8 +391,9 @@ def _close(md: Moondream) -> None:
         torch.cuda.empty_cache()
 
 
-def _report(results: dict, out: str) -> None:
-    with open(os.path.join(out, "bench.json"), "w") as f:
+def _report(results: dict, out: str, name: str = "bench.json") -> None:
+    """Write out/name and print the results as a table."""
+    with open(os.path.join(out, name), "w") as f:
         json.dump(results, f, indent=2)
     print("\n| measure | value |\n| --- | --- |")
     for k, v in results.items():

@@ -16,7 +16,6 @@ table last; writes DIR/bench-qwen3-moe.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -27,7 +26,7 @@ from datetime import datetime, timezone
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_moondream import copy_bandwidth, sync  # noqa: E402
+from bench_moondream import _report, copy_bandwidth, sync  # noqa: E402
 
 from tidal.engine.engine import EngineConfig  # noqa: E402
 from tidal.engine.request import Request  # noqa: E402
@@ -172,12 +171,7 @@ def main() -> None:
                 ms = hf_decode(hf, b, args.context, args.tokens)
                 results[f"hf_decode_b{b}_ms"], results[f"hf_decode_b{b}_tok_s"] = ms, b * 1000 / ms
                 print(f"transformers generate batch {b}: {ms:.2f} ms/token, {b * 1000 / ms:.0f} tok/s", flush=True)
-    with open(os.path.join(args.out, "bench-qwen3-moe.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    print("\n| measure | value |\n| --- | --- |")
-    for k, v in results.items():
-        print(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
-
+    _report(results, args.out, "bench-qwen3-moe.json")
 
 if __name__ == "__main__":
     main()

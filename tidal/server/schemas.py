@@ -71,19 +71,28 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatBody(_Body):
+class _Generation(_Body):
+    """What OpenAI's chat and completion bodies share: model, streaming, sampling,
+    and options accepted only to be refused with a clear 400 when used (never ignored)."""
+
     model: Text | None = None
-    messages: list[Message]
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = None
-    max_completion_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
     stop: Union[Text, list[Text], None] = None
     seed: int | None = None
     n: int = 1
+    logit_bias: dict[str, Any] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+
+class ChatBody(_Generation):
+    messages: list[Message]
+    max_completion_tokens: int | None = None
     reasoning: bool | None = None  # the moondream client's chat() sends this
     # Accepted only to be refused with a clear 400 when used (never ignored):
     logprobs: bool | None = None
@@ -93,28 +102,12 @@ class ChatBody(_Body):
     functions: list[Any] | None = None
     function_call: Any = None
     response_format: dict[str, Any] | None = None
-    logit_bias: dict[str, Any] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
 
 
-class CompletionBody(_Body):
-    """OpenAI `POST /v1/completions` (text models served through tidal.LLM)."""
+class CompletionBody(_Generation):
+    """OpenAI `POST /v1/completions` (models served through tidal.LLM)."""
 
-    model: Text | None = None
     prompt: Union[Text, list[int]]
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    stop: Union[Text, list[Text], None] = None
-    seed: int | None = None
-    n: int = 1
     ignore_eos: bool = False
     logprobs: int | None = None
     echo: bool = False
-    logit_bias: dict[str, Any] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
