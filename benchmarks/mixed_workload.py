@@ -106,6 +106,11 @@ def _closed_loop(jobs: list[Job], concurrency: int, call) -> dict:
         for f in [pool.submit(client) for _ in range(concurrency)]:
             f.result()
     wall = time.perf_counter() - t0
+    return _summary(latencies, wall)
+
+
+def _summary(latencies: list[float], wall: float) -> dict:
+    """Requests/s and latency percentiles (ms) of a run."""
     lat = sorted(latencies)
     return {
         "requests": len(lat),
@@ -205,13 +210,7 @@ def run_http(md, jobs: list[Job], images: list[Image.Image], concurrency: int) -
     work = [(job.skill, _body(job, urls[job.image])) for job in jobs]
     with http_server(md) as base, multiprocessing.get_context("spawn").Pool(1) as pool:
         latencies, wall = pool.apply(_http_clients, (base, work, concurrency))
-    lat = sorted(latencies)
-    return {
-        "requests": len(lat),
-        "req_s": len(lat) / wall,
-        "p50_ms": statistics.median(lat) * 1000,
-        "p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1000,
-    }
+    return _summary(latencies, wall)
 
 
 def measure(md, results: dict, label: str, concurrencies=(1, 16, 64), requests_per_client: int = 4, min_requests: int = 32, vias=("engine", "http")) -> None:

@@ -75,4 +75,6 @@ def test_what_a_text_model_cannot_do_is_refused_clearly(served, client):
         client.completions.create(model="m", prompt="hi", logprobs=2)
     with pytest.raises(openai.BadRequestError, match=r"\[0, 320\)"):
         client.completions.create(model="m", prompt=[999], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):  # 0 is refused, not read as "unset"
+        client.completions.create(model="m", prompt="hi", max_tokens=0)
     assert client.models.list().data[0].id == "qwen3-moe-test"

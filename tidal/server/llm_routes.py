@@ -20,15 +20,18 @@ from tidal.server.state import ServerState, sse
 MOONDREAM_ONLY = ("query", "caption", "detect", "point", "segment")
 
 
-def _params(llm: LLM, body: Any, default_max_tokens: int | None) -> SamplingParams:
-    """OpenAI's defaults (temperature 1, top_p 1) where the body is silent."""
+def _params(body: Any, default_max_tokens: int | None) -> SamplingParams:
+    """OpenAI's defaults (temperature 1, top_p 1) where the body is silent;
+    max_tokens None runs to the context (counted once the images are known)."""
     stop = body.stop
-    max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or default_max_tokens
+    max_tokens = getattr(body, "max_completion_tokens", None)
+    if max_tokens is None:
+        max_tokens = body.max_tokens if body.max_tokens is not None else default_max_tokens
     return SamplingParams(
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=body.top_k or 0,
-        max_tokens=max_tokens if max_tokens is not None else 16,
+        max_tokens=max_tokens,
         stop=[stop] if isinstance(stop, str) else list(stop or []),
         seed=body.seed,
     )
@@ -70,7 +73,7 @@ def llm_router(state: ServerState, llm: LLM) -> APIRouter:
     async def completions(body: CompletionBody, http: Request) -> Any:
         _refuse(body)
         request = {"prompt": body.prompt} if isinstance(body.prompt, str) else {"prompt_token_ids": body.prompt}
-        params = _params(llm, body, None)
+        params = _params(body, 16)  # OpenAI's default for completions
         handle = await state.submit("completion", lambda: llm.submit(request, params, body.ignore_eos))
         return await _respond(state, handle, body, http, "text_completion", "cmpl")
 
@@ -96,9 +99,7 @@ def llm_router(state: ServerState, llm: LLM) -> APIRouter:
             else:
                 messages.append({"role": m.role, "content": m.content or ""})
         prompt = llm.chat_template.render(messages, add_generation_prompt=True)
-        params = _params(llm, body, None)
-        if body.max_tokens is None and body.max_completion_tokens is None:
-            params.max_tokens = None  # up to the context, counted once the images are known
+        params = _params(body, None)
 
         def submit() -> RequestHandle:  # off the event loop: images are fetched and decoded here
             request: dict[str, Any] = {"prompt": prompt}
