@@ -72,7 +72,8 @@ DECODE_CASES = [
     ([9], 2, 2, 128),
     ([1, 130, 64, 257], 4, 4, 128),
     ([731, 5, 300], 4, 2, 256),
-] + ([([4096, 740, 1500, 33] * 8, 32, 32, 256), ([750] * 64, 32, 32, 2048), ([3000, 17], 32, 4, 128)] if CUDA else [])
+    ([70, 1, 33], 8, 1, 64),
+] + ([([4096, 740, 1500, 33] * 8, 32, 32, 256), ([750] * 64, 32, 32, 2048), ([3000, 17], 32, 4, 128), ([512] * 16 + [3], 32, 8, 256)] if CUDA else [])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -129,14 +130,15 @@ def test_extend_attention(seqs, heads, heads_kv, dtype):
 
 
 # -- fused MoE ----------------------------------------------------------------------------------
-def _moe_reference(x, weights, ids, fc1, fc2):
+def _moe_reference(x, weights, ids, fc1, fc2, act="geglu_plus1"):
     """float64, token by token."""
     x, fc1, fc2 = x.double(), fc1.double(), fc2.double()
     out = torch.zeros_like(x)
     for t in range(x.shape[0]):
         for w, e in zip(weights[t].double(), ids[t]):
             h, g = (fc1[e] @ x[t]).chunk(2)
-            out[t] += w * (fc2[e] @ (torch.nn.functional.gelu(h) * (g + 1)))
+            a = torch.nn.functional.silu(h) * g if act == "swiglu" else torch.nn.functional.gelu(h) * (g + 1)
+            out[t] += w * (fc2[e] @ a)
     return out
 
 
@@ -164,9 +166,10 @@ MOE_CASES = [(1, 8, 2, 64, 48), (5, 8, 2, 64, 48), (40, 6, 3, 96, 80)] + (
 )
 
 
+@pytest.mark.parametrize("act", ["geglu_plus1", "swiglu"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", MOE_CASES, ids=lambda c: "T{}-E{}-k{}-D{}-I{}".format(*c))
-def test_fused_moe(case, dtype):
+def test_fused_moe(case, dtype, act):
     from tidal.kernels.fused_moe import fused_experts
 
     tokens, experts, top_k, dim, inner = case
@@ -177,8 +180,8 @@ def test_fused_moe(case, dtype):
     logits = torch.randn(tokens, experts, generator=gen)
     top, ids = logits.topk(top_k, dim=-1)
     weights = top.softmax(-1)
-    want = _moe_reference(x, weights, ids, fc1, fc2)
-    got = fused_experts(x.to(DEV), weights.to(DEV), ids.to(DEV), fc1.to(DEV), fc2.to(DEV))
+    want = _moe_reference(x, weights, ids, fc1, fc2, act)
+    got = fused_experts(x.to(DEV), weights.to(DEV), ids.to(DEV), fc1.to(DEV), fc2.to(DEV), act)
     assert got.shape == want.shape
     assert rel(got.cpu(), want) <= (1e-5 if dtype == torch.float32 else 1.5e-2)
 
@@ -240,6 +243,11 @@ def test_route_and_align(tokens, experts, top_k, block_m):
     assert torch.equal(pairs.cpu(), want_pairs) and torch.equal(blocks.cpu(), want_blocks)
     w16, ids16, _, _ = route_and_align(logits.to(DEV, torch.bfloat16), top_k, block_m, torch.bfloat16)
     assert w16.dtype == torch.bfloat16 and rel(w16.cpu().float(), want_w) <= 2e-2
+    # without renormalization (Qwen3's norm_topk_prob=False): the softmax over all experts at the top k
+    want_w, _ = route(logits, torch.eye(experts), None, top_k, renormalize=False)
+    w, ids, pairs, blocks = route_and_align(logits.to(DEV), top_k, block_m, torch.float32, renormalize=False)
+    assert torch.equal(ids.cpu(), want_ids) and torch.equal(pairs.cpu(), want_pairs)
+    assert rel(w.cpu(), want_w) <= 1e-6 and float(w.sum(-1).max()) < 1.0
 
 
 def test_route_ties_go_to_the_lower_expert():
@@ -275,3 +283,61 @@ def test_residual_norm(tokens, dim, k, norm, dtype):
         assert rel(got_h.cpu(), want_h.detach()) <= t
     else:
         assert got_h is None
+
+
+# -- Qwen: residual add + RMSNorm; q/k RMSNorm + rotary + KV write -----------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens, dim, k, add, norm", [(1, 64, 1, True, True), (6, 96, 4, True, True), (5, 64, 2, True, False), (3, 64, 1, False, True)] + ([(1, 2048, 8, True, True), (300, 4096, 1, True, True)] if CUDA else []))
+def test_add_rms_norm(tokens, dim, k, add, norm, dtype):
+    from tidal.kernels.rms_norm import add_rms_norm
+    from tidal.layers.norm import RMSNorm
+
+    gen = torch.Generator().manual_seed(tokens * dim + k)
+    x = torch.randn(tokens, dim, generator=gen).to(dtype)
+    parts = torch.randn(tokens, k, dim, generator=gen).to(dtype)
+    rms = RMSNorm(dim, 1e-6).to(dtype)
+    with torch.no_grad():
+        rms.weight.copy_(torch.randn(dim, generator=gen))
+    # the torch path (tidal.models.qwen3_moe.model): x + mlp(h) with the MoE's sum over k, then the next norm
+    want_x = x + parts.sum(dim=1) if add else x
+    want_h = rms(want_x).detach()
+    got_x, got_h = add_rms_norm(x.to(DEV), parts.to(DEV) if add else None, rms.weight.to(DEV) if norm else None, rms.eps)
+    t = 1e-6 if dtype == torch.float32 else 8e-3
+    assert rel(got_x.cpu(), want_x) <= t
+    if norm:
+        assert rel(got_h.cpu(), want_h) <= t
+    else:
+        assert got_h is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens, heads, kv_heads, dim", [(1, 4, 2, 16), (9, 4, 1, 32), (5, 6, 6, 8)] + ([(1, 32, 4, 128), (64, 32, 8, 128), (700, 32, 4, 128)] if CUDA else []))
+def test_qk_norm_rope_kv(tokens, heads, kv_heads, dim, dtype):
+    from tidal.kernels.rms_norm import qk_norm_rope_kv
+    from tidal.layers.norm import RMSNorm
+    from tidal.layers.rotary import rotate_halves
+
+    gen = torch.Generator().manual_seed(tokens * heads + dim)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=gen).to(dtype)
+    q_norm, k_norm = RMSNorm(dim, 1e-6).to(dtype), RMSNorm(dim, 1e-6).to(dtype)
+    with torch.no_grad():
+        q_norm.weight.copy_(torch.randn(dim, generator=gen))
+        k_norm.weight.copy_(torch.randn(dim, generator=gen))
+    angles = torch.rand(tokens, dim // 2, generator=gen) * 1000.0
+    cos, sin = angles.cos(), angles.sin()
+    slots = torch.randperm(tokens + 9, generator=gen)[:tokens]
+    # the torch path (tidal.models.qwen3_moe.model.Attention)
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    want_q = rotate_halves(q_norm(q.reshape(tokens, heads, dim)), cos, sin).detach()
+    want_k = rotate_halves(k_norm(k.reshape(tokens, kv_heads, dim)), cos, sin).detach()
+    want_v = v.reshape(tokens, kv_heads, dim)
+    k_cache = torch.full((tokens + 9, kv_heads, dim), float("nan"), dtype=dtype, device=DEV)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    got_q = qk_norm_rope_kv(qkv.to(DEV), q_norm.weight.to(DEV), k_norm.weight.to(DEV), 1e-6, cos.to(DEV), sin.to(DEV), slots.to(DEV), k_cache, v_cache, heads)
+    t = 1e-5 if dtype == torch.float32 else 4e-3
+    assert rel(got_q.cpu(), want_q) <= t
+    assert rel(k_cache[slots.to(DEV)].cpu(), want_k) <= t
+    assert torch.equal(v_cache[slots.to(DEV)].cpu(), want_v)
+    untouched = torch.ones(tokens + 9, dtype=torch.bool)
+    untouched[slots] = False
+    assert k_cache[untouched.to(DEV)].isnan().all() and v_cache[untouched.to(DEV)].isnan().all()  # nothing else written

@@ -26,7 +26,7 @@ CHAT_TEMPLATE = (
 PROCESSOR = dict(patch_size=8, merge_size=2, temporal_patch_size=2, min_pixels=256, max_pixels=12_000, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
 
-TEXT = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8, rope_parameters={"rope_type": "default", "rope_theta": 5000.0, "mrope_section": [2, 1, 1], "mrope_interleaved": True})
+TEXT = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 5000.0, "mrope_section": [4, 2, 2], "mrope_interleaved": True})
 VISION = dict(depth=2, hidden_size=16, num_heads=2, intermediate_size=32, out_hidden_size=32, patch_size=8, num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
 # Qwen3-VL-MoE: the same with sparse blocks (2 * inner != hidden, so expert layouts are told apart by shape)
 MOE = dict(moe_intermediate_size=8, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
@@ -91,17 +91,19 @@ CASES = {
 def _hf_logits(hf, ids: list[int], images: list[np.ndarray]) -> torch.Tensor:
     """transformers' logits over `ids` with each placeholder expanded to its image's tokens."""
     cfg = ImageProcessorConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in PROCESSOR.items()})
-    expanded, patches, grids = [], [], []
+    expanded, types, patches, grids = [], [], [], []
     images = list(images)
     for t in ids:
-        if t == IMAGE:
+        if t == IMAGE and images:  # the prompt's placeholders (a generated token may be the same id)
             p, grid = process_image(torch.from_numpy(images.pop(0)), cfg)
             patches.append(p)
             grids.append(grid)
             expanded += [IMAGE] * (grid[1] * grid[2] // 4)
+            types += [1] * (grid[1] * grid[2] // 4)
         else:
             expanded.append(t)
-    types = torch.tensor([[int(t == IMAGE) for t in expanded]])
+            types.append(0)
+    types = torch.tensor([types])
     kwargs = {"pixel_values": torch.cat(patches), "image_grid_thw": torch.tensor(grids), "mm_token_type_ids": types} if patches else {}
     with torch.no_grad():
         return hf(input_ids=torch.tensor([expanded]), **kwargs).logits[0].float(), len(expanded)
@@ -127,10 +129,12 @@ def test_logits_match_transformers(pair, name):
     ids, specs = CASES[name]
     images = [_image(*s) for s in specs]
     ((tokens, logits),) = _run(llm, [(ids, images)], 6)
-    full, prompt_len = _hf_logits(hf, ids + tokens, images)
-    want = full[prompt_len - len(tokens) - 1 : prompt_len - 1]
-    assert _rel(logits, want) <= 1e-4, _rel(logits, want)
-    assert tokens == want.argmax(-1).tolist()
+    # transformers counts image tokens by id: compare the outputs whose inputs hold no generated image-token id
+    n = next((i + 1 for i, t in enumerate(tokens) if t == IMAGE), len(tokens))
+    full, length = _hf_logits(hf, ids + tokens[: n - 1], images)
+    want = full[length - n : length]
+    assert _rel(logits[:n], want) <= 1e-4, _rel(logits[:n], want)
+    assert tokens[:n] == want.argmax(-1).tolist()
 
 
 def test_batched_and_cached_give_the_same_logits(pair):

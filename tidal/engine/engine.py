@@ -15,7 +15,7 @@ from tidal.core import ImageInput, ImageRef, Model, SeqStep, items_len, rope_del
 from tidal.engine.request import Request
 from tidal.engine.scheduler import CacheFullError, Chunk, Scheduler
 from tidal.kernels import triton_available
-from tidal.layers.attention import make_backend
+from tidal.layers.attention import kernels_support, make_backend
 from tidal.runner.model_runner import ModelRunner
 from tidal.validation import as_float, as_int
 
@@ -77,8 +77,14 @@ class Engine:
         self.allocator = SlotAllocator(pages)
         self.req_to_token = ReqToTokenPool(self.config.max_running, model.max_context, model.device)
         kernels = self.config.kernels
+        head_dim = model.kv_layout.head_dim
         if kernels is None:
             kernels = model.device.type == "cuda" and triton_available()
+            if kernels and not kernels_support(head_dim):
+                logger.warning("head size %d is not one the Triton kernels take (a power of two >= 16): the torch path runs", head_dim)
+                kernels = False
+        elif kernels and not kernels_support(head_dim):
+            raise ValueError(f"kernels=True: the Triton kernels take head sizes that are powers of two >= 16, this model's is {head_dim}")
         model.use_kernels(kernels)
         self.runner = ModelRunner(model, self.kv_pool, self.req_to_token, backend=make_backend(kernels))
         self.warmup_s = 0.0

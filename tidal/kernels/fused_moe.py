@@ -5,8 +5,9 @@ expert, reading only the experts in use.
    expert's run to a multiple of BLOCK_M, so every block of BLOCK_M rows
    belongs to one expert. Torch ops only: no host sync, graph-capturable,
    and the grid size depends on T alone.
-2. up kernel: h, g = x @ fc1[e].T (both halves in one pass), gelu(h) * (g + 1)
-   fused on the way out, one row per pair.
+2. up kernel: h, g = x @ fc1[e].T (both halves in one pass), the activation
+   fused on the way out (gelu(h) * (g + 1) for Moondream 3, silu(h) * g for
+   Qwen3's SwiGLU), one row per pair.
 3. down kernel: y = act @ fc2[e].T, times the pair's routing weight, one row
    per pair.
 4. the k rows of each token are summed in a fixed order (no atomics: the same
@@ -29,6 +30,9 @@ MOE_CONFIGS: list[tuple[int, tuple[int, int, int, int, int]]] = [
     (256, (32, 64, 128, 4, 4)),
     (1 << 30, (64, 128, 64, 8, 3)),
 ]
+
+# the expert activations the up kernel fuses (tidal.layers.moe.ACTIVATIONS), by kernel code
+ACT_CODES = {"geglu_plus1": 0, "swiglu": 1}
 
 
 def moe_config(tokens: int) -> tuple[int, int, int, int, int]:
@@ -71,7 +75,7 @@ def _moe_up_kernel(
     X, W, Out, Pairs, BlockExpert,
     num_pairs, top_k, num_experts, inner, dim,
     stride_xt, stride_we, stride_wn, stride_ot,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, ACT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -98,7 +102,10 @@ def _moe_up_kernel(
         else:
             acc_h += tl.dot(x, wh)
             acc_g += tl.dot(x, wg)
-    act = _gelu_exact(acc_h) * (acc_g + 1.0)
+    if ACT == 1:  # swiglu: silu(h) * g
+        act = acc_h / (1.0 + tl.exp(-acc_h)) * acc_g
+    else:  # geglu_plus1: gelu(h) * (g + 1)
+        act = _gelu_exact(acc_h) * (acc_g + 1.0)
     tl.store(Out + rows[:, None].to(tl.int64) * stride_ot + n[None, :], act.to(Out.dtype.element_ty), mask=valid[:, None] & nmask[None, :])
 
 
@@ -144,10 +151,11 @@ def expert_pairs(
     pairs: torch.Tensor,
     block_expert: torch.Tensor,
     config: tuple[int, int, int, int, int],
+    act: str = "geglu_plus1",
 ) -> torch.Tensor:
     """Each (token, expert) pair's weighted output, [T * k, D] (pair t * k + j),
     given the expert-sorted layout of align_by_expert / route_and_align made
-    with config's BLOCK_M."""
+    with config's BLOCK_M; act names the expert activation (ACT_CODES)."""
     tokens = x.shape[0]
     num_experts, two_inner, dim = fc1.shape
     inner = two_inner // 2
@@ -156,33 +164,33 @@ def expert_pairs(
     nblocks = block_expert.shape[0]
     num_pairs = tokens * top_k
     ieee = x.dtype == torch.float32
-    act = torch.empty((num_pairs, inner), dtype=x.dtype, device=x.device)
+    hidden = torch.empty((num_pairs, inner), dtype=x.dtype, device=x.device)
     _moe_up_kernel[(nblocks, triton.cdiv(inner, block_n))](
-        x, fc1, act, pairs, block_expert,
+        x, fc1, hidden, pairs, block_expert,
         num_pairs, top_k, num_experts, inner, dim,
-        x.stride(0), fc1.stride(0), fc1.stride(1), act.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee,
+        x.stride(0), fc1.stride(0), fc1.stride(1), hidden.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee, ACT=ACT_CODES[act],
         num_warps=warps, num_stages=stages,
     )
     per_pair = torch.empty((num_pairs, dim), dtype=x.dtype, device=x.device)
     _moe_down_kernel[(nblocks, triton.cdiv(dim, block_n))](
-        act, fc2, per_pair, pairs, block_expert, weights.reshape(-1),
+        hidden, fc2, per_pair, pairs, block_expert, weights.reshape(-1),
         num_pairs, num_experts, dim, inner,
-        act.stride(0), fc2.stride(0), fc2.stride(1), per_pair.stride(0),
+        hidden.stride(0), fc2.stride(0), fc2.stride(1), per_pair.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee,
         num_warps=warps, num_stages=stages,
     )
     return per_pair
 
 
-def fused_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor) -> torch.Tensor:
+def fused_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor, act: str = "geglu_plus1") -> torch.Tensor:
     """x [T, D]; weights/ids [T, k] (routing); fc1 [E, 2I, D]; fc2 [E, D, I] -> [T, D].
 
     out[t] = sum_j weights[t, j] * (act(x[t] @ fc1[e].T) @ fc2[e].T), e = ids[t, j],
-    act(h, g) = gelu(h) * (g + 1), summed over j in order.
+    act(h, g) = gelu(h) * (g + 1) or silu(h) * g, summed over j in order.
     """
     tokens, top_k = ids.shape
     config = moe_config(tokens)
     pairs, block_expert = align_by_expert(ids, fc1.shape[0], config[0])
-    per_pair = expert_pairs(x, weights, fc1, fc2, top_k, pairs, block_expert, config)
+    per_pair = expert_pairs(x, weights, fc1, fc2, top_k, pairs, block_expert, config, act)
     return per_pair.view(tokens, top_k, -1).sum(dim=1)

@@ -1,8 +1,9 @@
 """MoE routing and expert alignment in one kernel launch, for decode-sized batches.
 
 From router logits [T, E]: each token's top-k experts (the lower index wins
-a tie, which bf16 logits make common; torch.topk leaves tie order open), softmax over those k logits in float32, cast to the activation dtype
-(the reference's rounding); then the layout fused_moe's GEMMs read: pairs
+a tie, which bf16 logits make common; torch.topk leaves tie order open), softmax over those k logits in float32 (or, without renormalization,
+the softmax over all E at those k: Qwen3's norm_topk_prob=False), cast to the
+activation dtype (the reference's rounding); then the layout fused_moe's GEMMs read: pairs
 (t * k + j) sorted by expert, stably, each expert's run padded to BLOCK_M,
 and each block's expert (E past the end). At decode sizes one program does it
 all (a launch costs more than the work; the torch version is ~25 launches);
@@ -25,12 +26,12 @@ def _route_align_kernel(
     Logits, Weights, Ids, Pairs, BlockExpert,
     tokens, stride_l, nblocks, tokens_per_program,
     E: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, BM: tl.constexpr, CH: tl.constexpr,
-    TOPK: tl.constexpr, ALIGN: tl.constexpr,
+    TOPK: tl.constexpr, ALIGN: tl.constexpr, RENORM: tl.constexpr,
 ):
     e = tl.arange(0, E)
     kk = tl.arange(0, K)
     if TOPK:
-        _topk_softmax(Logits, Weights, Ids, tokens, stride_l, tokens_per_program, e, kk, E, K, BLOCK_T)
+        _topk_softmax(Logits, Weights, Ids, tokens, stride_l, tokens_per_program, e, kk, E, K, BLOCK_T, RENORM)
     if ALIGN:
         if TOPK:
             tl.debug_barrier()  # this program's ids are visible to all its threads from here
@@ -38,7 +39,7 @@ def _route_align_kernel(
 
 
 @triton.jit
-def _topk_softmax(Logits, Weights, Ids, tokens, stride_l, tokens_per_program, e, kk, E: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr):
+def _topk_softmax(Logits, Weights, Ids, tokens, stride_l, tokens_per_program, e, kk, E: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, RENORM: tl.constexpr):
     """Top-k and softmax of this program's tokens, BLOCK_T at a time."""
     lo = tl.program_id(0) * tokens_per_program
     hi = tl.minimum(lo + tokens_per_program, tokens)
@@ -47,6 +48,7 @@ def _topk_softmax(Logits, Weights, Ids, tokens, stride_l, tokens_per_program, e,
         tm = t < hi
         logits = tl.load(Logits + t[:, None] * stride_l + e[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
         top = tl.max(logits, axis=1)
+        total = tl.sum(tl.exp(logits - top[:, None]), axis=1)  # all E (used without renormalization)
         vals = tl.zeros([BLOCK_T, K], tl.float32)
         ids = tl.zeros([BLOCK_T, K], tl.int32)
         for j in tl.static_range(K):
@@ -56,7 +58,10 @@ def _topk_softmax(Logits, Weights, Ids, tokens, stride_l, tokens_per_program, e,
             ids = tl.where(kk[None, :] == j, idx[:, None], ids)
             logits = tl.where(e[None, :] == idx[:, None], float("-inf"), logits)
         p = tl.exp(vals - top[:, None])
-        w = p / tl.sum(p, axis=1)[:, None]
+        if RENORM:
+            w = p / tl.sum(p, axis=1)[:, None]
+        else:
+            w = p / total[:, None]
         out = t[:, None] * K + kk[None, :]
         tl.store(Ids + out, ids.to(Ids.dtype.element_ty), mask=tm[:, None])
         tl.store(Weights + out, w.to(Weights.dtype.element_ty), mask=tm[:, None])
@@ -96,7 +101,7 @@ def _align(Ids, Pairs, BlockExpert, tokens, nblocks, e, E: tl.constexpr, K: tl.c
         tl.store(BlockExpert + b, expert, mask=b < nblocks)
 
 
-def route_and_align(router_logits: torch.Tensor, top_k: int, block_m: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def route_and_align(router_logits: torch.Tensor, top_k: int, block_m: int, dtype: torch.dtype, renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """router_logits [T, E] -> (weights [T, k] in dtype, ids [T, k] int64,
     pairs [NB * block_m] int32, block_expert [NB] int32); see align_by_expert."""
     tokens, experts = router_logits.shape
@@ -108,7 +113,7 @@ def route_and_align(router_logits: torch.Tensor, top_k: int, block_m: int, dtype
     pairs = torch.empty(nblocks * block_m, dtype=torch.int32, device=dev)
     block_expert = torch.empty(nblocks, dtype=torch.int32, device=dev)
     args = (router_logits, weights, ids, pairs, block_expert, tokens, router_logits.stride(0), nblocks)
-    consts = dict(E=experts, K=top_k, BLOCK_T=32, BM=block_m, CH=256, num_warps=8)
+    consts = dict(E=experts, K=top_k, BLOCK_T=32, BM=block_m, CH=256, RENORM=renormalize, num_warps=8)
     if tokens <= ONE_LAUNCH_MAX_TOKENS:
         _route_align_kernel[(1,)](*args, tokens, TOPK=True, ALIGN=True, **consts)
     else:

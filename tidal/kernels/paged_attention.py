@@ -7,7 +7,10 @@ the bidirectional prefix (j < bidir and p < bidir).
 decode_attention: one query per sequence (the newest position: it sees every
 key). Split-K: each program covers `split` positions and writes a partial
 output and log-sum-exp; a second kernel combines the splits in a fixed order,
-so results do not depend on scheduling (no atomics anywhere).
+so results do not depend on scheduling (no atomics anywhere). With grouped
+queries (GQA: several query heads per KV head) a program takes all the query
+heads of one KV head, so each key and value is read once, not once per query
+head; scores and the weighted sum are then small matrix products.
 
 extend_attention: any number of new queries per sequence (prefill, chunked
 prefill, mixed steps), against cached and new keys, with the bidirectional
@@ -70,6 +73,62 @@ def _decode_split_kernel(
 
 
 @triton.jit
+def _decode_group_split_kernel(
+    Q, K, V, Table, Rows, KvLens, PartO, PartLse,
+    stride_qb, stride_qh,
+    stride_ks, stride_kh,
+    stride_vs, stride_vh,
+    stride_tr,
+    stride_ob, stride_oh, stride_os,
+    stride_lb, stride_lh,
+    sm_scale,
+    GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+):
+    """One program: the GROUP query heads of one KV head (padded to GP rows,
+    the smallest matrix-product tile), one split of one sequence."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    s = tl.program_id(2)
+    kv_len = tl.load(KvLens + b)
+    start = s * SPLIT
+    end = tl.minimum(start + SPLIT, kv_len)
+    row = tl.load(Rows + b).to(tl.int64)
+    g = tl.arange(0, GP)
+    gm = g < GROUP
+    h = kvh * GROUP + g
+    d = tl.arange(0, D)
+    q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + d[None, :], mask=gm[:, None], other=0.0)
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        mask = n < end
+        slot = tl.load(Table + row * stride_tr + n, mask=mask, other=0).to(tl.int64)
+        k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=mask[:, None], other=0.0)
+        if IEEE:
+            sc = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            sc = tl.dot(q, tl.trans(k))
+        sc = tl.where(mask[None, :], sc * sm_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        p = tl.exp(sc - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        v = tl.load(V + slot[:, None] * stride_vs + kvh * stride_vh + d[None, :], mask=mask[:, None], other=0.0)
+        if IEEE:
+            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+    has = l_i > 0
+    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+    tl.store(PartO + b * stride_ob + h[:, None] * stride_oh + s * stride_os + d[None, :], acc / tl.where(has, l_i, 1.0)[:, None], mask=gm[:, None])
+    tl.store(PartLse + b * stride_lb + h * stride_lh + s, lse, mask=gm)
+
+
+@triton.jit
 def _decode_reduce_kernel(
     PartO, PartLse, Out,
     stride_ob, stride_oh, stride_os,
@@ -120,7 +179,7 @@ def decode_attention(
     part_lse = torch.empty((bsz, heads, nsplit), dtype=torch.float32, device=q.device)
     if out is None:
         out = torch.empty_like(q)
-    _decode_split_kernel[(bsz, heads, nsplit)](
+    args = (
         q, k_cache, v_cache, table, rows, kv_lens, part_o, part_lse,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1),
@@ -129,9 +188,14 @@ def decode_attention(
         part_o.stride(0), part_o.stride(1), part_o.stride(2),
         part_lse.stride(0), part_lse.stride(1),
         dim**-0.5,
-        GROUP=group, D=dim, BLOCK_N=64, SPLIT=split,
-        num_warps=4, num_stages=3,
     )
+    if group == 1:
+        _decode_split_kernel[(bsz, heads, nsplit)](*args, GROUP=1, D=dim, BLOCK_N=64, SPLIT=split, num_warps=4, num_stages=3)
+    else:
+        _decode_group_split_kernel[(bsz, heads // group, nsplit)](
+            *args, GROUP=group, GP=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_N=64, SPLIT=split, IEEE=q.dtype == torch.float32,
+            num_warps=4, num_stages=3,
+        )
     _decode_reduce_kernel[(bsz, heads)](
         part_o, part_lse, out,
         part_o.stride(0), part_o.stride(1), part_o.stride(2),

@@ -1,5 +1,5 @@
 """Mixture-of-experts MLP: routing, and the torch reference of the experts
-(the CUDA fast path is tidal.kernels.fused_moe, for Moondream's activation).
+(the CUDA fast path, moe_parts, runs tidal.kernels' routing and fused experts).
 
 Routing: top-k over the router logits; the k weights are a softmax over those
 k (in float32), or with renormalize=False the softmax over all experts at
@@ -24,13 +24,16 @@ ACTIVATIONS = ("geglu_plus1", "swiglu")
 
 def route(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor | None, top_k: int, renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, D] -> (weights [T, k] in x.dtype, expert ids [T, k])."""
-    logits = F.linear(x, router_w, router_b)
+    return _weights(F.linear(x, router_w, router_b), top_k, renormalize, x.dtype)
+
+
+def _weights(logits: torch.Tensor, top_k: int, renormalize: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     top_logits, top_ids = torch.topk(logits, top_k, dim=-1)
     if renormalize:
         weights = torch.softmax(top_logits, dim=-1, dtype=torch.float32)
     else:
         weights = torch.softmax(logits, dim=-1, dtype=torch.float32).gather(1, top_ids)
-    return weights.to(x.dtype), top_ids
+    return weights.to(dtype), top_ids
 
 
 def _expert_act(h: torch.Tensor, act: str = "geglu_plus1") -> torch.Tensor:
@@ -56,7 +59,16 @@ def moe_forward(
     return experts(x, weights, ids, fc1, fc2, act)
 
 
-def moe_parts(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor | None, fc1: torch.Tensor, fc2: torch.Tensor, top_k: int) -> torch.Tensor:
+def moe_parts(
+    x: torch.Tensor,
+    router_w: torch.Tensor,
+    router_b: torch.Tensor | None,
+    fc1: torch.Tensor,
+    fc2: torch.Tensor,
+    top_k: int,
+    act: str = "geglu_plus1",
+    renormalize: bool = True,
+) -> torch.Tensor:
     """The fast path's MoE, before the sum over the k experts (which the
     residual kernel does): x [T, D] -> each token's k weighted expert outputs
     [T, k, D]. Routing and alignment take one launch at decode sizes."""
@@ -66,13 +78,13 @@ def moe_parts(x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor | 
     tokens = x.shape[0]
     config = moe_config(tokens)
     logits = F.linear(x, router_w, router_b)
-    if tokens <= MAX_TOKENS:
-        weights, ids, pairs, block_expert = route_and_align(logits, top_k, config[0], x.dtype)
+    pow2 = all(n & (n - 1) == 0 for n in (fc1.shape[0], top_k))  # what the routing kernel takes
+    if tokens <= MAX_TOKENS and pow2:
+        weights, ids, pairs, block_expert = route_and_align(logits, top_k, config[0], x.dtype, renormalize)
     else:
-        top_logits, ids = torch.topk(logits, top_k, dim=-1)
-        weights = torch.softmax(top_logits, dim=-1, dtype=torch.float32).to(x.dtype)
+        weights, ids = _weights(logits, top_k, renormalize, x.dtype)
         pairs, block_expert = align_by_expert(ids, fc1.shape[0], config[0])
-    return expert_pairs(x, weights, fc1, fc2, top_k, pairs, block_expert, config).view(tokens, top_k, -1)
+    return expert_pairs(x, weights, fc1, fc2, top_k, pairs, block_expert, config, act).view(tokens, top_k, -1)
 
 
 def experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor, act: str = "geglu_plus1") -> torch.Tensor:

@@ -31,3 +31,14 @@ class PartialRotary:
         re, im = xf[..., :half], xf[..., half : self.rotary_dim]
         out = torch.cat([re * cos - im * sin, re * sin + im * cos, xf[..., self.rotary_dim :]], dim=-1)
         return out.to(x.dtype)
+
+
+def rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Full-dim rotary, halves layout: x [T, H, D]; cos/sin [T, D/2] float32
+    (each position's angles, gathered once per step) -> x rotated, same dtype
+    (math in float32)."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    re, im = xf[..., :half], xf[..., half:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.cat([re * c - im * s, re * s + im * c], dim=-1).to(x.dtype)

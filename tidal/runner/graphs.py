@@ -31,6 +31,7 @@ from tidal.core import (
     CoordInput,
     ForwardBatch,
     ForwardMode,
+    OutputTrace,
     SeqStep,
     SizeInput,
     StepResult,
@@ -48,7 +49,7 @@ BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 80, 96, 128, 160, 192, 224, 256)
 MAX_BANNED = 4  # banned ids per row a graph takes (the skills ban at most 2)
 
 # int64 fields, then float32 fields (rows of the static buffers)
-_INTS = ("input_ids", "positions", "rows", "kv_lens", "kinds", "top_k", "seeds", "steps") + tuple(f"banned{i}" for i in range(MAX_BANNED))
+_INTS = ("input_ids", "positions", "rope_delta", "rows", "kv_lens", "kinds", "top_k", "seeds", "steps") + tuple(f"banned{i}" for i in range(MAX_BANNED))
 _FLOATS = ("value0", "value1", "temperature", "top_p")
 _I = {name: i for i, name in enumerate(_INTS)}
 _F = {name: i for i, name in enumerate(_FLOATS)}
@@ -65,11 +66,11 @@ class DecodeGraphs:
         self.floats = torch.zeros((len(_FLOATS), n), dtype=torch.float32, device=dev)
         self.ints_host = torch.zeros((len(_INTS), n), dtype=torch.int64).pin_memory()
         self.floats_host = torch.zeros((len(_FLOATS), n), dtype=torch.float32).pin_memory()
-        self.out: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}  # (packed, logits) per graph
+        self.out: dict[tuple[int, bool], tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}  # (packed, raw heads) per graph
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self.replays = 0
         self.eager_runs = 0
-        self.last_logits: torch.Tensor | None = None  # of the last run, for tests
+        self.last_raw: dict[str, torch.Tensor] = {}  # the raw heads of the last run [bucket, ...]
         self._pad(0, n)
 
     # -- capture ---------------------------------------------------------------------
@@ -104,9 +105,15 @@ class DecodeGraphs:
     def bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
 
-    def run(self, steps: list[SeqStep], replay: bool = True) -> list[StepResult | None]:
+    @property
+    def last_logits(self) -> torch.Tensor | None:
+        """The last run's logits before bans [bucket, vocab] (for tests)."""
+        return self.last_raw.get("logits")
+
+    def run(self, steps: list[SeqStep], replay: bool = True, trace: bool = False) -> list[StepResult | None]:
         """Fill the static inputs, replay the bucket's graph (or run it eagerly),
-        read the outputs back (the step's one device-to-host read)."""
+        read the outputs back (the step's one device-to-host read; with trace,
+        also each output's raw heads, as ModelRunner.run gives them)."""
         n = sum(len(s.items) for s in steps)
         bucket = self.bucket(n)
         sampled = any(s.output is not None and s.output.temperature > 0 for s in steps)
@@ -118,14 +125,18 @@ class DecodeGraphs:
         key = (bucket, sampled)
         if replay and key in self.graphs:
             self.graphs[key].replay()
-            out, self.last_logits = self.out[key]
+            out, self.last_raw = self.out[key]
             self.replays += 1
         else:
             with torch.inference_mode():
-                out, self.last_logits = self._step(bucket, sampled)
+                out, self.last_raw = self._step(bucket, sampled)
             self.eager_runs += 1
         rows = out[:n].cpu().tolist()
-        return [None if last is None else self.runner.to_result(rows[last]) for last in last_rows]
+        results: list[StepResult | None] = []
+        for last in last_rows:
+            tr = OutputTrace({k: v[last].cpu() for k, v in self.last_raw.items()}) if trace and last is not None else None
+            results.append(None if last is None else self.runner.to_result(rows[last], tr))
+        return results
 
     def _fill(self, steps: list[SeqStep]) -> list[int | None]:
         """Write the steps' rows into the host buffers; -> each step's output row (None: no output)."""
@@ -149,10 +160,10 @@ class DecodeGraphs:
                 pos = s.start_pos + i
                 if spec is not None and i == len(s.items) - 1:
                     banned = list(spec.banned) + [vocab] * (MAX_BANNED - len(spec.banned))
-                    ivals = (tok, pos, s.row, pos + 1, kind, spec.top_k, spec.seed & ((1 << 63) - 1), spec.step, *banned)
+                    ivals = (tok, pos, s.rope_delta, s.row, pos + 1, kind, spec.top_k, spec.seed & ((1 << 63) - 1), spec.step, *banned)
                     fvals = (v0, v1, spec.temperature, spec.top_p)
                 else:  # a row whose output nobody reads: greedy, nothing banned
-                    ivals = (tok, pos, s.row, pos + 1, kind, 0, 0, 0, *none)
+                    ivals = (tok, pos, s.rope_delta, s.row, pos + 1, kind, 0, 0, 0, *none)
                     fvals = (v0, v1, 0.0, 1.0)
                 for name, val in zip(_INTS, ivals):
                     cols[_I[name]].append(val)
@@ -177,9 +188,9 @@ class DecodeGraphs:
         floats[:, start:end] = 0.0
         floats[_F["top_p"], start:end] = 1.0
 
-    def _step(self, bucket: int, sampled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step(self, bucket: int, sampled: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The captured function: forward, heads, bans, sampling -> (packed
-        [bucket, 1 + extras], the logits before bans [bucket, vocab])."""
+        [bucket, 1 + extras], the raw heads, logits before bans [bucket, vocab] among them)."""
         runner = self.runner
         model = runner.model
         ints, floats = self.ints[:, :bucket], self.floats[:, :bucket]
@@ -204,9 +215,10 @@ class DecodeGraphs:
             attn=runner.backend,
             attn_metadata=DecodeMetadata(rows, ints[_I["kv_lens"]], decode_split(table.shape[1], bucket, heads)),
         )
+        if getattr(model, "rope_axes", 1) == 3:  # text rows: the same rotary index on all three axes
+            batch.rope_positions = (positions + ints[_I["rope_delta"]]).expand(3, -1)
         hidden = model.forward(batch.input_ids, positions, batch)
-        raw, extras, _ = model.heads(hidden)
-        logits = raw
+        logits, extras, raw = model.heads(hidden)
         banned = ints[_I["banned0"] : _I["banned0"] + MAX_BANNED].T  # [bucket, MAX_BANNED], vocab = none
         mask = torch.zeros((bucket, logits.shape[1] + 1), dtype=logits.dtype, device=logits.device).scatter_(1, banned, float("-inf"))
         logits = logits + mask[:, :-1]

@@ -55,10 +55,10 @@ class ModelRunner:
         """Run the step and read back each output-wanting sequence's StepResult.
 
         trace: also copy each output's raw heads to the host (for tests and
-        debugging; costs a transfer of [N, vocab] floats; never graph-replayed).
+        debugging; costs a transfer of [N, vocab] floats per output).
         """
-        if self.graphs is not None and not trace and self.graphs.can_run(steps):
-            return self.graphs.run(steps)
+        if self.graphs is not None and self.graphs.can_run(steps):
+            return self.graphs.run(steps, trace=trace)
         hidden = self.forward(steps)
         specs = [s.output for s in steps if s.output is not None]
         results: list[StepResult | None] = [None] * len(steps)

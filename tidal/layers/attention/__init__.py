@@ -13,7 +13,13 @@ from __future__ import annotations
 
 from tidal.layers.attention.torch_backend import TorchPagedAttention
 
-__all__ = ["TorchPagedAttention", "make_backend"]
+__all__ = ["TorchPagedAttention", "kernels_support", "make_backend"]
+
+
+def kernels_support(head_dim: int) -> bool:
+    """Whether the Triton attention kernels take this head size (a power of two,
+    at least 16: their smallest matrix-product tile)."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
 def make_backend(kernels: bool):

@@ -5,13 +5,18 @@ dim, halves layout); sparse MoE blocks (softmax router over all experts, top-k,
 renormalized when norm_topk_prob; SwiGLU experts) where decoder_sparse_step
 and mlp_only_layers put them, dense SwiGLU MLPs elsewhere; pre-norm residual
 blocks; final RMSNorm; lm_head, tied to the embedding when the config says so.
-Text only: the torch layers everywhere (the attention backend is the
-runner's: Triton on CUDA).
+
+Two paths with the same arithmetic: the torch layers (the reference, CPU),
+and with use_kernels(True) the fused one (tidal.kernels: q/k norm + rotary +
+K/V write, residual add + RMSNorm, routing and SwiGLU experts in Triton; q, k
+and v one matmul, gate and up one matmul), which has no host sync, so decode
+steps are captured as CUDA graphs. The rotary angles of a step's positions
+are gathered once per step (cos/sin [T, D/2]), not per layer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -20,13 +25,31 @@ import torch.nn.functional as F
 
 from tidal.core import ForwardBatch, KVLayout
 from tidal.errors import CheckpointError
-from tidal.layers.moe import moe_forward
+from tidal.layers.moe import moe_forward, moe_parts
 from tidal.layers.norm import RMSNorm
-from tidal.layers.rotary import PartialRotary
+from tidal.layers.rotary import PartialRotary, rotate_halves
 
 from .config import Qwen3MoeConfig
 
 MAX_CONTEXT = 32768  # the request-to-slot table and rotary tables are sized by it
+
+# called after decoder layer i with the hidden states [T, hidden], may change them in place (Qwen3-VL's deepstack)
+LayerHook = Callable[[int, torch.Tensor], None]
+
+
+def _fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for several linears on the same input: their
+    parameters become views into it (no second copy of the weights)."""
+    weight = torch.cat([m.weight.data for m in linears])
+    bias = torch.cat([m.bias.data for m in linears]) if linears[0].bias is not None else None
+    start = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        m.weight.data = weight[start : start + n]
+        if bias is not None:
+            m.bias.data = bias[start : start + n]
+        start += n
+    return weight, bias
 
 
 class Attention(nn.Module):
@@ -40,14 +63,25 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.heads, self.kv_heads, self.head_dim = h, kv, d
+        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # fused weight, bias (use_kernels)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch, layer: int, rotary: PartialRotary) -> torch.Tensor:
-        """x [T, hidden] (normed) -> [T, hidden]."""
+    def use_kernels(self, enabled: bool) -> None:
+        self.qkv = _fuse_linears(self.q_proj, self.k_proj, self.v_proj) if enabled else None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch, layer: int) -> torch.Tensor:
+        """x [T, hidden] (normed); cos/sin [T, D/2] -> [T, hidden]."""
         t = x.shape[0]
+        if self.qkv is not None:
+            from tidal.kernels.rms_norm import qk_norm_rope_kv
+
+            pool = batch.kv_pool
+            qkv = F.linear(x, *self.qkv)
+            q = qk_norm_rope_kv(qkv, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin, batch.out_cache_loc, pool.k[layer], pool.v[layer], self.heads)
+            return self.o_proj(batch.attn.attend(q, layer, batch).reshape(t, -1))
         q = self.q_norm(self.q_proj(x).view(t, self.heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).view(t, self.kv_heads, self.head_dim))
         v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
-        q, k = rotary(q, positions), rotary(k, positions)
+        q, k = rotate_halves(q, cos, sin), rotate_halves(k, cos, sin)
         return self.o_proj(batch.attn.forward(q, k, v, layer, batch).reshape(t, -1))
 
 
@@ -57,9 +91,20 @@ class DenseMLP(nn.Module):
         self.gate_proj = nn.Linear(dim, inner, bias=False)
         self.up_proj = nn.Linear(dim, inner, bias=False)
         self.down_proj = nn.Linear(inner, dim, bias=False)
+        self.gate_up: torch.Tensor | None = None  # fused weight (use_kernels)
+
+    def use_kernels(self, enabled: bool) -> None:
+        self.gate_up = _fuse_linears(self.gate_proj, self.up_proj)[0] if enabled else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is not None:
+            gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def parts(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, dim] -> [T, 1, dim] (the fused residual kernel's input)."""
+        return self.forward(x)[:, None, :]
 
 
 class SparseMoE(nn.Module):
@@ -76,6 +121,10 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return moe_forward(x, self.gate.weight, None, self.fc1, self.fc2, self.top_k, act="swiglu", renormalize=self.renormalize)
+
+    def parts(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused path: [T, dim] -> each token's k weighted expert outputs [T, k, dim]."""
+        return moe_parts(x, self.gate.weight, None, self.fc1, self.fc2, self.top_k, act="swiglu", renormalize=self.renormalize)
 
 
 class DecoderLayer(nn.Module):
@@ -102,9 +151,13 @@ class Qwen3MoeModel(nn.Module):
         self.max_context = min(cfg.max_position_embeddings, MAX_CONTEXT)
         self.vocab_size = cfg.vocab_size
         self.rotary: PartialRotary | None = None
-        # The torch MoE loops over the experts in use (a device sync): no CUDA
-        # graphs until the fused MoE kernel takes the SwiGLU activation.
-        self.cuda_graphs_ok = False
+        self.fused = False  # see use_kernels
+
+    @property
+    def cuda_graphs_ok(self) -> bool:
+        """The torch MoE loops over the experts in use (a device sync): graphs
+        only on the fused path, or where there are no sparse layers."""
+        return self.fused or not any(isinstance(layer.mlp, SparseMoE) for layer in self.layers)
 
     @property
     def device(self) -> torch.device:
@@ -120,17 +173,44 @@ class Qwen3MoeModel(nn.Module):
 
     # -- the model protocol ------------------------------------------------------
     def embed(self, batch: ForwardBatch) -> torch.Tensor:
-        if batch.image_spans or batch.feedback_kind is not None:
+        if batch.image_spans:  # (feedback_kind: zeros in decode graphs; text requests feed none)
             raise ValueError("Qwen3-MoE takes text only")
         return F.embedding(batch.input_ids, self.embed_tokens)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """-> hidden states [T, hidden] before the final norm."""
         assert self.rotary is not None, "call setup_runtime() after loading weights"
-        x = self.embed(batch)
-        for i, layer in enumerate(self.layers):
-            x = x + layer.self_attn(layer.input_layernorm(x), positions, batch, i, self.rotary)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.decode(self.embed(batch), self.rotary.cos[positions], self.rotary.sin[positions], batch)
+
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch, hook: LayerHook | None = None, hooked: int = 0) -> torch.Tensor:
+        """The decoder layers: input embeddings x [T, hidden], rotary cos/sin
+        [T, D/2] -> hidden states [T, hidden] before the final norm. hook runs
+        after each of the first `hooked` layers."""
+        layers = self.layers
+        if not self.fused:
+            for i, layer in enumerate(layers):
+                x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, batch, i)
+                x = x + layer.mlp(layer.post_attention_layernorm(x))
+                if i < hooked:
+                    hook(i, x)
+            return x
+        from tidal.kernels.rms_norm import add_rms_norm
+
+        first = layers[0].input_layernorm
+        x, h = add_rms_norm(x, None, first.weight, first.eps)
+        for i, layer in enumerate(layers):
+            attn = layer.self_attn(h, cos, sin, batch, i)
+            post = layer.post_attention_layernorm
+            x, h = add_rms_norm(x, attn[:, None, :], post.weight, post.eps)
+            parts = layer.mlp.parts(h)
+            nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else None
+            if i < hooked:  # the hook sees x before the next layer's norm reads it
+                x, _ = add_rms_norm(x, parts, None, 0.0)
+                hook(i, x)
+                if nxt is not None:
+                    _, h = add_rms_norm(x, None, nxt.weight, nxt.eps)
+            else:
+                x, h = add_rms_norm(x, parts, None if nxt is None else nxt.weight, 0.0 if nxt is None else nxt.eps)
         return x
 
     def heads(self, hidden: torch.Tensor) -> tuple[torch.Tensor, None, dict[str, torch.Tensor]]:
@@ -146,7 +226,14 @@ class Qwen3MoeModel(nn.Module):
         raise ValueError("Qwen3-MoE takes text only")
 
     def use_kernels(self, enabled: bool) -> None:
-        """No fused kernels for this model yet: its layers stay the torch ones."""
+        """The fused Triton path (see the module docstring) or the torch layers."""
+        if enabled == self.fused:
+            return
+        self.fused = enabled
+        for layer in self.layers:
+            layer.self_attn.use_kernels(enabled)
+            if isinstance(layer.mlp, DenseMLP):
+                layer.mlp.use_kernels(enabled)
 
     # -- weights -----------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

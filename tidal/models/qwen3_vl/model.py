@@ -25,22 +25,11 @@ from tidal.models.qwen3_moe.model import Qwen3MoeModel
 
 from .mrope import image_advance, image_offsets, mrope_angles
 from .processor import ImageProcessorConfig, process_image, smart_resize
-from .vision import VisionConfig, VisionModel, _rotate
-
-
-class _MRotary:
-    """The step's rotary angles, applied to q and k as the decoder's attention asks."""
-
-    def __init__(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
-        self.cos, self.sin = cos, sin
-
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return _rotate(x, self.cos, self.sin)
+from .vision import VisionConfig, VisionModel
 
 
 class Qwen3VLModel(nn.Module):
     rope_axes = 3  # the runner gives rotary indices [3, T] (ForwardBatch.rope_positions)
-    cuda_graphs_ok = False  # decode graphs carry one position per row, not three
 
     def __init__(self, text: Qwen3MoeConfig, vision: VisionConfig, processor: ImageProcessorConfig, image_token_id: int, mrope_section: tuple[int, int, int]) -> None:
         super().__init__()
@@ -52,6 +41,10 @@ class Qwen3VLModel(nn.Module):
         self.vocab_size = self.language_model.vocab_size
         d = text.head_dim
         self.register_buffer("inv_freq", 1.0 / (text.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)), persistent=False)
+
+    @property
+    def cuda_graphs_ok(self) -> bool:
+        return self.language_model.cuda_graphs_ok
 
     @property
     def device(self) -> torch.device:
@@ -90,8 +83,6 @@ class Qwen3VLModel(nn.Module):
 
     # -- the model protocol ------------------------------------------------------
     def embed(self, batch: ForwardBatch) -> torch.Tensor:
-        if batch.feedback_kind is not None:
-            raise ValueError("Qwen3-VL takes tokens and images only")
         x = F.embedding(batch.input_ids, self.language_model.embed_tokens)
         for start, image in batch.image_spans:
             x[start : start + len(image)] = image.embeds.to(device=x.device, dtype=x.dtype)
@@ -101,16 +92,16 @@ class Qwen3VLModel(nn.Module):
         """-> hidden states [T, hidden] before the final norm."""
         assert batch.rope_positions is not None, "the runner gives 3-axis rotary positions to this model"
         angles = mrope_angles(batch.rope_positions, self.inv_freq, self.mrope_section)
-        rotary = _MRotary(angles.cos(), angles.sin())
-        x = self.embed(batch)
-        lm = self.language_model
-        for i, layer in enumerate(lm.layers):
-            x = x + layer.self_attn(layer.input_layernorm(x), positions, batch, i, rotary)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-            for start, image in batch.image_spans:
-                if image.extra is not None and i < image.extra.shape[0]:
+        deep = [(start, image) for start, image in batch.image_spans if image.extra is not None]
+
+        def deepstack(i: int, x: torch.Tensor) -> None:
+            """After decoder layer i: each image's i-th deepstack feature joins its positions."""
+            for start, image in deep:
+                if i < image.extra.shape[0]:
                     x[start : start + len(image)] += image.extra[i].to(x.dtype)
-        return x
+
+        hooked = max((image.extra.shape[0] for _, image in deep), default=0)
+        return self.language_model.decode(self.embed(batch), angles.cos(), angles.sin(), batch, deepstack, hooked)
 
     def heads(self, hidden: torch.Tensor) -> tuple[torch.Tensor, None, dict[str, torch.Tensor]]:
         return self.language_model.heads(hidden)
@@ -119,7 +110,8 @@ class Qwen3VLModel(nn.Module):
         return {}
 
     def use_kernels(self, enabled: bool) -> None:
-        """No fused kernels for this model yet: the torch layers (attention: the runner's backend)."""
+        """The decoder's fused path (see tidal.models.qwen3_moe.model); the vision tower stays torch."""
+        self.language_model.use_kernels(enabled)
 
     # -- weights -----------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

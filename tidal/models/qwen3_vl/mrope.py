@@ -56,9 +56,8 @@ def rope_positions(segments: Sequence[int | ImageSpan], merge: int) -> torch.Ten
 def mrope_angles(positions: torch.Tensor, inv_freq: torch.Tensor, section: Sequence[int]) -> torch.Tensor:
     """positions [3, L], inv_freq [D/2] -> angles [L, D/2] (float32), interleaved as above."""
     freqs = positions[..., None].float() * inv_freq.float()  # [3, L, D/2]
-    out = freqs[0].clone()
-    idx = torch.arange(out.shape[-1], device=out.device)
-    for axis in (1, 2):
-        take = (idx % 3 == axis) & (idx < 3 * section[axis])
-        out[:, take] = freqs[axis][:, take]
-    return out
+    idx = torch.arange(freqs.shape[-1], device=freqs.device)
+    axis = torch.zeros_like(idx)  # which index each frequency pair turns with (no masked writes: no host sync)
+    for a in (1, 2):
+        axis = torch.where((idx % 3 == a) & (idx < 3 * section[a]), a, axis)
+    return freqs.gather(0, axis.expand(1, freqs.shape[1], -1))[0]

@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tidal.layers.rotary import rotate_halves
+
 
 @dataclass(frozen=True)
 class VisionConfig:
@@ -68,7 +70,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         n, dim = x.shape
         q, k, v = self.qkv(x).view(n, 3, self.heads, dim // self.heads).unbind(1)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        q, k = rotate_halves(q, cos, sin), rotate_halves(k, cos, sin)
         out = torch.empty_like(q)
         start = 0
         for length in lengths:  # attention stays within each image (video frame)
@@ -77,15 +79,6 @@ class Attention(nn.Module):
             out[s] = o[0].transpose(0, 1)
             start += length
         return self.proj(out.reshape(n, dim))
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [N, H, D]; cos/sin [N, D/2]: halves layout, math in float32."""
-    half = x.shape[-1] // 2
-    xf = x.float()
-    re, im = xf[..., :half], xf[..., half:]
-    c, s = cos[:, None, :], sin[:, None, :]
-    return torch.cat([re * c - im * s, im * c + re * s], dim=-1).to(x.dtype)
 
 
 class MLP(nn.Module):

@@ -1,0 +1,401 @@
+"""Qwen3-MoE and Qwen3-VL on one GPU: tidal beside transformers on the same
+weights (random bf16 of the real shapes, never zeros), each decode figure
+beside its floor (the bytes a step must read over the copy bandwidth measured
+in the same run).
+
+    PYTHONPATH=. python3 benchmarks/bench_qwen.py --model moe [--out DIR] [--tiny]   # Qwen3-30B-A3B
+    PYTHONPATH=. python3 benchmarks/bench_qwen.py --model vl [--out DIR] [--tiny]    # Qwen3-VL-8B
+
+transformers' model holds tidal's own tensors (views where its layout
+differs), so both fit on one 80 GB card. First a same-model check: tidal's
+fast path and transformers give the same logits for one prompt (bf16, so to
+bf16's resolution). Then, with the engine stepped directly (wall clock around
+whole steps, each ending in its one device-to-host read; medians):
+- decode ms/step and tokens/s at each --batches size, every sequence decoding
+  (prompts of --context positions; generation that never stops early);
+- end to end: --concurrent requests submitted at once (Qwen3-VL: each with
+  its own image), output tokens/s from the first submission to the last token;
+- Qwen3-VL: time to first token for one image (new, and cached);
+- transformers' generate() per-token time (N and 1 new tokens, the difference).
+Prints a table last; writes DIR/bench-qwen3-moe.json or bench-qwen3-vl.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_moondream import _close, _report, copy_bandwidth, sync  # noqa: E402
+
+from tidal.engine.engine import EngineConfig  # noqa: E402
+from tidal.engine.request import Request  # noqa: E402
+from tidal.engine.sampling import SamplingParams  # noqa: E402
+from tidal.llm import LLM  # noqa: E402
+from tidal.models.qwen3_moe.config import Qwen3MoeConfig  # noqa: E402
+from tidal.models.qwen3_moe.model import Qwen3MoeModel  # noqa: E402
+from tidal.models.qwen3_vl.model import Qwen3VLModel  # noqa: E402
+from tidal.models.qwen3_vl.processor import ImageProcessorConfig, process_image  # noqa: E402
+from tidal.models.qwen3_vl.vision import VisionConfig  # noqa: E402
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+# Qwen3-30B-A3B's config.json
+MOE = dict(
+    vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+    num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+    norm_topk_prob=True, max_position_embeddings=40960, rope_theta=1_000_000.0, tie_word_embeddings=False,
+)
+MOE_TINY = MOE | dict(vocab_size=160_000, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2)
+# Qwen3-VL-8B-Instruct's config.json (text_config, vision_config) and preprocessor_config.json
+VL_TEXT = dict(
+    vocab_size=151936, hidden_size=4096, intermediate_size=12288, moe_intermediate_size=0, num_hidden_layers=36,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=128, num_experts=0, num_experts_per_tok=0,
+    max_position_embeddings=262144, rope_theta=5_000_000.0, tie_word_embeddings=False,
+)
+VL_VISION = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16, temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=4096, num_position_embeddings=2304, deepstack_visual_indexes=(8, 16, 24))
+VL_TEXT_TINY = VL_TEXT | dict(vocab_size=160_000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+VL_VISION_TINY = VL_VISION | dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, deepstack_visual_indexes=(0,))
+MROPE_SECTION = (24, 20, 20)
+IMAGE_TOKEN, VISION_START, VISION_END = 151655, 151652, 151653
+IM_START, IM_END, NEWLINE, USER, ASSISTANT = 151644, 151645, 198, 872, 77091
+
+
+# -- models -------------------------------------------------------------------------
+def init_random_(model: torch.nn.Module, seed: int = 0) -> None:
+    """Normal(0, 0.02) weights, norms at 1, biases small: logits that vary, never zeros."""
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+
+
+def build_moe(shapes: dict, dtype: torch.dtype) -> Qwen3MoeModel:
+    with torch.device("meta"):
+        model = Qwen3MoeModel(Qwen3MoeConfig(**shapes))
+    model = model.to(dtype).to_empty(device=DEV)
+    init_random_(model)
+    model.setup_runtime(DEV)
+    return model.eval().requires_grad_(False)
+
+
+def build_vl(text: dict, vision: dict, dtype: torch.dtype) -> Qwen3VLModel:
+    with torch.device("meta"):
+        model = Qwen3VLModel(Qwen3MoeConfig(**text), VisionConfig(**vision), ImageProcessorConfig(), IMAGE_TOKEN, MROPE_SECTION)
+    model = model.to(dtype).to_empty(device=DEV)
+    init_random_(model)
+    model.setup_runtime(DEV)
+    return model.eval().requires_grad_(False)
+
+
+def _fill_meta_buffers(hf: torch.nn.Module) -> None:
+    """transformers' non-weight buffers (rotary frequencies), built for real on
+    the device: each module holding one is made again from its config."""
+    for name, module in list(hf.named_modules()):
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            parent = hf.get_submodule(name.rsplit(".", 1)[0]) if "." in name else hf
+            with torch.device(DEV):
+                setattr(parent, name.rsplit(".", 1)[-1], type(module)(config=module.config))
+    leftover = [n for n, b in hf.named_buffers() if b.is_meta]
+    assert not leftover, leftover
+
+
+def _share(hf: torch.nn.Module, ours: dict[str, torch.Tensor], key_of, inner: int) -> None:
+    """Load transformers' parameters as tidal's tensors (or views of them)."""
+    state = {}
+    for n, p in hf.named_parameters():
+        key = key_of(n)
+        parts = key.split(".")
+        if ".mlp.experts." in key and parts[-1] == "weight":  # one module per expert (transformers 4)
+            base, e, proj = ".".join(parts[:3]), int(parts[4]), parts[5]
+            fc1, fc2 = ours[f"{base}.fc1"], ours[f"{base}.fc2"]
+            state[n] = {"gate_proj": fc1[e, :inner], "up_proj": fc1[e, inner:], "down_proj": fc2[e]}[proj]
+        else:
+            key = key.replace("mlp.experts.gate_up_proj", "mlp.fc1").replace("mlp.experts.down_proj", "mlp.fc2")
+            state[n] = ours[key]
+        assert tuple(state[n].shape) == tuple(p.shape), (n, state[n].shape, p.shape)
+    hf.load_state_dict(state, strict=True, assign=True)
+    _fill_meta_buffers(hf)
+
+
+def hf_moe(model: Qwen3MoeModel, shapes: dict):
+    import transformers
+
+    cfg = transformers.Qwen3MoeConfig(**shapes, mlp_only_layers=[], decoder_sparse_step=1)
+    with torch.device("meta"):
+        hf = transformers.Qwen3MoeForCausalLM(cfg)
+
+    def key_of(n: str) -> str:
+        key = n.removeprefix("model.")
+        return {"embed_tokens.weight": "embed_tokens"}.get(key, key)
+
+    _share(hf, dict(model.named_parameters()), key_of, shapes["moe_intermediate_size"])
+    return hf.eval()
+
+
+def hf_vl(model: Qwen3VLModel, text: dict, vision: dict):
+    import transformers
+
+    text_cfg = {k: v for k, v in text.items() if k not in ("moe_intermediate_size", "num_experts", "num_experts_per_tok")}
+    text_cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": text["rope_theta"], "mrope_section": list(MROPE_SECTION), "mrope_interleaved": True}
+    text_cfg["rope_scaling"] = {"rope_type": "default", "mrope_section": list(MROPE_SECTION), "mrope_interleaved": True}
+    cfg = transformers.Qwen3VLConfig(text_config=text_cfg, vision_config=dict(vision, deepstack_visual_indexes=list(vision["deepstack_visual_indexes"])), image_token_id=IMAGE_TOKEN, video_token_id=151656)
+    with torch.device("meta"):
+        hf = transformers.Qwen3VLForConditionalGeneration(cfg)
+
+    def key_of(n: str) -> str:
+        key = n.removeprefix("model.")
+        if key == "lm_head.weight":
+            return "language_model.lm_head.weight"
+        return {"language_model.embed_tokens.weight": "language_model.embed_tokens"}.get(key, key)
+
+    _share(hf, dict(model.named_parameters()), key_of, 0)
+    return hf.eval()
+
+
+# -- requests -------------------------------------------------------------------------
+def image(h: int, w: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def chat_ids(question: list[int], with_image: bool) -> list[int]:
+    """Qwen's chat layout: <|im_start|>user\\n[<|vision_start|><|image_pad|><|vision_end|>]question<|im_end|>\\n<|im_start|>assistant\\n."""
+    vision = [VISION_START, IMAGE_TOKEN, VISION_END] if with_image else []
+    return [IM_START, USER, NEWLINE, *vision, *question, IM_END, NEWLINE, IM_START, ASSISTANT, NEWLINE]
+
+
+def text_prompt(i: int, n: int) -> dict:
+    return {"prompt_token_ids": [(7919 * i + 31 * j) % 100_000 + 10 for j in range(n)]}
+
+
+def new_request(llm: LLM, prompt: dict, max_tokens: int) -> Request:
+    skill, items = llm._prepare(prompt, SamplingParams(temperature=0.0, max_tokens=max_tokens), ignore_eos=True)
+    return Request(skill=skill, pending=items, bidir_len=0)
+
+
+def run_to_end(llm: LLM, reqs: list[Request]) -> None:
+    for r in reqs:
+        llm.engine.add_request(r)
+    while not all(r.finished for r in reqs):
+        llm.engine.step()
+
+
+# -- measurements -----------------------------------------------------------------------
+def decode_floor_ms(model, batch: int, context: int, bandwidth: float) -> float:
+    """Weights a step reads (dense ones, the lm_head, and the experts batch
+    tokens are expected to pick) plus every sequence's KV, over bandwidth."""
+    lm = model.language_model if isinstance(model, Qwen3VLModel) else model
+    cfg = lm.config
+    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 2
+    dense = sum(p.numel() * p.element_size() for n, p in lm.named_parameters() if not n.endswith((".fc1", ".fc2")) and n != "embed_tokens")
+    sparse = sum(1 for layer in lm.layers if hasattr(layer.mlp, "fc1"))
+    used = cfg.num_experts * (1 - (1 - cfg.num_experts_per_tok / cfg.num_experts) ** batch) if cfg.num_experts else 0
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
+    return (dense + sparse * used * per_expert + batch * context * kv) / bandwidth * 1000
+
+
+def tidal_decode(llm: LLM, batch: int, context: int, tokens: int, profile: bool = False) -> float:
+    reqs = [new_request(llm, text_prompt(i, context), llm.model.max_context - context - 1) for i in range(batch)]
+    for r in reqs:
+        llm.engine.add_request(r)
+    while any(not r.history or r.pending_len > 1 for r in reqs):
+        llm.engine.step()
+    times = []
+    for _ in range(tokens):
+        sync()
+        t0 = time.perf_counter()
+        llm.engine.step()
+        sync()
+        times.append((time.perf_counter() - t0) * 1000)
+        assert len(llm.engine.stats.last_chunks) == batch, "a measured step did not hold the whole batch"
+    if profile:
+        print_profile(lambda: llm.engine.step(), f"decode batch {batch}", steps=3)
+    for r in reqs:
+        llm.engine.abort(r)
+    return statistics.median(times)
+
+
+def print_profile(fn, label: str, steps: int) -> None:
+    """GPU kernels of `steps` calls of fn (graph replays included), by total time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            fn()
+        sync()
+    print(f"-- profile: {label}, {steps} steps --")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70), flush=True)
+
+
+def concurrent(llm: LLM, prompts: list[dict], out_tokens: int) -> tuple[float, float]:
+    """All prompts at once, each generating out_tokens -> (output tokens/s, seconds)."""
+    sync()
+    t0 = time.perf_counter()
+    reqs = [new_request(llm, p, out_tokens) for p in prompts]  # image decoding and hashing counted
+    run_to_end(llm, reqs)
+    sync()
+    wall = time.perf_counter() - t0
+    done = sum(r.skill.completion_tokens for r in reqs)
+    assert done == len(prompts) * out_tokens, (done, len(prompts) * out_tokens)
+    return done / wall, wall
+
+
+def ttft_ms(llm: LLM, prompt: dict) -> float:
+    sync()
+    t0 = time.perf_counter()
+    run_to_end(llm, [new_request(llm, prompt, 1)])
+    sync()
+    return (time.perf_counter() - t0) * 1000
+
+
+def first_logits(llm: LLM, prompt: dict) -> torch.Tensor:
+    llm.engine.config.trace_logits = True
+    req = new_request(llm, prompt, 1)
+    run_to_end(llm, [req])
+    llm.engine.config.trace_logits = False
+    return req.trace[0].logits.float().flatten().cpu()
+
+
+def hf_first_logits_vl(hf, model: Qwen3VLModel, ids: list[int], img: np.ndarray) -> torch.Tensor:
+    patches, grid = process_image(torch.from_numpy(img).to(DEV), model.processor)
+    n = grid[1] * grid[2] // model.processor.merge_size**2
+    at = ids.index(IMAGE_TOKEN)
+    expanded = ids[:at] + [IMAGE_TOKEN] * n + ids[at + 1 :]
+    kwargs = {"pixel_values": patches.to(torch.bfloat16 if DEV.type == "cuda" else torch.float32), "image_grid_thw": torch.tensor([grid], device=DEV)}
+    if "mm_token_type_ids" in inspect.signature(hf.model.forward).parameters:
+        kwargs["mm_token_type_ids"] = torch.tensor([[int(t == IMAGE_TOKEN) for t in expanded]], device=DEV)
+    with torch.no_grad():
+        return hf(input_ids=torch.tensor([expanded], device=DEV), **kwargs).logits[0, -1].float().cpu()
+
+
+def hf_decode(hf, batch: int, context: int, tokens: int) -> float:
+    ids = torch.randint(10, 100_000 if hf.config.get_text_config().vocab_size > 100_000 else 500, (batch, context), device=DEV)
+
+    def run(n: int) -> float:
+        sync()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        sync()
+        return time.perf_counter() - t0
+
+    run(2)
+    one, many = statistics.median(run(1) for _ in range(3)), statistics.median(run(tokens) for _ in range(2))
+    return (many - one) / (tokens - 1) * 1000
+
+
+def same_model_check(results: dict, ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    err = float((ours - theirs).abs().max() / theirs.abs().max())
+    results["same_model_first_logits_rel_err"] = err
+    results["same_model_first_token_same"] = bool(ours.argmax() == theirs.argmax())
+    print(f"same model check: tidal's first logits within {err:.2e} relative of transformers'; same token: {bool(ours.argmax() == theirs.argmax())}", flush=True)
+
+
+# -- main -------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=("moe", "vl"), required=True, help="moe: Qwen3-30B-A3B shapes; vl: Qwen3-VL-8B shapes")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes on any device: a dry run of the script")
+    ap.add_argument("--batches", type=int, nargs="+", default=None, help="decode batch sizes (default: 1 8 64; vl: 1 32 128)")
+    ap.add_argument("--context", type=int, default=512, help="prompt positions of each decoding sequence")
+    ap.add_argument("--tokens", type=int, default=16, help="decode steps timed per batch size")
+    ap.add_argument("--concurrent", type=int, default=None, help="requests at once, end to end (default: 64; vl: 128)")
+    ap.add_argument("--out-tokens", type=int, default=256, help="output tokens of each concurrent request")
+    ap.add_argument("--image", type=int, nargs=2, default=(720, 1280), metavar=("H", "W"), help="Qwen3-VL image size")
+    ap.add_argument("--hf-tokens", type=int, default=8, help="new tokens per transformers generate() timing")
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--no-concurrent", action="store_true", help="skip the end-to-end concurrent run")
+    ap.add_argument("--profile", action="store_true", help="print the GPU kernels of a few decode steps at each batch size")
+    args = ap.parse_args()
+    vl = args.model == "vl"
+    batches = args.batches or ([1, 32, 128] if vl else [1, 8, 64])
+    n_concurrent = args.concurrent or (128 if vl else 64)
+    if args.tiny:
+        args.image = (64, 96)
+    results: dict = {
+        "gpu": torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "commit": os.environ.get("TIDAL_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "shapes": ("tiny " if args.tiny else "") + ("Qwen3-VL-8B" if vl else "Qwen3-30B-A3B"),
+    }
+    bandwidth = copy_bandwidth()
+    results["copy_bandwidth_tb_s"] = bandwidth / 1e12
+    dtype = torch.bfloat16 if DEV.type == "cuda" else torch.float32
+    t0 = time.perf_counter()
+    if vl:
+        text, vision = (VL_TEXT_TINY, VL_VISION_TINY) if args.tiny else (VL_TEXT, VL_VISION)
+        model = build_vl(text, vision, dtype)
+    else:
+        shapes = MOE_TINY if args.tiny else MOE
+        model = build_moe(shapes, dtype)
+    results["params_b"] = sum(p.numel() for p in model.parameters()) / 1e9
+    most = max(batches + [n_concurrent])
+    context_needed = max(args.context, 1200 if vl else 0) + args.out_tokens + 16
+    cfg = EngineConfig(max_running=most, kv_pages=most * context_needed + 4096, token_budget=8192)
+    llm = LLM(model, None, (), cfg)
+    results["warmup_s"] = llm.engine.warmup_s
+    print(f"built in {time.perf_counter() - t0:.1f} s; warm-up (graph capture) {llm.engine.warmup_s:.1f} s", flush=True)
+
+    img = image(*args.image, seed=1)
+    question = [(97 * j) % 30_000 + 100 for j in range(12)]
+    check_prompt = {"prompt_token_ids": chat_ids(question, vl), **({"images": [img]} if vl else {})}
+    ours = first_logits(llm, check_prompt)
+
+    for b in batches:
+        ms = tidal_decode(llm, b, args.context, args.tokens, args.profile)
+        floor = decode_floor_ms(model, b, args.context, bandwidth)
+        results[f"tidal_decode_b{b}_ms"], results[f"tidal_decode_b{b}_tok_s"], results[f"floor_decode_b{b}_ms"] = ms, b * 1000 / ms, floor
+        print(f"tidal decode batch {b}: {ms:.2f} ms/step, {b * 1000 / ms:.0f} tok/s (floor {floor:.2f} ms)", flush=True)
+    graphs = llm.engine.runner.graphs
+    if vl:
+        for rep in range(3):  # new images; then the last one again, its KV cached
+            ms = ttft_ms(llm, {"prompt_token_ids": chat_ids(question, True), "images": [image(*args.image, seed=100 + rep)]})
+        results["tidal_ttft_new_image_ms"] = statistics.median([ttft_ms(llm, {"prompt_token_ids": chat_ids(question, True), "images": [image(*args.image, seed=200 + rep)]}) for rep in range(3)])
+        results["tidal_ttft_cached_image_ms"] = statistics.median([ttft_ms(llm, {"prompt_token_ids": chat_ids(question[:-1] + [rep + 5], True), "images": [image(*args.image, seed=202)]}) for rep in range(3)])
+        print(f"tidal time to first token, {args.image[1]}x{args.image[0]}: new image {results['tidal_ttft_new_image_ms']:.1f} ms, cached {results['tidal_ttft_cached_image_ms']:.1f} ms", flush=True)
+        prompts = [{"prompt_token_ids": chat_ids(question, True), "images": [image(*args.image, seed=1000 + i)]} for i in range(n_concurrent)]
+    else:
+        prompts = [text_prompt(10_000 + i, args.context) for i in range(n_concurrent)]
+    if not args.no_concurrent:
+        replays0 = graphs.replays if graphs else 0
+        steps0 = llm.engine.stats.steps
+        tok_s, wall = concurrent(llm, prompts, args.out_tokens)
+        key = f"tidal_concurrent{n_concurrent}"
+        results[f"{key}_out_tok_s"], results[f"{key}_s"] = tok_s, wall
+        results[f"{key}_graph_share"] = ((graphs.replays - replays0) if graphs else 0) / max(1, llm.engine.stats.steps - steps0)
+        print(f"tidal {n_concurrent} concurrent requests ({'one image each, ' if vl else ''}{args.out_tokens} output tokens each): {tok_s:.0f} output tok/s, {wall:.1f} s", flush=True)
+    if DEV.type == "cuda":
+        results["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    _close(llm)
+
+    if not args.no_hf:
+        hf = hf_vl(model, text, vision) if vl else hf_moe(model, shapes)
+        if vl:
+            theirs = hf_first_logits_vl(hf, model, check_prompt["prompt_token_ids"], img)
+        else:
+            with torch.no_grad():
+                theirs = hf(torch.tensor([check_prompt["prompt_token_ids"]], device=DEV)).logits[0, -1].float().cpu()
+        same_model_check(results, ours, theirs)
+        for b in batches[:2]:
+            ms = hf_decode(hf, b, args.context, args.hf_tokens)
+            results[f"hf_decode_b{b}_ms"], results[f"hf_decode_b{b}_tok_s"] = ms, b * 1000 / ms
+            print(f"transformers generate batch {b}: {ms:.2f} ms/token, {b * 1000 / ms:.0f} tok/s", flush=True)
+    _report(results, args.out, f"bench-qwen3-{args.model}.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""The Qwen models' fused path (tidal.kernels: q/k norm + rotary + KV write,
+residual add + RMSNorm, routing and SwiGLU experts; Triton paged attention)
+held to their torch path, float32, every output's logits: Qwen3-MoE in both
+config variants, Qwen3-VL dense and MoE with images (deepstack after the
+fused layers, M-RoPE positions). On a GPU the fused path's decode steps
+replay CUDA graphs (3-axis rotary positions from the static buffers); without
+one it runs under Triton's CPU interpreter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+pytest.importorskip("transformers")
+
+import test_qwen3_moe as moe_tests  # noqa: E402
+import test_qwen3_vl as vl_tests  # noqa: E402
+
+import tidal  # noqa: E402
+from tidal.engine.engine import EngineConfig  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load(folder, kernels: bool):
+    return tidal.LLM.from_pretrained(folder, device=DEVICE, dtype="float32", engine_config=EngineConfig(trace_logits=True, max_running=4, kernels=kernels))
+
+
+def _both(folder, run):
+    out = {}
+    for kernels in (False, True):
+        llm = _load(folder, kernels)
+        try:
+            out[kernels] = run(llm)
+            graphs = llm.engine.runner.graphs
+            out[f"replays{kernels}"] = graphs.replays if graphs is not None else 0
+        finally:
+            llm.close()
+    return out
+
+
+@pytest.mark.parametrize("variant", sorted(moe_tests.VARIANTS))
+def test_qwen3_moe_fused_path_gives_the_torch_paths_logits(tmp_path_factory, variant):
+    _, folder = moe_tests._checkpoint(tmp_path_factory, variant)
+    prompts = moe_tests.PROMPTS[:3]
+    out = _both(folder, lambda llm: moe_tests._run(llm, prompts, 6))
+    for (want_tokens, want), (tokens, got) in zip(out[False], out[True]):
+        assert tokens == want_tokens
+        assert got.shape == want.shape and moe_tests._rel(got.cpu(), want.cpu()) <= 1e-4
+    if DEVICE == "cuda":
+        assert out["replaysTrue"] > 0  # decode steps ran as graphs
+
+
+@pytest.mark.parametrize("variant", ["dense", "moe"])
+def test_qwen3_vl_fused_path_gives_the_torch_paths_logits(tmp_path_factory, variant):
+    _, folder = vl_tests._save(tmp_path_factory, variant)
+    cases = [(vl_tests.CASES[n][0], [vl_tests._image(*s) for s in vl_tests.CASES[n][1]]) for n in sorted(vl_tests.CASES)]
+    out = _both(folder, lambda llm: vl_tests._run(llm, cases, 5))
+    for (want_tokens, want), (tokens, got) in zip(out[False], out[True]):
+        assert tokens == want_tokens
+        assert got.shape == want.shape and vl_tests._rel(got.cpu(), want.cpu()) <= 1e-4
+    if DEVICE == "cuda":
+        assert out["replaysTrue"] > 0
