@@ -25,7 +25,7 @@ ONE_LAUNCH_MAX_TOKENS = 64  # above this the top-k runs on a grid, in a launch o
 def _route_align_kernel(
     Logits, Weights, Ids, Pairs, BlockExpert,
     tokens, stride_l, nblocks, tokens_per_program,
-    E: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, BM: tl.constexpr, CH: tl.constexpr,
+    E: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, BM: tl.constexpr, CH: tl.constexpr, FILL: tl.constexpr,
     TOPK: tl.constexpr, ALIGN: tl.constexpr, RENORM: tl.constexpr,
 ):
     e = tl.arange(0, E)
@@ -35,7 +35,7 @@ def _route_align_kernel(
     if ALIGN:
         if TOPK:
             tl.debug_barrier()  # this program's ids are visible to all its threads from here
-        _align(Ids, Pairs, BlockExpert, tokens, nblocks, e, E, K, BM, CH)
+        _align(Ids, Pairs, BlockExpert, tokens, nblocks, e, E, K, BM, CH, FILL)
 
 
 @triton.jit
@@ -68,11 +68,12 @@ def _topk_softmax(Logits, Weights, Ids, tokens, stride_l, tokens_per_program, e,
 
 
 @triton.jit
-def _align(Ids, Pairs, BlockExpert, tokens, nblocks, e, E: tl.constexpr, K: tl.constexpr, BM: tl.constexpr, CH: tl.constexpr):
-    """The expert-sorted, padded layout of all pairs (one program)."""
+def _align(Ids, Pairs, BlockExpert, tokens, nblocks, e, E: tl.constexpr, K: tl.constexpr, BM: tl.constexpr, CH: tl.constexpr, FILL: tl.constexpr):
+    """The expert-sorted, padded layout of all pairs (one program; pairs CH at
+    a time, padding and block entries FILL at a time)."""
     num_pairs = tokens * K
-    for i0 in range(0, nblocks * BM, CH):  # padding entries name no pair
-        i = i0 + tl.arange(0, CH)
+    for i0 in range(0, nblocks * BM, FILL):  # padding entries name no pair
+        i = i0 + tl.arange(0, FILL)
         tl.store(Pairs + i, num_pairs, mask=i < nblocks * BM)
     tl.debug_barrier()  # the fill is visible to every thread before pairs land on it
     # -- pairs per expert, padded runs ---------------------------------------------------------
@@ -95,8 +96,8 @@ def _align(Ids, Pairs, BlockExpert, tokens, nblocks, e, E: tl.constexpr, K: tl.c
         dest = tl.sum(onehot * before, axis=1)
         tl.store(Pairs + dest, p.to(Pairs.dtype.element_ty), mask=pm)
         running += tl.sum(onehot, axis=0)
-    for b0 in range(0, nblocks, CH):
-        b = b0 + tl.arange(0, CH)
+    for b0 in range(0, nblocks, FILL):
+        b = b0 + tl.arange(0, FILL)
         expert = tl.sum((pad_end[None, :] <= (b * BM)[:, None]).to(tl.int32), axis=1)
         tl.store(BlockExpert + b, expert, mask=b < nblocks)
 
@@ -113,7 +114,10 @@ def route_and_align(router_logits: torch.Tensor, top_k: int, block_m: int, dtype
     pairs = torch.empty(nblocks * block_m, dtype=torch.int32, device=dev)
     block_expert = torch.empty(nblocks, dtype=torch.int32, device=dev)
     args = (router_logits, weights, ids, pairs, block_expert, tokens, router_logits.stride(0), nblocks)
-    consts = dict(E=experts, K=top_k, BLOCK_T=32, BM=block_m, CH=256, RENORM=renormalize, num_warps=8)
+    # tiles no larger than the work: at decode sizes a [256, E] scan for 8 pairs was most of the kernel
+    pairs_chunk = min(256, max(16, triton.next_power_of_2(tokens * top_k)))
+    block_t = 16 if tokens <= 16 else 32
+    consts = dict(E=experts, K=top_k, BLOCK_T=block_t, BM=block_m, CH=pairs_chunk, FILL=256, RENORM=renormalize, num_warps=8)
     if tokens <= ONE_LAUNCH_MAX_TOKENS:
         _route_align_kernel[(1,)](*args, tokens, TOPK=True, ALIGN=True, **consts)
     else:
