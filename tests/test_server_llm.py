@@ -71,6 +71,8 @@ def test_what_a_text_model_cannot_do_is_refused_clearly(served, client):
     assert r.status_code == 404 and "Moondream 3's API" in r.json()["error"]["message"]
     with pytest.raises(openai.BadRequestError, match="text model"):
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
+    with pytest.raises(openai.BadRequestError, match="takes no videos"):
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "data:image/png;base64,AAAA"}}]}])
     with pytest.raises(openai.BadRequestError, match="not supported.*logprobs"):
         client.completions.create(model="m", prompt="hi", logprobs=2)
     with pytest.raises(openai.BadRequestError, match=r"\[0, 320\)"):

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, ImageSequence
 
 from tidal.errors import ImageError
 
@@ -115,6 +115,34 @@ def decoded_image(image: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> It
         except Exception:
             raise ImageError(f"{what} could not be decoded (truncated or corrupt data); pass {ACCEPTED}") from None
         yield rgb
+
+
+MAX_VIDEO_FRAMES = 1024  # frames decoded from one animated image
+MAX_VIDEO_PIXELS = 1 << 28  # all its frames together (768 MiB of RGB)
+
+
+def animation_frames(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, float | None]:
+    """An animated image (GIF, WebP or PNG) as video frames: (uint8 RGB
+    [T, H, W, 3], frames per second from the frames' durations, or None where
+    the file gives none). A still image is one frame."""
+    pil = open_header(data, "the video")
+    _check_size(pil.width, pil.height, max_pixels)
+    count = getattr(pil, "n_frames", 1)
+    if count > MAX_VIDEO_FRAMES:
+        raise ImageError(f"the animation has {count} frames; the limit is {MAX_VIDEO_FRAMES}")
+    if count * pil.width * pil.height > MAX_VIDEO_PIXELS:
+        raise ImageError(f"the animation has {count} frames of {pil.width}x{pil.height}: over {MAX_VIDEO_PIXELS} pixels in all; downscale it or send fewer frames")
+    frames, durations = [], []
+    with DECODE_BUDGET.reserve(pil.width * pil.height * count):
+        try:
+            for frame in ImageSequence.Iterator(pil):
+                frames.append(np.asarray(frame.convert("RGB")))
+                durations.append(frame.info.get("duration"))
+        except Exception:
+            raise ImageError("the video (an animated image) could not be decoded (truncated or corrupt data)") from None
+    timed = [d for d in durations if isinstance(d, (int, float)) and d > 0]
+    fps = 1000.0 * len(timed) / sum(timed) if len(timed) == len(durations) else None
+    return np.stack(frames), fps
 
 
 def load_image(image: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:

@@ -69,7 +69,14 @@ class LLM:
     def generate(self, requests: Any, sampling_params: SamplingParams | None = None, ignore_eos: bool = False) -> list[dict[str, Any]]:
         """requests: a prompt string, {"prompt": str} or {"prompt_token_ids": [...]},
         or a list of them -> one output per request, in order: {"text",
-        "token_ids", "finish_reason", "usage": {"prompt_tokens", "completion_tokens"}}."""
+        "token_ids", "finish_reason", "usage": {"prompt_tokens", "completion_tokens"}}.
+
+        Vision models take "images" (one placeholder token per image in the
+        prompt) and, for Qwen3-VL, "videos" (one placeholder per video): each
+        video is uint8 frames (T, H, W, 3), a list of frames, or {"frames":
+        ..., "fps": the clip's frame rate (24 when not given)}; frames are
+        sampled at the processor's fps, as transformers does. Video files are
+        not decoded here: pass their frames."""
         many = isinstance(requests, (list, tuple))
         prepared = [self._prepare(r, sampling_params, ignore_eos) for r in (requests if many else [requests])]
         handles = [self._submit(*p) for p in prepared]  # everything validated before anything runs
@@ -107,13 +114,13 @@ class LLM:
             request = {"prompt": request}
         if not isinstance(request, dict):
             raise InvalidRequestError(f"a request is a prompt string or a dict with 'prompt' or 'prompt_token_ids', got {type(request).__name__}")
-        unknown = set(request) - {"prompt", "prompt_token_ids", "images"}
-        if "videos" in unknown:
-            raise InvalidRequestError("videos are not supported yet")
+        unknown = set(request) - {"prompt", "prompt_token_ids", "images", "videos"}
         if unknown:
-            raise InvalidRequestError(f"unknown request fields {sorted(unknown)}; use 'prompt' or 'prompt_token_ids', and 'images'")
+            raise InvalidRequestError(f"unknown request fields {sorted(unknown)}; use 'prompt' or 'prompt_token_ids', and 'images' or 'videos'")
         if "images" in request and not hasattr(self.model, "image_tokens"):
             raise InvalidRequestError(f"{type(self.model).__name__} takes text only here: drop 'images'")
+        if "videos" in request and not hasattr(self.model, "prepare_video"):
+            raise InvalidRequestError(f"{type(self.model).__name__} takes no videos: drop 'videos'")
         if ("prompt" in request) == ("prompt_token_ids" in request):
             raise InvalidRequestError("give exactly one of 'prompt' and 'prompt_token_ids'")
         if "prompt" in request:
@@ -131,6 +138,8 @@ class LLM:
         if any(not 0 <= i < vocab for i in ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
         items = self._with_images(ids, request.get("images")) if "images" in request else list(ids)
+        if "videos" in request:
+            items = self._with_videos(items, request["videos"])
         p = SamplingParams(**vars(params)) if params is not None else SamplingParams()
         n = items_len(items)
         if p.max_tokens is None:  # up to the context (the server's default for chat)
@@ -162,6 +171,37 @@ class LLM:
             items[slot] = ref
         return items
 
+    def _with_videos(self, items: list[InputItem], videos: Any) -> list[InputItem]:
+        """Each video placeholder token (one per video, as the chat template
+        writes it) becomes the video's frame groups, each as its processor
+        writes it into the prompt: `<{t:.1f} seconds>`, vision start, the
+        group's positions, vision end."""
+        if not isinstance(videos, (list, tuple)):
+            raise InvalidRequestError("'videos' must be a list of videos: each uint8 frames (T, H, W, 3), a list of frames, or {'frames': ..., 'fps': ...}")
+        spec = self.model.video
+        slots = [i for i, t in enumerate(items) if isinstance(t, int) and t == spec.video_token_id]
+        if len(slots) != len(videos):
+            raise InvalidRequestError(f"the prompt holds {len(slots)} video placeholders (token {spec.video_token_id}) for {len(videos)} videos: one per video")
+        if videos and self.tokenizer is None:
+            raise InvalidRequestError("videos need the checkpoint's tokenizer.json (frame times are text in the prompt)")
+        expanded: list[list[InputItem]] = []
+        for video in videos:
+            frames, fps = _video_frames(video)
+            prepared = self.model.prepare_video(frames, fps)
+            n, grid = prepared.grid[0] * prepared.grid[1] // spec.processor.merge_size**2, (1, *prepared.grid)
+            rope, advance = self.model.image_rope(grid)
+            part: list[InputItem] = []
+            for group, t in zip(prepared.groups, prepared.timestamps):
+                part += self.tokenizer.encode(f"<{t:.1f} seconds>", add_special_tokens=False).ids
+                part += [spec.vision_start_id, ImageRef(group, "video:" + pixels_key(group.frames), n, rope=rope, rope_advance=advance), spec.vision_end_id]
+            expanded.append(part)
+        out: list[InputItem] = []
+        last = 0
+        for slot, part in zip(slots, expanded):
+            out += items[last:slot] + part
+            last = slot + 1
+        return out + items[last:]
+
     def _submit(self, skill: GenerateSkill, items: list[InputItem]) -> RequestHandle:
         pages = self.engine.allocator.capacity
         if items_len(items) > pages:
@@ -174,6 +214,31 @@ class LLM:
         req = handle.request
         out["usage"] = {"prompt_tokens": req.prompt_tokens, "completion_tokens": req.skill.completion_tokens}
         return out
+
+
+def _video_frames(video: Any) -> tuple[np.ndarray, float | None]:
+    """A request's video -> (uint8 frames [T, H, W, 3], fps or None)."""
+    fps = None
+    if isinstance(video, dict):
+        if "frames" not in video or set(video) - {"frames", "fps"}:
+            raise InvalidRequestError(f"a video dict has 'frames' and optionally 'fps', got keys {sorted(video)}")
+        fps = video.get("fps")
+        if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0):
+            raise InvalidRequestError(f"a video's fps must be a positive number, got {fps!r}")
+        video = video["frames"]
+    if isinstance(video, np.ndarray):
+        if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3 or 0 in video.shape:
+            raise InvalidRequestError(f"video frames as an array are uint8 of shape (T, H, W, 3), got {video.dtype} {video.shape}")
+        return video, fps
+    if not isinstance(video, (list, tuple)) or not video:
+        raise InvalidRequestError("a video is uint8 frames (T, H, W, 3), a non-empty list of frames (images), or {'frames': ..., 'fps': ...}")
+    frames = []
+    for frame in video:
+        with decoded_image(frame, DEFAULT_MAX_PIXELS) as rgb:
+            frames.append(np.asarray(rgb))
+    if len({f.shape for f in frames}) > 1:
+        raise InvalidRequestError(f"a video's frames must all have one size, got {sorted({f.shape[1::-1] for f in frames})} (width, height)")
+    return np.stack(frames), fps
 
 
 def _tokenizer(folder: Path) -> Tokenizer | None:

@@ -1,6 +1,7 @@
 """OpenAI-compatible routes for models served through tidal.LLM:
 `/v1/completions`, `/v1/chat/completions` (text, and image parts for a model
-that sees images), `/v1/models`. Moondream's own endpoints answer 404 saying why."""
+that sees images, video parts, as animated images, for one that sees videos),
+`/v1/models`. Moondream's own endpoints answer 404 saying why."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ from fastapi import APIRouter, Request
 
 from tidal.engine.loop import RequestHandle
 from tidal.engine.sampling import SamplingParams
+from tidal.images import animation_frames
 from tidal.llm import LLM
 from tidal.server.errors import APIError
 from tidal.server.images import image_bytes
-from tidal.server.schemas import ChatBody, CompletionBody, ImagePart
+from tidal.server.schemas import ChatBody, CompletionBody, ImagePart, VideoPart
 from tidal.server.state import ServerState, sse
 
 MOONDREAM_ONLY = ("query", "caption", "detect", "point", "segment")
@@ -83,16 +85,22 @@ def llm_router(state: ServerState, llm: LLM) -> APIRouter:
         if llm.chat_template is None:
             raise APIError(400, f"{config.model_name} has no chat template: use /v1/completions", "invalid_request_error")
         sees_images = hasattr(llm.model, "image_tokens")
-        messages, urls = [], []
+        sees_videos = hasattr(llm.model, "prepare_video")
+        messages, urls, video_urls = [], [], []
         for m in body.messages:
             if isinstance(m.content, list):
                 if not sees_images and any(isinstance(p, ImagePart) for p in m.content):
                     raise APIError(400, f"{config.model_name} is a text model: image parts are not accepted", "invalid_request_error")
+                if not sees_videos and any(isinstance(p, VideoPart) for p in m.content):
+                    raise APIError(400, f"{config.model_name} takes no videos: video_url parts are not accepted", "invalid_request_error")
                 parts = []
                 for p in m.content:
                     if isinstance(p, ImagePart):
                         urls.append(p.image_url if isinstance(p.image_url, str) else p.image_url.url)
                         parts.append({"type": "image"})
+                    elif isinstance(p, VideoPart):
+                        video_urls.append(p.video_url if isinstance(p.video_url, str) else p.video_url.url)
+                        parts.append({"type": "video"})
                     else:
                         parts.append({"type": "text", "text": p.text})
                 messages.append({"role": m.role, "content": parts if sees_images else "".join(p["text"] for p in parts)})
@@ -105,6 +113,9 @@ def llm_router(state: ServerState, llm: LLM) -> APIRouter:
             request: dict[str, Any] = {"prompt": prompt}
             if urls:
                 request["images"] = [image_bytes(u, config) for u in urls]
+            if video_urls:
+                videos = [animation_frames(image_bytes(u, config)) for u in video_urls]
+                request["videos"] = [{"frames": frames, "fps": fps} if fps is not None else frames for frames, fps in videos]
             return llm.submit(request, params)
 
         handle = await state.submit("chat", submit)

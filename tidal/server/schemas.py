@@ -62,9 +62,21 @@ class ImagePart(BaseModel):
     image_url: Union[ImageURL, str]
 
 
+class VideoURL(BaseModel):
+    url: str
+
+
+class VideoPart(BaseModel):
+    """A video as an animated image (GIF, WebP or PNG; a data URL or an allowed
+    local file): its frames and their timing (vLLM's video_url part)."""
+
+    type: Literal["video_url"]
+    video_url: Union[VideoURL, str]
+
+
 class Message(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[Text, list[Union[TextPart, ImagePart]], None] = None
+    content: Union[Text, list[Union[TextPart, ImagePart, VideoPart]], None] = None
 
 
 class StreamOptions(BaseModel):

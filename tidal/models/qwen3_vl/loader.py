@@ -11,8 +11,9 @@ from tidal.errors import CheckpointError
 from tidal.models.checkpoint import build_and_load, read_json, weight_files
 from tidal.models.qwen3_moe.config import Qwen3MoeConfig
 
-from .model import Qwen3VLModel
+from .model import Qwen3VLModel, VideoTokens
 from .processor import ImageProcessorConfig
+from .video import VideoProcessorConfig
 from .vision import VisionConfig
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,12 @@ def read_configs(folder: Path) -> dict:
         processor=processor,
         image_token_id=int(raw.get("image_token_id", 151655)),
         mrope_section=section,
+        video=VideoTokens(
+            video_token_id=int(raw.get("video_token_id", 151656)),
+            vision_start_id=int(raw.get("vision_start_token_id", 151652)),
+            vision_end_id=int(raw.get("vision_end_token_id", 151653)),
+            processor=VideoProcessorConfig.from_folder(folder),
+        ),
     )
 
 

@@ -11,6 +11,7 @@ attend causally; the vision tower runs once per image (encode_image).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,17 +26,43 @@ from tidal.models.qwen3_moe.model import Qwen3MoeModel
 
 from .mrope import image_advance, image_offsets, mrope_angles
 from .processor import ImageProcessorConfig, process_image, smart_resize
+from .video import (
+    FrameGroup,
+    PreparedVideo,
+    VideoProcessorConfig,
+    prepare_video,
+    process_frame_group,
+)
 from .vision import VisionConfig, VisionModel
+
+
+@dataclass(frozen=True)
+class VideoTokens:
+    """A video's special tokens (config.json) and its processor (video_preprocessor_config.json)."""
+
+    video_token_id: int = 151656
+    vision_start_id: int = 151652
+    vision_end_id: int = 151653
+    processor: VideoProcessorConfig = field(default_factory=VideoProcessorConfig)
 
 
 class Qwen3VLModel(nn.Module):
     rope_axes = 3  # the runner gives rotary indices [3, T] (ForwardBatch.rope_positions)
 
-    def __init__(self, text: Qwen3MoeConfig, vision: VisionConfig, processor: ImageProcessorConfig, image_token_id: int, mrope_section: tuple[int, int, int]) -> None:
+    def __init__(
+        self,
+        text: Qwen3MoeConfig,
+        vision: VisionConfig,
+        processor: ImageProcessorConfig,
+        image_token_id: int,
+        mrope_section: tuple[int, int, int],
+        video: VideoTokens | None = None,
+    ) -> None:
         super().__init__()
         self.language_model = Qwen3MoeModel(text)
         self.visual = VisionModel(vision)
         self.processor, self.image_token_id, self.mrope_section = processor, image_token_id, mrope_section
+        self.video = video or VideoTokens()
         self.kv_layout = self.language_model.kv_layout
         self.max_context = self.language_model.max_context
         self.vocab_size = self.language_model.vocab_size
@@ -71,11 +98,19 @@ class Qwen3VLModel(nn.Module):
         m = self.processor.merge_size
         return image_offsets(grid, m), image_advance(grid, m)
 
+    def prepare_video(self, frames: np.ndarray, fps: float | None) -> PreparedVideo:
+        """uint8 frames [T, H, W, 3] at fps -> the frame groups the prompt holds (see .video)."""
+        return prepare_video(frames, fps, self.video.processor)
+
     @torch.inference_mode()
-    def encode_image(self, payload: np.ndarray) -> ImageInput:
-        """RGB pixels uint8 [H, W, 3] -> tokens [n, hidden], deepstack [k, n, hidden], rotary offsets."""
-        pixels = torch.tensor(payload, device=self.device)  # a copy: the array may be read-only
-        patches, grid = process_image(pixels, self.processor)
+    def encode_image(self, payload: np.ndarray | FrameGroup) -> ImageInput:
+        """RGB pixels uint8 [H, W, 3], or one frame group of a video -> tokens
+        [n, hidden], deepstack [k, n, hidden], rotary offsets."""
+        pixels = torch.tensor(payload.frames if isinstance(payload, FrameGroup) else payload, device=self.device)  # a copy: the array may be read-only
+        if isinstance(payload, FrameGroup):
+            patches, grid = process_frame_group(pixels, self.video.processor)
+        else:
+            patches, grid = process_image(pixels, self.processor)
         tokens, deep = self.visual(patches.to(self.visual.pos_embed.weight.dtype), [grid])
         rope, advance = self.image_rope(grid)
         extra = torch.stack(deep).to(self.dtype) if deep else None
