@@ -303,3 +303,24 @@ def test_chat_completions_with_a_video_part(pair):
         assert got.usage.prompt_tokens == want["usage"]["prompt_tokens"] > 2 * 8  # two frame groups of 8 positions
     finally:
         srv.stop()
+
+
+def test_chat_takes_image_and_video_parts_in_order(pair):
+    _, llm = pair
+    video, image = _video(6, 48, 40, seed=6), vl._image(40, 56, 2)
+    messages = [{"role": "user", "content": [{"type": "video", "video": video}, {"type": "text", "text": "and"}, {"type": "image", "image": image}]}]
+    params = tidal.SamplingParams(temperature=0.0, max_tokens=4)
+    prompt = llm.chat_template.render([{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "and"}, {"type": "image"}]}])
+    want = llm.generate({"prompt": prompt, "videos": [video], "images": [image]}, params, ignore_eos=True)
+    got = llm.chat(messages, params, ignore_eos=True)
+    assert got["token_ids"] == want["token_ids"] and got["usage"] == want["usage"]
+    with pytest.raises(tidal.InvalidRequestError, match="under 'video'"):
+        llm.chat([{"role": "user", "content": [{"type": "video"}]}], params)
+
+
+def test_placeholders_without_their_media_are_refused(pair):
+    _, llm = pair
+    with pytest.raises(tidal.InvalidRequestError, match="1 video placeholders .* but no videos"):
+        llm.generate({"prompt_token_ids": [START, VIDEO, END]})
+    with pytest.raises(tidal.InvalidRequestError, match="2 image placeholders .* but no images"):
+        llm.generate({"prompt_token_ids": [vl.IMAGE, 11, vl.IMAGE]})

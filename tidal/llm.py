@@ -86,13 +86,44 @@ class LLM:
     def chat(self, messages: Any, sampling_params: SamplingParams | None = None, add_generation_prompt: bool = True, ignore_eos: bool = False, **template_kwargs: Any) -> Any:
         """One conversation ([{"role", "content"}, ...]) or a list of them, through
         the checkpoint's own chat template; extra keyword arguments reach the
-        template (e.g. enable_thinking=False). -> generate's outputs."""
+        template (e.g. enable_thinking=False). Content may be a list of parts:
+        {"type": "text", "text": ...}, {"type": "image", "image": <image>} and,
+        for Qwen3-VL, {"type": "video", "video": <video, as generate() takes it>}.
+        -> generate's outputs."""
         if self.chat_template is None:
             raise InvalidRequestError("this checkpoint has no chat template (tokenizer_config.json or chat_template.jinja): use generate()")
         many = isinstance(messages, list) and bool(messages) and isinstance(messages[0], list)
-        prompts = [self.chat_template.render(m, add_generation_prompt, **template_kwargs) for m in (messages if many else [messages])]
-        outs = self.generate(prompts, sampling_params, ignore_eos)
+        requests = [self._chat_request(m, add_generation_prompt, template_kwargs) for m in (messages if many else [messages])]
+        outs = self.generate(requests, sampling_params, ignore_eos)
         return outs if many else outs[0]
+
+    def _chat_request(self, messages: Any, add_generation_prompt: bool, template_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The rendered prompt, with the images ({"type": "image", "image": ...}
+        parts) and videos ({"type": "video", "video": ...}) in their order; the
+        template sees each as a bare {"type": ...} part and writes its placeholder."""
+        media: dict[str, list[Any]] = {"image": [], "video": []}
+        if isinstance(messages, list):
+            bare = []
+            for m in messages:
+                if isinstance(m, dict) and isinstance(m.get("content"), list):
+                    parts = []
+                    for part in m["content"]:
+                        kind = part.get("type") if isinstance(part, dict) else None
+                        if kind in media:
+                            if kind not in part:
+                                raise InvalidRequestError(f"a {kind} part carries its {kind} under {kind!r}: {{'type': {kind!r}, {kind!r}: ...}}")
+                            media[kind].append(part[kind])
+                            part = {"type": kind}
+                        parts.append(part)
+                    m = {**m, "content": parts}
+                bare.append(m)
+            messages = bare
+        request: dict[str, Any] = {"prompt": self.chat_template.render(messages, add_generation_prompt, **template_kwargs)}
+        if media["image"]:
+            request["images"] = media["image"]
+        if media["video"]:
+            request["videos"] = media["video"]
+        return request
 
     def submit(self, request: Any, sampling_params: SamplingParams | None = None, ignore_eos: bool = False) -> RequestHandle:
         """Validate and queue one request without waiting (the server's entry point)."""
@@ -137,6 +168,9 @@ class LLM:
             raise InvalidRequestError("the prompt is empty")
         if any(not 0 <= i < vocab for i in ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+        for key, token in (("images", getattr(self.model, "image_token_id", None)), ("videos", getattr(getattr(self.model, "video", None), "video_token_id", None))):
+            if key not in request and token is not None and token in ids:
+                raise InvalidRequestError(f"the prompt holds {ids.count(token)} {key[:-1]} placeholders (token {token}) but no {key}: pass them as {key!r}")
         items = self._with_images(ids, request.get("images")) if "images" in request else list(ids)
         if "videos" in request:
             items = self._with_videos(items, request["videos"])
