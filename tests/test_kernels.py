@@ -161,6 +161,24 @@ def test_align_by_expert_groups_pairs_into_one_expert_blocks():
     assert sorted(seen) == list(range(flat.numel()))
 
 
+@pytest.mark.parametrize("tokens, experts, top_k, block_m", [(1, 128, 8, 16), (3, 64, 8, 16), (17, 8, 2, 16), (40, 16, 4, 4), (64, 128, 8, 64)])
+def test_the_block_layout_holds_every_pair_however_they_fall(tokens, experts, top_k, block_m):
+    """max_blocks bounds the blocks any routing needs: spread evenly, piled
+    on few experts, or each expert one past a block's end."""
+    from tidal.kernels.fused_moe import align_by_expert, max_blocks
+
+    gen = torch.Generator().manual_seed(tokens * experts)
+    pairs = tokens * top_k
+    routings = [torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])]
+    routings.append((torch.arange(pairs) % experts).view(tokens, top_k))  # round robin: as many experts as possible
+    routings.append((torch.arange(pairs) // (block_m + 1) % experts).view(tokens, top_k))  # runs of block_m + 1
+    for ids in routings:
+        sorted_pairs, block_expert = align_by_expert(ids, experts, block_m)
+        assert block_expert.numel() == max_blocks(pairs, experts, block_m)
+        real = sorted_pairs[sorted_pairs < pairs]
+        assert sorted(real.tolist()) == list(range(pairs))
+
+
 MOE_CASES = [(1, 8, 2, 64, 48), (5, 8, 2, 64, 48), (40, 6, 3, 96, 80)] + (
     [(1, 64, 8, 2048, 1024), (8, 64, 8, 2048, 1024), (64, 64, 8, 2048, 1024), (300, 64, 8, 2048, 1024), (1500, 64, 8, 2048, 1024)] if CUDA else []
 )

@@ -42,13 +42,24 @@ def moe_config(tokens: int) -> tuple[int, int, int, int, int]:
     return MOE_CONFIGS[-1][1]
 
 
+def max_blocks(pairs: int, num_experts: int, block_m: int) -> int:
+    """How many BLOCK_M-row blocks the expert-sorted layout can need: each
+    expert in use pads its run up to a multiple of block_m, so at most
+    pairs // block_m full blocks plus one partly filled block per expert in
+    use (no more experts than pairs). At batch 1 (8 pairs) that is 8 blocks,
+    where the bound of padding every expert gave 121 (E=128): the expert
+    GEMMs' grids shrink with it, and launched programs that would only exit
+    cost time too."""
+    return min(triton.cdiv(pairs + num_experts * (block_m - 1), block_m), pairs // block_m + min(num_experts, pairs))
+
+
 def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """topk_ids [T, k] -> (pairs [NB * block_m] int32: pair index t * k + j in
     expert order, T * k where padding; block_expert [NB] int32: each block's
     expert, num_experts for blocks past the end)."""
     flat = topk_ids.reshape(-1)
     pairs = flat.numel()
-    nblocks = triton.cdiv(pairs + num_experts * (block_m - 1), block_m)
+    nblocks = max_blocks(pairs, num_experts, block_m)
     ones = torch.ones_like(flat)
     counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, ones)
     padded = (counts + block_m - 1) // block_m * block_m

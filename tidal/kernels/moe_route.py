@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tidal.kernels.fused_moe import max_blocks
+
 MAX_TOKENS = 4096  # above this the torch ops are used (the one-program alignment grows with the pairs)
 ONE_LAUNCH_MAX_TOKENS = 64  # above this the top-k runs on a grid, in a launch of its own
 
@@ -107,7 +109,7 @@ def route_and_align(router_logits: torch.Tensor, top_k: int, block_m: int, dtype
     pairs [NB * block_m] int32, block_expert [NB] int32); see align_by_expert."""
     tokens, experts = router_logits.shape
     assert experts & (experts - 1) == 0 and top_k & (top_k - 1) == 0, "experts and top-k must be powers of two"
-    nblocks = triton.cdiv(tokens * top_k + experts * (block_m - 1), block_m)
+    nblocks = max_blocks(tokens * top_k, experts, block_m)
     dev = router_logits.device
     weights = torch.empty((tokens, top_k), dtype=dtype, device=dev)
     ids = torch.empty((tokens, top_k), dtype=torch.int64, device=dev)
