@@ -48,6 +48,7 @@ from tidal.models.qwen3_vl.processor import ImageProcessorConfig, process_image 
 from tidal.models.qwen3_vl.vision import VisionConfig  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+PROFILE_DIR = ""  # --profile writes each table here too (main sets it to --out)
 
 # Qwen3-30B-A3B's config.json
 MOE = dict(
@@ -235,8 +236,11 @@ def print_profile(fn, label: str, steps: int) -> None:
         for _ in range(steps):
             fn()
         sync()
-    print(f"-- profile: {label}, {steps} steps --")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70), flush=True)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60)
+    print(f"-- profile: {label}, {steps} steps --\n{table}", flush=True)
+    if PROFILE_DIR:
+        with open(os.path.join(PROFILE_DIR, f"profile-{label.replace(' ', '-')}.txt"), "w") as f:
+            f.write(table)
 
 
 def concurrent(llm: LLM, prompts: list[dict], out_tokens: int) -> tuple[float, float]:
@@ -321,6 +325,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print the GPU kernels of a few decode steps at each batch size")
     args = ap.parse_args()
     vl = args.model == "vl"
+    global PROFILE_DIR
+    PROFILE_DIR = args.out if args.profile else ""
     batches = args.batches or ([1, 32, 128] if vl else [1, 8, 64])
     n_concurrent = args.concurrent or (128 if vl else 64)
     if args.tiny:

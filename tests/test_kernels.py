@@ -359,3 +359,23 @@ def test_qk_norm_rope_kv(tokens, heads, kv_heads, dim, dtype):
     untouched = torch.ones(tokens + 9, dtype=torch.bool)
     untouched[slots] = False
     assert k_cache[untouched.to(DEV)].isnan().all() and v_cache[untouched.to(DEV)].isnan().all()  # nothing else written
+
+
+def test_tuned_moe_configs_apply_to_their_shape_and_card_only(tmp_path, monkeypatch):
+    """benchmarks/tune_moe.py's table: a step takes the first entry whose token
+    limit it fits under, for its own (E, D, I, k, dtype, card); anything else the defaults."""
+    from tidal.kernels import fused_moe
+
+    shape = (16, 64, 32, 2)
+    key = fused_moe.shape_key(*shape, torch.float32, "cpu")
+    (tmp_path / "moe_configs.json").write_text(__import__("json").dumps({key: [[4, [16, 32, 64, 4, 2]], [1 << 30, [32, 64, 32, 8, 3]]]}))
+    monkeypatch.setattr(fused_moe, "TUNED_FILE", tmp_path / "moe_configs.json")
+    fused_moe._tuned.cache_clear()
+    try:
+        cpu = torch.device("cpu")
+        assert fused_moe.moe_config(3, shape, torch.float32, cpu) == (16, 32, 64, 4, 2)
+        assert fused_moe.moe_config(5, shape, torch.float32, cpu) == (32, 64, 32, 8, 3)
+        assert fused_moe.moe_config(5, shape, torch.bfloat16, cpu) == fused_moe.moe_config(5)  # another dtype: defaults
+        assert fused_moe.moe_config(3, (16, 64, 32, 4), torch.float32, cpu) == fused_moe.moe_config(3)  # another top-k
+    finally:
+        fused_moe._tuned.cache_clear()

@@ -13,11 +13,16 @@ expert, reading only the experts in use.
 4. the k rows of each token are summed in a fixed order (no atomics: the same
    inputs give the same bits, whatever the scheduling).
 
-Block sizes come from a small table tuned on an H100 (MOE_CONFIGS), keyed by
-the number of tokens.
+Block sizes: for a tuned (experts, hidden, inner, top-k, dtype, card) the
+table in moe_configs.json (written by benchmarks/tune_moe.py on that card),
+keyed by the number of tokens; otherwise a small default table (MOE_CONFIGS).
 """
 
 from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
 
 import torch
 import triton
@@ -35,11 +40,38 @@ MOE_CONFIGS: list[tuple[int, tuple[int, int, int, int, int]]] = [
 ACT_CODES = {"geglu_plus1": 0, "swiglu": 1}
 
 
-def moe_config(tokens: int) -> tuple[int, int, int, int, int]:
-    for limit, cfg in MOE_CONFIGS:
+TUNED_FILE = Path(__file__).with_name("moe_configs.json")
+
+
+def shape_key(experts: int, dim: int, inner: int, top_k: int, dtype: torch.dtype, device_name: str) -> str:
+    """The tuned table's key: E, hidden, expert inner size, top-k, dtype and card."""
+    return f"E{experts}-D{dim}-I{inner}-k{top_k}-{str(dtype).removeprefix('torch.')}-{device_name}"
+
+
+@lru_cache(maxsize=1)
+def _tuned() -> dict[str, list[tuple[int, tuple[int, int, int, int, int]]]]:
+    if not TUNED_FILE.is_file():
+        return {}
+    raw = json.loads(TUNED_FILE.read_text())
+    return {key: [(int(limit), tuple(int(v) for v in cfg)) for limit, cfg in table] for key, table in raw.items()}
+
+
+@lru_cache(maxsize=64)
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def moe_config(tokens: int, shape: tuple[int, int, int, int] | None = None, dtype: torch.dtype | None = None, device: torch.device | None = None) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a step of `tokens`;
+    shape = (experts, hidden, inner, top_k) picks the tuned table when there is one
+    for this dtype and card."""
+    table = MOE_CONFIGS
+    if shape is not None and dtype is not None and device is not None:
+        table = _tuned().get(shape_key(*shape, dtype, _device_name(device)), MOE_CONFIGS)
+    for limit, cfg in table:
         if tokens <= limit:
             return cfg
-    return MOE_CONFIGS[-1][1]
+    return table[-1][1]
 
 
 def max_blocks(pairs: int, num_experts: int, block_m: int) -> int:
@@ -201,7 +233,7 @@ def fused_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, fc1
     act(h, g) = gelu(h) * (g + 1) or silu(h) * g, summed over j in order.
     """
     tokens, top_k = ids.shape
-    config = moe_config(tokens)
+    config = moe_config(tokens, (fc1.shape[0], fc1.shape[2], fc2.shape[2], top_k), x.dtype, x.device)
     pairs, block_expert = align_by_expert(ids, fc1.shape[0], config[0])
     per_pair = expert_pairs(x, weights, fc1, fc2, top_k, pairs, block_expert, config, act)
     return per_pair.view(tokens, top_k, -1).sum(dim=1)

@@ -76,7 +76,7 @@ def moe_parts(
     from tidal.kernels.moe_route import MAX_TOKENS, route_and_align
 
     tokens = x.shape[0]
-    config = moe_config(tokens)
+    config = moe_config(tokens, (fc1.shape[0], fc1.shape[2], fc2.shape[2], top_k), x.dtype, x.device)
     logits = F.linear(x, router_w, router_b)
     pow2 = all(n & (n - 1) == 0 for n in (fc1.shape[0], top_k))  # what the routing kernel takes
     if tokens <= MAX_TOKENS and pow2:
