@@ -41,17 +41,17 @@ class Counter:
     def __init__(self, md: Moondream) -> None:
         self.encodes = self.positions = 0
         runner = md.engine.runner
-        encode, run = runner.encode_image, runner.run
+        encode, run = runner.encode_images, runner.run
 
-        def counted_encode(crops):
-            self.encodes += 1
-            return encode(crops)
+        def counted_encode(payloads):
+            self.encodes += len(payloads)
+            return encode(payloads)
 
         def counted_run(steps, **kw):
             self.positions += sum(item_len(i) for s in steps for i in s.items)
             return run(steps, **kw)
 
-        runner.encode_image, runner.run = counted_encode, counted_run
+        runner.encode_images, runner.run = counted_encode, counted_run
 
 
 def test_second_request_on_an_image_skips_encoder_and_image_prefill(fresh):

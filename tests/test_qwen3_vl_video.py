@@ -324,3 +324,35 @@ def test_placeholders_without_their_media_are_refused(pair):
         llm.generate({"prompt_token_ids": [START, VIDEO, END]})
     with pytest.raises(tidal.InvalidRequestError, match="2 image placeholders .* but no images"):
         llm.generate({"prompt_token_ids": [vl.IMAGE, 11, vl.IMAGE]})
+
+
+def test_images_and_frame_groups_encoded_together_equal_each_alone(pair):
+    """The engine encodes a step's new images in one vision-tower run (attention
+    stays within each): embeddings and deepstack features as if alone."""
+    _, llm = pair
+    model = llm.model
+    groups = prepare_video(_video(6, 48, 40, seed=7), None, model.video.processor).groups
+    payloads = [vl._image(40, 56, 1), groups[0], vl._image(33, 70, 3), groups[1]]
+    together = model.encode_images(payloads)
+    for payload, got in zip(payloads, together):
+        alone = model.encode_image(payload)
+        assert got.embeds.shape == alone.embeds.shape and got.extra.shape == alone.extra.shape
+        assert _rel(got.embeds, alone.embeds) <= 1e-5 and _rel(got.extra, alone.extra) <= 1e-5
+        assert torch.equal(got.rope, alone.rope) and got.rope_advance == alone.rope_advance
+
+
+def test_a_steps_new_images_go_through_the_encoder_together(pair, monkeypatch):
+    _, llm = pair
+    calls = []
+    encode = llm.model.encode_images
+
+    def counted(payloads):
+        calls.append(len(payloads))
+        return encode(payloads)
+
+    monkeypatch.setattr(llm.model, "encode_images", counted)
+    ids, images, videos = _case("video and image")
+    videos = [(v + 1, fps) for v, fps in videos]  # new pixels: nothing cached
+    images = [im + 1 for im in images]
+    _run(llm, [_request(ids, images, videos)], 2)
+    assert calls == [3]  # the image and the video's two frame groups, in one call

@@ -21,6 +21,9 @@ from tidal.validation import as_float, as_int
 
 logger = logging.getLogger(__name__)
 
+# decoder positions of the images one vision-encoder call takes at most (Qwen3-VL: x4 patches)
+ENCODE_BATCH_POSITIONS = 16384
+
 _FAILED = object()  # a step result: the request failed and has been finished
 
 
@@ -243,14 +246,27 @@ class Engine:
         return self.runner.run([self._seq_step(c) for c in chunks], trace=self.config.trace_logits)
 
     def _encode_images(self, chunks: list[Chunk]) -> None:
-        """Run the vision encoder for this step's new images, once per distinct image."""
+        """Run the vision encoder for this step's new images, once per distinct
+        image, together where the model batches them (ENCODE_BATCH_POSITIONS of
+        decoder positions a call)."""
+        new: dict[str, ImageRef] = {}
+        for c in chunks:
+            for item in c.req.pending[: c.n_items]:
+                if isinstance(item, ImageRef) and item.key not in new:
+                    new[item.key] = item
         done: dict[str, ImageInput] = {}
+        batch: list[ImageRef] = []
+        for ref in list(new.values()) + [None]:
+            if batch and (ref is None or sum(len(r) for r in batch) + len(ref) > ENCODE_BATCH_POSITIONS):
+                for r, encoded in zip(batch, self.runner.encode_images([r.payload for r in batch])):
+                    done[r.key] = _as_input(encoded, r)
+                batch = []
+            if ref is not None:
+                batch.append(ref)
         for c in chunks:
             for i in range(c.n_items):
                 item = c.req.pending[i]
                 if isinstance(item, ImageRef):
-                    if item.key not in done:
-                        done[item.key] = _as_input(self.runner.encode_image(item.payload), item)
                     c.req.pending[i] = done[item.key]
 
     def _seq_step(self, c: Chunk) -> SeqStep:

@@ -49,6 +49,14 @@ class ModelRunner:
     def encode_image(self, payload: object) -> torch.Tensor:
         return self.model.encode_image(payload)
 
+    @torch.inference_mode()
+    def encode_images(self, payloads: list[object]) -> list:
+        """Several images at once where the model batches its vision encoder
+        (an optional `encode_images`), else one by one."""
+        if len(payloads) > 1 and hasattr(self.model, "encode_images"):
+            return self.model.encode_images(payloads)
+        return [self.model.encode_image(p) for p in payloads]
+
     # -- one step -----------------------------------------------------------------
     @torch.inference_mode()
     def run(self, steps: list[SeqStep], trace: bool = False) -> list[StepResult | None]:

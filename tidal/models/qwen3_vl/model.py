@@ -106,15 +106,28 @@ class Qwen3VLModel(nn.Module):
     def encode_image(self, payload: np.ndarray | FrameGroup) -> ImageInput:
         """RGB pixels uint8 [H, W, 3], or one frame group of a video -> tokens
         [n, hidden], deepstack [k, n, hidden], rotary offsets."""
-        pixels = torch.tensor(payload.frames if isinstance(payload, FrameGroup) else payload, device=self.device)  # a copy: the array may be read-only
-        if isinstance(payload, FrameGroup):
-            patches, grid = process_frame_group(pixels, self.video.processor)
-        else:
-            patches, grid = process_image(pixels, self.processor)
-        tokens, deep = self.visual(patches.to(self.visual.pos_embed.weight.dtype), [grid])
-        rope, advance = self.image_rope(grid)
-        extra = torch.stack(deep).to(self.dtype) if deep else None
-        return ImageInput(tokens.to(self.dtype), "", extra=extra, rope=rope, rope_advance=advance)
+        return self.encode_images([payload])[0]
+
+    @torch.inference_mode()
+    def encode_images(self, payloads: list[np.ndarray | FrameGroup]) -> list[ImageInput]:
+        """Several images (or frame groups) through one run of the vision
+        tower (attention stays within each): one launch of each layer for all
+        of them. -> one ImageInput each, in order."""
+        patches, grids = [], []
+        for payload in payloads:
+            pixels = torch.tensor(payload.frames if isinstance(payload, FrameGroup) else payload, device=self.device)  # a copy: the array may be read-only
+            p, grid = process_frame_group(pixels, self.video.processor) if isinstance(payload, FrameGroup) else process_image(pixels, self.processor)
+            patches.append(p)
+            grids.append(grid)
+        tokens, deep = self.visual(torch.cat(patches).to(self.visual.pos_embed.weight.dtype), grids)
+        sizes = [t * h * w // self.processor.merge_size**2 for t, h, w in grids]
+        extra = torch.stack(deep).to(self.dtype) if deep else None  # [k, N, hidden]
+        out = []
+        for (start, n), grid in zip(_spans(sizes), grids):
+            rope, advance = self.image_rope(grid)
+            mine = extra[:, start : start + n] if extra is not None else None
+            out.append(ImageInput(tokens[start : start + n].to(self.dtype), "", extra=mine, rope=rope, rope_advance=advance))
+        return out
 
     # -- the model protocol ------------------------------------------------------
     def embed(self, batch: ForwardBatch) -> torch.Tensor:
@@ -167,3 +180,12 @@ class Qwen3VLModel(nn.Module):
         missing, extra = self.visual.load_state_dict({k: v.to(self.visual.pos_embed.weight.dtype) for k, v in visual.items()}, strict=False, assign=False)
         if missing or extra:
             raise CheckpointError(f"the vision tower's weights do not match: missing {missing[:8]}, unexpected {extra[:8]}")
+
+
+def _spans(sizes: list[int]) -> list[tuple[int, int]]:
+    """(start, size) of consecutive pieces."""
+    out, start = [], 0
+    for n in sizes:
+        out.append((start, n))
+        start += n
+    return out
