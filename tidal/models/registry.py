@@ -24,6 +24,12 @@ def _qwen3_moe(folder: Path, device: torch.device, dtype: torch.dtype):
     return load_model(folder, device, dtype)
 
 
+def _qwen3(folder: Path, device: torch.device, dtype: torch.dtype):
+    from tidal.models.qwen3_moe.loader import load_model
+
+    return load_model(folder, device, dtype, dense=True)
+
+
 def _qwen3_vl(folder: Path, device: torch.device, dtype: torch.dtype):
     from tidal.models.qwen3_vl.loader import load_model
 
@@ -32,6 +38,7 @@ def _qwen3_vl(folder: Path, device: torch.device, dtype: torch.dtype):
 
 ARCHITECTURES: dict[str, Callable] = {
     "HfMoondream": _moondream3,
+    "Qwen3ForCausalLM": _qwen3,  # dense Qwen3: the same decoder with no sparse blocks
     "Qwen3MoeForCausalLM": _qwen3_moe,
     "Qwen3VLForConditionalGeneration": _qwen3_vl,
     "Qwen3VLMoeForConditionalGeneration": _qwen3_vl,  # the same model with Qwen3-MoE's sparse blocks
