@@ -7,9 +7,9 @@ activation dtype (the reference's rounding); then the layout fused_moe's GEMMs r
 (t * k + j) sorted by expert, stably, each expert's run padded to BLOCK_M,
 and each block's expert (E past the end). At decode sizes one program does it
 all (a launch costs more than the work; the torch version is ~25 launches);
-for more tokens the top-k runs on a grid of programs, and the alignment in
-three parallel steps: pairs per expert per chunk of pairs, each chunk's
-offsets (one small program), each pair placed.
+for more tokens the top-k runs on a grid of programs that also count their
+pairs per expert, and a second grid places each program's pairs (both
+launches parallel; the same two launches as a one-program alignment).
 """
 
 from __future__ import annotations
@@ -26,15 +26,20 @@ ONE_LAUNCH_MAX_TOKENS = 64  # above this the top-k runs on a grid, in a launch o
 
 @triton.jit
 def _route_align_kernel(
-    Logits, Weights, Ids, Pairs, BlockExpert,
+    Logits, Weights, Ids, Pairs, BlockExpert, Counts,
     tokens, stride_l, nblocks, tokens_per_program,
     E: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, BM: tl.constexpr, CH: tl.constexpr, FILL: tl.constexpr,
-    TOPK: tl.constexpr, ALIGN: tl.constexpr, RENORM: tl.constexpr,
+    TOPK: tl.constexpr, ALIGN: tl.constexpr, RENORM: tl.constexpr, COUNT: tl.constexpr,
 ):
     e = tl.arange(0, E)
     kk = tl.arange(0, K)
     if TOPK:
         _topk_softmax(Logits, Weights, Ids, tokens, stride_l, tokens_per_program, e, kk, E, K, BLOCK_T, RENORM)
+    if COUNT:  # this program's pairs per expert, for the parallel alignment (_place_kernel)
+        tl.debug_barrier()
+        p = tl.program_id(0) * BLOCK_T * K + tl.arange(0, BLOCK_T * K)
+        ids = tl.load(Ids + p, mask=p < tokens * K, other=E).to(tl.int32)
+        tl.store(Counts + tl.program_id(0) * E + e, tl.sum((ids[:, None] == e[None, :]).to(tl.int32), axis=0))
     if ALIGN:
         if TOPK:
             tl.debug_barrier()  # this program's ids are visible to all its threads from here
@@ -106,53 +111,42 @@ def _align(Ids, Pairs, BlockExpert, tokens, nblocks, e, E: tl.constexpr, K: tl.c
 
 
 @triton.jit
-def _chunk_counts_kernel(Ids, Counts, num_pairs, E: tl.constexpr, CH: tl.constexpr):
-    """Pairs per expert in chunk c of CH pairs -> Counts[c, :]."""
+def _place_kernel(Ids, Counts, Pairs, BlockExpert, num_pairs, nchunks, nblocks, E: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, BM: tl.constexpr, FILL: tl.constexpr):
+    """The alignment in parallel: program c places the pairs of chunk c (the
+    top-k program c's, BLOCK_T * K of them) at its expert's run start + the
+    expert's pairs in earlier chunks + its rank in the chunk (stable: pair
+    order). Program 0 also writes the padding entries, which no pair takes
+    (no race), and each block's expert."""
+    CH: tl.constexpr = BLOCK_T * K
     c = tl.program_id(0)
-    e = tl.arange(0, E)
-    p = c * CH + tl.arange(0, CH)
-    ids = tl.load(Ids + p, mask=p < num_pairs, other=E).to(tl.int32)
-    tl.store(Counts + c * E + e, tl.sum((ids[:, None] == e[None, :]).to(tl.int32), axis=0))
-
-
-@triton.jit
-def _chunk_offsets_kernel(Counts, Offsets, Pairs, BlockExpert, num_pairs, nchunks, nblocks, E: tl.constexpr, BM: tl.constexpr, FILL: tl.constexpr):
-    """One program: each expert's padded run, where each chunk's pairs of it
-    start (Offsets[c, e]), the padding filled in, each block's expert."""
     e = tl.arange(0, E)
     total = tl.zeros([E], tl.int32)
-    for c in range(0, nchunks):
-        total += tl.load(Counts + c * E + e)
+    before = tl.zeros([E], tl.int32)
+    for i in range(0, nchunks):
+        n = tl.load(Counts + i * E + e)
+        total += n
+        before += tl.where(i < c, n, 0)
     padded = (total + BM - 1) // BM * BM
     pad_end = tl.cumsum(padded, axis=0)
-    running = pad_end - padded
-    for c in range(0, nchunks):
-        tl.store(Offsets + c * E + e, running)
-        running += tl.load(Counts + c * E + e)
-    for i0 in range(0, nblocks * BM, FILL):  # padding entries name no pair
-        i = i0 + tl.arange(0, FILL)
-        tl.store(Pairs + i, num_pairs, mask=i < nblocks * BM)
-    for b0 in range(0, nblocks, FILL):
-        b = b0 + tl.arange(0, FILL)
-        expert = tl.sum((pad_end[None, :] <= (b * BM)[:, None]).to(tl.int32), axis=1)
-        tl.store(BlockExpert + b, expert, mask=b < nblocks)
-
-
-@triton.jit
-def _chunk_place_kernel(Ids, Offsets, Pairs, num_pairs, E: tl.constexpr, CH: tl.constexpr):
-    """Each pair of chunk c to its place: its chunk's offset for its expert plus
-    its rank among the chunk's pairs of that expert (stable: pair order)."""
-    c = tl.program_id(0)
-    e = tl.arange(0, E)
+    pad_start = pad_end - padded
     p = c * CH + tl.arange(0, CH)
     pm = p < num_pairs
     ids = tl.load(Ids + p, mask=pm, other=E).to(tl.int32)
     onehot = (ids[:, None] == e[None, :]).to(tl.int32)
-    before = tl.cumsum(onehot, axis=0) - 1 + tl.load(Offsets + c * E + e)[None, :]
-    tl.store(Pairs + tl.sum(onehot * before, axis=1), p.to(Pairs.dtype.element_ty), mask=pm)
-
-
-PLACE_CHUNK = 256  # pairs per program of the parallel alignment
+    rank = tl.cumsum(onehot, axis=0) - 1 + (pad_start + before)[None, :]
+    tl.store(Pairs + tl.sum(onehot * rank, axis=1), p.to(Pairs.dtype.element_ty), mask=pm)
+    if c == 0:
+        used_end = pad_start + total  # each expert's run: pairs, then padding up to pad_end
+        for i0 in range(0, nblocks * BM, FILL):
+            i = i0 + tl.arange(0, FILL)
+            owner = tl.sum((pad_end[None, :] <= i[:, None]).to(tl.int32), axis=1)  # E past the last run
+            pad_from = tl.sum(tl.where(e[None, :] == owner[:, None], used_end[None, :], 0), axis=1)
+            is_pad = (owner == E) | (i >= pad_from)
+            tl.store(Pairs + i, num_pairs, mask=(i < nblocks * BM) & is_pad)
+        for b0 in range(0, nblocks, FILL):
+            b = b0 + tl.arange(0, FILL)
+            expert = tl.sum((pad_end[None, :] <= (b * BM)[:, None]).to(tl.int32), axis=1)
+            tl.store(BlockExpert + b, expert, mask=b < nblocks)
 
 
 def route_and_align(router_logits: torch.Tensor, top_k: int, block_m: int, dtype: torch.dtype, renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -166,22 +160,23 @@ def route_and_align(router_logits: torch.Tensor, top_k: int, block_m: int, dtype
     ids = torch.empty((tokens, top_k), dtype=torch.int64, device=dev)
     pairs = torch.empty(nblocks * block_m, dtype=torch.int32, device=dev)
     block_expert = torch.empty(nblocks, dtype=torch.int32, device=dev)
-    args = (router_logits, weights, ids, pairs, block_expert, tokens, router_logits.stride(0), nblocks)
-    # tiles no larger than the work: at decode sizes a [256, E] scan for 8 pairs was most of the kernel
-    pairs_chunk = min(256, max(16, triton.next_power_of_2(tokens * top_k)))
-    block_t = 16 if tokens <= 16 else 32
-    consts = dict(E=experts, K=top_k, BLOCK_T=block_t, BM=block_m, CH=pairs_chunk, FILL=256, RENORM=renormalize, num_warps=8)
     if tokens <= ONE_LAUNCH_MAX_TOKENS:
-        _route_align_kernel[(1,)](*args, tokens, TOPK=True, ALIGN=True, **consts)
+        # tiles no larger than the work: at decode sizes a [256, E] scan for 8 pairs was most of the kernel
+        pairs_chunk = min(256, max(16, triton.next_power_of_2(tokens * top_k)))
+        block_t = 16 if tokens <= 16 else 32
+        _route_align_kernel[(1,)](
+            router_logits, weights, ids, pairs, block_expert, block_expert, tokens, router_logits.stride(0), nblocks, tokens,
+            E=experts, K=top_k, BLOCK_T=block_t, BM=block_m, CH=pairs_chunk, FILL=256, TOPK=True, ALIGN=True, RENORM=renormalize, COUNT=False, num_warps=8,
+        )
     else:
-        # top-k on a grid; then the alignment in parallel over chunks of pairs (one
-        # program walking ~6k pairs of a 737-position prefill took 112 us a layer)
-        _route_align_kernel[(triton.cdiv(tokens, 32),)](*args, 32, TOPK=True, ALIGN=False, **consts)
-        num_pairs = tokens * top_k
-        nchunks = triton.cdiv(num_pairs, PLACE_CHUNK)
+        # the top-k on a grid (each program also counts its pairs per expert),
+        # then the alignment in parallel over the same chunks: one program
+        # walking ~6k pairs of a 737-position prefill took 112 us a layer
+        nchunks = triton.cdiv(tokens, 32)
         counts = torch.empty((nchunks, experts), dtype=torch.int32, device=dev)
-        offsets = torch.empty_like(counts)
-        _chunk_counts_kernel[(nchunks,)](ids, counts, num_pairs, E=experts, CH=PLACE_CHUNK, num_warps=4)
-        _chunk_offsets_kernel[(1,)](counts, offsets, pairs, block_expert, num_pairs, nchunks, nblocks, E=experts, BM=block_m, FILL=256, num_warps=4)
-        _chunk_place_kernel[(nchunks,)](ids, offsets, pairs, num_pairs, E=experts, CH=PLACE_CHUNK, num_warps=4)
+        _route_align_kernel[(nchunks,)](
+            router_logits, weights, ids, pairs, block_expert, counts, tokens, router_logits.stride(0), nblocks, 32,
+            E=experts, K=top_k, BLOCK_T=32, BM=block_m, CH=256, FILL=256, TOPK=True, ALIGN=False, RENORM=renormalize, COUNT=True, num_warps=8,
+        )
+        _place_kernel[(nchunks,)](ids, counts, pairs, block_expert, tokens * top_k, nchunks, nblocks, E=experts, K=top_k, BLOCK_T=32, BM=block_m, FILL=256, num_warps=8)
     return weights, ids, pairs, block_expert
