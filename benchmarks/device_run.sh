@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One part of the device checklist per call (each fits a 10-minute device command):
+#
+#   bash benchmarks/device_run.sh tests       # the CUDA tests: test_cuda, the fast paths, Qwen
+#   bash benchmarks/device_run.sh kernels     # each Triton kernel against its torch reference, real shapes
+#   bash benchmarks/device_run.sh tune        # fused-MoE block sizes -> $OUT/moe_configs.json
+#   bash benchmarks/device_run.sh md-decode   # Moondream 3 decode sweep
+#   bash benchmarks/device_run.sh md-rest     # Moondream 3 latency, torch path, reference, mixed workload
+#   bash benchmarks/device_run.sh qwen-moe    # Qwen3-30B-A3B beside transformers
+#   bash benchmarks/device_run.sh qwen-vl     # Qwen3-VL-8B beside transformers
+#
+# Run from the repository root with the wheels the device image lacks in .whl/
+# (fastapi, uvicorn, pydantic and their dependencies, Pillow 13; see
+# docs/PERFORMANCE.md) and, for md-rest, the authors' reference in peers/.
+# Results land in $OUT; TIDAL_COMMIT names the commit in them.
+set -uo pipefail
+part="${1:?which part: tests, kernels, tune, md-decode, md-rest, qwen-moe, qwen-vl}"
+out="${OUT:-.}"
+if [ -d .whl ]; then
+  pip install -q --no-deps --target /tmp/deps .whl/*.whl 2>&1 | grep -v -i "warning" | tail -2
+fi
+export PYTHONPATH="/tmp/deps:.${PYTHONPATH:+:$PYTHONPATH}"
+export TIDAL_COMMIT="${TIDAL_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+case "$part" in
+  tests)
+    # long compiles: a per-file time limit keeps one slow file from hiding the others' results
+    for f in tests/test_cuda.py tests/test_fast_path.py tests/test_qwen_fast_path.py tests/test_qwen3_moe.py tests/test_qwen3_dense.py; do
+      timeout 200 python -m pytest -q -p no:cacheprovider "$f" 2>&1 | tail -3 | sed "s|^|$f: |"
+    done ;;
+  kernels)
+    for f in tests/test_kernels.py tests/test_resample.py; do
+      timeout 450 python -m pytest -q -p no:cacheprovider "$f" 2>&1 | tail -3 | sed "s|^|$f: |"
+    done ;;
+  tune) timeout 570 python benchmarks/tune_moe.py --out "$out" --quick ;;
+  md-decode) timeout 570 python benchmarks/bench_moondream.py --only decode --out "$out" 2>&1 | grep -v "capturing" ;;
+  md-rest) timeout 570 python benchmarks/bench_moondream.py --only latency,torch,reference,mixed --out "$out" 2>&1 | grep -v "capturing" ;;
+  qwen-moe) timeout 570 python benchmarks/bench_qwen.py --model moe --out "$out" --profile 2>&1 | grep -v "capturing" | tail -80 ;;
+  qwen-vl) timeout 570 python benchmarks/bench_qwen.py --model vl --out "$out" --profile 2>&1 | grep -v "capturing" | tail -80 ;;
+  *) echo "unknown part $part" >&2; exit 2 ;;
+esac
