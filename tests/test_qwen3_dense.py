@@ -84,3 +84,25 @@ def test_sliding_window_checkpoints_are_refused(checkpoint, tmp_path):
     (copy / "config.json").write_text(json.dumps(raw))
     with pytest.raises(CheckpointError, match="sliding-window"):
         tidal.LLM.from_pretrained(copy, device="cpu")
+
+
+def test_fused_weights_are_made_once_and_stay_views(checkpoint):
+    """Turning the kernels off and on again keeps the fused q/k/v and gate/up
+    tensors (graphs captured earlier read them); parameters replaced since are fused anew."""
+    from tidal.models.qwen3_moe.loader import load_model
+
+    _, folder = checkpoint
+    model = load_model(folder, "cpu", torch.float32, dense=True)
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    model.use_kernels(True)
+    qkv, gate_up = attn.qkv[0], mlp.gate_up
+    assert attn.k_proj.weight.data_ptr() == qkv[attn.q_proj.weight.shape[0] :].data_ptr()  # a view, not a copy
+    model.use_kernels(False)
+    assert attn.qkv is None and mlp.gate_up is None
+    model.use_kernels(True)
+    assert attn.qkv[0] is qkv and mlp.gate_up is gate_up
+    new = torch.randn_like(attn.v_proj.weight)
+    attn.v_proj.weight = torch.nn.Parameter(new)  # replaced: no longer a view of the fused tensor
+    model.use_kernels(True)
+    assert attn.qkv[0] is not qkv and torch.equal(attn.qkv[0][-new.shape[0] :], new)
+    assert attn.v_proj.weight.data_ptr() == attn.qkv[0][-new.shape[0] :].data_ptr()

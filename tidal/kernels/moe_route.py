@@ -102,7 +102,7 @@ def _align(Ids, Pairs, BlockExpert, tokens, nblocks, e, E: tl.constexpr, K: tl.c
         onehot = (ids[:, None] == e[None, :]).to(tl.int32)
         before = tl.cumsum(onehot, axis=0) - 1 + running[None, :] + pad_start[None, :]
         dest = tl.sum(onehot * before, axis=1)
-        tl.store(Pairs + dest, p.to(Pairs.dtype.element_ty), mask=pm)
+        tl.store(Pairs + dest, p.to(Pairs.dtype.element_ty), mask=pm & (ids < E))  # (a NaN router row names no expert)
         running += tl.sum(onehot, axis=0)
     for b0 in range(0, nblocks, FILL):
         b = b0 + tl.arange(0, FILL)
@@ -134,7 +134,7 @@ def _place_kernel(Ids, Counts, Pairs, BlockExpert, num_pairs, nchunks, nblocks, 
     ids = tl.load(Ids + p, mask=pm, other=E).to(tl.int32)
     onehot = (ids[:, None] == e[None, :]).to(tl.int32)
     rank = tl.cumsum(onehot, axis=0) - 1 + (pad_start + before)[None, :]
-    tl.store(Pairs + tl.sum(onehot * rank, axis=1), p.to(Pairs.dtype.element_ty), mask=pm)
+    tl.store(Pairs + tl.sum(onehot * rank, axis=1), p.to(Pairs.dtype.element_ty), mask=pm & (ids < E))  # a NaN router row names no expert: it must not land on another pair's place
     if c == 0:
         used_end = pad_start + total  # each expert's run: pairs, then padding up to pad_end
         for i0 in range(0, nblocks * BM, FILL):

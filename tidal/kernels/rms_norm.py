@@ -126,7 +126,8 @@ def qk_norm_rope_kv(
     [S, Hkv, D] (one layer's) -> q [T, H, D]. Writes k and v at out_cache_loc."""
     tokens = qkv.shape[0]
     n_kv, head_dim = k_cache.shape[1], k_cache.shape[2]
-    assert qkv.stride(1) == 1 and cos.stride(1) == 1 and sin.stride(0) == cos.stride(0)
+    assert qkv.stride(1) == 1 and cos.stride(1) == sin.stride(1) == 1 and sin.stride(0) == cos.stride(0)
+    assert cos.dtype == sin.dtype == torch.float32, "rotary angles in float32"
     assert qkv.shape[1] == (n_heads + 2 * n_kv) * head_dim and head_dim & (head_dim - 1) == 0
     q = torch.empty((tokens, n_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     if tokens == 0:

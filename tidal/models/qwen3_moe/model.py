@@ -37,9 +37,13 @@ MAX_CONTEXT = 32768  # the request-to-slot table and rotary tables are sized by 
 LayerHook = Callable[[int, torch.Tensor], None]
 
 
-def _fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _fuse_linears(*linears: nn.Linear, fused: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One weight (and bias) for several linears on the same input: their
-    parameters become views into it (no second copy of the weights)."""
+    parameters become views into it (no second copy of the weights). `fused`,
+    an earlier result, is returned as it is while the parameters are still its
+    views: fusing again would free the memory graphs captured earlier read."""
+    if fused is not None and _views_of(linears, fused):
+        return fused
     weight = torch.cat([m.weight.data for m in linears])
     bias = torch.cat([m.bias.data for m in linears]) if linears[0].bias is not None else None
     start = 0
@@ -50,6 +54,20 @@ def _fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | Non
             m.bias.data = bias[start : start + n]
         start += n
     return weight, bias
+
+
+def _views_of(linears: tuple[nn.Linear, ...], fused: tuple[torch.Tensor, torch.Tensor | None]) -> bool:
+    """Whether each linear's weight (and bias) is still its slice of `fused`."""
+    weight, bias = fused
+    start = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        if m.weight.data_ptr() != weight[start : start + n].data_ptr() or m.weight.dtype != weight.dtype or m.weight.device != weight.device:
+            return False
+        if bias is not None and (m.bias is None or m.bias.data_ptr() != bias[start : start + n].data_ptr()):
+            return False
+        start += n
+    return start == weight.shape[0]
 
 
 class Attention(nn.Module):
@@ -63,10 +81,13 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.heads, self.kv_heads, self.head_dim = h, kv, d
-        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # fused weight, bias (use_kernels)
+        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # fused weight, bias while kernels are on
+        self._fused: tuple[torch.Tensor, torch.Tensor | None] | None = None  # kept when they go off (see _fuse_linears)
 
     def use_kernels(self, enabled: bool) -> None:
-        self.qkv = _fuse_linears(self.q_proj, self.k_proj, self.v_proj) if enabled else None
+        if enabled:
+            self._fused = _fuse_linears(self.q_proj, self.k_proj, self.v_proj, fused=self._fused)
+        self.qkv = self._fused if enabled else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch, layer: int) -> torch.Tensor:
         """x [T, hidden] (normed); cos/sin [T, D/2] -> [T, hidden]."""
@@ -91,10 +112,13 @@ class DenseMLP(nn.Module):
         self.gate_proj = nn.Linear(dim, inner, bias=False)
         self.up_proj = nn.Linear(dim, inner, bias=False)
         self.down_proj = nn.Linear(inner, dim, bias=False)
-        self.gate_up: torch.Tensor | None = None  # fused weight (use_kernels)
+        self.gate_up: torch.Tensor | None = None  # fused weight while kernels are on
+        self._fused: tuple[torch.Tensor, torch.Tensor | None] | None = None  # kept when they go off
 
     def use_kernels(self, enabled: bool) -> None:
-        self.gate_up = _fuse_linears(self.gate_proj, self.up_proj)[0] if enabled else None
+        if enabled:
+            self._fused = _fuse_linears(self.gate_proj, self.up_proj, fused=self._fused)
+        self.gate_up = self._fused[0] if enabled and self._fused is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None:
@@ -227,8 +251,6 @@ class Qwen3MoeModel(nn.Module):
 
     def use_kernels(self, enabled: bool) -> None:
         """The fused Triton path (see the module docstring) or the torch layers."""
-        if enabled == self.fused:
-            return
         self.fused = enabled
         for layer in self.layers:
             layer.self_attn.use_kernels(enabled)

@@ -95,7 +95,7 @@ class Qwen3VLModel(nn.Module):
         return grid[1] * grid[2] // p.merge_size**2, grid
 
     def image_rope(self, grid: tuple[int, int, int]) -> tuple[torch.Tensor, int]:
-        m = self.processor.merge_size
+        m = self.visual.cfg.spatial_merge_size  # the tower's merge decides the tokens' layout
         return image_offsets(grid, m), image_advance(grid, m)
 
     def prepare_video(self, frames: np.ndarray, fps: float | None) -> PreparedVideo:
@@ -120,13 +120,14 @@ class Qwen3VLModel(nn.Module):
             patches.append(p)
             grids.append(grid)
         tokens, deep = self.visual(torch.cat(patches).to(self.visual.pos_embed.weight.dtype), grids)
-        sizes = [t * h * w // self.processor.merge_size**2 for t, h, w in grids]
+        sizes = [t * h * w // self.visual.cfg.spatial_merge_size**2 for t, h, w in grids]
         extra = torch.stack(deep).to(self.dtype) if deep else None  # [k, N, hidden]
         out = []
         for (start, n), grid in zip(_spans(sizes), grids):
             rope, advance = self.image_rope(grid)
-            mine = extra[:, start : start + n] if extra is not None else None
-            out.append(ImageInput(tokens[start : start + n].to(self.dtype), "", extra=mine, rope=rope, rope_advance=advance))
+            # copies, not views: a cached image must not hold the whole batch's tensors
+            mine = extra[:, start : start + n].clone() if extra is not None else None
+            out.append(ImageInput(tokens[start : start + n].to(self.dtype).clone(), "", extra=mine, rope=rope, rope_advance=advance))
         return out
 
     # -- the model protocol ------------------------------------------------------
