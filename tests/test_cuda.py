@@ -251,3 +251,18 @@ def test_short_extends_replay_graphs_and_match_the_extend_kernel():
             md.engine.abort(r)
     finally:
         md.close()
+
+
+def test_vision_encoder_graphs_replay_the_eager_encoder(cuda_md):
+    """The engine captured the encoder per crop count: a replay gives the eager
+    encoder's features bit for bit, for one crop and for the most crops."""
+    model = cuda_md.engine.model
+    graphs = model.encoder_graphs
+    assert graphs is not None and len(graphs.graphs) == model.config.vision.max_crops + 1
+    v = model.config.vision
+    for n in (1, v.max_crops + 1):
+        crops = torch.rand(n, v.in_channels, v.crop_size, v.crop_size, device="cuda", generator=torch.Generator("cuda").manual_seed(n)) * 2 - 1
+        want = model.vision.encode_crops(crops)
+        before = graphs.replays
+        got = graphs(crops).clone()
+        assert graphs.replays == before + 1 and torch.equal(got, want)

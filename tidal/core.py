@@ -249,6 +249,9 @@ class Model(Protocol):
     use_kernels: fused Triton kernels on or off.
     cuda_graphs_ok (optional attribute, default True): False for a model whose
         step syncs on the device, so the engine captures no graphs for it.
+    encode_images (optional): several payloads through one vision-encoder run.
+    capture_graphs (optional): capture the model's own fixed-shape parts (a
+        vision encoder) as CUDA graphs; the engine calls it with its decode graphs.
     """
 
     device: torch.device

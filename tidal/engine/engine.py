@@ -98,6 +98,10 @@ class Engine:
 
             self.runner.graphs = DecodeGraphs(self.runner, self.config.max_running)
             self.warmup_s = self.runner.graphs.capture()
+            if hasattr(model, "capture_graphs"):  # the model's own fixed-shape parts (a vision encoder)
+                t0 = time.perf_counter()
+                model.capture_graphs()
+                self.warmup_s += time.perf_counter() - t0
         self.prefix_cache = RadixCache(self.allocator) if self.config.prefix_cache else None
         self.scheduler = Scheduler(self.allocator, self.req_to_token, self.config.token_budget, self.prefix_cache)
         self.stats = EngineStats()

@@ -45,6 +45,7 @@ class Moondream3Model(nn.Module):
         self.max_context = tc.max_context
         self.vocab_size = tc.vocab_size
         self._coord_id, self._eos_id = config.tokenizer.coord_id, config.tokenizer.eos_id
+        self.encoder_graphs = None  # a ShapeGraphs of the vision encoder once captured (capture_graphs)
 
     @property
     def device(self) -> torch.device:
@@ -112,8 +113,20 @@ class Moondream3Model(nn.Module):
         else:
             crops_np = overlap_crops(Image.fromarray(payload), self.config.vision)
             pixels, tiling = crops_to_tensor(crops_np, self.device, self.dtype), crops_np.tiling
-        features = self.vision.encode_crops(pixels)
+        encode = self.encoder_graphs if self.encoder_graphs is not None else self.vision.encode_crops
+        features = encode(pixels)  # (a graph's static output: used at once)
         return self.vision.project(features, tiling)
+
+    def capture_graphs(self) -> None:
+        """CUDA graphs of the vision encoder, one per crop count (a global
+        crop and 0 to max_crops local ones): an image's encoder run becomes one
+        replay instead of ~15 launches per layer."""
+        from tidal.runner.shape_graphs import ShapeGraphs
+
+        v = self.config.vision
+        graphs = ShapeGraphs(self.vision.encode_crops)
+        graphs.capture([(n, v.in_channels, v.crop_size, v.crop_size) for n in range(1, v.max_crops + 2)], self.dtype, self.device)
+        self.encoder_graphs = graphs
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors (keys under `model.`) into the parameters.
