@@ -46,6 +46,7 @@ class Moondream3Model(nn.Module):
         self.vocab_size = tc.vocab_size
         self._coord_id, self._eos_id = config.tokenizer.coord_id, config.tokenizer.eos_id
         self.encoder_graphs = None  # a ShapeGraphs of the vision encoder once captured (capture_graphs)
+        self.fast = False  # see use_kernels
 
     @property
     def device(self) -> torch.device:
@@ -90,8 +91,10 @@ class Moondream3Model(nn.Module):
         return {"coord_bin": coord_bin, "size_bins": (width_bin, height_bin), "coord_over_eos": bool(coord_over_eos)}
 
     def use_kernels(self, enabled: bool) -> None:
-        """The Triton fast path (fused tau/rotary/KV write, fused MoE) or the torch reference."""
+        """The Triton fast path (fused tau/rotary/KV write, fused MoE, and the
+        encoder's graphs once captured) or the torch reference."""
         self.text.use_kernels(enabled)
+        self.fast = enabled
 
     @torch.inference_mode()
     def encode_image(self, payload: Crops | np.ndarray) -> torch.Tensor:
@@ -113,7 +116,7 @@ class Moondream3Model(nn.Module):
         else:
             crops_np = overlap_crops(Image.fromarray(payload), self.config.vision)
             pixels, tiling = crops_to_tensor(crops_np, self.device, self.dtype), crops_np.tiling
-        encode = self.encoder_graphs if self.encoder_graphs is not None else self.vision.encode_crops
+        encode = self.encoder_graphs if self.encoder_graphs is not None and self.fast else self.vision.encode_crops
         features = encode(pixels)  # (a graph's static output: used at once)
         return self.vision.project(features, tiling)
 
