@@ -356,3 +356,26 @@ def test_a_steps_new_images_go_through_the_encoder_together(pair, monkeypatch):
     images = [im + 1 for im in images]
     _run(llm, [_request(ids, images, videos)], 2)
     assert calls == [3]  # the image and the video's two frame groups, in one call
+
+
+def test_bad_video_parts_get_a_clear_400(pair):
+    import base64
+
+    import openai
+    from conftest import LiveServer
+
+    from tidal.server.app import create_llm_app
+    from tidal.server.config import ServerConfig
+
+    _, llm = pair
+    config = ServerConfig(model_name="qwen3-vl-test")
+    srv = LiveServer(llm, config, app=create_llm_app(llm, config))
+    try:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused")
+        not_an_image = "data:image/gif;base64," + base64.b64encode(b"GIF89a not really").decode()
+        for url, match in ((not_an_image, "could not be decoded"), ("https://example.com/clip.gif", "not fetched")):
+            content = [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "what"}]
+            with pytest.raises(openai.BadRequestError, match=match):
+                client.chat.completions.create(model="m", messages=[{"role": "user", "content": content}], max_tokens=2)
+    finally:
+        srv.stop()
