@@ -69,8 +69,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         n, dim = x.shape
-        q, k, v = self.qkv(x).view(n, 3, self.heads, dim // self.heads).unbind(1)
-        q, k = rotate_halves(q, cos, sin), rotate_halves(k, cos, sin)
+        qkv = self.qkv(x).view(n, 3, self.heads, dim // self.heads)
+        qk = rotate_halves(qkv[:, :2].reshape(n, 2 * self.heads, -1), cos, sin).view(n, 2, self.heads, -1)  # q and k in one pass
+        q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]
         out = torch.empty_like(q)
         start = 0
         for length in lengths:  # attention stays within each image (video frame)
