@@ -380,3 +380,27 @@ def test_harmless_defaults_of_those_options_are_accepted(live):
 def test_error_bodies_are_json(live):
     r = _post(live, "/v1/query", b'{"question": ')
     assert json.loads(r.text)["error"]["type"] == "invalid_request_error"
+
+
+def test_base64_is_decoded_in_pieces_exactly():
+    """The server decodes image data URLs in pieces (the GIL is handed over
+    between them): the bytes equal one decode's; bad data is refused as before."""
+    import base64
+    import os
+
+    import pytest
+
+    from tidal.errors import ImageError
+    from tidal.server import images
+    from tidal.server.config import ServerConfig
+
+    config = ServerConfig()
+    for n in (0, 1, 2, 3, images._B64_CHUNK, 3 * images._B64_CHUNK // 4 + 1, 700_001):
+        raw = os.urandom(n)
+        text = base64.b64encode(raw).decode()
+        assert images._from_base64(text, config) == raw
+        assert images._from_base64("\n".join(text[i : i + 76] for i in range(0, len(text), 76)), config) == raw  # MIME line breaks
+    good = base64.b64encode(os.urandom(images._B64_CHUNK)).decode()
+    for bad in (good[:100] + "!" + good[101:], good + "A", good[: images._B64_CHUNK + 8] + "*" + good[images._B64_CHUNK + 9 :]):
+        with pytest.raises(ImageError, match="not valid base64"):
+            images._from_base64(bad, config)

@@ -30,12 +30,18 @@ def image_bytes(url: str, config: ServerConfig) -> bytes:
     return _from_base64(url, config)
 
 
+# Base64 is decoded in pieces: one call holds the GIL throughout (4.5 ms for a
+# 4 MB body), and the engine's thread waits for it between GPU steps.
+_B64_CHUNK = 1 << 18  # characters, a multiple of 4
+
+
 def _from_base64(payload: str, config: ServerConfig) -> bytes:
-    payload = "".join(payload.split())  # line breaks and spaces, as MIME encoders write them
+    if any(c in payload for c in " \n\r\t"):
+        payload = "".join(payload.split())  # line breaks and spaces, as MIME encoders write them
     if len(payload) * 3 // 4 > config.max_image_bytes + 3:
         raise ImageError(f"the image is over {config.max_image_bytes} bytes; the limit is {config.max_image_bytes}")
     try:
-        return base64.b64decode(payload, validate=True)
+        return b"".join(base64.b64decode(payload[i : i + _B64_CHUNK], validate=True) for i in range(0, len(payload), _B64_CHUNK))
     except (binascii.Error, ValueError):
         raise ImageError("image_url is not valid base64") from None
 
