@@ -266,3 +266,19 @@ def test_vision_encoder_graphs_replay_the_eager_encoder(cuda_md):
         before = graphs.replays
         got = graphs(crops).clone()
         assert graphs.replays == before + 1 and torch.equal(got, want)
+
+
+def test_prefill_graphs_replay_and_give_the_reference_results():
+    """EngineConfig(prefill_graphs=True): image prefills and mixed steps replay
+    extend graphs, and every golden skill case still matches the reference."""
+    from tidal import EngineConfig, Moondream
+
+    md = Moondream.from_pretrained(GOLDEN, device="cuda", dtype="float32", engine_config=EngineConfig(prefill_graphs=True, max_running=8))
+    try:
+        graphs = md.engine.runner.extend_graphs
+        assert graphs is not None and graphs.graphs
+        for case in SKILL_CASES[:6]:
+            assert_matches_golden(finished_request(md, case).skill.result(), case)
+        assert graphs.replays > 0
+    finally:
+        md.close()

@@ -213,6 +213,13 @@ class ForwardBatch:
     feedback_values: torch.Tensor | None = None
     image_spans: list[tuple[int, ImageInput]] = field(default_factory=list)
     rope_positions: torch.Tensor | None = None  # [3, T] rotary indices, for models with rope_axes == 3
+    # Images as static buffers (CUDA graphs of extend steps): where image_rows
+    # is set, models take image positions' embeddings from image_embeds [T,
+    # dim] (and per-model extras, e.g. deepstack features, from image_extra
+    # [k, T, dim]) instead of image_spans.
+    image_rows: torch.Tensor | None = None  # bool [T]
+    image_embeds: torch.Tensor | None = None
+    image_extra: torch.Tensor | None = None
     attn: Any = field(default=None, repr=False)
     attn_metadata: Any = field(default=None, repr=False)
 

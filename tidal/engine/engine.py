@@ -24,6 +24,12 @@ logger = logging.getLogger(__name__)
 # decoder positions of the images one vision-encoder call takes at most (Qwen3-VL: x4 patches)
 ENCODE_BATCH_POSITIONS = 16384
 
+
+def prefill_graph_tokens(token_budget: int) -> int:
+    """The largest extend step captured as a graph: the token budget, at least
+    1024 (an image prefix may exceed a small budget), at most 4096."""
+    return min(max(token_budget, 1024), 4096)
+
 _FAILED = object()  # a step result: the request failed and has been finished
 
 
@@ -39,7 +45,10 @@ class EngineConfig:
     None: on where the device is CUDA. It is a setting of the model, so the
     last engine made on a model decides for all engines sharing it.
     cuda_graphs: with kernels on CUDA, capture decode steps as CUDA graphs at
-    start-up (one per batch-size bucket up to max_running) and replay them."""
+    start-up (one per batch-size bucket up to max_running) and replay them.
+    prefill_graphs: also capture extend steps (prefills, image prefixes, mixed
+    steps) per token-count bucket (tidal.runner.extend_graphs); off by default
+    until measured on the device."""
 
     max_running: int = 64
     kv_pages: int | None = None
@@ -50,6 +59,7 @@ class EngineConfig:
     trace_logits: bool = False
     kernels: bool | None = None
     cuda_graphs: bool = True
+    prefill_graphs: bool = False
 
     def __post_init__(self) -> None:
         self.max_running = as_int(self.max_running, "max_running", 1, 1 << 16)
@@ -98,6 +108,11 @@ class Engine:
 
             self.runner.graphs = DecodeGraphs(self.runner, self.config.max_running)
             self.warmup_s = self.runner.graphs.capture()
+            if self.config.prefill_graphs:
+                from tidal.runner.extend_graphs import ExtendGraphs
+
+                self.runner.extend_graphs = ExtendGraphs(self.runner, self.config.max_running, prefill_graph_tokens(self.config.token_budget))
+                self.warmup_s += self.runner.extend_graphs.capture()
             if hasattr(model, "capture_graphs"):  # the model's own fixed-shape parts (a vision encoder)
                 t0 = time.perf_counter()
                 model.capture_graphs()
@@ -129,7 +144,8 @@ class Engine:
         """Memory kept free of the KV pool: a prefill chunk's activations, the
         largest decode batch's logits and sampling buffers, graph pools."""
         vocab = getattr(self.model, "vocab_size", 0)
-        return (1 << 30) + self.config.token_budget * (64 << 10) + self.config.max_running * vocab * 16
+        graphs = prefill_graph_tokens(self.config.token_budget) * (256 << 10) if self.config.prefill_graphs else 0  # their activations' pool
+        return (1 << 30) + self.config.token_budget * (64 << 10) + self.config.max_running * vocab * 16 + graphs
 
     # -- requests ------------------------------------------------------------
     def add_request(self, req: Request) -> None:

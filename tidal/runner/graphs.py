@@ -218,14 +218,23 @@ class DecodeGraphs:
         if getattr(model, "rope_axes", 1) == 3:  # text rows: the same rotary index on all three axes
             batch.rope_positions = (positions + ints[_I["rope_delta"]]).expand(3, -1)
         hidden = model.forward(batch.input_ids, positions, batch)
-        logits, extras, raw = model.heads(hidden)
         banned = ints[_I["banned0"] : _I["banned0"] + MAX_BANNED].T  # [bucket, MAX_BANNED], vocab = none
-        mask = torch.zeros((bucket, logits.shape[1] + 1), dtype=logits.dtype, device=logits.device).scatter_(1, banned, float("-inf"))
-        logits = logits + mask[:, :-1]
-        tokens = logits.argmax(dim=-1)
-        if sampled:
-            temps = floats[_F["temperature"]]
-            drawn = sample_rows(logits, temps, floats[_F["top_p"]], ints[_I["top_k"]], ints[_I["seeds"]], ints[_I["steps"]])
-            tokens = torch.where(temps > 0, drawn, tokens)
-        packed = tokens[:, None] if extras is None else torch.cat([tokens[:, None], extras], dim=1)
-        return packed, raw
+        return outputs(model, hidden, banned, floats[_F["temperature"]], floats[_F["top_p"]], ints[_I["top_k"]], ints[_I["seeds"]], ints[_I["steps"]], sampled)
+
+
+def outputs(
+    model, hidden: torch.Tensor, banned: torch.Tensor, temps: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, sampled: bool
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A graph's tail, for output rows [B, dim]: heads, bans (banned [B,
+    MAX_BANNED], vocab_size = none), greedy or sampled tokens -> (packed
+    [B, 1 + extras], the raw heads)."""
+    logits, extras, raw = model.heads(hidden)
+    rows = logits.shape[0]
+    mask = torch.zeros((rows, logits.shape[1] + 1), dtype=logits.dtype, device=logits.device).scatter_(1, banned, float("-inf"))
+    logits = logits + mask[:, :-1]
+    tokens = logits.argmax(dim=-1)
+    if sampled:
+        drawn = sample_rows(logits, temps, top_p, top_k, seeds, steps)
+        tokens = torch.where(temps > 0, drawn, tokens)
+    packed = tokens[:, None] if extras is None else torch.cat([tokens[:, None], extras], dim=1)
+    return packed, raw

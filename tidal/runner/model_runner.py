@@ -44,6 +44,7 @@ class ModelRunner:
         self.device = model.device
         self.backend = backend if backend is not None else make_backend(False)
         self.graphs = None  # a DecodeGraphs once captured (CUDA)
+        self.extend_graphs = None  # an ExtendGraphs once captured (CUDA, EngineConfig.prefill_graphs)
 
     @torch.inference_mode()
     def encode_image(self, payload: object) -> torch.Tensor:
@@ -67,6 +68,8 @@ class ModelRunner:
         """
         if self.graphs is not None and self.graphs.can_run(steps):
             return self.graphs.run(steps, trace=trace)
+        if self.extend_graphs is not None and self.extend_graphs.can_run(steps):
+            return self.extend_graphs.run(steps, trace=trace)
         hidden = self.forward(steps)
         specs = [s.output for s in steps if s.output is not None]
         results: list[StepResult | None] = [None] * len(steps)

@@ -49,6 +49,10 @@ class Moondream3Model(nn.Module):
         self.fast = False  # see use_kernels
 
     @property
+    def hidden_size(self) -> int:
+        return self.config.text.dim
+
+    @property
     def device(self) -> torch.device:
         return self.text.wte.device
 
@@ -60,6 +64,8 @@ class Moondream3Model(nn.Module):
     def embed(self, batch: ForwardBatch) -> torch.Tensor:
         """[T, dim]: token embeddings, with image rows and coordinate/size feedback in place."""
         x = self.text.embed(batch.input_ids)
+        if batch.image_rows is not None:  # static buffers (a graph-captured step)
+            x = torch.where(batch.image_rows[:, None], batch.image_embeds, x)
         for start, image in batch.image_spans:
             x[start : start + len(image)] = image.embeds.to(device=x.device, dtype=x.dtype)
         if batch.feedback_kind is not None:

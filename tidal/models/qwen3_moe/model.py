@@ -184,6 +184,10 @@ class Qwen3MoeModel(nn.Module):
         return self.fused or not any(isinstance(layer.mlp, SparseMoE) for layer in self.layers)
 
     @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
     def device(self) -> torch.device:
         return self.embed_tokens.device
 

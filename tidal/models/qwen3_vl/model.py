@@ -70,6 +70,15 @@ class Qwen3VLModel(nn.Module):
         self.register_buffer("inv_freq", 1.0 / (text.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)), persistent=False)
 
     @property
+    def hidden_size(self) -> int:
+        return self.language_model.config.hidden_size
+
+    @property
+    def image_extra_layers(self) -> int:
+        """Deepstack features per image (ImageInput.extra's first dimension)."""
+        return len(self.visual.cfg.deepstack_visual_indexes)
+
+    @property
     def cuda_graphs_ok(self) -> bool:
         return self.language_model.cuda_graphs_ok
 
@@ -133,6 +142,8 @@ class Qwen3VLModel(nn.Module):
     # -- the model protocol ------------------------------------------------------
     def embed(self, batch: ForwardBatch) -> torch.Tensor:
         x = F.embedding(batch.input_ids, self.language_model.embed_tokens)
+        if batch.image_rows is not None:  # static buffers (a graph-captured step)
+            x = torch.where(batch.image_rows[:, None], batch.image_embeds, x)
         for start, image in batch.image_spans:
             x[start : start + len(image)] = image.embeds.to(device=x.device, dtype=x.dtype)
         return x
@@ -142,14 +153,17 @@ class Qwen3VLModel(nn.Module):
         assert batch.rope_positions is not None, "the runner gives 3-axis rotary positions to this model"
         angles = mrope_angles(batch.rope_positions, self.inv_freq, self.mrope_section)
         deep = [(start, image) for start, image in batch.image_spans if image.extra is not None]
+        rows, extra = batch.image_rows, batch.image_extra
 
         def deepstack(i: int, x: torch.Tensor) -> None:
             """After decoder layer i: each image's i-th deepstack feature joins its positions."""
+            if rows is not None and extra is not None:  # static buffers
+                x.copy_(torch.where(rows[:, None], x + extra[i], x))
             for start, image in deep:
                 if i < image.extra.shape[0]:
                     x[start : start + len(image)] += image.extra[i].to(x.dtype)
 
-        hooked = max((image.extra.shape[0] for _, image in deep), default=0)
+        hooked = max([image.extra.shape[0] for _, image in deep] + [extra.shape[0] if rows is not None and extra is not None else 0])
         return self.language_model.decode(self.embed(batch), angles.cos(), angles.sin(), batch, deepstack, hooked)
 
     def heads(self, hidden: torch.Tensor) -> tuple[torch.Tensor, None, dict[str, torch.Tensor]]:
