@@ -373,7 +373,7 @@ def test_bad_video_parts_get_a_clear_400(pair):
     try:
         client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused")
         not_an_image = "data:image/gif;base64," + base64.b64encode(b"GIF89a not really").decode()
-        for url, match in ((not_an_image, "could not be decoded"), ("https://example.com/clip.gif", "not fetched")):
+        for url, match in ((not_an_image, "could not be decoded"), ("https://example.com/clip.gif", "remote video_url URLs are not fetched"), ("data:image/gif;base64,@@@@", "video_url is not valid base64")):
             content = [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "what"}]
             with pytest.raises(openai.BadRequestError, match=match):
                 client.chat.completions.create(model="m", messages=[{"role": "user", "content": content}], max_tokens=2)

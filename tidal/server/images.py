@@ -15,19 +15,20 @@ from tidal.images import open_header
 from tidal.server.config import ServerConfig
 
 
-def image_bytes(url: str, config: ServerConfig) -> bytes:
+def image_bytes(url: str, config: ServerConfig, field: str = "image_url") -> bytes:
     """A `data:image/...;base64,...` URL (or bare base64), or a local file path
-    (absolute, or file://) under the server's --allow-local-files folder."""
+    (absolute, or file://) under the server's --allow-local-files folder.
+    field names the request's part in errors (video_url: an animated image)."""
     if url.startswith("data:"):
         header, sep, payload = url.partition(",")
         if not sep or ";base64" not in header:
-            raise ImageError("image_url data URLs must be base64: data:image/<type>;base64,<data>")
-        return _from_base64(payload, config)
+            raise ImageError(f"{field} data URLs must be base64: data:image/<type>;base64,<data>")
+        return _from_base64(payload, config, field)
     if url.startswith(("http://", "https://")):
-        raise ImageError("remote image URLs are not fetched; send the image as a data URL (data:image/jpeg;base64,...)")
+        raise ImageError(f"remote {field} URLs are not fetched; send the file as a data URL (data:image/<type>;base64,...)")
     if url.startswith("file://") or url.startswith("/") or url.startswith("~"):
         return _local_file(url, config)
-    return _from_base64(url, config)
+    return _from_base64(url, config, field)
 
 
 # Base64 is decoded in pieces: one call holds the GIL throughout (4.5 ms for a
@@ -35,7 +36,7 @@ def image_bytes(url: str, config: ServerConfig) -> bytes:
 _B64_CHUNK = 1 << 18  # characters, a multiple of 4
 
 
-def _from_base64(payload: str, config: ServerConfig) -> bytes:
+def _from_base64(payload: str, config: ServerConfig, field: str = "image_url") -> bytes:
     if any(c in payload for c in " \n\r\t"):
         payload = "".join(payload.split())  # line breaks and spaces, as MIME encoders write them
     if len(payload) * 3 // 4 > config.max_image_bytes + 3:
@@ -43,7 +44,7 @@ def _from_base64(payload: str, config: ServerConfig) -> bytes:
     try:
         return b"".join(base64.b64decode(payload[i : i + _B64_CHUNK], validate=True) for i in range(0, len(payload), _B64_CHUNK))
     except (binascii.Error, ValueError):
-        raise ImageError("image_url is not valid base64") from None
+        raise ImageError(f"{field} is not valid base64") from None
 
 
 def _local_file(url: str, config: ServerConfig) -> bytes:

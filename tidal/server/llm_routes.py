@@ -114,7 +114,7 @@ def llm_router(state: ServerState, llm: LLM) -> APIRouter:
             if urls:
                 request["images"] = [image_bytes(u, config) for u in urls]
             if video_urls:
-                videos = [animation_frames(image_bytes(u, config)) for u in video_urls]
+                videos = [animation_frames(image_bytes(u, config, "video_url")) for u in video_urls]
                 request["videos"] = [{"frames": frames, "fps": fps} if fps is not None else frames for frames, fps in videos]
             return llm.submit(request, params)
 
