@@ -20,7 +20,6 @@ reference that graph replays are compared with (on the CPU, the only path).
 from __future__ import annotations
 
 import logging
-import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,7 +31,6 @@ from tidal.core import (
     ForwardBatch,
     ForwardMode,
     ImageInput,
-    OutputTrace,
     SeqStep,
     SizeInput,
     StepResult,
@@ -40,7 +38,7 @@ from tidal.core import (
 )
 from tidal.kernels.paged_attention import EXTEND_BLOCK_M, extend_blocks
 from tidal.layers.attention.triton_backend import ExtendMetadata
-from tidal.runner.graphs import MAX_BANNED, outputs
+from tidal.runner.graphs import MAX_BANNED, StepGraphs, outputs
 
 if TYPE_CHECKING:
     from tidal.runner.model_runner import ModelRunner
@@ -67,9 +65,11 @@ def max_blocks(tokens: int, sequences: int) -> int:
     return tokens // EXTEND_BLOCK_M + sequences + 2
 
 
-class ExtendGraphs:
+class ExtendGraphs(StepGraphs):
+    capture_desc = "capturing extend graphs"
+
     def __init__(self, runner: ModelRunner, max_sequences: int, max_tokens: int, buckets: tuple[int, ...] = BUCKETS) -> None:
-        self.runner = runner
+        super().__init__(runner)
         model = runner.model
         self.buckets = tuple(sorted({b for b in buckets if b < max_tokens} | {max_tokens}))
         self.max_tokens, self.max_sequences = max_tokens, max_sequences
@@ -85,31 +85,10 @@ class ExtendGraphs:
         self.image_embeds = torch.zeros((t, model.hidden_size), dtype=model.dtype, device=dev)
         k = getattr(model, "image_extra_layers", 0)
         self.image_extra = torch.zeros((k, t, model.hidden_size), dtype=model.dtype, device=dev) if k else None
-        self.out: dict[tuple[int, bool], tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
-        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
-        self.replays = self.eager_runs = 0
-        self.last_raw: dict[str, torch.Tensor] = {}
 
-    # -- capture ---------------------------------------------------------------------
-    def capture(self, progress: bool = True) -> float:
-        """Compile, warm up and capture every (bucket, variant), largest first; -> seconds."""
-        from tqdm import tqdm
-
-        t0 = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle()
-        todo = [(b, s) for b in sorted(self.buckets, reverse=True) for s in (False, True)]
-        for bucket, sampled in tqdm(todo, desc="capturing extend graphs", disable=not progress, unit="graph"):
-            self._fill([], bucket)
-            self._upload()
-            with torch.inference_mode():
-                self._step(bucket, sampled)
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self.out[(bucket, sampled)] = self._step(bucket, sampled)
-            self.graphs[(bucket, sampled)] = graph
-        torch.cuda.synchronize()
-        return time.perf_counter() - t0
+    def _prepare_capture(self, bucket: int) -> None:
+        self._fill([], bucket)
+        self._upload()
 
     # -- one step -------------------------------------------------------------------
     def can_run(self, steps: list[SeqStep]) -> bool:
@@ -126,9 +105,6 @@ class ExtendGraphs:
             )
         )
 
-    def bucket(self, n: int) -> int:
-        return next(b for b in self.buckets if b >= n)
-
     def run(self, steps: list[SeqStep], replay: bool = True, trace: bool = False) -> list[StepResult | None]:
         n = sum(item_len(i) for s in steps for i in s.items)
         bucket = self.bucket(n)
@@ -136,21 +112,7 @@ class ExtendGraphs:
         self.runner.req_to_token.flush()
         out_index = self._fill(steps, bucket)
         self._upload()
-        key = (bucket, sampled)
-        if replay and key in self.graphs:
-            self.graphs[key].replay()
-            out, self.last_raw = self.out[key]
-            self.replays += 1
-        else:
-            with torch.inference_mode():
-                out, self.last_raw = self._step(bucket, sampled)
-            self.eager_runs += 1
-        rows = out[: len(steps)].cpu().tolist()
-        results: list[StepResult | None] = []
-        for j in out_index:
-            tr = OutputTrace({k: v[j].cpu() for k, v in self.last_raw.items()}) if trace and j is not None else None
-            results.append(None if j is None else self.runner.to_result(rows[j], tr))
-        return results
+        return self._results(self._launch(bucket, sampled, replay), len(steps), out_index, trace)
 
     def _fill(self, steps: list[SeqStep], bucket: int) -> list[int | None]:
         """The steps into the host buffers (images into the device buffers);

@@ -55,25 +55,30 @@ _I = {name: i for i, name in enumerate(_INTS)}
 _F = {name: i for i, name in enumerate(_FLOATS)}
 
 
-class DecodeGraphs:
-    def __init__(self, runner: "ModelRunner", max_batch: int, buckets: tuple[int, ...] = BUCKETS) -> None:
+class StepGraphs:
+    """What decode and extend graphs share: one graph per (bucket, sampled)
+    captured largest first into one memory pool, replay or the same function
+    run eagerly, and each output read back as ModelRunner.run gives it.
+    Subclasses fill their static inputs and define `_step(bucket, sampled)`."""
+
+    buckets: tuple[int, ...]
+    capture_desc = "capturing CUDA graphs"
+
+    def __init__(self, runner: "ModelRunner") -> None:
         self.runner = runner
-        self.buckets = tuple(sorted({b for b in buckets if b < max_batch} | {max_batch}))
-        self.max_batch = max_batch
-        dev = runner.device
-        n = max_batch
-        self.ints = torch.zeros((len(_INTS), n), dtype=torch.int64, device=dev)
-        self.floats = torch.zeros((len(_FLOATS), n), dtype=torch.float32, device=dev)
-        self.ints_host = torch.zeros((len(_INTS), n), dtype=torch.int64).pin_memory()
-        self.floats_host = torch.zeros((len(_FLOATS), n), dtype=torch.float32).pin_memory()
         self.out: dict[tuple[int, bool], tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}  # (packed, raw heads) per graph
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self.replays = 0
         self.eager_runs = 0
-        self.last_raw: dict[str, torch.Tensor] = {}  # the raw heads of the last run [bucket, ...]
-        self._pad(0, n)
+        self.last_raw: dict[str, torch.Tensor] = {}  # the raw heads of the last run [rows, ...]
 
-    # -- capture ---------------------------------------------------------------------
+    def _step(self, bucket: int, sampled: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def _prepare_capture(self, bucket: int) -> None:
+        """Static inputs of a step of nothing but padding."""
+        raise NotImplementedError
+
     def capture(self, progress: bool = True) -> float:
         """Compile, warm up and capture every (bucket, variant); -> seconds taken."""
         from tqdm import tqdm
@@ -81,8 +86,8 @@ class DecodeGraphs:
         t0 = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         todo = [(b, s) for b in sorted(self.buckets, reverse=True) for s in (False, True)]  # largest first: smaller ones reuse its memory
-        for bucket, sampled in tqdm(todo, desc="capturing CUDA graphs", disable=not progress, unit="graph"):
-            self._pad(0, self.max_batch)
+        for bucket, sampled in tqdm(todo, desc=self.capture_desc, disable=not progress, unit="graph"):
+            self._prepare_capture(bucket)
             with torch.inference_mode():
                 self._step(bucket, sampled)  # compiles the kernels and warms the libraries
                 torch.cuda.synchronize()
@@ -93,6 +98,49 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         return time.perf_counter() - t0
 
+    def bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    def _launch(self, bucket: int, sampled: bool, replay: bool) -> torch.Tensor:
+        """Replay the (bucket, sampled) graph, or run its function eagerly; -> packed outputs."""
+        key = (bucket, sampled)
+        if replay and key in self.graphs:
+            self.graphs[key].replay()
+            out, self.last_raw = self.out[key]
+            self.replays += 1
+        else:
+            with torch.inference_mode():
+                out, self.last_raw = self._step(bucket, sampled)
+            self.eager_runs += 1
+        return out
+
+    def _results(self, out: torch.Tensor, rows: int, index: list[int | None], trace: bool) -> list[StepResult | None]:
+        """Each step's StepResult from its output row (None: no output): the
+        step's one device-to-host read, and with trace each row's raw heads."""
+        packed = out[:rows].cpu().tolist()
+        results: list[StepResult | None] = []
+        for j in index:
+            tr = OutputTrace({k: v[j].cpu() for k, v in self.last_raw.items()}) if trace and j is not None else None
+            results.append(None if j is None else self.runner.to_result(packed[j], tr))
+        return results
+
+
+class DecodeGraphs(StepGraphs):
+    def __init__(self, runner: "ModelRunner", max_batch: int, buckets: tuple[int, ...] = BUCKETS) -> None:
+        super().__init__(runner)
+        self.buckets = tuple(sorted({b for b in buckets if b < max_batch} | {max_batch}))
+        self.max_batch = max_batch
+        dev = runner.device
+        n = max_batch
+        self.ints = torch.zeros((len(_INTS), n), dtype=torch.int64, device=dev)
+        self.floats = torch.zeros((len(_FLOATS), n), dtype=torch.float32, device=dev)
+        self.ints_host = torch.zeros((len(_INTS), n), dtype=torch.int64).pin_memory()
+        self.floats_host = torch.zeros((len(_FLOATS), n), dtype=torch.float32).pin_memory()
+        self._pad(0, n)
+
+    def _prepare_capture(self, bucket: int) -> None:
+        self._pad(0, self.max_batch)
+
     # -- one step -------------------------------------------------------------------
     def can_run(self, steps: list[SeqStep]) -> bool:
         return sum(len(s.items) for s in steps) <= self.max_batch and all(
@@ -101,9 +149,6 @@ class DecodeGraphs:
             and (s.output is None or len(s.output.banned) <= MAX_BANNED)
             for s in steps
         )
-
-    def bucket(self, n: int) -> int:
-        return next(b for b in self.buckets if b >= n)
 
     @property
     def last_logits(self) -> torch.Tensor | None:
@@ -122,21 +167,7 @@ class DecodeGraphs:
         self._pad(n, bucket)
         self.ints.copy_(self.ints_host, non_blocking=True)
         self.floats.copy_(self.floats_host, non_blocking=True)
-        key = (bucket, sampled)
-        if replay and key in self.graphs:
-            self.graphs[key].replay()
-            out, self.last_raw = self.out[key]
-            self.replays += 1
-        else:
-            with torch.inference_mode():
-                out, self.last_raw = self._step(bucket, sampled)
-            self.eager_runs += 1
-        rows = out[:n].cpu().tolist()
-        results: list[StepResult | None] = []
-        for last in last_rows:
-            tr = OutputTrace({k: v[last].cpu() for k, v in self.last_raw.items()}) if trace and last is not None else None
-            results.append(None if last is None else self.runner.to_result(rows[last], tr))
-        return results
+        return self._results(self._launch(bucket, sampled, replay), n, last_rows, trace)
 
     def _fill(self, steps: list[SeqStep]) -> list[int | None]:
         """Write the steps' rows into the host buffers; -> each step's output row (None: no output)."""
