@@ -379,3 +379,18 @@ def test_tuned_moe_configs_apply_to_their_shape_and_card_only(tmp_path, monkeypa
         assert fused_moe.moe_config(3, (16, 64, 32, 4), torch.float32, cpu) == fused_moe.moe_config(3)  # another top-k
     finally:
         fused_moe._tuned.cache_clear()
+
+
+def test_moe_configs_keep_to_the_cards_shared_memory():
+    """A float32 step doubles the tiles' bytes: the pipeline depth shrinks until
+    the up kernel's tiles fit (H100: 232,448 bytes per block), bf16 keeps its own."""
+    from tidal.kernels.fused_moe import fit_stages
+
+    h100 = 232448
+    big = (64, 128, 64, 8, 3)  # 80 KiB a stage in float32: 3 stages would ask 240 KiB
+    assert fit_stages(big, 4, h100) == (64, 128, 64, 8, 2)
+    assert fit_stages(big, 2, h100) == big
+    assert fit_stages((128, 256, 128, 8, 4), 4, h100)[4] == 1  # never below one stage
+    for _, cfg in __import__("tidal.kernels.fused_moe", fromlist=["MOE_CONFIGS"]).MOE_CONFIGS:
+        m, n, k, _, stages = fit_stages(cfg, 4, h100)
+        assert stages * (m * k + 2 * n * k) * 4 <= h100

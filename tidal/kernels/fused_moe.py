@@ -68,10 +68,28 @@ def moe_config(tokens: int, shape: tuple[int, int, int, int] | None = None, dtyp
     table = MOE_CONFIGS
     if shape is not None and dtype is not None and device is not None:
         table = _tuned().get(shape_key(*shape, dtype, _device_name(device)), MOE_CONFIGS)
-    for limit, cfg in table:
-        if tokens <= limit:
-            return cfg
-    return table[-1][1]
+    cfg = next((cfg for limit, cfg in table if tokens <= limit), table[-1][1])
+    if dtype is not None and device is not None:
+        cfg = fit_stages(cfg, torch.empty((), dtype=dtype).element_size(), _shared_memory(device))
+    return cfg
+
+
+def fit_stages(cfg: tuple[int, int, int, int, int], itemsize: int, shared_bytes: int) -> tuple[int, int, int, int, int]:
+    """cfg with as many pipeline stages as fit the card's shared memory: the up
+    kernel keeps an x tile and gate and up tiles per stage, and a float32 step
+    doubles their bytes (a bf16 config of 3 stages asks 240 KiB in float32, past
+    the H100's 227 KiB)."""
+    block_m, block_n, block_k, warps, stages = cfg
+    per_stage = (block_m * block_k + 2 * block_n * block_k) * itemsize
+    fits = max(1, int(shared_bytes * 0.9) // per_stage)  # a margin for the kernel's own scratch
+    return (block_m, block_n, block_k, warps, min(stages, fits))
+
+
+@lru_cache(maxsize=8)
+def _shared_memory(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1 << 30  # the interpreter has no limit
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
 
 def max_blocks(pairs: int, num_experts: int, block_m: int) -> int:

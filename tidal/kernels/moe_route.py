@@ -122,10 +122,10 @@ def _place_kernel(Ids, Counts, Pairs, BlockExpert, num_pairs, nchunks, nblocks, 
     e = tl.arange(0, E)
     total = tl.zeros([E], tl.int32)
     before = tl.zeros([E], tl.int32)
-    for i in range(0, nchunks):
-        n = tl.load(Counts + i * E + e)
+    for chunk in range(0, nchunks):  # (not `i`: the padding loop below makes `i` a block, and a name's type is fixed per kernel)
+        n = tl.load(Counts + chunk * E + e)
         total += n
-        before += tl.where(i < c, n, 0)
+        before += tl.where(chunk < c, n, 0)
     padded = (total + BM - 1) // BM * BM
     pad_end = tl.cumsum(padded, axis=0)
     pad_start = pad_end - padded

@@ -36,6 +36,7 @@ class ShapeGraphs:
             self.graphs[tuple(shape)] = (static_in, static_out, graph)
         torch.cuda.synchronize(device)
 
+    @torch.inference_mode()  # the static input was made in inference mode: only there may it be written
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         entry = self.graphs.get(tuple(x.shape))
         if entry is None or x.device.type != "cuda":
