@@ -46,7 +46,7 @@ from tidal.models.moondream3.tiny import build_tokenizer, init_random_
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FULL = MoondreamConfig()  # --tiny swaps in the embedded tiny shapes for a CPU dry run
 KV_BYTES_PER_POSITION = 0  # set in main: all layers' K and V of one position
-PARTS = ("decode", "latency", "torch", "reference", "mixed")
+PARTS = ("decode", "latency", "pgraphs", "torch", "reference", "mixed")
 
 
 # -- helpers ---------------------------------------------------------------------
@@ -314,6 +314,17 @@ def main() -> None:
         md = _close(md)
         if DEV.type == "cuda":
             results["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+
+    if "pgraphs" in parts:  # the latency part again with extend steps replayed from graphs too
+        t0 = time.perf_counter()
+        md = Moondream(model, tok, EngineConfig(max_running=64, kernels=kernels, prefill_graphs=kernels))
+        results["pgraphs_warmup_s"] = time.perf_counter() - t0
+        ttft(md, results, reps, "pgraphs")
+        locate(md, results, reps, "pgraphs")
+        steps, runner = md.engine.stats.steps, md.engine.runner
+        replays = sum(g.replays for g in (runner.graphs, runner.extend_graphs) if g is not None)
+        results["pgraphs_share_of_steps_replayed"] = replays / max(steps, 1)
+        md = _close(md)
 
     if "torch" in parts:  # the torch path on the same weights: batch-1 decode and time to first output
         md = Moondream(model, tok, EngineConfig(max_running=8, prefix_cache=False, kernels=False))

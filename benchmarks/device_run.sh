@@ -8,13 +8,14 @@
 #   bash benchmarks/device_run.sh md-rest     # Moondream 3 latency, torch path, reference, mixed workload
 #   bash benchmarks/device_run.sh qwen-moe    # Qwen3-30B-A3B beside transformers
 #   bash benchmarks/device_run.sh qwen-vl     # Qwen3-VL-8B beside transformers
+#   bash benchmarks/device_run.sh profile     # batch-1 decode kernel by kernel: Moondream 3 and Qwen3-30B-A3B
 #
 # Run from the repository root with the wheels the device image lacks in .whl/
 # (fastapi, uvicorn, pydantic and their dependencies, Pillow 13; see
 # docs/PERFORMANCE.md) and, for md-rest, the authors' reference in peers/.
 # Results land in $OUT; TIDAL_COMMIT names the commit in them.
 set -uo pipefail
-part="${1:?which part: tests, kernels, tune, md-decode, md-rest, qwen-moe, qwen-vl}"
+part="${1:?which part: tests, kernels, tune, md-decode, md-rest, qwen-moe, qwen-vl, profile}"
 out="${OUT:-.}"
 if [ -d .whl ]; then
   pip install -q --no-deps --target /tmp/deps .whl/*.whl 2>&1 | grep -v -i "warning" | tail -2
@@ -34,8 +35,11 @@ case "$part" in
     done ;;
   tune) timeout 570 python benchmarks/tune_moe.py --out "$out" --quick ;;
   md-decode) timeout 570 python benchmarks/bench_moondream.py --only decode --out "$out" 2>&1 | grep -v "capturing" ;;
-  md-rest) timeout 570 python benchmarks/bench_moondream.py --only latency,torch,reference,mixed --out "$out" 2>&1 | grep -v "capturing" ;;
+  md-rest) timeout 570 python benchmarks/bench_moondream.py --only latency,pgraphs,torch,reference,mixed --out "$out" 2>&1 | grep -v "capturing" ;;
   qwen-moe) timeout 570 python benchmarks/bench_qwen.py --model moe --out "$out" --profile 2>&1 | grep -v "capturing" | tail -80 ;;
   qwen-vl) timeout 570 python benchmarks/bench_qwen.py --model vl --out "$out" --profile 2>&1 | grep -v "capturing" | tail -80 ;;
+  profile)
+    timeout 200 python benchmarks/profile_step.py --batch 1 --out "$out" 2>&1 | grep -v "capturing" | head -45
+    timeout 240 python benchmarks/bench_qwen.py --model moe --batches 1 --no-hf --no-concurrent --out "$out" --profile 2>&1 | grep -v "capturing" | head -45 ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac

@@ -21,6 +21,7 @@ import json
 import os
 import statistics
 import sys
+import time
 
 import torch
 
@@ -39,7 +40,7 @@ SHAPES = {
     "moondream3": (64, 2048, 1024, 8, "geglu_plus1"),
     "qwen3-30b-a3b": (128, 2048, 768, 8, "swiglu"),
 }
-TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)  # ascending: a table row is an upper bound
 
 
 def candidates(tokens: int, top_k: int, experts: int, quick: bool) -> list[tuple[int, int, int, int, int]]:
@@ -70,7 +71,7 @@ def time_us(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def tune_shape(name: str, tokens_list: tuple[int, ...], reps: int, quick: bool, bandwidth: float) -> list[tuple[int, tuple[int, int, int, int, int]]]:
+def tune_shape(name: str, tokens_list: tuple[int, ...], reps: int, quick: bool, bandwidth: float, deadline: float, save) -> list[tuple[int, tuple[int, int, int, int, int]]]:
     experts, dim, inner, top_k, act = SHAPES[name]
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -81,6 +82,9 @@ def tune_shape(name: str, tokens_list: tuple[int, ...], reps: int, quick: bool, 
     print("| tokens | default µs | tuned µs | tuned config (BM, BN, BK, warps, stages) | expert bytes / bandwidth µs |")
     print("| --- | --- | --- | --- | --- |")
     for tokens in tokens_list:
+        if time.monotonic() > deadline:
+            print(f"  time budget spent: step sizes from {tokens} keep the defaults", file=sys.stderr)
+            break
         x = torch.randn(tokens, dim, device=dev, generator=gen).to(torch.bfloat16)
         ids = torch.stack([torch.randperm(experts, device=dev, generator=gen)[:top_k] for _ in range(tokens)])
         weights = torch.softmax(torch.randn(tokens, top_k, device=dev, generator=gen), -1).to(torch.bfloat16)
@@ -110,8 +114,16 @@ def tune_shape(name: str, tokens_list: tuple[int, ...], reps: int, quick: bool, 
                 best = (us, cfg)
         table.append((tokens, best[1]))
         print(f"| {tokens} | {base_us:.1f} | {best[0]:.1f} | {best[1]} | {floor_us:.1f} |", flush=True)
-    # each step size up to the next tuned one takes its config; the largest covers the rest
-    return [(tokens if i < len(table) - 1 else 1 << 30, cfg) for i, (tokens, cfg) in enumerate(table)]
+        save(with_defaults(table))
+    return with_defaults(table)
+
+
+def with_defaults(tuned: list[tuple[int, tuple[int, int, int, int, int]]]) -> list[tuple[int, tuple[int, int, int, int, int]]]:
+    """The table tidal reads: a step takes the config tuned at the smallest tuned
+    size it fits under; past the largest tuned size, the defaults' rows (so a
+    run cut short by its time budget still leaves a whole table)."""
+    last = tuned[-1][0] if tuned else 0
+    return tuned + [(limit, cfg) for limit, cfg in MOE_CONFIGS if limit > last]
 
 
 def main() -> None:
@@ -120,19 +132,29 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=sorted(SHAPES), choices=sorted(SHAPES))
     ap.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--budget-s", type=float, default=float("inf"), help="stop starting new step sizes after this long (split evenly over the shapes)")
     ap.add_argument("--quick", action="store_true", help="fewer candidates (4 warps, 3-4 stages, BLOCK_K <= 128)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("tuning needs a CUDA device")
     bandwidth = copy_bandwidth()
     card = torch.cuda.get_device_name()
-    out = {}
+    out: dict[str, list] = {}
+    path = os.path.join(args.out, "moe_configs.json")
+
+    def save_as(key: str):
+        def save(table) -> None:  # after every step size: a run cut short keeps what it tuned
+            out[key] = table
+            with open(path, "w") as f:
+                json.dump(out, f, indent=1)
+        return save
+
+    deadline = time.monotonic() + args.budget_s / len(args.shapes)
     for name in args.shapes:
         experts, dim, inner, top_k, _ = SHAPES[name]
-        out[shape_key(experts, dim, inner, top_k, torch.bfloat16, card)] = tune_shape(name, tuple(args.tokens), args.reps, args.quick, bandwidth)
-    path = os.path.join(args.out, "moe_configs.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=1)
+        key = shape_key(experts, dim, inner, top_k, torch.bfloat16, card)
+        tune_shape(name, tuple(args.tokens), args.reps, args.quick, bandwidth, deadline, save_as(key))
+        deadline += args.budget_s / len(args.shapes)
     print(f"\nwrote {path} ({card}, copy bandwidth {bandwidth / 1e12:.2f} TB/s)")
 
 

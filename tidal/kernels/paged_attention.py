@@ -43,6 +43,8 @@ def _decode_split_kernel(
     h = tl.program_id(1)
     s = tl.program_id(2)
     kv_len = tl.load(KvLens + b)
+    if s * SPLIT >= kv_len:  # past this sequence's keys: the reduce never reads this split
+        return
     row = tl.load(Rows + b).to(tl.int64)
     kvh = h // GROUP
     d = tl.arange(0, D)
@@ -90,6 +92,8 @@ def _decode_group_split_kernel(
     kvh = tl.program_id(1)
     s = tl.program_id(2)
     kv_len = tl.load(KvLens + b)
+    if s * SPLIT >= kv_len:  # past this sequence's keys: the reduce never reads this split
+        return
     start = s * SPLIT
     end = tl.minimum(start + SPLIT, kv_len)
     row = tl.load(Rows + b).to(tl.int64)
@@ -130,17 +134,20 @@ def _decode_group_split_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(
-    PartO, PartLse, Out,
+    PartO, PartLse, Out, KvLens,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
     stride_outb, stride_outh,
-    NSPLIT, NS: tl.constexpr, D: tl.constexpr,
+    SPLIT: tl.constexpr, NS: tl.constexpr, D: tl.constexpr,
 ):
+    """Combines the splits that hold keys (the grid is sized for the longest
+    context the table allows; at a short context most splits are empty and are
+    neither written nor read)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.arange(0, NS)
     d = tl.arange(0, D)
-    smask = s < NSPLIT
+    smask = s < tl.cdiv(tl.load(KvLens + b), SPLIT)
     lse = tl.load(PartLse + b * stride_lb + h * stride_lh + s, mask=smask, other=float("-inf"))
     m = tl.max(lse, axis=0)
     w = tl.where(lse == float("-inf"), 0.0, tl.exp(lse - m))
@@ -197,11 +204,11 @@ def decode_attention(
             num_warps=4, num_stages=3,
         )
     _decode_reduce_kernel[(bsz, heads)](
-        part_o, part_lse, out,
+        part_o, part_lse, out, kv_lens,
         part_o.stride(0), part_o.stride(1), part_o.stride(2),
         part_lse.stride(0), part_lse.stride(1),
         out.stride(0), out.stride(1),
-        nsplit, NS=triton.next_power_of_2(nsplit), D=dim,
+        SPLIT=split, NS=triton.next_power_of_2(nsplit), D=dim,
         num_warps=4,
     )
     return out

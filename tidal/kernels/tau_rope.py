@@ -45,6 +45,9 @@ def _tau_rope_kv_kernel(
     LIN_HERE: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     h = tl.program_id(1)
+    kv = tl.program_id(2)  # 0: head h's query; 1: its key and value (two programs: half the serial work each at batch 1)
+    if kv == 1 and h >= HKV:
+        return
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = t < tokens
     t64 = t.to(tl.int64)
@@ -52,38 +55,36 @@ def _tau_rope_kv_kernel(
     partner = tl.where(d < HALF, d + HALF, tl.where(d < ROT, d - HALF, d))
     freq = tl.where(d < HALF, d, d - HALF)
     pos = tl.load(Pos + t, mask=tmask, other=0)
-    slot = tl.load(Loc + t, mask=tmask, other=0).to(tl.int64)
     m2 = tmask[:, None]
     fmask = m2 & (d < ROT)[None, :]
     cos = tl.load(Cos + pos[:, None] * stride_cs + freq[None, :], mask=fmask, other=1.0)
     sin = tl.load(Sin + pos[:, None] * stride_cs + freq[None, :], mask=fmask, other=0.0)
     pos_term = 1.0 + tl.sigmoid(tl.load(Alpha + h).to(tl.float32) * tl.log(pos.to(tl.float32) + 1.0)) - 0.5
     row = QKV + t64[:, None] * stride_qkv
+    lin_row = kv * H + h  # wq's row h, or wv's
     if LIN_HERE:
-        lin_q = tl.zeros([BLOCK_T], tl.float32)
-        lin_v = tl.zeros([BLOCK_T], tl.float32)
+        lin = tl.zeros([BLOCK_T], tl.float32)
         for c0 in range(0, (H + 2 * HKV) * D, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             cm = c < (H + 2 * HKV) * D
             feat = _gelu_exact(tl.load(row + c[None, :], mask=m2 & cm[None, :], other=0.0).to(tl.float32))
-            lin_q += tl.sum(feat * tl.load(WTau + h * stride_w + c, mask=cm, other=0.0)[None, :], axis=1)
-            lin_v += tl.sum(feat * tl.load(WTau + (H + h) * stride_w + c, mask=cm, other=0.0)[None, :], axis=1)
+            lin += tl.sum(feat * tl.load(WTau + lin_row * stride_w + c, mask=cm, other=0.0)[None, :], axis=1)
     else:
-        lin_q = tl.load(Lin + t64 * stride_lin + h, mask=tmask, other=0.0)
-        lin_v = tl.load(Lin + t64 * stride_lin + H + h, mask=tmask, other=0.0)
-    tau_q = _tanh(lin_q) + pos_term
-    q = (tl.load(row + h * D + d[None, :], mask=m2, other=0.0).to(tl.float32) * tau_q[:, None]).to(QOut.dtype.element_ty).to(tl.float32)
-    qp = (tl.load(row + h * D + partner[None, :], mask=m2, other=0.0).to(tl.float32) * tau_q[:, None]).to(QOut.dtype.element_ty).to(tl.float32)
-    q = _rotate(q, qp, cos, sin, d[None, :], HALF, ROT)
-    tl.store(QOut + t64[:, None] * stride_qo_t + h * stride_qo_h + d[None, :], q.to(QOut.dtype.element_ty), mask=m2)
-    if h < HKV:
+        lin = tl.load(Lin + t64 * stride_lin + lin_row, mask=tmask, other=0.0)
+    tau = _tanh(lin) + pos_term
+    if kv == 0:
+        q = (tl.load(row + h * D + d[None, :], mask=m2, other=0.0).to(tl.float32) * tau[:, None]).to(QOut.dtype.element_ty).to(tl.float32)
+        qp = (tl.load(row + h * D + partner[None, :], mask=m2, other=0.0).to(tl.float32) * tau[:, None]).to(QOut.dtype.element_ty).to(tl.float32)
+        q = _rotate(q, qp, cos, sin, d[None, :], HALF, ROT)
+        tl.store(QOut + t64[:, None] * stride_qo_t + h * stride_qo_h + d[None, :], q.to(QOut.dtype.element_ty), mask=m2)
+    else:
+        slot = tl.load(Loc + t, mask=tmask, other=0).to(tl.int64)
         k_off = H * D + h * D
         k = tl.load(row + k_off + d[None, :], mask=m2, other=0.0).to(tl.float32)
         kp = tl.load(row + k_off + partner[None, :], mask=m2, other=0.0).to(tl.float32)
         k = _rotate(k, kp, cos, sin, d[None, :], HALF, ROT)
         tl.store(KCache + slot[:, None] * stride_ks + h * stride_kh + d[None, :], k.to(KCache.dtype.element_ty), mask=m2)
-        tau_v = _tanh(lin_v) + pos_term
-        v = tl.load(row + k_off + HKV * D + d[None, :], mask=m2, other=0.0).to(tl.float32) * tau_v[:, None]
+        v = tl.load(row + k_off + HKV * D + d[None, :], mask=m2, other=0.0).to(tl.float32) * tau[:, None]
         tl.store(VCache + slot[:, None] * stride_vs + h * stride_vh + d[None, :], v.to(QOut.dtype.element_ty).to(VCache.dtype.element_ty), mask=m2)
 
 
@@ -118,7 +119,7 @@ def tau_rope_kv(
     lin = w_tau if lin_here else torch.nn.functional.linear(torch.nn.functional.gelu(qkv.float()), w_tau)
     # with the projection inside, many programs and wide chunks keep loads in flight
     block_t = 1 if tokens == 1 else 4 if lin_here else 16
-    _tau_rope_kv_kernel[(triton.cdiv(tokens, block_t), n_heads)](
+    _tau_rope_kv_kernel[(triton.cdiv(tokens, block_t), n_heads, 2)](
         qkv, lin, w_tau, alpha, positions, out_cache_loc, cos, sin, q, k_cache, v_cache,
         tokens, qkv.stride(0), lin.stride(0), w_tau.stride(0), q.stride(0), q.stride(1), cos.stride(0),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
