@@ -8,7 +8,8 @@ For each shape (experts, hidden, expert inner size, top-k) and each step size
 expert GEMMs (up with the activation, down with the routing weight) on random
 bf16 weights and a random uniform top-k routing; a candidate counts only if
 its output equals the default config's within 1e-2 relative (bf16). The
-fastest per step size is kept (CUDA events, median of --reps). Prints a table
+fastest per step size is kept (CUDA events around replays of a CUDA graph of ten calls, as decode steps
+run them; median of --reps). Prints a table
 (default vs tuned µs, and the share of copy bandwidth the expert weights read
 reach); writes DIR/moe_configs.json (merge it into tidal/kernels/moe_configs.json).
 """
@@ -58,16 +59,25 @@ def default_config(tokens: int) -> tuple[int, int, int, int, int]:
     return next((cfg for limit, cfg in MOE_CONFIGS if tokens <= limit), MOE_CONFIGS[-1][1])
 
 
-def time_us(fn, reps: int) -> float:
+def time_us(fn, reps: int, inner: int = 10) -> float:
+    """GPU time of one call of fn: `inner` calls captured in a CUDA graph (as
+    decode steps run them), median over reps replays. Timing launches one by
+    one would measure the host at small step sizes (~35 us a Triton launch)."""
     fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            fn()
+    graph.replay()
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1000)
+        times.append(start.elapsed_time(end) * 1000 / inner)
     return statistics.median(times)
 
 

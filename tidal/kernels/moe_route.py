@@ -22,13 +22,14 @@ from tidal.kernels.fused_moe import max_blocks
 
 MAX_TOKENS = 16384  # above this the torch ops are used (the offsets program walks every chunk of pairs)
 ONE_LAUNCH_MAX_TOKENS = 64  # above this the top-k runs on a grid, in a launch of its own
+TILE_ELEMENTS = 16384  # the largest [rows, experts] tile a program scans at once (8 warps: 64 values a thread)
 
 
 @triton.jit
 def _route_align_kernel(
     Logits, Weights, Ids, Pairs, BlockExpert, Counts,
     tokens, stride_l, nblocks, tokens_per_program,
-    E: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, BM: tl.constexpr, CH: tl.constexpr, FILL: tl.constexpr,
+    E: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, BM: tl.constexpr, CH: tl.constexpr, FILL: tl.constexpr, BFILL: tl.constexpr,
     TOPK: tl.constexpr, ALIGN: tl.constexpr, RENORM: tl.constexpr, COUNT: tl.constexpr,
 ):
     e = tl.arange(0, E)
@@ -43,7 +44,7 @@ def _route_align_kernel(
     if ALIGN:
         if TOPK:
             tl.debug_barrier()  # this program's ids are visible to all its threads from here
-        _align(Ids, Pairs, BlockExpert, tokens, nblocks, e, E, K, BM, CH, FILL)
+        _align(Ids, Pairs, BlockExpert, tokens, nblocks, e, E, K, BM, CH, FILL, BFILL)
 
 
 @triton.jit
@@ -76,9 +77,9 @@ def _topk_softmax(Logits, Weights, Ids, tokens, stride_l, tokens_per_program, e,
 
 
 @triton.jit
-def _align(Ids, Pairs, BlockExpert, tokens, nblocks, e, E: tl.constexpr, K: tl.constexpr, BM: tl.constexpr, CH: tl.constexpr, FILL: tl.constexpr):
+def _align(Ids, Pairs, BlockExpert, tokens, nblocks, e, E: tl.constexpr, K: tl.constexpr, BM: tl.constexpr, CH: tl.constexpr, FILL: tl.constexpr, BFILL: tl.constexpr):
     """The expert-sorted, padded layout of all pairs (one program; pairs CH at
-    a time, padding and block entries FILL at a time)."""
+    a time, padding entries FILL at a time, block entries BFILL at a time)."""
     num_pairs = tokens * K
     for i0 in range(0, nblocks * BM, FILL):  # padding entries name no pair
         i = i0 + tl.arange(0, FILL)
@@ -104,8 +105,8 @@ def _align(Ids, Pairs, BlockExpert, tokens, nblocks, e, E: tl.constexpr, K: tl.c
         dest = tl.sum(onehot * before, axis=1)
         tl.store(Pairs + dest, p.to(Pairs.dtype.element_ty), mask=pm & (ids < E))  # (a NaN router row names no expert)
         running += tl.sum(onehot, axis=0)
-    for b0 in range(0, nblocks, FILL):
-        b = b0 + tl.arange(0, FILL)
+    for b0 in range(0, nblocks, BFILL):
+        b = b0 + tl.arange(0, BFILL)
         expert = tl.sum((pad_end[None, :] <= (b * BM)[:, None]).to(tl.int32), axis=1)
         tl.store(BlockExpert + b, expert, mask=b < nblocks)
 
@@ -160,23 +161,29 @@ def route_and_align(router_logits: torch.Tensor, top_k: int, block_m: int, dtype
     ids = torch.empty((tokens, top_k), dtype=torch.int64, device=dev)
     pairs = torch.empty(nblocks * block_m, dtype=torch.int32, device=dev)
     block_expert = torch.empty(nblocks, dtype=torch.int32, device=dev)
+    # [rows, E] tiles of at most TILE_ELEMENTS: past that they spill out of
+    # registers (with 128 experts a [256, E] block-expert scan made the
+    # batch-1 kernel 37 us a layer, 7x the 64-expert one)
+    wide = max(16, min(256, TILE_ELEMENTS // experts))
     if tokens <= ONE_LAUNCH_MAX_TOKENS:
         # tiles no larger than the work: at decode sizes a [256, E] scan for 8 pairs was most of the kernel
-        pairs_chunk = min(256, max(16, triton.next_power_of_2(tokens * top_k)))
+        pairs_chunk = min(wide, max(16, triton.next_power_of_2(tokens * top_k)))
         block_t = 16 if tokens <= 16 else 32
         _route_align_kernel[(1,)](
             router_logits, weights, ids, pairs, block_expert, block_expert, tokens, router_logits.stride(0), nblocks, tokens,
-            E=experts, K=top_k, BLOCK_T=block_t, BM=block_m, CH=pairs_chunk, FILL=256, TOPK=True, ALIGN=True, RENORM=renormalize, COUNT=False, num_warps=8,
+            E=experts, K=top_k, BLOCK_T=block_t, BM=block_m, CH=pairs_chunk, FILL=256, BFILL=min(wide, max(16, triton.next_power_of_2(nblocks))),
+            TOPK=True, ALIGN=True, RENORM=renormalize, COUNT=False, num_warps=8,
         )
     else:
         # the top-k on a grid (each program also counts its pairs per expert),
         # then the alignment in parallel over the same chunks: one program
         # walking ~6k pairs of a 737-position prefill took 112 us a layer
-        nchunks = triton.cdiv(tokens, 32)
+        block_t = max(1, min(32, wide // top_k))  # a chunk's pairs, block_t * top_k, in one [pairs, E] tile
+        nchunks = triton.cdiv(tokens, block_t)
         counts = torch.empty((nchunks, experts), dtype=torch.int32, device=dev)
         _route_align_kernel[(nchunks,)](
-            router_logits, weights, ids, pairs, block_expert, counts, tokens, router_logits.stride(0), nblocks, 32,
-            E=experts, K=top_k, BLOCK_T=32, BM=block_m, CH=256, FILL=256, TOPK=True, ALIGN=False, RENORM=renormalize, COUNT=True, num_warps=8,
+            router_logits, weights, ids, pairs, block_expert, counts, tokens, router_logits.stride(0), nblocks, block_t,
+            E=experts, K=top_k, BLOCK_T=block_t, BM=block_m, CH=block_t * top_k, FILL=256, BFILL=wide, TOPK=True, ALIGN=False, RENORM=renormalize, COUNT=True, num_warps=8,
         )
-        _place_kernel[(nchunks,)](ids, counts, pairs, block_expert, tokens * top_k, nchunks, nblocks, E=experts, K=top_k, BLOCK_T=32, BM=block_m, FILL=256, num_warps=8)
+        _place_kernel[(nchunks,)](ids, counts, pairs, block_expert, tokens * top_k, nchunks, nblocks, E=experts, K=top_k, BLOCK_T=block_t, BM=block_m, FILL=wide, num_warps=8)
     return weights, ids, pairs, block_expert

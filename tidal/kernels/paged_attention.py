@@ -138,22 +138,29 @@ def _decode_reduce_kernel(
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
     stride_outb, stride_outh,
-    SPLIT: tl.constexpr, NS: tl.constexpr, D: tl.constexpr,
+    SPLIT: tl.constexpr, D: tl.constexpr,
 ):
-    """Combines the splits that hold keys (the grid is sized for the longest
-    context the table allows; at a short context most splits are empty and are
-    neither written nor read)."""
+    """Combines the splits that hold keys, in split order (the grid is sized
+    for the longest context the table allows; at a short context most splits
+    are empty and are neither written nor read). One split at a time: a
+    [splits, D] tile of a 32k-position table spilled out of registers."""
     b = tl.program_id(0)
     h = tl.program_id(1)
-    s = tl.arange(0, NS)
     d = tl.arange(0, D)
-    smask = s < tl.cdiv(tl.load(KvLens + b), SPLIT)
-    lse = tl.load(PartLse + b * stride_lb + h * stride_lh + s, mask=smask, other=float("-inf"))
-    m = tl.max(lse, axis=0)
-    w = tl.where(lse == float("-inf"), 0.0, tl.exp(lse - m))
-    o = tl.load(PartO + b * stride_ob + h * stride_oh + s[:, None] * stride_os + d[None, :], mask=smask[:, None], other=0.0)
-    out = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
-    tl.store(Out + b * stride_outb + h * stride_outh + d, out.to(Out.dtype.element_ty))
+    live = tl.cdiv(tl.load(KvLens + b), SPLIT)
+    m = tl.full([1], float("-inf"), tl.float32)
+    total = tl.zeros([1], tl.float32)
+    acc = tl.zeros([D], tl.float32)
+    for s in range(0, live):
+        lse = tl.load(PartLse + b * stride_lb + h * stride_lh + s + tl.arange(0, 1))
+        o = tl.load(PartO + b * stride_ob + h * stride_oh + s * stride_os + d)
+        m_new = tl.maximum(m, lse)
+        scale = tl.where(m_new == float("-inf"), 0.0, tl.exp(m - m_new))
+        w = tl.where(lse == float("-inf"), 0.0, tl.exp(lse - m_new))
+        acc = acc * scale + o * w
+        total = total * scale + w
+        m = m_new
+    tl.store(Out + b * stride_outb + h * stride_outh + d, (acc / total).to(Out.dtype.element_ty))
 
 
 def decode_split(max_context: int, batch: int, heads: int, num_sms: int = 132) -> int:
@@ -208,8 +215,8 @@ def decode_attention(
         part_o.stride(0), part_o.stride(1), part_o.stride(2),
         part_lse.stride(0), part_lse.stride(1),
         out.stride(0), out.stride(1),
-        SPLIT=split, NS=triton.next_power_of_2(nsplit), D=dim,
-        num_warps=4,
+        SPLIT=split, D=dim,
+        num_warps=1,
     )
     return out
 
