@@ -53,7 +53,7 @@ def kernel_table(prof, top: int = 25) -> str:
 def microbench(model, bandwidth: float) -> list[str]:
     """The fused MoE of one layer and decode attention, alone, against their floors."""
     from tidal.kernels.fused_moe import fused_experts
-    from tidal.kernels.paged_attention import decode_attention, decode_split
+    from tidal.kernels.paged_attention import decode_attention, decode_splits
     from tidal.layers.moe import route
 
     out = []
@@ -90,10 +90,10 @@ def microbench(model, bandwidth: float) -> list[str]:
         q = torch.randn(batch, heads, dim, device="cuda", dtype=torch.bfloat16)
         rows = torch.arange(batch, device="cuda")
         lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
-        split = decode_split(4096, batch, heads)
-        ms = statistics.median(timed(lambda: decode_attention(q, k, v, table, rows, lens, split, 4096), 20, warmup=3))
+        splits = decode_splits(batch, heads)
+        ms = statistics.median(timed(lambda: decode_attention(q, k, v, table, rows, lens, splits), 20, warmup=3))
         floor = batch * ctx * heads * dim * 2 * 2 / bandwidth * 1000
-        out.append(f"decode attention, batch {batch:>3} x {ctx} positions (split {split}): {ms * 1000:7.1f} us, floor {floor * 1000:6.1f} us")
+        out.append(f"decode attention, batch {batch:>3} x {ctx} positions ({splits} splits): {ms * 1000:7.1f} us, floor {floor * 1000:6.1f} us")
     return out
 
 

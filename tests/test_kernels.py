@@ -68,20 +68,21 @@ def _reference_attention(q, k, v, table, rows, seqs):
 
 
 DECODE_CASES = [
-    # (kv lens, heads, kv heads, split): one sequence, several, long contexts, GQA
-    ([9], 2, 2, 128),
-    ([1, 130, 64, 257], 4, 4, 128),
-    ([731, 5, 300], 4, 2, 256),
-    ([70, 1, 33], 8, 1, 64),
-] + ([([4096, 740, 1500, 33] * 8, 32, 32, 256), ([750] * 64, 32, 32, 2048), ([3000, 17], 32, 4, 128), ([512] * 16 + [3], 32, 8, 256)] if CUDA else [])
+    # (kv lens, heads, kv heads, splits per sequence): one sequence, several, long
+    # contexts, GQA; sequences shorter than their splits' tiles (empty splits)
+    ([9], 2, 2, 1),
+    ([1, 130, 64, 257], 4, 4, 4),
+    ([731, 5, 300], 4, 2, 3),
+    ([70, 1, 33], 8, 1, 32),
+] + ([([4096, 740, 1500, 33] * 8, 32, 32, 4), ([750] * 64, 32, 32, 1), ([3000, 17], 32, 4, 32), ([512] * 16 + [3], 32, 8, 8)] if CUDA else [])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"B{len(c[0])}-H{c[1]}/{c[2]}-split{c[3]}")
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"B{len(c[0])}-H{c[1]}/{c[2]}-splits{c[3]}")
 def test_decode_attention(case, dtype):
     from tidal.kernels.paged_attention import decode_attention
 
-    kv_lens, heads, heads_kv, split = case
+    kv_lens, heads, heads_kv, splits = case
     gen = torch.Generator().manual_seed(len(kv_lens) * 31 + heads)
     dim = 64
     seqs = [(1, n, 0) for n in kv_lens]
@@ -92,7 +93,7 @@ def test_decode_attention(case, dtype):
     got = decode_attention(
         q.to(DEV), k.to(DEV), v.to(DEV), table.to(DEV),
         torch.tensor(rows, device=DEV), torch.tensor(kv_lens, dtype=torch.int32, device=DEV),
-        split=split, max_context=table.shape[1], out=out,
+        num_splits=splits, out=out,
     )
     assert got is out
     assert rel(got.cpu(), want) <= tol(dtype)

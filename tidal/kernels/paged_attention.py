@@ -5,8 +5,10 @@ position p. A query at position p sees key j when j <= p, or when both lie in
 the bidirectional prefix (j < bidir and p < bidir).
 
 decode_attention: one query per sequence (the newest position: it sees every
-key). Split-K: each program covers `split` positions and writes a partial
-output and log-sum-exp; a second kernel combines the splits in a fixed order,
+key). Split-K: a sequence's keys are cut into a fixed number of splits (the
+grid, fixed for a CUDA graph) sized at run time by its own length; each
+program covers one split and writes a partial output and log-sum-exp (splits
+past a short sequence's end exit at once); a second kernel combines the splits in a fixed order,
 so results do not depend on scheduling (no atomics anywhere). With grouped
 queries (GQA: several query heads per KV head) a program takes all the query
 heads of one KV head, so each key and value is read once, not once per query
@@ -28,6 +30,14 @@ import triton.language as tl
 
 
 @triton.jit
+def _split_len(kv_len, nsplit, BLOCK_N: tl.constexpr):
+    """Positions per split of a sequence of kv_len keys cut into at most nsplit
+    splits, whole BLOCK_N tiles each: the grid stays fixed (graph-capturable)
+    while each sequence's splits cover its own keys, not the table's width."""
+    return tl.cdiv(tl.cdiv(kv_len, nsplit), BLOCK_N) * BLOCK_N
+
+
+@triton.jit
 def _decode_split_kernel(
     Q, K, V, Table, Rows, KvLens, PartO, PartLse,
     stride_qb, stride_qh,
@@ -36,21 +46,22 @@ def _decode_split_kernel(
     stride_tr,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
-    sm_scale,
-    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+    sm_scale, nsplit,
+    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
     kv_len = tl.load(KvLens + b)
-    if s * SPLIT >= kv_len:  # past this sequence's keys: the reduce never reads this split
+    chunk = _split_len(kv_len, nsplit, BLOCK_N)
+    start = s * chunk
+    if start >= kv_len:  # a short sequence needs fewer splits: the reduce never reads this one
         return
+    end = tl.minimum(start + chunk, kv_len)
     row = tl.load(Rows + b).to(tl.int64)
     kvh = h // GROUP
     d = tl.arange(0, D)
     q = tl.load(Q + b * stride_qb + h * stride_qh + d).to(tl.float32) * sm_scale
-    start = s * SPLIT
-    end = tl.minimum(start + SPLIT, kv_len)
     m_i = tl.full([1], float("-inf"), tl.float32)
     l_i = tl.zeros([1], tl.float32)
     acc = tl.zeros([D], tl.float32)
@@ -83,8 +94,8 @@ def _decode_group_split_kernel(
     stride_tr,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
-    sm_scale,
-    GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+    sm_scale, nsplit,
+    GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):
     """One program: the GROUP query heads of one KV head (padded to GP rows,
     the smallest matrix-product tile), one split of one sequence."""
@@ -92,10 +103,11 @@ def _decode_group_split_kernel(
     kvh = tl.program_id(1)
     s = tl.program_id(2)
     kv_len = tl.load(KvLens + b)
-    if s * SPLIT >= kv_len:  # past this sequence's keys: the reduce never reads this split
+    chunk = _split_len(kv_len, nsplit, BLOCK_N)
+    start = s * chunk
+    if start >= kv_len:  # a short sequence needs fewer splits: the reduce never reads this one
         return
-    start = s * SPLIT
-    end = tl.minimum(start + SPLIT, kv_len)
+    end = tl.minimum(start + chunk, kv_len)
     row = tl.load(Rows + b).to(tl.int64)
     g = tl.arange(0, GP)
     gm = g < GROUP
@@ -138,16 +150,16 @@ def _decode_reduce_kernel(
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
     stride_outb, stride_outh,
-    SPLIT: tl.constexpr, D: tl.constexpr,
+    nsplit, BLOCK_N: tl.constexpr, D: tl.constexpr,
 ):
-    """Combines the splits that hold keys, in split order (the grid is sized
-    for the longest context the table allows; at a short context most splits
-    are empty and are neither written nor read). One split at a time: a
-    [splits, D] tile of a 32k-position table spilled out of registers."""
+    """Combines the splits that hold keys, in split order, one at a time (a
+    [splits, D] tile spilled out of registers when splits were sized by the
+    table's 32k width)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     d = tl.arange(0, D)
-    live = tl.cdiv(tl.load(KvLens + b), SPLIT)
+    kv_len = tl.load(KvLens + b)
+    live = tl.cdiv(kv_len, _split_len(kv_len, nsplit, BLOCK_N))
     m = tl.full([1], float("-inf"), tl.float32)
     total = tl.zeros([1], tl.float32)
     acc = tl.zeros([D], tl.float32)
@@ -163,13 +175,15 @@ def _decode_reduce_kernel(
     tl.store(Out + b * stride_outb + h * stride_outh + d, (acc / total).to(Out.dtype.element_ty))
 
 
-def decode_split(max_context: int, batch: int, heads: int, num_sms: int = 132) -> int:
-    """Positions per split: small enough that the grid fills the GPU at small
-    batch, large enough not to launch idle programs at large batch."""
-    split = 64
-    while split < max_context and batch * heads * triton.cdiv(max_context, split) > 8 * num_sms and split < 2048:
-        split *= 2
-    return split
+def decode_splits(batch: int, heads: int, num_sms: int = 132) -> int:
+    """Splits per sequence: enough programs (batch x heads x splits, about 8
+    per SM) to keep the GPU's memory system busy at small batch; one at large
+    batch. Each sequence's splits share its own keys at run time."""
+    return max(1, min(MAX_SPLITS, 8 * num_sms // max(1, batch * heads)))
+
+
+MAX_SPLITS = 32
+DECODE_BLOCK_N = 64
 
 
 def decode_attention(
@@ -179,18 +193,16 @@ def decode_attention(
     table: torch.Tensor,
     rows: torch.Tensor,
     kv_lens: torch.Tensor,
-    split: int,
-    max_context: int,
+    num_splits: int,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [B, H, D]; k/v_cache [S, Hkv, D]; table [R, C]; rows, kv_lens [B] ->
-    out [B, H, D]. Grid sizes depend only on (B, H, max_context, split), so
-    the launch is graph-capturable."""
+    out [B, H, D]. Grid sizes depend only on (B, H, num_splits), so the launch
+    is graph-capturable."""
     bsz, heads, dim = q.shape
     group = heads // k_cache.shape[1]
-    nsplit = triton.cdiv(max_context, split)
-    part_o = torch.empty((bsz, heads, nsplit, dim), dtype=torch.float32, device=q.device)
-    part_lse = torch.empty((bsz, heads, nsplit), dtype=torch.float32, device=q.device)
+    part_o = torch.empty((bsz, heads, num_splits, dim), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((bsz, heads, num_splits), dtype=torch.float32, device=q.device)
     if out is None:
         out = torch.empty_like(q)
     args = (
@@ -201,13 +213,13 @@ def decode_attention(
         table.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2),
         part_lse.stride(0), part_lse.stride(1),
-        dim**-0.5,
+        dim**-0.5, num_splits,
     )
     if group == 1:
-        _decode_split_kernel[(bsz, heads, nsplit)](*args, GROUP=1, D=dim, BLOCK_N=64, SPLIT=split, num_warps=4, num_stages=3)
+        _decode_split_kernel[(bsz, heads, num_splits)](*args, GROUP=1, D=dim, BLOCK_N=DECODE_BLOCK_N, num_warps=4, num_stages=3)
     else:
-        _decode_group_split_kernel[(bsz, heads // group, nsplit)](
-            *args, GROUP=group, GP=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_N=64, SPLIT=split, IEEE=q.dtype == torch.float32,
+        _decode_group_split_kernel[(bsz, heads // group, num_splits)](
+            *args, GROUP=group, GP=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_N=DECODE_BLOCK_N, IEEE=q.dtype == torch.float32,
             num_warps=4, num_stages=3,
         )
     _decode_reduce_kernel[(bsz, heads)](
@@ -215,7 +227,7 @@ def decode_attention(
         part_o.stride(0), part_o.stride(1), part_o.stride(2),
         part_lse.stride(0), part_lse.stride(1),
         out.stride(0), out.stride(1),
-        SPLIT=split, D=dim,
+        num_splits, BLOCK_N=DECODE_BLOCK_N, D=dim,
         num_warps=1,
     )
     return out

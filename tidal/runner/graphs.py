@@ -36,7 +36,7 @@ from tidal.core import (
     SizeInput,
     StepResult,
 )
-from tidal.kernels.paged_attention import decode_split
+from tidal.kernels.paged_attention import decode_splits
 from tidal.layers.attention.triton_backend import DecodeMetadata
 from tidal.runner.sampler import sample_rows
 
@@ -244,7 +244,7 @@ class DecodeGraphs(StepGraphs):
             feedback_kind=ints[_I["kinds"]],
             feedback_values=floats[_F["value0"] : _F["value1"] + 1].T,
             attn=runner.backend,
-            attn_metadata=DecodeMetadata(rows, ints[_I["kv_lens"]], decode_split(table.shape[1], bucket, heads)),
+            attn_metadata=DecodeMetadata(rows, ints[_I["kv_lens"]], decode_splits(bucket, heads)),
         )
         if getattr(model, "rope_axes", 1) == 3:  # text rows: the same rotary index on all three axes
             batch.rope_positions = (positions + ints[_I["rope_delta"]]).expand(3, -1)

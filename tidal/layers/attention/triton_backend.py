@@ -12,7 +12,7 @@ from tidal.core import ForwardBatch, ForwardMode, h2d
 from tidal.kernels.paged_attention import (
     EXTEND_BLOCK_M,
     decode_attention,
-    decode_split,
+    decode_splits,
     extend_attention,
     extend_blocks,
 )
@@ -20,12 +20,12 @@ from tidal.kernels.paged_attention import (
 
 @dataclass
 class DecodeMetadata:
-    """Per sequence: its table row and kv_len (device tensors [B]); split size.
+    """Per sequence: its table row and kv_len (device tensors [B]); splits per sequence.
     CUDA graphs keep one of these over static buffers and refill it per step."""
 
     rows: torch.Tensor
     kv_lens: torch.Tensor
-    split: int
+    num_splits: int
 
 
 @dataclass
@@ -41,7 +41,7 @@ class TritonPagedAttention:
             batch.attn_metadata = DecodeMetadata(
                 rows=h2d(batch.req_rows, torch.int64, dev),
                 kv_lens=h2d(batch.kv_lens, torch.int32, dev),
-                split=decode_split(batch.req_to_token.shape[1], batch.batch_size, heads),
+                num_splits=decode_splits(batch.batch_size, heads),
             )
         else:
             blocks = extend_blocks(batch.q_lens, batch.kv_lens, batch.bidir_lens, batch.req_rows, EXTEND_BLOCK_M)
@@ -54,5 +54,5 @@ class TritonPagedAttention:
     def attend(self, q: torch.Tensor, layer: int, batch: ForwardBatch) -> torch.Tensor:
         pool, meta = batch.kv_pool, batch.attn_metadata
         if isinstance(meta, DecodeMetadata):
-            return decode_attention(q, pool.k[layer], pool.v[layer], batch.req_to_token, meta.rows, meta.kv_lens, meta.split, batch.req_to_token.shape[1])
+            return decode_attention(q, pool.k[layer], pool.v[layer], batch.req_to_token, meta.rows, meta.kv_lens, meta.num_splits)
         return extend_attention(q, pool.k[layer], pool.v[layer], batch.req_to_token, meta.blocks)
