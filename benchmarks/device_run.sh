@@ -9,13 +9,14 @@
 #   bash benchmarks/device_run.sh qwen-moe    # Qwen3-30B-A3B beside transformers
 #   bash benchmarks/device_run.sh qwen-vl     # Qwen3-VL-8B beside transformers
 #   bash benchmarks/device_run.sh profile     # batch-1 decode kernel by kernel: Moondream 3 and Qwen3-30B-A3B
+#   bash benchmarks/device_run.sh variants    # decode-sized kernels alone, variants beside cuBLAS and floors
 #
 # Run from the repository root with the wheels the device image lacks in .whl/
 # (fastapi, uvicorn, pydantic and their dependencies, Pillow 13; see
 # docs/PERFORMANCE.md) and, for md-rest, the authors' reference in peers/.
 # Results land in $OUT; TIDAL_COMMIT names the commit in them.
 set -uo pipefail
-part="${1:?which part: tests, kernels, tune, md-decode, md-rest, qwen-moe, qwen-vl, profile}"
+part="${1:?which part: tests, kernels, tune, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants}"
 out="${OUT:-.}"
 if [ -d .whl ]; then
   pip install -q --no-deps --target /tmp/deps .whl/*.whl 2>&1 | grep -v -i "warning" | tail -2
@@ -41,5 +42,6 @@ case "$part" in
   profile)
     timeout 200 python benchmarks/profile_step.py --batch 1 --out "$out" 2>&1 | grep -v "capturing" | head -45
     timeout 240 python benchmarks/bench_qwen.py --model moe --batches 1 --no-hf --no-concurrent --out "$out" --profile 2>&1 | grep -v "capturing" | head -45 ;;
+  variants) timeout 570 python benchmarks/bench_kernels.py --out "$out" ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac

@@ -395,3 +395,22 @@ def test_moe_configs_keep_to_the_cards_shared_memory():
     for _, cfg in __import__("tidal.kernels.fused_moe", fromlist=["MOE_CONFIGS"]).MOE_CONFIGS:
         m, n, k, _, stages = fit_stages(cfg, 4, h100)
         assert stages * (m * k + 2 * n * k) * 4 <= h100
+
+
+# -- skinny matrix products (decode-sized x @ W.T) ------------------------------------------
+SKINNY_CASES = [(1, 40, 24, True), (3, 130, 300, False), (16, 64, 512, True)] + ([(1, 6144, 2048, False), (8, 2048, 4096, True), (16, 51200, 2048, False)] if CUDA else [])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows, n, k, with_bias", SKINNY_CASES, ids=lambda c: str(c))
+def test_skinny_linear(rows, n, k, with_bias, dtype):
+    from tidal.kernels.skinny_gemm import skinny_linear
+
+    gen = torch.Generator().manual_seed(rows * 7 + n)
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    w = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype) if with_bias else None
+    want = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    got = skinny_linear(x.to(DEV), w.to(DEV), None if b is None else b.to(DEV))
+    assert got.shape == (rows, n) and got.dtype == dtype
+    assert rel(got.float().cpu(), want) <= tol(dtype)

@@ -103,11 +103,13 @@ def tau_rope_kv(
     v_cache: torch.Tensor,
     n_heads: int,
     head_dim: int,
+    launch: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """qkv [T, (H + 2 Hkv) * D]; w_tau [2H, (H + 2 Hkv) * D] float32 ([wq; wv]);
     alpha [H]; positions, out_cache_loc [T]; cos/sin [max_pos, R/2];
     k/v_cache [S, Hkv, D] (one layer's) -> q [T, H, D]. Writes k and v at
-    out_cache_loc."""
+    out_cache_loc. launch: (BLOCK_C, num_warps) instead of the defaults, for
+    benchmarks/bench_kernels.py to compare."""
     tokens = qkv.shape[0]
     n_kv = k_cache.shape[1]
     assert qkv.stride(1) == 1 and w_tau.stride(1) == 1 and cos.stride(1) == 1
@@ -124,7 +126,7 @@ def tau_rope_kv(
         tokens, qkv.stride(0), lin.stride(0), w_tau.stride(0), q.stride(0), q.stride(1), cos.stride(0),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         H=n_heads, HKV=n_kv, D=head_dim, HALF=half, ROT=2 * half, BLOCK_T=block_t,
-        LIN_HERE=lin_here, BLOCK_C=1024 if lin_here else 256,
-        num_warps=4,
+        LIN_HERE=lin_here, BLOCK_C=launch[0] if launch else 1024 if lin_here else 256,
+        num_warps=launch[1] if launch else 4,
     )
     return q

@@ -1,0 +1,184 @@
+"""Decode-sized kernels alone, each variant beside its floor, on the models'
+real shapes: what to change next in the batch-1 step.
+
+    PYTHONPATH=. python3 benchmarks/bench_kernels.py [--out DIR] [--rows 1 8]
+
+Every figure is GPU time per call from CUDA events around a replayed CUDA
+graph of many calls (as decode steps run them; timing launch by launch would
+measure the host). Weights rotate through copies that together exceed the L2
+cache, so each call reads its bytes from memory as in a real step. Floors are
+bytes read over the device-to-device copy bandwidth measured in the same run.
+
+Parts:
+- projections: torch's linear (cuBLAS) against tidal.kernels.skinny_gemm for
+  Moondream 3, Qwen3-30B-A3B and Qwen3-VL-8B projection shapes;
+- tau + rotary + K/V write at batch 1: the projection's tile and warps;
+- decode attention: splits per sequence (Moondream's 32 heads; Qwen's GQA).
+Prints a table; writes DIR/bench-kernels.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from collections.abc import Callable
+from datetime import datetime, timezone
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_moondream import copy_bandwidth  # noqa: E402
+
+DEV = torch.device("cuda")
+L2_BYTES = 50 << 20
+CALLS = 20  # calls per graph
+
+# name -> (N, K): y [rows, N] = x [rows, K] @ W.T
+PROJECTIONS = {
+    "moondream qkv": (6144, 2048),
+    "moondream attn out": (2048, 2048),
+    "moondream dense fc1": (8192, 2048),
+    "moondream dense fc2": (2048, 8192),
+    "moondream router": (64, 2048),
+    "qwen3-30b qkv": (5120, 2048),
+    "qwen3-30b o": (2048, 4096),
+    "qwen3-30b router": (128, 2048),
+    "qwen3-vl-8b qkv": (6144, 4096),
+    "qwen3-vl-8b o": (4096, 4096),
+    "qwen3-vl-8b gate_up": (24576, 4096),
+    "qwen3-vl-8b down": (4096, 12288),
+}
+
+
+def graph_us(calls: list[Callable[[], object]]) -> float:
+    """Median GPU time of one call: all calls captured in one graph, replayed."""
+    for fn in calls:
+        fn()  # compile and pick library kernels outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in calls:
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / len(calls))
+    return statistics.median(times)
+
+
+def copies(make: Callable[[], torch.Tensor], nbytes: int) -> list[torch.Tensor]:
+    """Enough copies of a weight that cycling through them misses L2."""
+    return [make() for _ in range(max(2, min(CALLS, 2 * L2_BYTES // max(nbytes, 1) + 1)))]
+
+
+def projections(rows_list: list[int], bandwidth: float, results: dict, lines: list[str]) -> None:
+    from tidal.kernels.skinny_gemm import skinny_linear
+
+    lines.append("| projection | rows | floor us | cuBLAS us | skinny us | skinny / cuBLAS |")
+    lines.append("| --- | --- | --- | --- | --- | --- |")
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    for name, (n, k) in PROJECTIONS.items():
+        ws = copies(lambda: (torch.randn(n, k, device=DEV, generator=gen) / k**0.5).to(torch.bfloat16), n * k * 2)
+        for rows in rows_list:
+            x = torch.randn(rows, k, device=DEV, generator=gen).to(torch.bfloat16)
+            want = torch.nn.functional.linear(x, ws[0]).float()
+            got = skinny_linear(x, ws[0]).float()
+            err = float((got - want).norm() / want.norm())
+            assert err < 1e-2, f"{name}: skinny_linear differs from torch's by {err:.2e}"
+            floor = n * k * 2 / bandwidth * 1e6
+            cublas = graph_us([lambda w=ws[i % len(ws)]: torch.nn.functional.linear(x, w) for i in range(CALLS)])
+            skinny = graph_us([lambda w=ws[i % len(ws)]: skinny_linear(x, w) for i in range(CALLS)])
+            results[f"proj {name} rows{rows}"] = {"floor_us": floor, "cublas_us": cublas, "skinny_us": skinny}
+            lines.append(f"| {name} ({n}x{k}) | {rows} | {floor:.1f} | {cublas:.1f} | {skinny:.1f} | {skinny / cublas:.2f} |")
+        del ws
+
+
+def tau(bandwidth: float, results: dict, lines: list[str]) -> None:
+    """Moondream 3's tau + rotary + K/V write at batch 1 (its projection reads
+    two float32 rows of [wq; wv] per head)."""
+    from tidal.kernels.tau_rope import tau_rope_kv
+
+    heads, dim, rot = 32, 64, 32
+    width = 3 * heads * dim
+    gen = torch.Generator(device=DEV).manual_seed(1)
+    qkv = torch.randn(1, width, device=DEV, generator=gen).to(torch.bfloat16)
+    ws = copies(lambda: torch.randn(2 * heads, width, device=DEV, generator=gen) * 0.05, 2 * heads * width * 4)
+    alpha = torch.randn(heads, device=DEV, generator=gen)
+    pos = torch.tensor([700], device=DEV)
+    loc = torch.tensor([5], device=DEV)
+    cos = torch.rand(4096, rot // 2, device=DEV, generator=gen)
+    sin = torch.rand(4096, rot // 2, device=DEV, generator=gen)
+    kc = torch.zeros(16, heads, dim, device=DEV, dtype=torch.bfloat16)
+    vc = torch.zeros_like(kc)
+    floor = 2 * heads * width * 4 / bandwidth * 1e6
+    lines.append("\n| tau + rotary + K/V, batch 1 | us | floor us |")
+    lines.append("| --- | --- | --- |")
+    want = tau_rope_kv(qkv, ws[0], alpha, pos, loc, cos, sin, kc, vc, heads, dim)
+    for launch in (None, (2048, 4), (2048, 8), (1024, 8), (512, 4), (4096, 8)):
+        got = tau_rope_kv(qkv, ws[0], alpha, pos, loc, cos, sin, kc, vc, heads, dim, launch=launch)
+        assert torch.equal(got, want) or float((got.float() - want.float()).norm() / want.float().norm()) < 1e-2
+        us = graph_us([lambda w=ws[i % len(ws)], launch=launch: tau_rope_kv(qkv, w, alpha, pos, loc, cos, sin, kc, vc, heads, dim, launch=launch) for i in range(CALLS)])
+        label = "default (1024, 4 warps)" if launch is None else f"BLOCK_C {launch[0]}, {launch[1]} warps"
+        results[f"tau {label}"] = us
+        lines.append(f"| {label} | {us:.1f} | {floor:.1f} |")
+
+
+def attention(bandwidth: float, results: dict, lines: list[str]) -> None:
+    from tidal.kernels.paged_attention import decode_attention, decode_splits
+
+    lines.append("\n| decode attention | batch | context | splits | us | floor us |")
+    lines.append("| --- | --- | --- | --- | --- | --- |")
+    gen = torch.Generator(device=DEV).manual_seed(2)
+    for label, heads, kv_heads, dim, ctx in (("moondream", 32, 32, 64, 740), ("qwen3-30b", 32, 4, 128, 600)):
+        for batch in (1, 8):
+            slots = batch * ctx + 1
+            n_copies = max(2, min(CALLS, 2 * L2_BYTES // (2 * slots * kv_heads * dim * 2) + 1))
+            caches = [(torch.randn(slots, kv_heads, dim, device=DEV, generator=gen).to(torch.bfloat16), torch.randn(slots, kv_heads, dim, device=DEV, generator=gen).to(torch.bfloat16)) for _ in range(n_copies)]
+            table = torch.nn.functional.pad(torch.arange(1, slots, device=DEV).view(batch, ctx), (0, 4096 - ctx))
+            rows = torch.arange(batch, device=DEV)
+            lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
+            q = torch.randn(batch, heads, dim, device=DEV, generator=gen).to(torch.bfloat16)
+            floor = batch * ctx * kv_heads * dim * 2 * 2 / bandwidth * 1e6
+            default = decode_splits(batch, kv_heads)
+            for splits in sorted({default, 4, 8, 16, 32}):
+                us = graph_us([lambda kv=caches[i % n_copies], s=splits: decode_attention(q, kv[0], kv[1], table, rows, lens, s) for i in range(CALLS)])
+                results[f"attention {label} b{batch} splits{splits}"] = us
+                mark = " (default)" if splits == default else ""
+                lines.append(f"| {label} ({heads}/{kv_heads} heads) | {batch} | {ctx} | {splits}{mark} | {us:.1f} | {floor:.1f} |")
+            del caches
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 8])
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA device")
+    bandwidth = copy_bandwidth()
+    results: dict = {
+        "gpu": torch.cuda.get_device_name(),
+        "commit": os.environ.get("TIDAL_COMMIT", "unknown"),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "copy_bandwidth_tb_s": bandwidth / 1e12,
+    }
+    lines: list[str] = []
+    projections(args.rows, bandwidth, results, lines)
+    tau(bandwidth, results, lines)
+    attention(bandwidth, results, lines)
+    with open(os.path.join(args.out, "bench-kernels.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"{results['gpu']}, commit {results['commit']}, copy bandwidth {bandwidth / 1e12:.2f} TB/s\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

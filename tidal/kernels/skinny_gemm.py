@@ -1,0 +1,80 @@
+"""Matrix products with few rows (decode steps: batch 1 to 16), y = x @ W.T + b.
+
+At batch 1 a projection is a pass over its weight: time is bytes over
+bandwidth, and what counts is keeping enough loads in flight on every SM.
+cuBLAS reaches ~60-80% of copy bandwidth on these shapes (the 2026-12-06
+profiles), some through split-K plus a reduce launch. Here each program owns
+BLOCK_N output columns and walks the whole K dimension in BLOCK_K tiles,
+software-pipelined (num_stages), so there is one launch, no partial sums in
+memory, and a fixed summation order (deterministic). x's rows are padded to
+16 for the tensor-core product; the padding rows are masked out.
+
+Not yet wired into the models: benchmarks/bench_kernels.py measures it
+beside cuBLAS on the models' shapes first.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_ROWS = 16  # one tensor-core tile of rows; larger batches go to cuBLAS
+
+
+@triton.jit
+def _skinny_kernel(
+    X, W, B, Y,
+    M, N, K,
+    stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    m = tl.arange(0, BLOCK_M)
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = m < M
+    nmask = n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        kmask = k < K
+        x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(W + n[None, :].to(tl.int64) * stride_wn + k[:, None], mask=nmask[None, :] & kmask[:, None], other=0.0)
+        if IEEE:
+            acc += tl.dot(x, w, input_precision="ieee")
+        else:
+            acc += tl.dot(x, w)
+    if HAS_BIAS:
+        acc += tl.load(B + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + m[:, None] * stride_ym + n[None, :], acc.to(Y.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+def skinny_config(n: int, k: int, num_sms: int = 132) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages): the widest column block that
+    still gives every SM at least two programs, so each SM streams its share
+    of W with several tiles in flight."""
+    block_n = 16
+    while block_n < 128 and triton.cdiv(n, block_n * 2) >= 2 * num_sms:
+        block_n *= 2
+    block_k = 256 if k >= 256 else max(16, triton.next_power_of_2(k))
+    return block_n, block_k, 4, 4
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """x [M, K] (M <= MAX_ROWS); weight [N, K]; bias [N] or None -> [M, N] in x's dtype."""
+    rows, k = x.shape
+    n = weight.shape[0]
+    assert rows <= MAX_ROWS, f"at most {MAX_ROWS} rows; use torch's linear for more"
+    assert weight.shape[1] == k and x.stride(1) == 1 and weight.stride(1) == 1
+    y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    if rows == 0:
+        return y
+    block_n, block_k, warps, stages = config or skinny_config(n, k)
+    _skinny_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else weight, y,
+        rows, n, k,
+        x.stride(0), weight.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32,
+        num_warps=warps, num_stages=stages,
+    )
+    return y
