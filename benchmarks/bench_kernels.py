@@ -53,6 +53,10 @@ PROJECTIONS = {
 }
 
 
+# (BLOCK_N, BLOCK_K, warps, stages) tried beside skinny_config's pick
+SKINNY_SWEEP = ((16, 512, 4, 3), (32, 256, 4, 4), (16, 128, 4, 6), (32, 128, 8, 5), (64, 128, 8, 4))
+
+
 def graph_us(calls: list[Callable[[], object]]) -> float:
     """Median GPU time of one call: all calls captured in one graph, replayed."""
     for fn in calls:
@@ -82,8 +86,8 @@ def copies(make: Callable[[], torch.Tensor], nbytes: int) -> list[torch.Tensor]:
 def projections(rows_list: list[int], bandwidth: float, results: dict, lines: list[str]) -> None:
     from tidal.kernels.skinny_gemm import skinny_linear
 
-    lines.append("| projection | rows | floor us | cuBLAS us | skinny us | skinny / cuBLAS |")
-    lines.append("| --- | --- | --- | --- | --- | --- |")
+    lines.append("| projection | rows | floor us | cuBLAS us | skinny us | skinny / cuBLAS | best skinny config, us |")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- |")
     gen = torch.Generator(device=DEV).manual_seed(0)
     for name, (n, k) in PROJECTIONS.items():
         ws = copies(lambda: (torch.randn(n, k, device=DEV, generator=gen) / k**0.5).to(torch.bfloat16), n * k * 2)
@@ -96,8 +100,11 @@ def projections(rows_list: list[int], bandwidth: float, results: dict, lines: li
             floor = n * k * 2 / bandwidth * 1e6
             cublas = graph_us([lambda w=ws[i % len(ws)]: torch.nn.functional.linear(x, w) for i in range(CALLS)])
             skinny = graph_us([lambda w=ws[i % len(ws)]: skinny_linear(x, w) for i in range(CALLS)])
-            results[f"proj {name} rows{rows}"] = {"floor_us": floor, "cublas_us": cublas, "skinny_us": skinny}
-            lines.append(f"| {name} ({n}x{k}) | {rows} | {floor:.1f} | {cublas:.1f} | {skinny:.1f} | {skinny / cublas:.2f} |")
+            # a few other launches: what the default heuristic leaves on the table
+            swept = {cfg: graph_us([lambda w=ws[i % len(ws)], cfg=cfg: skinny_linear(x, w, config=cfg) for i in range(CALLS)]) for cfg in SKINNY_SWEEP}
+            best = min(swept, key=swept.get)
+            results[f"proj {name} rows{rows}"] = {"floor_us": floor, "cublas_us": cublas, "skinny_us": skinny, "best_config": best, "best_us": swept[best]}
+            lines.append(f"| {name} ({n}x{k}) | {rows} | {floor:.1f} | {cublas:.1f} | {skinny:.1f} | {skinny / cublas:.2f} | {best}: {swept[best]:.1f} |")
         del ws
 
 
