@@ -189,3 +189,27 @@ def test_image_keys_follow_the_pixels():
     changed[-1, -1, -1] ^= 1
     assert pixels_key(changed) != key
     assert pixels_key(big.reshape(900, 700, 3)) != key
+
+
+def test_array_images_skip_pil_and_give_the_same_pixels():
+    """An RGB uint8 array is copied as it is (no PIL round trip); its pixels
+    equal what the PIL path gives, the caller may change its array afterwards,
+    other layouts still go through PIL, and the size limit still holds."""
+    from tidal.images import ImageError, decoded_pixels
+
+    rng = np.random.default_rng(3)
+    arr = rng.integers(0, 255, (37, 53, 3), dtype=np.uint8)
+    with decoded_pixels(arr) as fast, decoded_pixels(Image.fromarray(arr)) as via_pil:
+        assert fast.dtype == np.uint8 and fast.shape == (37, 53, 3) and fast.flags.c_contiguous
+        assert np.array_equal(fast, via_pil)
+    arr[0, 0, 0] ^= 1
+    assert fast[0, 0, 0] != arr[0, 0, 0]  # a copy, not a view of the caller's array
+    view = arr[:, ::2]  # not contiguous
+    with decoded_pixels(view) as got:
+        assert np.array_equal(got, np.asarray(Image.fromarray(np.ascontiguousarray(view))))
+    rgba = rng.integers(0, 255, (5, 6, 4), dtype=np.uint8)
+    with decoded_pixels(rgba) as got:
+        assert got.shape == (5, 6, 3) and np.array_equal(got, np.asarray(Image.fromarray(rgba).convert("RGB")))
+    with pytest.raises(ImageError, match="limit"):
+        with decoded_pixels(arr, max_pixels=100):
+            pass

@@ -8,7 +8,6 @@ import random
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import numpy as np
 import torch
 from tokenizers import Tokenizer
 
@@ -19,7 +18,7 @@ from tidal.engine.request import Request
 from tidal.engine.sampling import SamplingParams
 from tidal.engine.skill import Skill
 from tidal.errors import InvalidRequestError, PromptTooLongError
-from tidal.images import DEFAULT_MAX_PIXELS, ImageLike, decoded_image, pixels_key
+from tidal.images import DEFAULT_MAX_PIXELS, ImageLike, decoded_pixels, pixels_key
 from tidal.models.checkpoint import resolve_checkpoint
 from tidal.models.moondream3.model import Moondream3Model
 from tidal.models.moondream3.prompts import PromptBuilder
@@ -161,9 +160,8 @@ class Moondream:
             if image._owner is not self:
                 raise InvalidRequestError("this EncodedImage was made by another model instance")
             return ImageInput(image.embeds, image.key)
-        with decoded_image(image, self.max_image_pixels) as rgb:
+        with decoded_pixels(image, self.max_image_pixels) as pixels:
             # the model crops the pixels when it encodes them: not at all when the image is cached
-            pixels = np.asarray(rgb)
             return ImageRef(pixels, pixels_key(pixels), self.config.vision.n_image_tokens)
 
     # -- skills ----------------------------------------------------------------

@@ -117,6 +117,22 @@ def decoded_image(image: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> It
         yield rgb
 
 
+@contextmanager
+def decoded_pixels(image: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Iterator[np.ndarray]:
+    """decoded_image's pixels as uint8 RGB [H, W, 3]. An array that already is
+    that is copied once instead of going through a PIL image and back (two
+    copies, ~4 ms for a 1280x720 image); the copy keeps the request's pixels
+    safe from the caller changing its array later."""
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
+        height, width = image.shape[:2]
+        _check_size(width, height, max_pixels)
+        with DECODE_BUDGET.reserve(width * height):
+            yield np.array(image, copy=True, order="C")
+        return
+    with decoded_image(image, max_pixels) as rgb:
+        yield np.asarray(rgb)
+
+
 MAX_VIDEO_FRAMES = 1024  # frames decoded from one animated image
 MAX_VIDEO_PIXELS = 1 << 28  # all its frames together (768 MiB of RGB)
 

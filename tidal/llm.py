@@ -28,7 +28,7 @@ from tidal.engine.loop import EngineLoop, RequestHandle
 from tidal.engine.request import Request
 from tidal.engine.sampling import SamplingParams
 from tidal.errors import InvalidRequestError, PromptTooLongError
-from tidal.images import DEFAULT_MAX_PIXELS, decoded_image, pixels_key
+from tidal.images import DEFAULT_MAX_PIXELS, decoded_pixels, pixels_key
 from tidal.models.checkpoint import read_json, resolve_checkpoint
 from tidal.models.registry import architecture, load_model
 from tidal.validation import check_text
@@ -195,11 +195,10 @@ class LLM:
             raise InvalidRequestError(f"the prompt holds {len(slots)} image placeholders (token {token}) for {len(images)} images: one per image")
         refs = []
         for image in images:
-            with decoded_image(image, DEFAULT_MAX_PIXELS) as rgb:
-                pixels = np.asarray(rgb)
-            n, grid = self.model.image_tokens(pixels.shape[0], pixels.shape[1])
-            rope, advance = self.model.image_rope(grid)
-            refs.append(ImageRef(pixels, pixels_key(pixels), n, rope=rope, rope_advance=advance))
+            with decoded_pixels(image, DEFAULT_MAX_PIXELS) as pixels:
+                n, grid = self.model.image_tokens(pixels.shape[0], pixels.shape[1])
+                rope, advance = self.model.image_rope(grid)
+                refs.append(ImageRef(pixels, pixels_key(pixels), n, rope=rope, rope_advance=advance))
         items: list[InputItem] = list(ids)
         for slot, ref in zip(reversed(slots), reversed(refs)):
             items[slot] = ref
@@ -268,8 +267,8 @@ def _video_frames(video: Any) -> tuple[np.ndarray, float | None]:
         raise InvalidRequestError("a video is uint8 frames (T, H, W, 3), a non-empty list of frames (images), or {'frames': ..., 'fps': ...}")
     frames = []
     for frame in video:
-        with decoded_image(frame, DEFAULT_MAX_PIXELS) as rgb:
-            frames.append(np.asarray(rgb))
+        with decoded_pixels(frame, DEFAULT_MAX_PIXELS) as pixels:
+            frames.append(pixels)
     if len({f.shape for f in frames}) > 1:
         raise InvalidRequestError(f"a video's frames must all have one size, got {sorted({f.shape[1::-1] for f in frames})} (width, height)")
     return np.stack(frames), fps
