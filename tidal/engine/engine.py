@@ -84,11 +84,6 @@ class Engine:
         self.model = model
         self.config = config or EngineConfig()
         self.max_context = model.max_context
-        pages = self.config.kv_pages or self._auto_pages()
-        kv = model.kv_layout
-        self.kv_pool = KVPool(kv.n_layers, pages, kv.n_kv_heads, kv.head_dim, model.dtype, model.device)
-        self.allocator = SlotAllocator(pages)
-        self.req_to_token = ReqToTokenPool(self.config.max_running, model.max_context, model.device)
         kernels = self.config.kernels
         head_dim = model.kv_layout.head_dim
         if kernels is None:
@@ -99,24 +94,31 @@ class Engine:
         elif kernels and not kernels_support(head_dim):
             raise ValueError(f"kernels=True: the Triton kernels take head sizes that are powers of two >= 16, this model's is {head_dim}")
         model.use_kernels(kernels)
-        self.runner = ModelRunner(model, self.kv_pool, self.req_to_token, backend=make_backend(kernels))
         self.warmup_s = 0.0
         # a model whose step cannot be captured (it syncs on the device) says so
-        capturable = getattr(model, "cuda_graphs_ok", True)
-        if kernels and self.config.cuda_graphs and capturable and model.device.type == "cuda":
+        graphs = kernels and self.config.cuda_graphs and getattr(model, "cuda_graphs_ok", True) and model.device.type == "cuda"
+        if graphs and hasattr(model, "capture_graphs"):
+            # the model's own fixed-shape parts (a vision encoder) first: the KV
+            # pool is then sized from the memory their graph pool left
+            t0 = time.perf_counter()
+            model.capture_graphs()
+            self.warmup_s += time.perf_counter() - t0
+        pages = self.config.kv_pages or self._auto_pages()
+        kv = model.kv_layout
+        self.kv_pool = KVPool(kv.n_layers, pages, kv.n_kv_heads, kv.head_dim, model.dtype, model.device)
+        self.allocator = SlotAllocator(pages)
+        self.req_to_token = ReqToTokenPool(self.config.max_running, model.max_context, model.device)
+        self.runner = ModelRunner(model, self.kv_pool, self.req_to_token, backend=make_backend(kernels))
+        if graphs:
             from tidal.runner.graphs import DecodeGraphs  # imports Triton
 
             self.runner.graphs = DecodeGraphs(self.runner, self.config.max_running)
-            self.warmup_s = self.runner.graphs.capture()
+            self.warmup_s += self.runner.graphs.capture()
             if self.config.prefill_graphs:
                 from tidal.runner.extend_graphs import ExtendGraphs
 
                 self.runner.extend_graphs = ExtendGraphs(self.runner, self.config.max_running, prefill_graph_tokens(self.config.token_budget))
                 self.warmup_s += self.runner.extend_graphs.capture()
-            if hasattr(model, "capture_graphs"):  # the model's own fixed-shape parts (a vision encoder)
-                t0 = time.perf_counter()
-                model.capture_graphs()
-                self.warmup_s += time.perf_counter() - t0
         self.prefix_cache = RadixCache(self.allocator) if self.config.prefix_cache else None
         self.scheduler = Scheduler(self.allocator, self.req_to_token, self.config.token_budget, self.prefix_cache)
         self.stats = EngineStats()
