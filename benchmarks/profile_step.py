@@ -51,7 +51,13 @@ def kernel_table(prof, top: int = 25) -> str:
 
 
 def microbench(model, bandwidth: float) -> list[str]:
-    """The fused MoE of one layer and decode attention, alone, against their floors."""
+    """The fused MoE of one layer, routing and decode attention, alone, against
+    their floors: GPU time per call from graph replays (timing launch by
+    launch measured the host: ~35 us a Triton launch). The same weights and KV
+    every call: what fits in L2 (batch-1 attention's 6 MB) reads faster than in
+    a step; benchmarks/bench_kernels.py rotates copies past L2."""
+    from benchmarks.bench_kernels import CALLS, graph_us
+
     from tidal.kernels.fused_moe import fused_experts
     from tidal.kernels.paged_attention import decode_attention, decode_splits
     from tidal.layers.moe import route
@@ -63,7 +69,7 @@ def microbench(model, bandwidth: float) -> list[str]:
         x = torch.randn(tokens, model.config.text.dim, device="cuda", dtype=torch.bfloat16)
         w, ids = route(x, moe.router.weight, moe.router.bias, moe.top_k)
         used = int(torch.unique(ids).numel())
-        ms = statistics.median(timed(lambda: fused_experts(x, w, ids, moe.fc1.weight, moe.fc2.weight), 20, warmup=3))
+        ms = graph_us([lambda: fused_experts(x, w, ids, moe.fc1.weight, moe.fc2.weight)] * CALLS) / 1000
         floor = used * expert_bytes / bandwidth * 1000
         out.append(f"fused MoE, {tokens:>3} tokens ({used:>2} experts): {ms * 1000:7.1f} us, floor {floor * 1000:6.1f} us ({floor / ms:5.1%} of bandwidth)")
     from tidal.kernels.fused_moe import align_by_expert
@@ -77,9 +83,9 @@ def microbench(model, bandwidth: float) -> list[str]:
             torch.softmax(top, dim=-1, dtype=torch.float32).to(logits.dtype)
             align_by_expert(ids, logits.shape[1], 64)
 
-        kernel = statistics.median(timed(lambda: route_and_align(logits, moe.top_k, 64, logits.dtype), 20, warmup=3))
-        ref = statistics.median(timed(torch_route, 20, warmup=3))
-        out.append(f"routing + alignment, {tokens:>4} tokens: kernels {kernel * 1000:7.1f} us, torch ops {ref * 1000:7.1f} us (wall, eager)")
+        kernel = graph_us([lambda: route_and_align(logits, moe.top_k, 64, logits.dtype)] * CALLS) / 1000
+        ref = graph_us([torch_route] * CALLS) / 1000
+        out.append(f"routing + alignment, {tokens:>4} tokens: kernels {kernel * 1000:7.1f} us, torch ops {ref * 1000:7.1f} us (GPU time)")
     heads, dim = model.config.text.n_heads, model.config.text.head_dim
     for batch, ctx in ((1, 740), (32, 740), (128, 740)):
         slots = batch * ctx + 1
@@ -91,7 +97,7 @@ def microbench(model, bandwidth: float) -> list[str]:
         rows = torch.arange(batch, device="cuda")
         lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
         splits = decode_splits(batch, heads)
-        ms = statistics.median(timed(lambda: decode_attention(q, k, v, table, rows, lens, splits), 20, warmup=3))
+        ms = graph_us([lambda: decode_attention(q, k, v, table, rows, lens, splits)] * CALLS) / 1000
         floor = batch * ctx * heads * dim * 2 * 2 / bandwidth * 1000
         out.append(f"decode attention, batch {batch:>3} x {ctx} positions ({splits} splits): {ms * 1000:7.1f} us, floor {floor * 1000:6.1f} us")
     return out
