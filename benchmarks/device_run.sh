@@ -34,7 +34,7 @@ case "$part" in
     for f in tests/test_kernels.py tests/test_resample.py; do
       timeout 450 python -m pytest -q -p no:cacheprovider "$f" 2>&1 | tail -3 | sed "s|^|$f: |"
     done ;;
-  tune) timeout 570 python benchmarks/tune_moe.py --out "$out" --quick ;;
+  tune) timeout 570 python benchmarks/tune_moe.py --out "$out" --quick --budget-s 480 ;;  # decode sizes first, then prefill sizes while time lasts
   md-decode) timeout 570 python benchmarks/bench_moondream.py --only decode --out "$out" 2>&1 | grep -v "capturing" ;;
   md-rest) timeout 570 python benchmarks/bench_moondream.py --only latency,pgraphs,torch,reference,mixed --out "$out" 2>&1 | grep -v "capturing" ;;
   qwen-moe) timeout 570 python benchmarks/bench_qwen.py --model moe --out "$out" --profile 2>&1 | grep -v "capturing" | tail -80 ;;
