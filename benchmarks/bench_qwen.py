@@ -186,11 +186,34 @@ def new_request(llm: LLM, prompt: dict, max_tokens: int) -> Request:
     return Request(skill=skill, pending=items, bidir_len=0)
 
 
-def run_to_end(llm: LLM, reqs: list[Request]) -> None:
+def run_to_end(llm: LLM, reqs: list[Request], steps: list[tuple[float, int, int]] | None = None) -> None:
+    """Step the engine until every request finished; with `steps`, append each
+    step's (seconds, prefill positions, decode rows): every step ends in its
+    one device-to-host read, so its wall time includes its GPU work."""
     for r in reqs:
         llm.engine.add_request(r)
     while not all(r.finished for r in reqs):
+        t0 = time.perf_counter()
         llm.engine.step()
+        if steps is not None:
+            chunks = llm.engine.stats.last_chunks
+            decode = sum(1 for _, n in chunks if n == 1)
+            steps.append((time.perf_counter() - t0, sum(n for _, n in chunks if n > 1), decode))
+
+
+def step_breakdown(steps: list[tuple[float, int, int]], key: str, results: dict) -> str:
+    """Where an end-to-end run's time went: steps that prefilled (images,
+    prompts; decode rows may ride along) against decode-only steps."""
+    pre = [s for s in steps if s[1] > 0]
+    dec = [s for s in steps if s[1] == 0]
+    results[f"{key}_prefill_steps"], results[f"{key}_prefill_s"] = len(pre), sum(s[0] for s in pre)
+    results[f"{key}_prefill_positions"] = sum(s[1] for s in pre)
+    results[f"{key}_decode_steps"], results[f"{key}_decode_s"] = len(dec), sum(s[0] for s in dec)
+    results[f"{key}_decode_mean_batch"] = sum(s[2] for s in dec) / max(1, len(dec))
+    return (
+        f"{len(pre)} prefill steps, {results[f'{key}_prefill_s']:.2f} s for {results[f'{key}_prefill_positions']} positions; "
+        f"{len(dec)} decode-only steps, {results[f'{key}_decode_s']:.2f} s at a mean batch of {results[f'{key}_decode_mean_batch']:.1f}"
+    )
 
 
 # -- measurements -----------------------------------------------------------------------
@@ -243,12 +266,13 @@ def print_profile(fn, label: str, steps: int) -> None:
             f.write(table)
 
 
-def concurrent(llm: LLM, prompts: list[dict], out_tokens: int) -> tuple[float, float]:
-    """All prompts at once, each generating out_tokens -> (output tokens/s, seconds)."""
+def concurrent(llm: LLM, prompts: list[dict], out_tokens: int, steps: list[tuple[float, int, int]] | None = None) -> tuple[float, float]:
+    """All prompts at once, each generating out_tokens -> (output tokens/s, seconds);
+    `steps` collects each engine step (see run_to_end)."""
     sync()
     t0 = time.perf_counter()
     reqs = [new_request(llm, p, out_tokens) for p in prompts]  # image decoding and hashing counted
-    run_to_end(llm, reqs)
+    run_to_end(llm, reqs, steps)
     sync()
     wall = time.perf_counter() - t0
     done = sum(r.skill.completion_tokens for r in reqs)
@@ -379,11 +403,13 @@ def main() -> None:
     if not args.no_concurrent:
         replays0 = graphs.replays if graphs else 0
         steps0 = llm.engine.stats.steps
-        tok_s, wall = concurrent(llm, prompts, args.out_tokens)
+        steps: list[tuple[float, int, int]] = []
+        tok_s, wall = concurrent(llm, prompts, args.out_tokens, steps)
         key = f"tidal_concurrent{n_concurrent}"
         results[f"{key}_out_tok_s"], results[f"{key}_s"] = tok_s, wall
         results[f"{key}_graph_share"] = ((graphs.replays - replays0) if graphs else 0) / max(1, llm.engine.stats.steps - steps0)
         print(f"tidal {n_concurrent} concurrent requests ({'one image each, ' if vl else ''}{args.out_tokens} output tokens each): {tok_s:.0f} output tok/s, {wall:.1f} s", flush=True)
+        print(f"  where it went: {step_breakdown(steps, key, results)}", flush=True)
     if DEV.type == "cuda":
         results["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     _close(llm)
