@@ -46,7 +46,7 @@ from tidal.models.moondream3.tiny import build_tokenizer, init_random_
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FULL = MoondreamConfig()  # --tiny swaps in the embedded tiny shapes for a CPU dry run
 KV_BYTES_PER_POSITION = 0  # set in main: all layers' K and V of one position
-PARTS = ("decode", "latency", "pgraphs", "torch", "reference", "mixed")
+PARTS = ("decode", "skinny", "latency", "pgraphs", "torch", "reference", "mixed")
 
 
 # -- helpers ---------------------------------------------------------------------
@@ -302,6 +302,11 @@ def main() -> None:
         if graphs is not None:
             results["fast_decode_graph_replays"] = graphs.replays
             results["fast_decode_eager_runs"] = graphs.eager_runs
+        md = _close(md)
+
+    if "skinny" in parts:  # the decode sweep to batch 16 with the Triton skinny projections (EngineConfig.skinny_gemm)
+        md = Moondream(model, tok, EngineConfig(max_running=16, prefix_cache=False, kernels=kernels, skinny_gemm=kernels))
+        decode_sweep(md, tuple(b for b in (1, 8, 16) if b <= 16), 740, 16 if args.quick else 32, results, "skinny", bandwidth)
         md = _close(md)
 
     if "latency" in parts:

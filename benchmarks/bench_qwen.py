@@ -347,6 +347,7 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--no-concurrent", action="store_true", help="skip the end-to-end concurrent run")
     ap.add_argument("--profile", action="store_true", help="print the GPU kernels of a few decode steps at each batch size")
+    ap.add_argument("--skinny", action="store_true", help="decode-sized projections through the Triton skinny product (EngineConfig.skinny_gemm)")
     args = ap.parse_args()
     vl = args.model == "vl"
     global PROFILE_DIR
@@ -361,6 +362,7 @@ def main() -> None:
         "commit": os.environ.get("TIDAL_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "shapes": ("tiny " if args.tiny else "") + ("Qwen3-VL-8B" if vl else "Qwen3-30B-A3B"),
+        "skinny_gemm": args.skinny,
     }
     bandwidth = copy_bandwidth()
     results["copy_bandwidth_tb_s"] = bandwidth / 1e12
@@ -375,7 +377,7 @@ def main() -> None:
     results["params_b"] = sum(p.numel() for p in model.parameters()) / 1e9
     most = max(batches + [n_concurrent])
     context_needed = max(args.context, 1200 if vl else 0) + args.out_tokens + 16
-    cfg = EngineConfig(max_running=most, kv_pages=most * context_needed + 4096, token_budget=8192)
+    cfg = EngineConfig(max_running=most, kv_pages=most * context_needed + 4096, token_budget=8192, skinny_gemm=args.skinny)
     llm = LLM(model, None, (), cfg)
     results["warmup_s"] = llm.engine.warmup_s
     print(f"built in {time.perf_counter() - t0:.1f} s; warm-up (graph capture) {llm.engine.warmup_s:.1f} s", flush=True)

@@ -42,6 +42,11 @@ case "$part" in
   profile)
     timeout 200 python benchmarks/profile_step.py --batch 1 --out "$out" 2>&1 | grep -v "capturing" | head -45
     timeout 240 python benchmarks/bench_qwen.py --model moe --batches 1 --no-hf --no-concurrent --out "$out" --profile 2>&1 | grep -v "capturing" | head -45 ;;
-  variants) timeout 570 python benchmarks/bench_kernels.py --out "$out" ;;
+  variants)
+    timeout 300 python benchmarks/bench_kernels.py --out "$out"
+    timeout 120 python benchmarks/bench_moondream.py --quick --only decode,skinny --out "$out" 2>&1 | grep "decode batch"
+    for flag in "" --skinny; do
+      timeout 70 python benchmarks/bench_qwen.py --model moe --no-hf --no-concurrent --batches 1 8 $flag --out "$out" 2>&1 | grep "tidal decode" | sed "s|^|qwen3-30b ${flag:-cublas}: |"
+    done ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac

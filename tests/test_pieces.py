@@ -213,3 +213,21 @@ def test_array_images_skip_pil_and_give_the_same_pixels():
     with pytest.raises(ImageError, match="limit"):
         with decoded_pixels(arr, max_pixels=100):
             pass
+
+
+def test_projections_are_torchs_linear_unless_the_skinny_kernel_may_run():
+    """tidal.layers.linear.linear is F.linear bit for bit while the switch is
+    off, and on the CPU whatever the switch says (the kernel is CUDA-only)."""
+    from tidal.layers import linear as lin
+
+    gen = torch.Generator().manual_seed(5)
+    x, w, b = torch.randn(3, 40, generator=gen), torch.randn(24, 40, generator=gen), torch.randn(24, generator=gen)
+    want = torch.nn.functional.linear(x, w, b)
+    before = lin.skinny_enabled()
+    try:
+        for on in (False, True):
+            lin.use_skinny(on)
+            assert torch.equal(lin.linear(x, w, b), want)
+            assert torch.equal(lin.linear(x, w), torch.nn.functional.linear(x, w))
+    finally:
+        lin.use_skinny(before)

@@ -16,6 +16,7 @@ from tidal.engine.request import Request
 from tidal.engine.scheduler import CacheFullError, Chunk, Scheduler
 from tidal.kernels import triton_available
 from tidal.layers.attention import kernels_support, make_backend
+from tidal.layers.linear import use_skinny
 from tidal.runner.model_runner import ModelRunner
 from tidal.validation import as_float, as_int
 
@@ -48,7 +49,10 @@ class EngineConfig:
     start-up (one per batch-size bucket up to max_running) and replay them.
     prefill_graphs: also capture extend steps (prefills, image prefixes, mixed
     steps) per token-count bucket (tidal.runner.extend_graphs); off by default
-    until measured on the device."""
+    until measured on the device.
+    skinny_gemm: with kernels on CUDA, decode-sized projections (up to 16 rows)
+    run the Triton skinny product instead of cuBLAS (tidal.layers.linear; a
+    process-wide switch: the last engine made decides); off until measured."""
 
     max_running: int = 64
     kv_pages: int | None = None
@@ -60,6 +64,7 @@ class EngineConfig:
     kernels: bool | None = None
     cuda_graphs: bool = True
     prefill_graphs: bool = False
+    skinny_gemm: bool = False
 
     def __post_init__(self) -> None:
         self.max_running = as_int(self.max_running, "max_running", 1, 1 << 16)
@@ -94,6 +99,7 @@ class Engine:
         elif kernels and not kernels_support(head_dim):
             raise ValueError(f"kernels=True: the Triton kernels take head sizes that are powers of two >= 16, this model's is {head_dim}")
         model.use_kernels(kernels)
+        use_skinny(bool(kernels and self.config.skinny_gemm and model.device.type == "cuda"))
         self.warmup_s = 0.0
         # a model whose step cannot be captured (it syncs on the device) says so
         graphs = kernels and self.config.cuda_graphs and getattr(model, "cuda_graphs_ok", True) and model.device.type == "cuda"

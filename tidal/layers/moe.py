@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tidal.layers.linear import linear
+
 # Below this many (token, expert) pairs, gather each pair's weights and run
 # one batched matmul (no host sync); above it, loop over the experts in use.
 _GATHER_LIMIT = 16
@@ -77,7 +79,7 @@ def moe_parts(
 
     tokens = x.shape[0]
     config = moe_config(tokens, (fc1.shape[0], fc1.shape[2], fc2.shape[2], top_k), x.dtype, x.device)
-    logits = F.linear(x, router_w, router_b)
+    logits = linear(x, router_w, router_b)
     pow2 = all(n & (n - 1) == 0 for n in (fc1.shape[0], top_k))  # what the routing kernel takes
     if tokens <= MAX_TOKENS and pow2:
         weights, ids, pairs, block_expert = route_and_align(logits, top_k, config[0], x.dtype, renormalize)

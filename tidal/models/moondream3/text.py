@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from tidal.core import ForwardBatch
 from tidal.kernels import triton_available
+from tidal.layers.linear import linear
 from tidal.layers.moe import moe_forward, moe_parts
 from tidal.layers.rotary import PartialRotary
 
@@ -82,12 +83,12 @@ class TextAttention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch, layer: int, rotary: PartialRotary) -> torch.Tensor:
         """x [T, dim] (already normed) -> [T, dim]."""
         t = x.shape[0]
-        qkv = self.qkv(x)
+        qkv = linear(x, self.qkv.weight, self.qkv.bias)
         if self.fused_tau is not None:
             # tau, rotary and the K/V write in one kernel (same arithmetic as below)
             pool = batch.kv_pool
             q = tau_rope_kv(qkv, self.fused_tau, self.tau["alpha"], positions, batch.out_cache_loc, rotary.cos, rotary.sin, pool.k[layer], pool.v[layer], self.n_heads, self.head_dim)
-            return self.proj(batch.attn.attend(q, layer, batch).reshape(t, -1))
+            return linear(batch.attn.attend(q, layer, batch).reshape(t, -1), self.proj.weight, self.proj.bias)
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
         q = q.view(t, self.n_heads, self.head_dim)
@@ -162,4 +163,4 @@ class TextModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Raw hidden [N, dim] -> logits [N, vocab] (float32)."""
-        return self.lm_head(self.post_ln(hidden)).float()
+        return linear(self.post_ln(hidden), self.lm_head.weight, self.lm_head.bias).float()

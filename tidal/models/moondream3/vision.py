@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tidal.layers.linear import linear
+
 from .config import VisionConfig
 from .processor import stitch_crops
 
@@ -19,7 +21,7 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(inner, out or dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return linear(F.gelu(linear(x, self.fc1.weight, self.fc1.bias), approximate="tanh"), self.fc2.weight, self.fc2.bias)
 
 
 class VisionAttention(nn.Module):

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from tidal.core import ForwardBatch, KVLayout
 from tidal.errors import CheckpointError
+from tidal.layers.linear import linear
 from tidal.layers.moe import moe_forward, moe_parts
 from tidal.layers.norm import RMSNorm
 from tidal.layers.rotary import PartialRotary, rotate_halves
@@ -96,9 +97,9 @@ class Attention(nn.Module):
             from tidal.kernels.rms_norm import qk_norm_rope_kv
 
             pool = batch.kv_pool
-            qkv = F.linear(x, *self.qkv)
+            qkv = linear(x, *self.qkv)
             q = qk_norm_rope_kv(qkv, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin, batch.out_cache_loc, pool.k[layer], pool.v[layer], self.heads)
-            return self.o_proj(batch.attn.attend(q, layer, batch).reshape(t, -1))
+            return linear(batch.attn.attend(q, layer, batch).reshape(t, -1), self.o_proj.weight, self.o_proj.bias)
         q = self.q_norm(self.q_proj(x).view(t, self.heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).view(t, self.kv_heads, self.head_dim))
         v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
@@ -122,8 +123,8 @@ class DenseMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None:
-            gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
+            gate, up = linear(x, self.gate_up).chunk(2, dim=-1)
+            return linear(F.silu(gate) * up, self.down_proj.weight)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def parts(self, x: torch.Tensor) -> torch.Tensor:
@@ -244,7 +245,7 @@ class Qwen3MoeModel(nn.Module):
     def heads(self, hidden: torch.Tensor) -> tuple[torch.Tensor, None, dict[str, torch.Tensor]]:
         """hidden [N, hidden] -> (logits [N, vocab] float32, no extras, {"logits"})."""
         w = self.embed_tokens if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(self.norm(hidden), w).float()
+        logits = linear(self.norm(hidden), w).float()
         return logits, None, {"logits": logits}
 
     def extras_to_result(self, extras: list[int]) -> dict[str, Any]:
