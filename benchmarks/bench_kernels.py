@@ -57,8 +57,8 @@ PROJECTIONS = {
 SKINNY_SWEEP = ((16, 512, 4, 3), (32, 256, 4, 4), (16, 128, 4, 6), (32, 128, 8, 5), (64, 128, 8, 4))
 
 
-def graph_us(calls: list[Callable[[], object]]) -> float:
-    """Median GPU time of one call: all calls captured in one graph, replayed."""
+def graph_us(calls: list[Callable[[], object]], reps: int = 10) -> float:
+    """Median GPU time of one call: all calls captured in one graph, replayed reps times."""
     for fn in calls:
         fn()  # compile and pick library kernels outside the capture
     torch.cuda.synchronize()
@@ -68,7 +68,7 @@ def graph_us(calls: list[Callable[[], object]]) -> float:
             fn()
     graph.replay()
     times = []
-    for _ in range(10):
+    for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()

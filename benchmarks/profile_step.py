@@ -57,7 +57,6 @@ def microbench(model, bandwidth: float) -> list[str]:
     every call: what fits in L2 (batch-1 attention's 6 MB) reads faster than in
     a step; benchmarks/bench_kernels.py rotates copies past L2."""
     from benchmarks.bench_kernels import CALLS, graph_us
-
     from tidal.kernels.fused_moe import fused_experts
     from tidal.kernels.paged_attention import decode_attention, decode_splits
     from tidal.layers.moe import route

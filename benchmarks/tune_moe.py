@@ -20,13 +20,13 @@ import argparse
 import itertools
 import json
 import os
-import statistics
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_kernels import graph_us  # noqa: E402
 from bench_moondream import copy_bandwidth  # noqa: E402
 
 from tidal.kernels.fused_moe import (  # noqa: E402
@@ -63,22 +63,7 @@ def time_us(fn, reps: int, inner: int = 10) -> float:
     """GPU time of one call of fn: `inner` calls captured in a CUDA graph (as
     decode steps run them), median over reps replays. Timing launches one by
     one would measure the host at small step sizes (~35 us a Triton launch)."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(inner):
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / inner)
-    return statistics.median(times)
+    return graph_us([fn] * inner, reps)
 
 
 def tune_shape(name: str, tokens_list: tuple[int, ...], reps: int, quick: bool, bandwidth: float, deadline: float, save) -> list[tuple[int, tuple[int, int, int, int, int]]]:
