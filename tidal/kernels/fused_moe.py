@@ -70,7 +70,7 @@ def moe_config(tokens: int, shape: tuple[int, int, int, int] | None = None, dtyp
         table = _tuned().get(shape_key(*shape, dtype, _device_name(device)), MOE_CONFIGS)
     cfg = next((cfg for limit, cfg in table if tokens <= limit), table[-1][1])
     if dtype is not None and device is not None:
-        cfg = fit_stages(cfg, torch.empty((), dtype=dtype).element_size(), _shared_memory(device))
+        cfg = fit_stages(cfg, dtype.itemsize, _shared_memory(device))
     return cfg
 
 

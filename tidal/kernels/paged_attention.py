@@ -169,15 +169,15 @@ def _decode_reduce_kernel(
     tl.store(Out + b * stride_outb + h * stride_outh + d, out.to(Out.dtype.element_ty))
 
 
+MAX_SPLITS = 32  # also bounds the reduce's [splits, D] tile
+DECODE_BLOCK_N = 64
+
+
 def decode_splits(batch: int, heads: int, num_sms: int = 132) -> int:
     """Splits per sequence: enough programs (batch x heads x splits, about 8
     per SM) to keep the GPU's memory system busy at small batch; one at large
     batch. Each sequence's splits share its own keys at run time."""
     return max(1, min(MAX_SPLITS, 8 * num_sms // max(1, batch * heads)))
-
-
-MAX_SPLITS = 32  # also bounds the reduce's [splits, D] tile
-DECODE_BLOCK_N = 64
 
 
 def decode_attention(

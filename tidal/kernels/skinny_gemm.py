@@ -9,8 +9,9 @@ software-pipelined (num_stages), so there is one launch, no partial sums in
 memory, and a fixed summation order (deterministic). x's rows are padded to
 16 for the tensor-core product; the padding rows are masked out.
 
-Not yet wired into the models: benchmarks/bench_kernels.py measures it
-beside cuBLAS on the models' shapes first.
+The models reach it through tidal.layers.linear, behind
+EngineConfig(skinny_gemm=True) (off until benchmarks/bench_kernels.py and a
+decode run on the device show it faster than cuBLAS).
 """
 
 from __future__ import annotations
