@@ -50,6 +50,9 @@ PROJECTIONS = {
     "qwen3-vl-8b o": (4096, 4096),
     "qwen3-vl-8b gate_up": (24576, 4096),
     "qwen3-vl-8b down": (4096, 12288),
+    "moondream lm_head": (51200, 2048),
+    "qwen3-30b lm_head": (151936, 2048),
+    "qwen3-vl-8b lm_head": (151936, 4096),
 }
 
 
@@ -84,10 +87,10 @@ def copies(make: Callable[[], torch.Tensor], nbytes: int) -> list[torch.Tensor]:
 
 
 def projections(rows_list: list[int], bandwidth: float, results: dict, lines: list[str]) -> None:
-    from tidal.kernels.skinny_gemm import skinny_linear
+    from tidal.kernels.skinny_gemm import prefers_skinny, skinny_linear
 
-    lines.append("| projection | rows | floor us | cuBLAS us | skinny us | skinny / cuBLAS | best skinny config, us |")
-    lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+    lines.append("| projection | rows | floor us | cuBLAS us | skinny us | skinny / cuBLAS | auto takes | best skinny config, us |")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
     gen = torch.Generator(device=DEV).manual_seed(0)
     for name, (n, k) in PROJECTIONS.items():
         ws = copies(lambda: (torch.randn(n, k, device=DEV, generator=gen) / k**0.5).to(torch.bfloat16), n * k * 2)
@@ -103,8 +106,9 @@ def projections(rows_list: list[int], bandwidth: float, results: dict, lines: li
             # a few other launches: what the default heuristic leaves on the table
             swept = {cfg: graph_us([lambda w=ws[i % len(ws)], cfg=cfg: skinny_linear(x, w, config=cfg) for i in range(CALLS)]) for cfg in SKINNY_SWEEP}
             best = min(swept, key=swept.get)
-            results[f"proj {name} rows{rows}"] = {"floor_us": floor, "cublas_us": cublas, "skinny_us": skinny, "best_config": best, "best_us": swept[best]}
-            lines.append(f"| {name} ({n}x{k}) | {rows} | {floor:.1f} | {cublas:.1f} | {skinny:.1f} | {skinny / cublas:.2f} | {best}: {swept[best]:.1f} |")
+            auto = "skinny" if prefers_skinny(n, k) else "cuBLAS"
+            results[f"proj {name} rows{rows}"] = {"floor_us": floor, "cublas_us": cublas, "skinny_us": skinny, "auto": auto, "swept_us": {str(c): t for c, t in swept.items()}}
+            lines.append(f"| {name} ({n}x{k}) | {rows} | {floor:.1f} | {cublas:.1f} | {skinny:.1f} | {skinny / cublas:.2f} | {auto} | {best}: {swept[best]:.1f} |")
         del ws
 
 

@@ -304,10 +304,11 @@ def main() -> None:
             results["fast_decode_eager_runs"] = graphs.eager_runs
         md = _close(md)
 
-    if "skinny" in parts:  # the decode sweep to batch 16 with the Triton skinny projections (EngineConfig.skinny_gemm)
-        md = Moondream(model, tok, EngineConfig(max_running=16, prefix_cache=False, kernels=kernels, skinny_gemm=kernels))
-        decode_sweep(md, tuple(b for b in (1, 8, 16) if b <= 16), 740, 16 if args.quick else 32, results, "skinny", bandwidth)
-        md = _close(md)
+    if "skinny" in parts:  # the decode sweep to batch 16 with the other EngineConfig.skinny_gemm choices (decode ran "auto")
+        for mode in ("off", "all"):
+            md = Moondream(model, tok, EngineConfig(max_running=16, prefix_cache=False, kernels=kernels, skinny_gemm=mode))
+            decode_sweep(md, (1, 8, 16), 740, 16 if args.quick else 32, results, f"skinny_{mode}", bandwidth)
+            md = _close(md)
 
     if "latency" in parts:
         md = Moondream(model, tok, EngineConfig(max_running=64, kernels=kernels))  # prefix cache on

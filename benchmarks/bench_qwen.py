@@ -251,6 +251,28 @@ def tidal_decode(llm: LLM, batch: int, context: int, tokens: int, profile: bool 
     return statistics.median(times)
 
 
+def profile_prefill(llm: LLM, prompts: list[dict]) -> None:
+    """Kernels of the first step of these prompts together (its vision encoder
+    and prefill), timed on its own first, then profiled on fresh images' twins."""
+    reqs = [new_request(llm, p, 1) for p in prompts]
+    for r in reqs:
+        llm.engine.add_request(r)
+    sync()
+    t0 = time.perf_counter()
+    llm.engine.step()
+    sync()
+    positions = sum(n for _, n in llm.engine.stats.last_chunks)
+    print(f"prefill step of {len(prompts)} new images: {(time.perf_counter() - t0) * 1000:.1f} ms for {positions} positions", flush=True)
+    run_to_end(llm, reqs)
+    llm.engine.clear_prefix_cache()
+    reqs = [new_request(llm, p, 1) for p in prompts]  # the same images, their KV dropped: encoded and prefilled again
+    for r in reqs:
+        llm.engine.add_request(r)
+    print_profile(lambda: llm.engine.step(), f"prefill {len(prompts)} images", steps=1)
+    run_to_end(llm, reqs)
+    llm.engine.clear_prefix_cache()
+
+
 def print_profile(fn, label: str, steps: int) -> None:
     """GPU kernels of `steps` calls of fn (graph replays included), by total time."""
     from torch.profiler import ProfilerActivity, profile
@@ -347,7 +369,7 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--no-concurrent", action="store_true", help="skip the end-to-end concurrent run")
     ap.add_argument("--profile", action="store_true", help="print the GPU kernels of a few decode steps at each batch size")
-    ap.add_argument("--skinny", action="store_true", help="decode-sized projections through the Triton skinny product (EngineConfig.skinny_gemm)")
+    ap.add_argument("--skinny", choices=("off", "auto", "all"), default="auto", help="EngineConfig.skinny_gemm: which decode-sized projections run the Triton skinny product")
     args = ap.parse_args()
     vl = args.model == "vl"
     global PROFILE_DIR
@@ -400,6 +422,8 @@ def main() -> None:
         results["tidal_ttft_cached_image_ms"] = statistics.median([ttft_ms(llm, {"prompt_token_ids": chat_ids(question[:-1] + [rep + 5], True), "images": [image(*args.image, seed=202)]}) for rep in range(3)])
         print(f"tidal time to first token, {args.image[1]}x{args.image[0]}: new image {results['tidal_ttft_new_image_ms']:.1f} ms, cached {results['tidal_ttft_cached_image_ms']:.1f} ms", flush=True)
         prompts = [{"prompt_token_ids": chat_ids(question, True), "images": [image(*args.image, seed=1000 + i)]} for i in range(n_concurrent)]
+        if args.profile:  # one step that encodes and prefills eight new images, as the concurrent run's prefill steps do
+            profile_prefill(llm, [{"prompt_token_ids": chat_ids(question, True), "images": [image(*args.image, seed=500 + i)]} for i in range(8)])
     else:
         prompts = [text_prompt(10_000 + i, args.context) for i in range(n_concurrent)]
     if not args.no_concurrent:

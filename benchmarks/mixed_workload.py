@@ -213,6 +213,48 @@ def run_http(md, jobs: list[Job], images: list[Image.Image], concurrency: int) -
     return _summary(latencies, wall)
 
 
+@contextmanager
+def step_log(engine):
+    """Record each engine step of a run as (seconds, prefill positions, decode
+    rows): wraps engine.step on the instance, so the engine thread's loop
+    calls the wrapper. Every step ends in its one device-to-host read, so a
+    step's wall time holds its GPU work."""
+    log: list[tuple[float, int, int]] = []
+    step = engine.step
+
+    def timed():
+        before = engine.stats.steps
+        t0 = time.perf_counter()
+        out = step()
+        dt = time.perf_counter() - t0
+        chunks = engine.stats.last_chunks if engine.stats.steps > before else []  # nothing ran: no chunks
+        log.append((dt, sum(n for _, n in chunks if n > 1), sum(1 for _, n in chunks if n == 1)))
+        return out
+
+    engine.step = timed
+    try:
+        yield log
+    finally:
+        del engine.step
+
+
+def where_it_went(log: list[tuple[float, int, int]], wall: float) -> dict:
+    """Steps that prefilled (images, prompts; decode rows may ride along), decode-only
+    steps, and the engine's time outside steps (waiting for requests, the host)."""
+    pre = [s for s in log if s[1] > 0]
+    dec = [s for s in log if s[1] == 0 and s[2] > 0]
+    busy = sum(s[0] for s in pre) + sum(s[0] for s in dec)
+    return {
+        "prefill_steps": len(pre),
+        "prefill_s": sum(s[0] for s in pre),
+        "prefill_positions": sum(s[1] for s in pre),
+        "decode_steps": len(dec),
+        "decode_s": sum(s[0] for s in dec),
+        "decode_mean_batch": sum(s[2] for s in dec) / max(1, len(dec)),
+        "outside_steps_s": max(0.0, wall - busy),
+    }
+
+
 def measure(md, results: dict, label: str, concurrencies=(1, 16, 64), requests_per_client: int = 4, min_requests: int = 32, vias=("engine", "http")) -> None:
     """The mix at each concurrency, through the API and through HTTP."""
     eos = md.config.tokenizer.eos_id
@@ -225,12 +267,21 @@ def measure(md, results: dict, label: str, concurrencies=(1, 16, 64), requests_p
                 jobs, images = make_jobs(n, seed=c)
                 md.clear_cache()
                 steps0, replays0 = md.engine.stats.steps, _replays(md)
-                r = run(md, jobs, images, c)
+                t0 = time.perf_counter()
+                with step_log(md.engine) as log:
+                    r = run(md, jobs, images, c)
+                r |= where_it_went(log, time.perf_counter() - t0)
                 r["steps"] = md.engine.stats.steps - steps0
                 r["graph_share"] = (_replays(md) - replays0) / max(r["steps"], 1)
                 for k, v in r.items():
                     results[f"{label}_mixed_{via}_c{c}_{k}"] = v
                 print(f"{label} mixed via {via}, concurrency {c}: {r['req_s']:.1f} req/s, p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms ({r['requests']} requests, {r['steps']} engine steps, {r['graph_share']:.0%} replayed from graphs)", flush=True)
+                print(
+                    f"  where it went: {r['prefill_steps']} prefill steps {r['prefill_s']:.2f} s ({r['prefill_positions']} positions), "
+                    f"{r['decode_steps']} decode-only steps {r['decode_s']:.2f} s (mean batch {r['decode_mean_batch']:.1f}), "
+                    f"outside steps {r['outside_steps_s']:.2f} s",
+                    flush=True,
+                )
 
 
 def _replays(md) -> int:

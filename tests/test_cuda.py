@@ -285,22 +285,22 @@ def test_prefill_graphs_replay_and_give_the_reference_results():
 
 
 def test_skinny_projections_give_the_reference_results():
-    """EngineConfig(skinny_gemm=True): decode-sized projections run the Triton
-    skinny product inside the graphs, and every golden skill case still
-    matches the reference; an engine without it turns it off again."""
+    """EngineConfig(skinny_gemm="all"): every decode-sized projection runs the
+    Triton skinny product inside the graphs, and every golden skill case still
+    matches the reference; an engine with it off turns it off again."""
     from tidal import EngineConfig, Moondream
-    from tidal.layers.linear import skinny_enabled
+    from tidal.layers.linear import skinny_mode
 
-    md = Moondream.from_pretrained(GOLDEN, device="cuda", dtype="float32", engine_config=EngineConfig(skinny_gemm=True, max_running=8))
+    md = Moondream.from_pretrained(GOLDEN, device="cuda", dtype="float32", engine_config=EngineConfig(skinny_gemm="all", max_running=8))
     try:
-        assert skinny_enabled()
+        assert skinny_mode() == "all"
         for case in SKILL_CASES[:6]:
             assert_matches_golden(finished_request(md, case).skill.result(), case)
         assert md.engine.runner.graphs.replays > 0
     finally:
         md.close()
-    off = Moondream.from_pretrained(GOLDEN, device="cuda", dtype="float32", engine_config=EngineConfig(max_running=2))
+    off = Moondream.from_pretrained(GOLDEN, device="cuda", dtype="float32", engine_config=EngineConfig(skinny_gemm="off", max_running=2))
     try:
-        assert not skinny_enabled()
+        assert skinny_mode() == "off"
     finally:
         off.close()

@@ -223,11 +223,33 @@ def test_projections_are_torchs_linear_unless_the_skinny_kernel_may_run():
     gen = torch.Generator().manual_seed(5)
     x, w, b = torch.randn(3, 40, generator=gen), torch.randn(24, 40, generator=gen), torch.randn(24, generator=gen)
     want = torch.nn.functional.linear(x, w, b)
-    before = lin.skinny_enabled()
+    before = lin.skinny_mode()
     try:
-        for on in (False, True):
-            lin.use_skinny(on)
+        for mode in lin.SKINNY_MODES:
+            lin.use_skinny(mode)
             assert torch.equal(lin.linear(x, w, b), want)
             assert torch.equal(lin.linear(x, w), torch.nn.functional.linear(x, w))
+        with pytest.raises(ValueError, match="skinny_gemm"):
+            lin.use_skinny("sometimes")
     finally:
         lin.use_skinny(before)
+
+
+def test_skinny_gemm_setting_reads_bools_and_refuses_other_values():
+    from tidal.engine.engine import EngineConfig
+
+    assert EngineConfig().skinny_gemm == "auto"
+    assert EngineConfig(skinny_gemm=True).skinny_gemm == "all" and EngineConfig(skinny_gemm=False).skinny_gemm == "off"
+    with pytest.raises(ValueError, match="skinny_gemm"):
+        EngineConfig(skinny_gemm="fast")
+
+
+def test_skinny_auto_takes_the_shapes_measured_faster():
+    """The auto rule: routers and products with both sides >= 4096 (where the
+    H100 measured the kernel ahead), not Moondream's or Qwen3-30B's K = 2048
+    projections (cuBLAS level or ahead)."""
+    from tidal.kernels.skinny_gemm import prefers_skinny
+
+    assert prefers_skinny(64, 2048) and prefers_skinny(128, 2048)  # routers
+    assert prefers_skinny(6144, 4096) and prefers_skinny(24576, 4096) and prefers_skinny(4096, 12288)  # Qwen3-VL-8B
+    assert not prefers_skinny(6144, 2048) and not prefers_skinny(2048, 8192) and not prefers_skinny(5120, 2048)

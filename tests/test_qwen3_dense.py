@@ -1,7 +1,7 @@
 """Dense Qwen3 (`Qwen3ForCausalLM`) held to transformers (float32, CPU): the
 Qwen3-MoE decoder with a dense MLP in every layer. Logits at every output
 within 1e-4, greedy tokens alone, batched and from the prefix cache; the fused
-path (Triton kernels: under the CPU interpreter here) gives the torch path's logits."""
+path (Triton kernels: under the CPU interpreter here, on the GPU where there is one) gives the torch path's logits."""
 
 from __future__ import annotations
 
@@ -38,8 +38,8 @@ def checkpoint(tmp_path_factory):
     return hf, folder
 
 
-def _llm(folder, kernels: bool = False):
-    return tidal.LLM.from_pretrained(folder, device="cpu", dtype="float32", engine_config=EngineConfig(trace_logits=True, max_running=8, kernels=kernels))
+def _llm(folder, kernels: bool = False, device: str = "cpu"):
+    return tidal.LLM.from_pretrained(folder, device=device, dtype="float32", engine_config=EngineConfig(trace_logits=True, max_running=8, kernels=kernels))
 
 
 def test_logits_and_greedy_tokens_match_transformers(checkpoint):
@@ -62,9 +62,11 @@ def test_logits_and_greedy_tokens_match_transformers(checkpoint):
 
 def test_fused_path_gives_the_torch_paths_logits(checkpoint):
     _, folder = checkpoint
+    # the interpreter runs the kernels on CPU tensors only; with a GPU both paths run on it
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     out = {}
     for kernels in (False, True):
-        llm = _llm(folder, kernels)
+        llm = _llm(folder, kernels, device)
         try:
             out[kernels] = moe._run(llm, moe.PROMPTS[:2], 5)
         finally:

@@ -16,7 +16,7 @@ from tidal.engine.request import Request
 from tidal.engine.scheduler import CacheFullError, Chunk, Scheduler
 from tidal.kernels import triton_available
 from tidal.layers.attention import kernels_support, make_backend
-from tidal.layers.linear import use_skinny
+from tidal.layers.linear import SKINNY_MODES, use_skinny
 from tidal.runner.model_runner import ModelRunner
 from tidal.validation import as_float, as_int
 
@@ -50,9 +50,11 @@ class EngineConfig:
     prefill_graphs: also capture extend steps (prefills, image prefixes, mixed
     steps) per token-count bucket (tidal.runner.extend_graphs); off by default
     until measured on the device.
-    skinny_gemm: with kernels on CUDA, decode-sized projections (up to 16 rows)
-    run the Triton skinny product instead of cuBLAS (tidal.layers.linear; a
-    process-wide switch: the last engine made decides); off until measured."""
+    skinny_gemm: with kernels on CUDA, which decode-sized projections (up to
+    16 rows) run the Triton skinny product instead of cuBLAS: "auto" those
+    shapes where it measured faster (routers; both sides >= 4096), "all",
+    or "off" (True / False read as "all" / "off"). tidal.layers.linear; a
+    process-wide switch: the last engine made decides."""
 
     max_running: int = 64
     kv_pages: int | None = None
@@ -64,7 +66,7 @@ class EngineConfig:
     kernels: bool | None = None
     cuda_graphs: bool = True
     prefill_graphs: bool = False
-    skinny_gemm: bool = False
+    skinny_gemm: str = "auto"
 
     def __post_init__(self) -> None:
         self.max_running = as_int(self.max_running, "max_running", 1, 1 << 16)
@@ -73,6 +75,10 @@ class EngineConfig:
         self.token_budget = as_int(self.token_budget, "token_budget", 1, 1 << 30)
         self.kv_memory_fraction = as_float(self.kv_memory_fraction, "kv_memory_fraction", 0.0, 1.0, lo_open=True)
         self.cpu_kv_pages = as_int(self.cpu_kv_pages, "cpu_kv_pages", 2, 1 << 40)
+        if isinstance(self.skinny_gemm, bool):
+            self.skinny_gemm = "all" if self.skinny_gemm else "off"
+        if self.skinny_gemm not in SKINNY_MODES:
+            raise ValueError(f"skinny_gemm must be one of {', '.join(SKINNY_MODES)}, got {self.skinny_gemm!r}")
 
 
 @dataclass
@@ -99,7 +105,7 @@ class Engine:
         elif kernels and not kernels_support(head_dim):
             raise ValueError(f"kernels=True: the Triton kernels take head sizes that are powers of two >= 16, this model's is {head_dim}")
         model.use_kernels(kernels)
-        use_skinny(bool(kernels and self.config.skinny_gemm and model.device.type == "cuda"))
+        use_skinny(self.config.skinny_gemm if kernels and model.device.type == "cuda" else "off")
         self.warmup_s = 0.0
         # a model whose step cannot be captured (it syncs on the device) says so
         graphs = kernels and self.config.cuda_graphs and getattr(model, "cuda_graphs_ok", True) and model.device.type == "cuda"

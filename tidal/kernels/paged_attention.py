@@ -169,7 +169,10 @@ def _decode_reduce_kernel(
     tl.store(Out + b * stride_outb + h * stride_outh + d, out.to(Out.dtype.element_ty))
 
 
-MAX_SPLITS = 32  # also bounds the reduce's [splits, D] tile
+# Beyond 16 splits a sequence the extra programs cost more than they hide
+# (bench_kernels.py, H100: batch 1, 600-740 keys, 16 splits 9.5 / 6.2 us
+# against 32's 10.0 / 6.9 for Moondream / Qwen3-30B; Qwen at batch 8 too).
+MAX_SPLITS = 16  # also bounds the reduce's [splits, D] tile
 DECODE_BLOCK_N = 64
 
 

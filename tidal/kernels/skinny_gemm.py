@@ -10,8 +10,9 @@ memory, and a fixed summation order (deterministic). x's rows are padded to
 16 for the tensor-core product; the padding rows are masked out.
 
 The models reach it through tidal.layers.linear, behind
-EngineConfig(skinny_gemm=True) (off until benchmarks/bench_kernels.py and a
-decode run on the device show it faster than cuBLAS).
+EngineConfig(skinny_gemm): "auto" (the default) takes it only for the shapes
+where benchmarks/bench_kernels.py measured it ahead of cuBLAS on the H100
+(prefers_skinny), "all" for every decode-sized projection, "off" never.
 """
 
 from __future__ import annotations
@@ -50,10 +51,23 @@ def _skinny_kernel(
     tl.store(Y + m[:, None] * stride_ym + n[None, :], acc.to(Y.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
 
+def prefers_skinny(n: int, k: int) -> bool:
+    """Where the skinny product beat cuBLAS at 1 and 8 rows on the H100
+    (2026-12-06, bench_kernels.py, weights rotated past L2): routers (a few
+    hundred columns: cuBLAS 4.7 us, skinny 4.1) and products with both sides
+    at least 4096 (Qwen3-VL-8B's q/k/v, o, gate/up, down: 3-5% faster). At
+    K = 2048 (Moondream's and Qwen3-30B's projections) cuBLAS was level or
+    up to 12% ahead."""
+    return n <= 256 or (n >= 4096 and k >= 4096)
+
+
 def skinny_config(n: int, k: int, num_sms: int = 132) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages): the widest column block that
     still gives every SM at least two programs, so each SM streams its share
-    of W with several tiles in flight."""
+    of W with several tiles in flight. A router's few columns: one narrow
+    block with long K tiles (the fastest launch measured for 64-128 x 2048)."""
+    if n <= 256:
+        return 16, 512 if k >= 512 else max(16, triton.next_power_of_2(k)), 4, 3
     block_n = 16
     while block_n < 128 and triton.cdiv(n, block_n * 2) >= 2 * num_sms:
         block_n *= 2
