@@ -252,4 +252,16 @@ def test_skinny_auto_takes_the_shapes_measured_faster():
 
     assert prefers_skinny(64, 2048) and prefers_skinny(128, 2048)  # routers
     assert prefers_skinny(6144, 4096) and prefers_skinny(24576, 4096) and prefers_skinny(4096, 12288)  # Qwen3-VL-8B
+    assert prefers_skinny(51200, 2048) and prefers_skinny(151936, 2048)  # lm_heads
     assert not prefers_skinny(6144, 2048) and not prefers_skinny(2048, 8192) and not prefers_skinny(5120, 2048)
+
+
+def test_skinny_tiles_fit_shared_memory_in_either_dtype():
+    from tidal.kernels.skinny_gemm import MAX_ROWS, skinny_config
+
+    for shared in (227 << 10, 99 << 10):  # H100; a consumer card
+        for n, k in ((64, 2048), (6144, 4096), (51200, 2048), (151936, 4096), (4096, 12288)):
+            for itemsize in (2, 4):
+                block_n, block_k, _, stages = skinny_config(n, k, itemsize=itemsize, shared_bytes=shared)
+                assert (block_n + MAX_ROWS) * block_k * itemsize * (stages - 1) <= shared - 4096 and stages >= 2 and block_k >= 16
+    assert skinny_config(151936, 4096) == (128, 256, 4, 4)  # the bf16 launch measured on the H100 stays

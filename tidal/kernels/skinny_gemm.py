@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tidal.kernels.fused_moe import _shared_memory
+
 MAX_ROWS = 16  # one tensor-core tile of rows; larger batches go to cuBLAS
 
 
@@ -54,25 +56,39 @@ def _skinny_kernel(
 def prefers_skinny(n: int, k: int) -> bool:
     """Where the skinny product beat cuBLAS at 1 and 8 rows on the H100
     (2026-12-06, bench_kernels.py, weights rotated past L2): routers (a few
-    hundred columns: cuBLAS 4.7 us, skinny 4.1) and products with both sides
-    at least 4096 (Qwen3-VL-8B's q/k/v, o, gate/up, down: 3-5% faster). At
-    K = 2048 (Moondream's and Qwen3-30B's projections) cuBLAS was level or
-    up to 12% ahead."""
-    return n <= 256 or (n >= 4096 and k >= 4096)
+    hundred columns: cuBLAS 4.7 us, skinny 4.1), lm_heads (tens of thousands
+    of columns: 3-6% faster) and products with both sides at least 4096
+    (Qwen3-VL-8B's q/k/v, o, gate/up, down: 0-6% faster). For the other
+    K = 2048 projections of Moondream and Qwen3-30B cuBLAS was level or up
+    to 12% ahead."""
+    return n <= 256 or n >= 32768 or (n >= 4096 and k >= 4096)
 
 
-def skinny_config(n: int, k: int, num_sms: int = 132) -> tuple[int, int, int, int]:
+H100_SHARED = 227 << 10  # bytes a block may opt into
+
+
+def skinny_config(n: int, k: int, num_sms: int = 132, itemsize: int = 2, shared_bytes: int = H100_SHARED) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages): the widest column block that
     still gives every SM at least two programs, so each SM streams its share
     of W with several tiles in flight. A router's few columns: one narrow
-    block with long K tiles (the fastest launch measured for 64-128 x 2048)."""
+    block with long K tiles (the fastest launch measured for 64-128 x 2048).
+    Stages, then BLOCK_K, shrink until the tiles fit shared memory (float32
+    weights take twice bf16's bytes): the pipeline holds stages - 1 tiles of
+    x and W (a bf16 lm_head at 4 stages compiles on the H100, float32 did not),
+    less 4 KiB of the kernel's own scratch."""
     if n <= 256:
-        return 16, 512 if k >= 512 else max(16, triton.next_power_of_2(k)), 4, 3
-    block_n = 16
-    while block_n < 128 and triton.cdiv(n, block_n * 2) >= 2 * num_sms:
-        block_n *= 2
-    block_k = 256 if k >= 256 else max(16, triton.next_power_of_2(k))
-    return block_n, block_k, 4, 4
+        block_n, block_k, stages = 16, 512 if k >= 512 else max(16, triton.next_power_of_2(k)), 3
+    else:
+        block_n = 16
+        while block_n < 128 and triton.cdiv(n, block_n * 2) >= 2 * num_sms:
+            block_n *= 2
+        block_k, stages = (256 if k >= 256 else max(16, triton.next_power_of_2(k))), 4
+    while (block_n + MAX_ROWS) * block_k * itemsize * (stages - 1) > shared_bytes - 4096:
+        if stages > 2:
+            stages -= 1
+        else:
+            block_k //= 2
+    return block_n, block_k, 4, stages
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
@@ -84,7 +100,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     if rows == 0:
         return y
-    block_n, block_k, warps, stages = config or skinny_config(n, k)
+    shared = min(H100_SHARED, _shared_memory(x.device)) if x.is_cuda else H100_SHARED
+    block_n, block_k, warps, stages = config or skinny_config(n, k, itemsize=weight.element_size(), shared_bytes=shared)
     _skinny_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, y,
         rows, n, k,
