@@ -250,6 +250,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on any device: a dry run of the script itself")
     ap.add_argument("--only", default=None, help=f"comma-separated parts to run, of {','.join(PARTS)} (default: all)")
+    ap.add_argument("--host-profile", action="store_true", help="mixed part: cProfile the engine thread's steps at the highest concurrency")
     ap.add_argument("--memory-gb", type=float, default=None, help="cap this process's device memory (e.g. 24 for a 24 GB card)")
     args = ap.parse_args()
     global FULL, KV_BYTES_PER_POSITION
@@ -363,7 +364,7 @@ def main() -> None:
         import mixed_workload
 
         md = Moondream(model, tok, EngineConfig(max_running=64, kernels=kernels))
-        mixed_workload.measure(md, results, "fast", concurrencies=(1, 4) if args.tiny else (1, 16, 64), requests_per_client=2 if args.quick else 4)
+        mixed_workload.measure(md, results, "fast", concurrencies=(1, 4) if args.tiny else (1, 16, 64), requests_per_client=2 if args.quick else 4, host_profile=args.host_profile)
         md = _close(md)
         # larger prefill steps: the experts' weights are read once for more images
         md = Moondream(model, tok, EngineConfig(max_running=64, kernels=kernels, token_budget=8192))

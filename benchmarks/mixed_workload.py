@@ -15,7 +15,9 @@ its full length (restored afterwards).
 from __future__ import annotations
 
 import base64
+import cProfile
 import io
+import pstats
 import random
 import socket
 import statistics
@@ -214,18 +216,23 @@ def run_http(md, jobs: list[Job], images: list[Image.Image], concurrency: int) -
 
 
 @contextmanager
-def step_log(engine):
+def step_log(engine, host_profile=None):
     """Record each engine step of a run as (seconds, prefill positions, decode
     rows): wraps engine.step on the instance, so the engine thread's loop
     calls the wrapper. Every step ends in its one device-to-host read, so a
-    step's wall time holds its GPU work."""
+    step's wall time holds its GPU work. host_profile: a cProfile.Profile to
+    run inside each step (the engine thread's Python, where the host goes)."""
     log: list[tuple[float, int, int]] = []
     step = engine.step
 
     def timed():
         before = engine.stats.steps
         t0 = time.perf_counter()
+        if host_profile is not None:
+            host_profile.enable()
         out = step()
+        if host_profile is not None:
+            host_profile.disable()
         dt = time.perf_counter() - t0
         chunks = engine.stats.last_chunks if engine.stats.steps > before else []  # nothing ran: no chunks
         log.append((dt, sum(n for _, n in chunks if n > 1), sum(1 for _, n in chunks if n == 1)))
@@ -255,8 +262,10 @@ def where_it_went(log: list[tuple[float, int, int]], wall: float) -> dict:
     }
 
 
-def measure(md, results: dict, label: str, concurrencies=(1, 16, 64), requests_per_client: int = 4, min_requests: int = 32, vias=("engine", "http")) -> None:
-    """The mix at each concurrency, through the API and through HTTP."""
+def measure(md, results: dict, label: str, concurrencies=(1, 16, 64), requests_per_client: int = 4, min_requests: int = 32, vias=("engine", "http"), host_profile: bool = False) -> None:
+    """The mix at each concurrency, through the API and through HTTP. host_profile:
+    print where the engine thread's Python went at the highest concurrency
+    (cProfile slows the host: its req/s is not the figure to report)."""
     eos = md.config.tokenizer.eos_id
     runs = {"engine": run_engine, "http": run_http}
     with no_early_stop(md.model, eos):
@@ -267,9 +276,13 @@ def measure(md, results: dict, label: str, concurrencies=(1, 16, 64), requests_p
                 jobs, images = make_jobs(n, seed=c)
                 md.clear_cache()
                 steps0, replays0 = md.engine.stats.steps, _replays(md)
+                prof = cProfile.Profile() if host_profile and c == max(concurrencies) else None
                 t0 = time.perf_counter()
-                with step_log(md.engine) as log:
+                with step_log(md.engine, prof) as log:
                     r = run(md, jobs, images, c)
+                if prof is not None:
+                    print(f"-- engine thread's Python in steps, {via}, concurrency {c} (cProfile: slower than unprofiled) --", flush=True)
+                    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
                 r |= where_it_went(log, time.perf_counter() - t0)
                 r["steps"] = md.engine.stats.steps - steps0
                 r["graph_share"] = (_replays(md) - replays0) / max(r["steps"], 1)
