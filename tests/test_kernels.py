@@ -304,6 +304,25 @@ def test_residual_norm(tokens, dim, k, norm, dtype):
         assert got_h is None
 
 
+# -- SwiGLU's silu(gate) * up -----------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens, inner", [(1, 48), (5, 96), (3, 1500)] + ([(1, 12288), (700, 12288)] if CUDA else []))
+def test_silu_mul(tokens, inner, dtype):
+    """One pass over the fused gate/up output equals torch's silu(gate) * up
+    (float32 tight; bf16 rounded as torch rounds, within bf16 tolerance);
+    a row that is a view (stride wider than 2I) reads right."""
+    from tidal.kernels.silu_mul import silu_mul
+
+    gen = torch.Generator().manual_seed(tokens * 7 + inner)
+    wide = (torch.randn(tokens, 2 * inner + 8, generator=gen) * 3).to(dtype)
+    x = wide[:, : 2 * inner]
+    gate, up = x.float().chunk(2, dim=-1)
+    want = (torch.nn.functional.silu(gate).to(dtype).float() * up).to(dtype)
+    got = silu_mul(x.to(DEV))
+    assert got.shape == (tokens, inner) and got.dtype == dtype
+    assert rel(got.cpu(), want) <= tol(dtype)
+
+
 # -- Qwen: residual add + RMSNorm; q/k RMSNorm + rotary + KV write -----------------------------------
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("tokens, dim, k, add, norm", [(1, 64, 1, True, True), (6, 96, 4, True, True), (5, 64, 2, True, False), (3, 64, 1, False, True)] + ([(1, 2048, 8, True, True), (300, 4096, 1, True, True)] if CUDA else []))

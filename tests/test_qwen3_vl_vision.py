@@ -55,3 +55,23 @@ def test_a_two_frame_grid(towers):
     grids = [(2, 4, 6), (1, 2, 2)]
     patches = torch.randn(sum(t * h * w for t, h, w in grids), 3 * 2 * 8 * 8, generator=torch.Generator().manual_seed(1))
     _compare(hf, ours, patches, grids)
+
+
+def test_grid_tables_are_cached_and_follow_new_weights(towers):
+    """A grid's resampled position embeddings and rotary tables are made once
+    (the same tensors come back), and writing new position weights in place
+    (as loading does) gives tables of the new weights: transformers' output
+    again after both towers' tables changed."""
+    import copy
+
+    hf, ours = copy.deepcopy(towers)
+    first = ours._grid_tables(4, 6)
+    assert all(a is b for a, b in zip(first, ours._grid_tables(4, 6)))
+    with torch.no_grad():
+        bump = torch.randn_like(ours.pos_embed.weight)
+        ours.pos_embed.weight.add_(bump)
+        hf.pos_embed.weight.add_(bump)
+    assert not torch.equal(ours._grid_tables(4, 6)[0], first[0])
+    grids = [(1, 4, 6)]
+    patches = torch.randn(24, 3 * 2 * 8 * 8, generator=torch.Generator().manual_seed(2))
+    _compare(hf, ours, patches, grids)

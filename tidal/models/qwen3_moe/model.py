@@ -122,9 +122,10 @@ class DenseMLP(nn.Module):
         self.gate_up = self._fused[0] if enabled and self._fused is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up is not None:
-            gate, up = linear(x, self.gate_up).chunk(2, dim=-1)
-            return linear(F.silu(gate) * up, self.down_proj.weight)
+        if self.gate_up is not None:  # kernels on: fused gate/up, one silu * up kernel
+            from tidal.kernels.silu_mul import silu_mul
+
+            return linear(silu_mul(linear(x, self.gate_up)), self.down_proj.weight)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def parts(self, x: torch.Tensor) -> torch.Tensor:

@@ -195,6 +195,7 @@ class Qwen3VLModel(nn.Module):
         missing, extra = self.visual.load_state_dict({k: v.to(self.visual.pos_embed.weight.dtype) for k, v in visual.items()}, strict=False, assign=False)
         if missing or extra:
             raise CheckpointError(f"the vision tower's weights do not match: missing {missing[:8]}, unexpected {extra[:8]}")
+        self.visual.clear_grid_cache()
 
 
 def _spans(sizes: list[int]) -> list[tuple[int, int]]:

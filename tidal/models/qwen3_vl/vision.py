@@ -128,6 +128,9 @@ class VisionModel(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.merger = Merger(cfg, norm_after_shuffle=False)
         self.deepstack_merger_list = nn.ModuleList(Merger(cfg, norm_after_shuffle=True) for _ in cfg.deepstack_visual_indexes)
+        # per grid (h, w): its resampled position embeddings and rotary cos/sin;
+        # images of one size recur (the resample alone took 1.6 ms an image on the H100)
+        self._grid_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, patches: torch.Tensor, grids: list[tuple[int, int, int]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """patches [N, C*T*P*P] of the images (or videos) with grids (t, h, w),
@@ -151,25 +154,42 @@ class VisionModel(nn.Module):
         return grid.reshape(h // m, m, w // m, m, *grid.shape[2:]).transpose(1, 2).reshape(h * w, *grid.shape[2:])
 
     def _positions(self, grids: list[tuple[int, int, int]]) -> torch.Tensor:
-        """Learned position embeddings, bilinearly resampled (corners aligned) to each grid."""
-        side = int(self.cfg.num_position_embeddings**0.5)
-        table = self.pos_embed.weight.float().reshape(side, side, -1).permute(2, 0, 1)[None]  # [1, C, side, side]
-        out = []
-        for t, h, w in grids:
-            grid = F.interpolate(table, size=(h, w), mode="bilinear", align_corners=True)[0].permute(1, 2, 0)  # [h, w, C]
-            out.append(self._merge_order(grid).repeat(t, 1))
-        return torch.cat(out)
+        """Learned position embeddings, bilinearly resampled (corners aligned) to each grid: [N, C] float32."""
+        return torch.cat([self._grid_tables(h, w)[0].repeat(t, 1) for t, h, w in grids])
 
     def _rotary(self, grids: list[tuple[int, int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [N, head_dim / 2]: the first half of the angles from the patch row, the second from its column."""
+        tables = [self._grid_tables(h, w) for _, h, w in grids]
+        cos = torch.cat([c.repeat(t, 1) for (t, _, _), (_, c, _) in zip(grids, tables)])
+        sin = torch.cat([s.repeat(t, 1) for (t, _, _), (_, _, s) in zip(grids, tables)])
+        return cos, sin
+
+    def _grid_tables(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One frame of an (h, w) patch grid, in merge-window order: position
+        embeddings [h*w, C] float32, rotary cos and sin [h*w, head_dim / 2].
+        Cached per grid; the key holds the table's storage and version, so new
+        weights (loaded or edited in place) are resampled afresh."""
+        weight = self.pos_embed.weight
+        key = (h, w, weight.device, weight.data_ptr(), weight._version)
+        hit = self._grid_cache.get(key)
+        if hit is not None:
+            return hit
+        side = int(self.cfg.num_position_embeddings**0.5)
+        table = weight.float().reshape(side, side, -1).permute(2, 0, 1)[None]  # [1, C, side, side]
+        grid = F.interpolate(table, size=(h, w), mode="bilinear", align_corners=True)[0].permute(1, 2, 0)  # [h, w, C]
+        device = weight.device
         head_dim = self.cfg.hidden_size // self.cfg.num_heads
         spatial = head_dim // 2
         inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, spatial, 2, dtype=torch.float32, device=device) / spatial))
-        angles = []
-        for t, h, w in grids:
-            rows = torch.arange(h, device=device)[:, None].expand(h, w)
-            cols = torch.arange(w, device=device)[None, :].expand(h, w)
-            pos = self._merge_order(torch.stack([rows, cols], dim=-1)).repeat(t, 1).float()  # [h*w*t, 2]
-            angles.append(torch.cat([pos[:, :1] * inv_freq, pos[:, 1:] * inv_freq], dim=-1))
-        a = torch.cat(angles)
-        return a.cos(), a.sin()
+        rows = torch.arange(h, device=device)[:, None].expand(h, w)
+        cols = torch.arange(w, device=device)[None, :].expand(h, w)
+        pos = self._merge_order(torch.stack([rows, cols], dim=-1)).float()  # [h*w, 2]
+        angles = torch.cat([pos[:, :1] * inv_freq, pos[:, 1:] * inv_freq], dim=-1)
+        if len(self._grid_cache) >= 64:  # a bound: many sizes seen once each
+            self._grid_cache.clear()
+        hit = self._grid_cache[key] = (self._merge_order(grid), angles.cos(), angles.sin())
+        return hit
+
+    def clear_grid_cache(self) -> None:
+        """Forget the per-grid tables (the loader calls it after writing weights)."""
+        self._grid_cache.clear()
