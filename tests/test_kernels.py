@@ -304,6 +304,25 @@ def test_residual_norm(tokens, dim, k, norm, dtype):
         assert got_h is None
 
 
+# -- rotary, halves layout (Qwen3-VL's vision tower) ------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens, heads, dim", [(1, 4, 16), (7, 6, 72), (5, 3, 8)] + ([(3000, 32, 72)] if CUDA else []))
+def test_rope_halves(tokens, heads, dim, dtype):
+    """The one-pass kernel equals tidal.layers.rotary.rotate_halves (float32
+    tight, bf16 within tolerance) on a strided view, as the tower hands it q and k."""
+    from tidal.kernels.rope import rope_halves
+    from tidal.layers.rotary import rotate_halves
+
+    gen = torch.Generator().manual_seed(tokens + heads + dim)
+    qkv = torch.randn(tokens, 3, heads, dim, generator=gen).to(dtype)
+    x = qkv[:, :2].reshape(tokens, 2 * heads, dim)  # a view: rows 3 * heads * dim apart
+    angles = torch.rand(tokens, dim // 2, generator=gen) * 50
+    want = rotate_halves(x, angles.cos(), angles.sin())
+    got = rope_halves(x.to(DEV), angles.cos().to(DEV), angles.sin().to(DEV))
+    assert got.shape == want.shape and got.dtype == dtype
+    assert rel(got.cpu(), want) <= tol(dtype)
+
+
 # -- SwiGLU's silu(gate) * up -----------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("tokens, inner", [(1, 48), (5, 96), (3, 1500)] + ([(1, 12288), (700, 12288)] if CUDA else []))

@@ -173,8 +173,10 @@ class Qwen3VLModel(nn.Module):
         return {}
 
     def use_kernels(self, enabled: bool) -> None:
-        """The decoder's fused path (see tidal.models.qwen3_moe.model); the vision tower stays torch."""
+        """The decoder's fused path (see tidal.models.qwen3_moe.model); the vision
+        tower's rotary (its other parts are torch's)."""
         self.language_model.use_kernels(enabled)
+        self.visual.use_kernels(enabled)
 
     # -- weights -----------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

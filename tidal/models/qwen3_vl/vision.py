@@ -66,11 +66,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.heads = cfg.num_heads
+        self.kernels = False  # the Triton rotary (VisionModel.use_kernels)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         n, dim = x.shape
         qkv = self.qkv(x).view(n, 3, self.heads, dim // self.heads)
-        qk = rotate_halves(qkv[:, :2].reshape(n, 2 * self.heads, -1), cos, sin).view(n, 2, self.heads, -1)  # q and k in one pass
+        rotate = rotate_halves
+        if self.kernels:
+            from tidal.kernels.rope import rope_halves as rotate
+        qk = rotate(qkv[:, :2].reshape(n, 2 * self.heads, -1), cos, sin).view(n, 2, self.heads, -1)  # q and k in one pass
         q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]
         out = torch.empty_like(q)
         start = 0
@@ -189,6 +193,11 @@ class VisionModel(nn.Module):
             self._grid_cache.clear()
         hit = self._grid_cache[key] = (self._merge_order(grid), angles.cos(), angles.sin())
         return hit
+
+    def use_kernels(self, enabled: bool) -> None:
+        """Rotary through the Triton kernel (tidal.kernels.rope); the rest stays torch."""
+        for block in self.blocks:
+            block.attn.kernels = enabled
 
     def clear_grid_cache(self) -> None:
         """Forget the per-grid tables (the loader calls it after writing weights)."""
