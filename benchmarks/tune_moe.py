@@ -31,6 +31,7 @@ from bench_moondream import copy_bandwidth  # noqa: E402
 
 from tidal.kernels.fused_moe import (  # noqa: E402
     MOE_CONFIGS,
+    TUNED_FILE,
     align_by_expert,
     expert_pairs,
     shape_key,
@@ -50,8 +51,8 @@ def candidates(tokens: int, top_k: int, experts: int, quick: bool) -> list[tuple
     block_m = [m for m in (16, 32, 64, 128) if m <= max(16, 4 * per_expert)]
     grid = itertools.product(block_m, (32, 64, 128), (64, 128, 256), (4, 8), (2, 3, 4))
     out = [c for c in grid if not (c[0] >= 64 and c[1] >= 128 and c[2] >= 256)]  # too much shared memory
-    if quick:
-        out = [c for c in out if c[3] == 4 and c[4] in (3, 4) and c[2] != 256]
+    if quick:  # 8 warps only where the tiles are large enough to feed them (prefill sizes)
+        out = [c for c in out if (c[3] == 4 or (tokens >= 512 and c[0] >= 64)) and c[4] in (3, 4) and c[2] != 256]
     return out
 
 
@@ -128,7 +129,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--budget-s", type=float, default=float("inf"), help="stop starting new step sizes after this long (split evenly over the shapes)")
-    ap.add_argument("--quick", action="store_true", help="fewer candidates (4 warps, 3-4 stages, BLOCK_K <= 128)")
+    ap.add_argument("--quick", action="store_true", help="fewer candidates (3-4 stages, BLOCK_K <= 128; 8 warps only from 512 tokens)")
+    ap.add_argument("--merge", action="store_true", help="keep the committed table's rows for the step sizes not tuned in this run")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("tuning needs a CUDA device")
@@ -137,9 +139,13 @@ def main() -> None:
     out: dict[str, list] = {}
     path = os.path.join(args.out, "moe_configs.json")
 
+    committed = json.loads(TUNED_FILE.read_text()) if args.merge and TUNED_FILE.is_file() else {}
+
     def save_as(key: str):
         def save(table) -> None:  # after every step size: a run cut short keeps what it tuned
-            out[key] = table
+            tuned = {limit for limit in args.tokens}
+            kept = [row for row in committed.get(key, []) if row[0] not in tuned]
+            out[key] = sorted(kept + [row for row in table if row[0] in tuned], key=lambda row: row[0]) if kept else table
             with open(path, "w") as f:
                 json.dump(out, f, indent=1)
         return save
