@@ -235,3 +235,23 @@ def test_a_failing_skill_fails_only_its_request(fresh):
     with pytest.raises(RequestError, match="skill bug"):
         handle.wait()
     assert_matches_golden(run_case(md, good, golden_image("tall")), good)
+
+
+def test_the_prefill_warm_up_leaves_no_trace(fresh):
+    """The start-up ladder of prefill steps (run on CUDA to compile the kernels;
+    called here directly) ends with no request, no cached prefix, no page
+    held and fresh counters, and the engine's results are the golden ones."""
+    from tidal.engine.engine import prefill_warm_sizes
+
+    assert prefill_warm_sizes(300) == [127, 128, 255, 256, 299, 300]
+    assert prefill_warm_sizes(2048)[-2:] == [2047, 2048] and all(n > 64 for n in prefill_warm_sizes(2048))
+    md = fresh(token_budget=300)
+    seen = []
+    run = md.engine.runner.run
+    md.engine.runner.run = lambda steps, **kw: seen.append(sum(item_len(i) for s in steps for i in s.items)) or run(steps, **kw)
+    md.loop.call(lambda engine: engine._warm_prefill())
+    assert seen == prefill_warm_sizes(300)  # one step each, nothing else
+    assert md.engine.stats.steps == 0 and md.engine.kv_usage()["cached"] == 0
+    assert_engine_idle(md.engine)
+    case = SKILL_CASES[0]
+    assert_matches_golden(run_case(md, case, golden_image(case["image"])), case)
