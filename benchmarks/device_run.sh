@@ -10,13 +10,15 @@
 #   bash benchmarks/device_run.sh qwen-vl     # Qwen3-VL-8B beside transformers
 #   bash benchmarks/device_run.sh profile     # batch-1 decode kernel by kernel: Moondream 3 and Qwen3-30B-A3B
 #   bash benchmarks/device_run.sh variants    # decode-sized kernels alone, variants beside cuBLAS and floors
+#   bash benchmarks/device_run.sh prefill     # Qwen3-VL prefill profile + 128 chats, Moondream mixed workload with host profile
+#   bash benchmarks/device_run.sh tune-prefill  # fused-MoE block sizes at 512-4096 tokens (8 warps too), merged into the table
 #
 # Run from the repository root with the wheels the device image lacks in .whl/
 # (fastapi, uvicorn, pydantic and their dependencies, Pillow 13; see
 # docs/PERFORMANCE.md) and, for md-rest, the authors' reference in peers/.
 # Results land in $OUT; TIDAL_COMMIT names the commit in them.
 set -uo pipefail
-part="${1:?which part: tests, kernels, tune, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants}"
+part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill}"
 out="${OUT:-.}"
 if [ -d .whl ]; then
   pip install -q --no-deps --target /tmp/deps .whl/*.whl 2>&1 | grep -v -i "warning" | tail -2
@@ -35,6 +37,7 @@ case "$part" in
       timeout 450 python -m pytest -q -p no:cacheprovider "$f" 2>&1 | tail -3 | sed "s|^|$f: |"
     done ;;
   tune) timeout 570 python benchmarks/tune_moe.py --out "$out" --quick --budget-s 480 ;;  # decode sizes first, then prefill sizes while time lasts
+  tune-prefill) timeout 570 python benchmarks/tune_moe.py --out "$out" --quick --merge --tokens 512 1024 2048 4096 --budget-s 480 ;;
   md-decode) timeout 570 python benchmarks/bench_moondream.py --only decode --out "$out" 2>&1 | grep -v "capturing" ;;
   md-rest) timeout 570 python benchmarks/bench_moondream.py --only latency,pgraphs,torch,reference,mixed --out "$out" 2>&1 | grep -v "capturing" ;;
   qwen-moe) timeout 570 python benchmarks/bench_qwen.py --model moe --out "$out" --profile 2>&1 | grep -v "capturing" | tail -80 ;;
@@ -48,5 +51,8 @@ case "$part" in
     for flag in "" --skinny; do
       timeout 70 python benchmarks/bench_qwen.py --model moe --no-hf --no-concurrent --batches 1 8 $flag --out "$out" 2>&1 | grep "tidal decode" | sed "s|^|qwen3-30b ${flag:-cublas}: |"
     done ;;
+  prefill)
+    timeout 150 python benchmarks/bench_qwen.py --model vl --no-hf --batches 1 128 --profile --out "$out" 2>&1 | grep -v "capturing" | tail -60
+    timeout 300 python benchmarks/bench_moondream.py --quick --only mixed --host-profile --out "$out" 2>&1 | grep -v "capturing" | tail -80 ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
