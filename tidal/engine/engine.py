@@ -42,9 +42,10 @@ def prefill_warm_sizes(limit: int) -> list[int]:
     p = 128
     while p // 2 < limit:
         top = min(p, limit)
-        sizes |= {top, top - 1} if top > 65 else set()
+        sizes |= {top, top - 1}
         p *= 2
     return sorted(n for n in sizes if n > 64)
+
 
 _FAILED = object()  # a step result: the request failed and has been finished
 
@@ -71,7 +72,7 @@ class EngineConfig:
     compiles in the first 32 requests of a fresh H100 machine).
     skinny_gemm: with kernels on CUDA, which decode-sized projections (up to
     16 rows) run the Triton skinny product instead of cuBLAS: "auto" those
-    shapes where it measured faster (routers; both sides >= 4096), "all",
+    shapes where it measured faster (routers, lm_heads, both sides >= 4096), "all",
     or "off" (True / False read as "all" / "off"). tidal.layers.linear; a
     process-wide switch: the last engine made decides."""
 
@@ -167,7 +168,7 @@ class Engine:
         from tidal.engine.generate import GenerateSkill
         from tidal.engine.sampling import SamplingParams
 
-        vocab = getattr(self.model, "vocab_size", 2)
+        vocab = self.model.vocab_size
         sizes = prefill_warm_sizes(min(self.config.token_budget, self.max_context - 2))
         for n in tqdm(sizes, desc="compiling prefill kernels", unit="step"):
             # each prompt its own first token: no prompt is a cached prefix of the next

@@ -141,7 +141,7 @@ class VisionModel(nn.Module):
         concatenated -> (tokens [N / m^2, out], deepstack features: each [N / m^2, out])."""
         x = self.patch_embed(patches)
         x = x + self._positions(grids).to(x.dtype)
-        cos, sin = self._rotary(grids, x.device)
+        cos, sin = self._rotary(grids)
         lengths = [h * w for t, h, w in grids for _ in range(t)]  # attention within each frame
         deep = []
         for i, block in enumerate(self.blocks):
@@ -161,7 +161,7 @@ class VisionModel(nn.Module):
         """Learned position embeddings, bilinearly resampled (corners aligned) to each grid: [N, C] float32."""
         return torch.cat([self._grid_tables(h, w)[0].repeat(t, 1) for t, h, w in grids])
 
-    def _rotary(self, grids: list[tuple[int, int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rotary(self, grids: list[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [N, head_dim / 2]: the first half of the angles from the patch row, the second from its column."""
         tables = [self._grid_tables(h, w) for _, h, w in grids]
         cos = torch.cat([c.repeat(t, 1) for (t, _, _), (_, c, _) in zip(grids, tables)])
@@ -172,9 +172,10 @@ class VisionModel(nn.Module):
         """One frame of an (h, w) patch grid, in merge-window order: position
         embeddings [h*w, C] float32, rotary cos and sin [h*w, head_dim / 2].
         Cached per grid; the key holds the table's storage and version, so new
-        weights (loaded or edited in place) are resampled afresh."""
+        weights (loaded or edited in place) are resampled afresh (an inference
+        tensor has no version: loading clears the cache, clear_grid_cache)."""
         weight = self.pos_embed.weight
-        key = (h, w, weight.device, weight.data_ptr(), weight._version)
+        key = (h, w, weight.device, weight.data_ptr(), -1 if weight.is_inference() else weight._version)
         hit = self._grid_cache.get(key)
         if hit is not None:
             return hit
