@@ -10,7 +10,7 @@
 #   bash benchmarks/device_run.sh qwen-vl     # Qwen3-VL-8B beside transformers
 #   bash benchmarks/device_run.sh profile     # batch-1 decode kernel by kernel: Moondream 3 and Qwen3-30B-A3B
 #   bash benchmarks/device_run.sh variants    # decode-sized kernels alone, variants beside cuBLAS and floors
-#   bash benchmarks/device_run.sh prefill     # Qwen3-VL prefill profile + 128 chats, Moondream mixed workload with host profile
+#   bash benchmarks/device_run.sh prefill     # Qwen3-VL prefill profile + 128 chats; a Moondream mixed step's wall vs GPU time; the mixed workload with host profile
 #   bash benchmarks/device_run.sh tune-prefill  # fused-MoE block sizes at 512-4096 tokens (8 warps too), merged into the table
 #
 # Run from the repository root with the wheels the device image lacks in .whl/
@@ -53,6 +53,7 @@ case "$part" in
     done ;;
   prefill)
     timeout 150 python benchmarks/bench_qwen.py --model vl --no-hf --batches 1 128 --profile --out "$out" 2>&1 | grep -v "capturing" | tail -60
-    timeout 300 python benchmarks/bench_moondream.py --quick --only mixed --host-profile --out "$out" 2>&1 | grep -v "capturing" | tail -80 ;;
+    timeout 150 python benchmarks/profile_step.py --batch 1 --mixed --out "$out" 2>&1 | grep -A28 "=== mixed"
+    timeout 240 python benchmarks/bench_moondream.py --quick --only mixed --host-profile --out "$out" 2>&1 | grep -v "capturing" | tail -80 ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac

@@ -1,12 +1,14 @@
 """Where a decode step's time goes, kernel by kernel, and how the big kernels
 do against their own floors.
 
-    PYTHONPATH=. python3 benchmarks/profile_step.py [--batch 1 32] [--out DIR]
+    PYTHONPATH=. python3 benchmarks/profile_step.py [--batch 1 32] [--prefill 1 2] [--mixed] [--out DIR]
 
 Random bf16 weights at full size. For each batch size: the graph replay's
 time (GPU time of the whole step), then torch.profiler over the same step run
 eagerly through the same function (kernel names, counts, CUDA time), then the
 fused MoE and decode attention alone against bytes / copy bandwidth.
+--prefill: image prefill steps; --mixed: a step of 48 decoding sequences and
+two new images, its wall time against its GPU kernel time (host-bound or not).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -137,15 +140,57 @@ def prefill_report(md: Moondream, n_images: int) -> list[str]:
     return out
 
 
+def mixed_report(md: Moondream, decode_rows: int = 48, sizes=((1280, 720), (1920, 1080))) -> list[str]:
+    """A step as the mixed workload's busy steps are: `decode_rows` sequences
+    decoding plus one new image of each size prefilled (encoder, image prefix,
+    question). Wall time against the GPU's kernel time in the same step: what
+    the host adds (eager launches, per-sequence work) when steps run eagerly."""
+    from benchmarks.bench_moondream import image
+
+    reqs = decoding(md, decode_rows)
+    seeds = iter(range(7000, 8000))
+
+    def images_step(profiled=None) -> float:
+        new = [Request(skill=FixedLength(1), pending=[0, md._image_item(image(w, h, next(seeds))), 1, 15381, 2, 54, 60, 3], bidir_len=730) for w, h in sizes]
+        for r in new:
+            md.engine.add_request(r)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        if profiled is not None:
+            with profiled:
+                md.engine.step()
+                torch.cuda.synchronize()
+        else:
+            md.engine.step()
+            torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) * 1000
+        assert len(md.engine.stats.last_chunks) == decode_rows + len(sizes), "the step did not hold every sequence"
+        while not all(r.finished for r in new):
+            md.engine.step()
+        return wall
+
+    images_step()  # compiles and warms
+    walls = [images_step() for _ in range(3)]
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    images_step(prof)
+    table = kernel_table(prof)
+    gpu_ms = float(table.splitlines()[-1].split()[-1]) / 1000
+    for r in reqs:
+        md.engine.abort(r)
+    head = f"\n=== mixed step: {decode_rows} decoding + new images {sizes}: {statistics.median(walls):.1f} ms wall (median of 3), {gpu_ms:.1f} ms of GPU kernels ==="
+    return [head, table]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--prefill", type=int, nargs="*", default=[], help="also profile image prefill steps of these many requests")
+    ap.add_argument("--mixed", action="store_true", help="also profile a mixed step: 48 decoding sequences and two new images")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     bandwidth = copy_bandwidth()
     model = build(MoondreamConfig(), torch.bfloat16)
-    md = Moondream(model, build_tokenizer(model.config.text.vocab_size), EngineConfig(prefix_cache=False, max_running=max(args.batch)))
+    md = Moondream(model, build_tokenizer(model.config.text.vocab_size), EngineConfig(prefix_cache=False, max_running=max(*args.batch, 64 if args.mixed else 1)))
     graphs = md.engine.runner.graphs
     report = [f"copy bandwidth {bandwidth / 1e12:.2f} TB/s"]
     for batch in args.batch:
@@ -162,6 +207,8 @@ def main() -> None:
             md.engine.abort(r)
     for n in args.prefill:
         report += prefill_report(md, n)
+    if args.mixed:
+        report += mixed_report(md)
     report += ["", *microbench(model, bandwidth)]
     md.close()
     text = "\n".join(report)
