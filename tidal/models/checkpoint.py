@@ -93,3 +93,23 @@ def build_and_load(make: Callable[[], torch.nn.Module], files: dict[str, Path], 
     load_device = str(device) if torch.device(device).type == "cuda" else "cpu"
     model.load_weights(iter_weights(files, load_device))
     return model.eval().requires_grad_(False)
+
+
+def raise_weight_problems(architecture: str, missing: list[str], unexpected: list[str], mismatched: list[str] = ()) -> None:
+    """A strict load's verdict: CheckpointError naming (the first few of) the
+    missing weights, the unexpected ones and the shape mismatches; nothing
+    when all three are empty."""
+    problems = []
+    if missing:
+        problems.append(f"missing weights ({len(missing)}): {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected weights ({len(unexpected)}): {_names(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches ({len(mismatched)}): {_names(list(mismatched))}")
+    if problems:
+        raise CheckpointError(f"checkpoint does not match the {architecture} architecture: " + "; ".join(problems))
+
+
+def _names(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... and {len(items) - limit} more" if len(items) > limit else "")

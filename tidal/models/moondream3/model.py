@@ -11,7 +11,7 @@ import torch.nn as nn
 from PIL import Image
 
 from tidal.core import FEED_COORD, FEED_SIZE, ForwardBatch, KVLayout
-from tidal.errors import CheckpointError
+from tidal.models.checkpoint import raise_weight_problems
 
 from .config import MoondreamConfig
 from .processor import (
@@ -160,17 +160,4 @@ class Moondream3Model(nn.Module):
                 param.copy_(tensor.to(device=param.device, dtype=param.dtype))
             seen.add(name)
         missing = sorted(WEIGHT_PREFIX + n for n in params if n not in seen)
-        problems = []
-        if missing:
-            problems.append(f"missing weights ({len(missing)}): {_names(missing)}")
-        if unexpected:
-            problems.append(f"unexpected weights ({len(unexpected)}): {_names(sorted(unexpected))}")
-        if mismatched:
-            problems.append(f"shape mismatches ({len(mismatched)}): {_names(mismatched)}")
-        if problems:
-            raise CheckpointError("checkpoint does not match the Moondream 3 architecture: " + "; ".join(problems))
-
-
-def _names(items: list[str], limit: int = 8) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... and {len(items) - limit} more" if len(items) > limit else "")
+        raise_weight_problems("Moondream 3", missing, sorted(unexpected), mismatched)

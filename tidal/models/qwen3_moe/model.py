@@ -29,6 +29,7 @@ from tidal.layers.linear import linear
 from tidal.layers.moe import moe_forward, moe_parts
 from tidal.layers.norm import RMSNorm
 from tidal.layers.rotary import PartialRotary, rotate_halves
+from tidal.models.checkpoint import raise_weight_problems
 
 from .config import Qwen3MoeConfig
 
@@ -313,14 +314,7 @@ class Qwen3MoeModel(nn.Module):
                 continue  # tied: the embedding serves
             else:
                 unexpected.append(key)
-        missing = _missing(params, seen, self.config)
-        problems = []
-        if missing:
-            problems.append(f"missing weights ({len(missing)}): {', '.join(missing[:8])}")
-        if unexpected:
-            problems.append(f"unexpected weights ({len(unexpected)}): {', '.join(unexpected[:8])}")
-        if problems:
-            raise CheckpointError("checkpoint does not match the Qwen3-MoE architecture: " + "; ".join(problems))
+        raise_weight_problems("Qwen3-MoE", _missing(params, seen, self.config), unexpected)
 
 
 def _missing(params: dict[str, torch.Tensor], seen: set[str], cfg: Qwen3MoeConfig) -> list[str]:
