@@ -304,3 +304,28 @@ def test_skinny_projections_give_the_reference_results():
         assert skinny_mode() == "off"
     finally:
         off.close()
+
+
+def test_the_prefill_warm_up_changes_nothing_but_compile_time():
+    """With kernels on CUDA the engine prefills a ladder of prompts at start-up
+    (EngineConfig.warm_prefill): afterwards it is idle, its counters and prefix
+    cache empty, and a golden case's every output logit equals, bit for bit,
+    an engine made without the warm-up."""
+    from conftest import assert_engine_idle
+
+    from tidal import EngineConfig, Moondream
+
+    traces = {}
+    for warm in (True, False):
+        md = Moondream.from_pretrained(GOLDEN, device="cuda", dtype="float32", engine_config=EngineConfig(warm_prefill=warm, trace_logits=True, max_running=4))
+        try:
+            if warm:
+                assert md.engine.stats.steps == 0 and md.engine.kv_usage()["cached"] == 0
+                assert_engine_idle(md.engine)
+            req = finished_request(md, SKILL_CASES[0])
+            assert_matches_golden(req.skill.result(), SKILL_CASES[0])
+            traces[warm] = [t.logits for t in req.trace]
+        finally:
+            md.close()
+    assert len(traces[True]) == len(traces[False]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(traces[True], traces[False]))
