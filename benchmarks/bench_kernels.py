@@ -13,7 +13,8 @@ Parts:
 - projections: torch's linear (cuBLAS) against tidal.kernels.skinny_gemm for
   Moondream 3, Qwen3-30B-A3B and Qwen3-VL-8B projection shapes;
 - tau + rotary + K/V write at batch 1: the projection's tile and warps;
-- decode attention: splits per sequence (Moondream's 32 heads; Qwen's GQA).
+- decode attention: splits per sequence (Moondream's 32 heads; Qwen's GQA),
+  the splits combined by a second launch or by their last program.
 Prints a table; writes DIR/bench-kernels.json.
 """
 
@@ -143,13 +144,16 @@ def tau(bandwidth: float, results: dict, lines: list[str]) -> None:
 
 
 def attention(bandwidth: float, results: dict, lines: list[str]) -> None:
+    """Decode attention at several split counts, with the splits combined by
+    a second launch and by the last split program (FUSED_REDUCE; checked equal
+    bit for bit here first, under the GPU's real concurrency)."""
     from tidal.kernels.paged_attention import decode_attention, decode_splits
 
-    lines.append("\n| decode attention | batch | context | splits | us | floor us |")
-    lines.append("| --- | --- | --- | --- | --- | --- |")
+    lines.append("\n| decode attention | batch | context | splits | two launches us | fused reduce us | floor us |")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- |")
     gen = torch.Generator(device=DEV).manual_seed(2)
-    for label, heads, kv_heads, dim, ctx in (("moondream", 32, 32, 64, 740), ("qwen3-30b", 32, 4, 128, 600)):
-        for batch in (1, 8):
+    for label, heads, kv_heads, dim, ctx in (("moondream", 32, 32, 64, 740), ("qwen3-30b", 32, 4, 128, 600), ("qwen3-vl-8b", 32, 8, 128, 1000)):
+        for batch in (1, 8, 64):
             slots = batch * ctx + 1
             n_copies = max(2, min(CALLS, 2 * L2_BYTES // (2 * slots * kv_heads * dim * 2) + 1))
             caches = [(torch.randn(slots, kv_heads, dim, device=DEV, generator=gen).to(torch.bfloat16), torch.randn(slots, kv_heads, dim, device=DEV, generator=gen).to(torch.bfloat16)) for _ in range(n_copies)]
@@ -159,11 +163,19 @@ def attention(bandwidth: float, results: dict, lines: list[str]) -> None:
             q = torch.randn(batch, heads, dim, device=DEV, generator=gen).to(torch.bfloat16)
             floor = batch * ctx * kv_heads * dim * 2 * 2 / bandwidth * 1e6
             default = decode_splits(batch, kv_heads)
-            for splits in sorted({default, 4, 8, 16, 32}):
-                us = graph_us([lambda kv=caches[i % n_copies], s=splits: decode_attention(q, kv[0], kv[1], table, rows, lens, s) for i in range(CALLS)])
-                results[f"attention {label} b{batch} splits{splits}"] = us
+            for splits in sorted({default, 1, 4, 8, 16} if batch < 64 else {default, 1, 2}):
+                timed = {}
+                for fused in (False, True):
+                    if fused and splits == 1:
+                        continue  # one split writes its output directly: nothing to fuse
+                    want = decode_attention(q, caches[0][0], caches[0][1], table, rows, lens, splits, fused_reduce=False)
+                    got = decode_attention(q, caches[0][0], caches[0][1], table, rows, lens, splits, fused_reduce=fused)
+                    assert torch.equal(got, want), f"{label} b{batch} splits {splits}: the fused reduce differs"
+                    timed[fused] = graph_us([lambda kv=caches[i % n_copies], s=splits, f=fused: decode_attention(q, kv[0], kv[1], table, rows, lens, s, fused_reduce=f) for i in range(CALLS)])
+                    results[f"attention {label} b{batch} splits{splits}{' fused' if fused else ''}"] = timed[fused]
                 mark = " (default)" if splits == default else ""
-                lines.append(f"| {label} ({heads}/{kv_heads} heads) | {batch} | {ctx} | {splits}{mark} | {us:.1f} | {floor:.1f} |")
+                fused_us = f"{timed[True]:.1f}" if True in timed else "-"
+                lines.append(f"| {label} ({heads}/{kv_heads} heads) | {batch} | {ctx} | {splits}{mark} | {timed[False]:.1f} | {fused_us} | {floor:.1f} |")
             del caches
 
 

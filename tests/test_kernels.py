@@ -74,6 +74,7 @@ DECODE_CASES = [
     ([1, 130, 64, 257], 4, 4, 4),
     ([731, 5, 300], 4, 2, 3),
     ([70, 1, 33], 8, 1, 32),
+    ([40, 7], 4, 2, 1),  # GQA, one split: the split kernel writes the output itself
 ] + ([([4096, 740, 1500, 33] * 8, 32, 32, 4), ([750] * 64, 32, 32, 1), ([3000, 17], 32, 4, 32), ([512] * 16 + [3], 32, 8, 8)] if CUDA else [])
 
 
@@ -97,6 +98,27 @@ def test_decode_attention(case, dtype):
     )
     assert got is out
     assert rel(got.cpu(), want) <= tol(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [c for c in DECODE_CASES if c[3] > 1], ids=lambda c: f"B{len(c[0])}-H{c[1]}/{c[2]}-splits{c[3]}")
+def test_decode_attention_fused_reduce_equals_the_second_launch(case, dtype):
+    """The reduce done by each sequence's last split program gives the
+    two-launch result bit for bit (same combine, same split order), twice in a
+    row (its ticket counters are back at zero after each launch)."""
+    from tidal.kernels import paged_attention as pa
+
+    kv_lens, heads, heads_kv, splits = case
+    gen = torch.Generator().manual_seed(len(kv_lens) * 17 + heads)
+    seqs = [(1, n, 0) for n in kv_lens]
+    k, v, table, rows = _paged_cache(seqs, heads_kv, 64, dtype, gen)
+    q = torch.randn(len(seqs), heads, 64, generator=gen).to(dtype)
+    args = (q.to(DEV), k.to(DEV), v.to(DEV), table.to(DEV), torch.tensor(rows, device=DEV), torch.tensor(kv_lens, dtype=torch.int32, device=DEV))
+    want = pa.decode_attention(*args, num_splits=splits, fused_reduce=False)
+    for _ in range(2):
+        got = pa.decode_attention(*args, num_splits=splits, out=torch.full_like(want, float("nan")), fused_reduce=True)
+        assert torch.equal(got, want)
+        assert int(pa._counters(want.device, 1).abs().sum()) == 0
 
 
 EXTEND_CASES = [

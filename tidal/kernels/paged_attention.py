@@ -9,7 +9,9 @@ key). Split-K: a sequence's keys are cut into a fixed number of splits (the
 grid, fixed for a CUDA graph) sized at run time by its own length; each
 program covers one split and writes a partial output and log-sum-exp (splits
 past a short sequence's end exit at once); a second kernel combines the splits in a fixed order,
-so results do not depend on scheduling (no atomics anywhere). With grouped
+so results do not depend on scheduling (or, with FUSED_REDUCE, the last split program of a
+sequence does, counting arrivals on a ticket: the only atomic, never a sum). One split: the
+split kernel writes the output itself. With grouped
 queries (GQA: several query heads per KV head) a program takes all the query
 heads of one KV head, so each key and value is read once, not once per query
 head; scores and the weighted sum are then small matrix products.
@@ -39,15 +41,16 @@ def _split_len(kv_len, nsplit, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, Table, Rows, KvLens, PartO, PartLse,
+    Q, K, V, Table, Rows, KvLens, PartO, PartLse, Out, Counter,
     stride_qb, stride_qh,
     stride_ks, stride_kh,
     stride_vs, stride_vh,
     stride_tr,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
+    stride_outb, stride_outh,
     sm_scale, nsplit,
-    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, NS: tl.constexpr, DIRECT: tl.constexpr, FUSED: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -81,21 +84,32 @@ def _decode_split_kernel(
         m_i = m_new
     has = l_i > 0
     lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
-    tl.store(PartO + b * stride_ob + h * stride_oh + s * stride_os + d, acc / tl.where(has, l_i, 1.0))
-    tl.store(PartLse + b * stride_lb + h * stride_lh + s + tl.arange(0, 1), lse)
+    o = acc / tl.where(has, l_i, 1.0)
+    if DIRECT:  # one split: its output is the answer (what the reduce would give, bit for bit)
+        tl.store(Out + b * stride_outb + h * stride_outh + d, o.to(Out.dtype.element_ty))
+    else:
+        tl.store(PartO + b * stride_ob + h * stride_oh + s * stride_os + d, o)
+        tl.store(PartLse + b * stride_lb + h * stride_lh + s + tl.arange(0, 1), lse)
+        if FUSED:
+            tl.debug_barrier()  # every thread's partial stored before the ticket
+            if tl.atomic_add(Counter + b * tl.num_programs(1) + h, 1, sem="acq_rel") == tl.cdiv(kv_len, chunk) - 1:
+                _combine(PartO, PartLse, Out, b, h, tl.cdiv(kv_len, chunk), stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh, NS, D)
+                tl.atomic_xchg(Counter + b * tl.num_programs(1) + h, 0)  # ready for the next launch (or replay)
 
 
 @triton.jit
 def _decode_group_split_kernel(
-    Q, K, V, Table, Rows, KvLens, PartO, PartLse,
+    Q, K, V, Table, Rows, KvLens, PartO, PartLse, Out, Counter,
     stride_qb, stride_qh,
     stride_ks, stride_kh,
     stride_vs, stride_vh,
     stride_tr,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
+    stride_outb, stride_outh,
     sm_scale, nsplit,
     GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    NS: tl.constexpr, DIRECT: tl.constexpr, FUSED: tl.constexpr,
 ):
     """One program: the GROUP query heads of one KV head (padded to GP rows,
     the smallest matrix-product tile), one split of one sequence."""
@@ -140,8 +154,35 @@ def _decode_group_split_kernel(
         m_i = m_new
     has = l_i > 0
     lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
-    tl.store(PartO + b * stride_ob + h[:, None] * stride_oh + s * stride_os + d[None, :], acc / tl.where(has, l_i, 1.0)[:, None], mask=gm[:, None])
-    tl.store(PartLse + b * stride_lb + h * stride_lh + s, lse, mask=gm)
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    if DIRECT:  # one split: its output is the answer (what the reduce would give, bit for bit)
+        tl.store(Out + b * stride_outb + h[:, None] * stride_outh + d[None, :], o.to(Out.dtype.element_ty), mask=gm[:, None])
+    else:
+        tl.store(PartO + b * stride_ob + h[:, None] * stride_oh + s * stride_os + d[None, :], o, mask=gm[:, None])
+        tl.store(PartLse + b * stride_lb + h * stride_lh + s, lse, mask=gm)
+        if FUSED:
+            tl.debug_barrier()  # every thread's partials stored before the ticket
+            if tl.atomic_add(Counter + b * tl.num_programs(1) + kvh, 1, sem="acq_rel") == tl.cdiv(kv_len, chunk) - 1:
+                for g1 in tl.static_range(GROUP):
+                    _combine(PartO, PartLse, Out, b, kvh * GROUP + g1, tl.cdiv(kv_len, chunk), stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh, NS, D)
+                tl.atomic_xchg(Counter + b * tl.num_programs(1) + kvh, 0)  # ready for the next launch (or replay)
+
+
+@triton.jit
+def _combine(PartO, PartLse, Out, b, h, active, stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh, NS: tl.constexpr, D: tl.constexpr):
+    """Head h of sequence b: its `active` splits combined all at once in a
+    [NS, D] tile, in split order (NS <= MAX_SPLITS: small enough to stay in
+    registers; walking them one at a time cost twice as much at batch 1).
+    Loads bypass L1 (.cg): in the fused form other programs wrote them."""
+    s = tl.arange(0, NS)
+    d = tl.arange(0, D)
+    smask = s < active
+    lse = tl.load(PartLse + b * stride_lb + h * stride_lh + s, mask=smask, other=float("-inf"), cache_modifier=".cg")
+    m = tl.max(lse, axis=0)
+    w = tl.where(smask, tl.exp(lse - m), 0.0)
+    o = tl.load(PartO + b * stride_ob + h * stride_oh + s[:, None] * stride_os + d[None, :], mask=smask[:, None], other=0.0, cache_modifier=".cg")
+    out = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
+    tl.store(Out + b * stride_outb + h * stride_outh + d, out.to(Out.dtype.element_ty))
 
 
 @triton.jit
@@ -152,21 +193,11 @@ def _decode_reduce_kernel(
     stride_outb, stride_outh,
     nsplit, BLOCK_N: tl.constexpr, NS: tl.constexpr, D: tl.constexpr,
 ):
-    """Combines the splits that hold keys, all at once in a [NS, D] tile
-    (NS <= MAX_SPLITS: small enough to stay in registers; walking them one at
-    a time cost twice as much at batch 1)."""
+    """The splits' second launch: one program per (sequence, head)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
-    s = tl.arange(0, NS)
-    d = tl.arange(0, D)
     kv_len = tl.load(KvLens + b)
-    smask = s < tl.cdiv(kv_len, _split_len(kv_len, nsplit, BLOCK_N))
-    lse = tl.load(PartLse + b * stride_lb + h * stride_lh + s, mask=smask, other=float("-inf"))
-    m = tl.max(lse, axis=0)
-    w = tl.where(smask, tl.exp(lse - m), 0.0)
-    o = tl.load(PartO + b * stride_ob + h * stride_oh + s[:, None] * stride_os + d[None, :], mask=smask[:, None], other=0.0)
-    out = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
-    tl.store(Out + b * stride_outb + h * stride_outh + d, out.to(Out.dtype.element_ty))
+    _combine(PartO, PartLse, Out, b, h, tl.cdiv(kv_len, _split_len(kv_len, nsplit, BLOCK_N)), stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh, NS, D)
 
 
 # Beyond 16 splits a sequence the extra programs cost more than they hide
@@ -183,6 +214,24 @@ def decode_splits(batch: int, heads: int, num_sms: int = 132) -> int:
     return max(1, min(MAX_SPLITS, 8 * num_sms // max(1, batch * heads)))
 
 
+# The reduce inside the split kernel: the last split program of a sequence
+# (a per-(sequence, head group) ticket counter) combines the partials in split
+# order, so results are the two-launch form's, deterministic. Off until
+# benchmarks/bench_kernels.py shows the saved launch on the device.
+FUSED_REDUCE = False
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 tickets for the fused reduce, kept per device (each
+    combining program puts its own back to 0); made outside graph capture."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        assert not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()), "the fused reduce's counters must exist before a graph is captured"
+        buf = _COUNTERS[device] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+    return buf
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -192,41 +241,50 @@ def decode_attention(
     kv_lens: torch.Tensor,
     num_splits: int,
     out: torch.Tensor | None = None,
+    fused_reduce: bool | None = None,
 ) -> torch.Tensor:
     """q [B, H, D]; k/v_cache [S, Hkv, D]; table [R, C]; rows, kv_lens [B] ->
     out [B, H, D]. Grid sizes depend only on (B, H, num_splits), so the launch
-    is graph-capturable."""
+    is graph-capturable. One split: the split kernel writes out itself.
+    fused_reduce (default FUSED_REDUCE): several splits combined by the last
+    of them instead of a second launch."""
     bsz, heads, dim = q.shape
     group = heads // k_cache.shape[1]
-    part_o = torch.empty((bsz, heads, num_splits, dim), dtype=torch.float32, device=q.device)
-    part_lse = torch.empty((bsz, heads, num_splits), dtype=torch.float32, device=q.device)
+    direct = num_splits == 1
+    fused = not direct and (FUSED_REDUCE if fused_reduce is None else fused_reduce)
+    part_o = torch.empty((bsz, heads, 1 if direct else num_splits, dim), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((bsz, heads, 1 if direct else num_splits), dtype=torch.float32, device=q.device)
     if out is None:
         out = torch.empty_like(q)
+    counter = _counters(q.device, bsz * heads) if fused else part_lse
     args = (
-        q, k_cache, v_cache, table, rows, kv_lens, part_o, part_lse,
+        q, k_cache, v_cache, table, rows, kv_lens, part_o, part_lse, out, counter,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1),
         table.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2),
         part_lse.stride(0), part_lse.stride(1),
+        out.stride(0), out.stride(1),
         dim**-0.5, num_splits,
     )
+    ns = triton.next_power_of_2(num_splits)
     if group == 1:
-        _decode_split_kernel[(bsz, heads, num_splits)](*args, GROUP=1, D=dim, BLOCK_N=DECODE_BLOCK_N, num_warps=4, num_stages=3)
+        _decode_split_kernel[(bsz, heads, num_splits)](*args, GROUP=1, D=dim, BLOCK_N=DECODE_BLOCK_N, NS=ns, DIRECT=direct, FUSED=fused, num_warps=4, num_stages=3)
     else:
         _decode_group_split_kernel[(bsz, heads // group, num_splits)](
             *args, GROUP=group, GP=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_N=DECODE_BLOCK_N, IEEE=q.dtype == torch.float32,
-            num_warps=4, num_stages=3,
+            NS=ns, DIRECT=direct, FUSED=fused, num_warps=4, num_stages=3,
         )
-    _decode_reduce_kernel[(bsz, heads)](
-        part_o, part_lse, out, kv_lens,
-        part_o.stride(0), part_o.stride(1), part_o.stride(2),
-        part_lse.stride(0), part_lse.stride(1),
-        out.stride(0), out.stride(1),
-        num_splits, BLOCK_N=DECODE_BLOCK_N, NS=triton.next_power_of_2(num_splits), D=dim,
-        num_warps=4,
-    )
+    if not direct and not fused:
+        _decode_reduce_kernel[(bsz, heads)](
+            part_o, part_lse, out, kv_lens,
+            part_o.stride(0), part_o.stride(1), part_o.stride(2),
+            part_lse.stride(0), part_lse.stride(1),
+            out.stride(0), out.stride(1),
+            num_splits, BLOCK_N=DECODE_BLOCK_N, NS=ns, D=dim,
+            num_warps=4,
+        )
     return out
 
 
