@@ -14,7 +14,8 @@ Parts:
   Moondream 3, Qwen3-30B-A3B and Qwen3-VL-8B projection shapes;
 - tau + rotary + K/V write at batch 1: the projection's tile and warps;
 - decode attention: splits per sequence (Moondream's 32 heads; Qwen's GQA),
-  the splits combined by a second launch or by their last program.
+  the splits combined by a second launch or by their last program;
+- a MoE router's product and routing: two launches, or one (FUSED_ROUTER).
 Prints a table; writes DIR/bench-kernels.json.
 """
 
@@ -179,6 +180,36 @@ def attention(bandwidth: float, results: dict, lines: list[str]) -> None:
             del caches
 
 
+def router(bandwidth: float, results: dict, lines: list[str]) -> None:
+    """A MoE layer's router product and routing at decode sizes: the router's
+    linear (as EngineConfig(skinny_gemm="auto") runs it) then the routing
+    launch, against both in one launch (moe_route.FUSED_ROUTER) at a few K
+    slices a program; the same experts and layout are checked first."""
+    from tidal.kernels.moe_route import route_and_align, router_route_and_align
+    from tidal.layers.linear import linear, use_skinny
+
+    use_skinny("auto")
+    lines.append("\n| router + routing | tokens | floor us | two launches us | one launch us (K per program) |")
+    lines.append("| --- | --- | --- | --- | --- |")
+    gen = torch.Generator(device=DEV).manual_seed(3)
+    for label, experts, dim, top_k, bias in (("moondream", 64, 2048, 8, True), ("qwen3-30b", 128, 2048, 8, False)):
+        ws = copies(lambda: (torch.randn(experts, dim, device=DEV, generator=gen) / dim**0.5).to(torch.bfloat16), experts * dim * 2)
+        b = torch.randn(experts, device=DEV, generator=gen).to(torch.bfloat16) if bias else None
+        for tokens in (1, 8):
+            x = torch.randn(tokens, dim, device=DEV, generator=gen).to(torch.bfloat16)
+            want = route_and_align(linear(x, ws[0], b), top_k, 16, torch.bfloat16)
+            got = router_route_and_align(x, ws[0], b, top_k, 16)
+            same = torch.equal(got[1], want[1])
+            two = graph_us([lambda w=ws[i % len(ws)]: route_and_align(linear(x, w, b), top_k, 16, torch.bfloat16) for i in range(CALLS)])
+            one = {bk: graph_us([lambda w=ws[i % len(ws)], bk=bk: router_route_and_align(x, w, b, top_k, 16, block_k=bk) for i in range(CALLS)]) for bk in (64, 128, 256)}
+            floor = experts * dim * 2 / bandwidth * 1e6
+            results[f"router {label} t{tokens}"] = {"floor_us": floor, "two_launches_us": two, "one_launch_us": one, "same_experts": same}
+            cells = ", ".join(f"{us:.1f} ({bk})" for bk, us in one.items())
+            lines.append(f"| {label} (E {experts}, D {dim}) | {tokens} | {floor:.1f} | {two:.1f} | {cells}{'' if same else ' (experts differ: bf16 ties)'} |")
+        del ws
+    use_skinny("off")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -197,6 +228,7 @@ def main() -> None:
     projections(args.rows, bandwidth, results, lines)
     tau(bandwidth, results, lines)
     attention(bandwidth, results, lines)
+    router(bandwidth, results, lines)
     with open(os.path.join(args.out, "bench-kernels.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(f"{results['gpu']}, commit {results['commit']}, copy bandwidth {bandwidth / 1e12:.2f} TB/s\n")

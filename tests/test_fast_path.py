@@ -80,3 +80,27 @@ def test_fast_path_logits_equal_the_torch_path(runs, i):
         for name in ("logits", "coord", "size"):
             assert _rel(getattr(got, name), getattr(want, name)) <= 1e-5, name
             assert _rel(getattr(got_b, name), getattr(want, name)) <= 1e-5, name
+
+
+def test_the_router_fused_into_the_routing_launch_changes_no_result(runs, monkeypatch):
+    """moe_route.FUSED_ROUTER (off by default until measured): decode steps'
+    router product runs inside the routing launch; a detect and a query case
+    still match the golden results, and every logit stays within 1e-5 of the
+    fast path without it."""
+    from tidal.kernels import moe_route
+
+    monkeypatch.setattr(moe_route, "FUSED_ROUTER", True)
+    calls = []
+    fused = moe_route.router_route_and_align
+    monkeypatch.setattr(moe_route, "router_route_and_align", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    md = tidal.Moondream.from_pretrained(GOLDEN, device=DEVICE, dtype="float32", engine_config=EngineConfig(trace_logits=True, kernels=True, token_budget=60_000))
+    try:
+        for i in (0, 5):
+            req = finished_request(md, CASES[i])
+            assert_matches_golden(req.skill.result(), CASES[i])
+            for want, got in zip(runs[True][i].trace, req.trace, strict=True):
+                for name in ("logits", "coord", "size"):
+                    assert _rel(getattr(got, name), getattr(want, name)) <= 1e-5, name
+        assert calls  # the fused launch ran
+    finally:
+        md.close()

@@ -291,6 +291,26 @@ def test_route_and_align(tokens, experts, top_k, block_m):
     assert rel(w.cpu(), want_w) <= 1e-6 and float(w.sum(-1).max()) < 1.0
 
 
+@pytest.mark.parametrize("tokens, experts, dim, top_k, bias", [(1, 16, 96, 4, True), (5, 64, 300, 8, False), (16, 128, 256, 8, True)] + ([(1, 64, 2048, 8, True), (8, 128, 2048, 8, False)] if CUDA else []))
+def test_router_route_and_align_in_one_launch(tokens, experts, dim, top_k, bias):
+    """The router's product summed over K-slice programs, then the routing by
+    the last of them, equals the router's linear followed by route_and_align
+    (float32: same experts, same layout, weights within 1e-5), twice in a row
+    (the ticket goes back to zero), with or without renormalization."""
+    from tidal.kernels.moe_route import route_and_align, router_route_and_align
+
+    gen = torch.Generator().manual_seed(tokens * 7 + dim)
+    x = torch.randn(tokens, dim, generator=gen).to(DEV)
+    w = torch.randn(experts, dim, generator=gen).to(DEV) / dim**0.5
+    b = torch.randn(experts, generator=gen).to(DEV) if bias else None
+    for renorm in (True, False):
+        want = route_and_align(torch.nn.functional.linear(x, w, b), top_k, 16, torch.float32, renorm)
+        for _ in range(2):
+            got = router_route_and_align(x, w, b, top_k, 16, renorm, block_k=64)
+            assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2]) and torch.equal(got[3], want[3])
+            assert rel(got[0].cpu(), want[0].cpu()) <= 1e-5
+
+
 def test_route_ties_go_to_the_lower_expert():
     from tidal.kernels.moe_route import route_and_align
 

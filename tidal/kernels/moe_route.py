@@ -35,7 +35,7 @@ def _route_align_kernel(
     e = tl.arange(0, E)
     kk = tl.arange(0, K)
     if TOPK:
-        _topk_softmax(Logits, Weights, Ids, tokens, stride_l, tokens_per_program, e, kk, E, K, BLOCK_T, RENORM)
+        _topk_softmax(Logits, Weights, Ids, tokens, stride_l, tl.program_id(0) * tokens_per_program, tokens_per_program, e, kk, E, K, BLOCK_T, RENORM)
     if COUNT:  # this program's pairs per expert, for the parallel alignment (_place_kernel)
         tl.debug_barrier()
         p = tl.program_id(0) * BLOCK_T * K + tl.arange(0, BLOCK_T * K)
@@ -48,9 +48,8 @@ def _route_align_kernel(
 
 
 @triton.jit
-def _topk_softmax(Logits, Weights, Ids, tokens, stride_l, tokens_per_program, e, kk, E: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, RENORM: tl.constexpr):
-    """Top-k and softmax of this program's tokens, BLOCK_T at a time."""
-    lo = tl.program_id(0) * tokens_per_program
+def _topk_softmax(Logits, Weights, Ids, tokens, stride_l, lo, tokens_per_program, e, kk, E: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, RENORM: tl.constexpr):
+    """Top-k and softmax of tokens lo .. lo + tokens_per_program, BLOCK_T at a time."""
     hi = tl.minimum(lo + tokens_per_program, tokens)
     for t0 in range(lo, hi, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
@@ -148,6 +147,107 @@ def _place_kernel(Ids, Counts, Pairs, BlockExpert, num_pairs, nchunks, nblocks, 
             b = b0 + tl.arange(0, FILL)
             expert = tl.sum((pad_end[None, :] <= (b * BM)[:, None]).to(tl.int32), axis=1)
             tl.store(BlockExpert + b, expert, mask=b < nblocks)
+
+
+ROUTER_MAX_TOKENS = 16  # the fused router's rows: one [16, E] tile
+# The router's product inside the routing launch at decode sizes (one launch
+# instead of two). Off until benchmarks/bench_kernels.py shows it faster on
+# the device; numerically the same routing up to the product's summation order.
+FUSED_ROUTER = False
+
+
+@triton.jit
+def _router_route_kernel(
+    X, W, Bias, Partial, Logits, Weights, Ids, Pairs, BlockExpert, Counter,
+    tokens, dim, k_per_program, stride_x, stride_w, nblocks,
+    E: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BM: tl.constexpr, CH: tl.constexpr, BFILL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, IEEE: tl.constexpr,
+):
+    """The router product and the routing in one launch: program p takes the
+    slice [p * k_per_program, +k_per_program) of the hidden size for all rows
+    ([BLOCK_T, E] float32 partial); the last program to finish (a ticket)
+    sums the partials in program order, adds the bias, rounds to the
+    activation dtype as the router's linear does, then routes and aligns as
+    the one-program routing kernel."""
+    p = tl.program_id(0)
+    t = tl.arange(0, BLOCK_T)
+    tm = t < tokens
+    e = tl.arange(0, E)
+    acc = tl.zeros([BLOCK_T, E], tl.float32)
+    lo = p * k_per_program
+    for k0 in range(lo, tl.minimum(lo + k_per_program, dim), BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        km = k < dim
+        x = tl.load(X + t[:, None] * stride_x + k[None, :], mask=tm[:, None] & km[None, :], other=0.0)
+        w = tl.load(W + e[None, :] * stride_w + k[:, None], mask=km[:, None], other=0.0)
+        if IEEE:
+            acc += tl.dot(x, w, input_precision="ieee")
+        else:
+            acc += tl.dot(x, w)
+    tl.store(Partial + p * BLOCK_T * E + t[:, None] * E + e[None, :], acc)
+    tl.debug_barrier()  # every thread's partial stored before the ticket
+    if tl.atomic_add(Counter, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+        total = tl.zeros([BLOCK_T, E], tl.float32)
+        for q in range(0, tl.num_programs(0)):
+            total += tl.load(Partial + q * BLOCK_T * E + t[:, None] * E + e[None, :], cache_modifier=".cg")
+        if HAS_BIAS:
+            total += tl.load(Bias + e).to(tl.float32)[None, :]
+        tl.store(Logits + t[:, None] * E + e[None, :], total.to(Logits.dtype.element_ty), mask=tm[:, None])
+        tl.debug_barrier()  # the logits visible to every thread of this program
+        kk = tl.arange(0, K)
+        _topk_softmax(Logits, Weights, Ids, tokens, E, 0, tokens, e, kk, E, K, BLOCK_T, RENORM)
+        tl.debug_barrier()
+        _align(Ids, Pairs, BlockExpert, tokens, nblocks, e, E, K, BM, CH, 256, BFILL)
+        tl.atomic_xchg(Counter, 0)  # ready for the next launch (or replay)
+
+
+_ROUTER_SCRATCH: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_RETIRED: list = []  # outgrown scratch, kept alive for the graphs that use it
+
+
+def _router_scratch(device: torch.device, programs: int, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partials [>= programs * 16 * E] float32, ticket [1] int32), kept per
+    device; made outside graph capture (the ticket goes back to 0 after each launch)."""
+    need = programs * ROUTER_MAX_TOKENS * experts
+    have = _ROUTER_SCRATCH.get(device)
+    if have is None or have[0].numel() < need:
+        assert not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()), "the fused router's scratch must exist before a graph is captured"
+        if have is not None:
+            _RETIRED.append(have)  # graphs captured earlier still point at it
+        have = _ROUTER_SCRATCH[device] = (torch.empty(max(need, 1 << 16), dtype=torch.float32, device=device), torch.zeros(1, dtype=torch.int32, device=device))
+    return have
+
+
+def router_route_and_align(
+    x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor | None, top_k: int, block_m: int, renormalize: bool = True, block_k: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """route_and_align(linear(x, router_w, router_b), ...) in one launch, for at
+    most ROUTER_MAX_TOKENS rows: x [T, D], router_w [E, D] -> (weights [T, k]
+    in x's dtype, ids [T, k] int64, pairs, block_expert)."""
+    tokens, dim = x.shape
+    experts = router_w.shape[0]
+    assert tokens <= ROUTER_MAX_TOKENS and experts & (experts - 1) == 0 and top_k & (top_k - 1) == 0
+    assert x.stride(1) == 1 and router_w.stride(1) == 1
+    nblocks = max_blocks(tokens * top_k, experts, block_m)
+    dev = x.device
+    programs = triton.cdiv(dim, block_k)  # one K tile each: many SMs read the router's weight at once
+    partial, ticket = _router_scratch(dev, programs, experts)
+    logits = torch.empty((tokens, experts), dtype=x.dtype, device=dev)
+    weights = torch.empty((tokens, top_k), dtype=x.dtype, device=dev)
+    ids = torch.empty((tokens, top_k), dtype=torch.int64, device=dev)
+    pairs = torch.empty(nblocks * block_m, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(nblocks, dtype=torch.int32, device=dev)
+    if tokens == 0:
+        return weights, ids, pairs, block_expert
+    wide = max(16, min(256, TILE_ELEMENTS // experts))
+    _router_route_kernel[(programs,)](
+        x, router_w, router_b if router_b is not None else router_w, partial, logits, weights, ids, pairs, block_expert, ticket,
+        tokens, dim, block_k, x.stride(0), router_w.stride(0), nblocks,
+        E=experts, K=top_k, BLOCK_T=ROUTER_MAX_TOKENS, BLOCK_K=block_k, BM=block_m,
+        CH=min(wide, max(16, triton.next_power_of_2(tokens * top_k))), BFILL=min(wide, max(16, triton.next_power_of_2(nblocks))),
+        HAS_BIAS=router_b is not None, RENORM=renormalize, IEEE=x.dtype == torch.float32, num_warps=8,
+    )
+    return weights, ids, pairs, block_expert
 
 
 def route_and_align(router_logits: torch.Tensor, top_k: int, block_m: int, dtype: torch.dtype, renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -220,6 +220,7 @@ def decode_splits(batch: int, heads: int, num_sms: int = 132) -> int:
 # benchmarks/bench_kernels.py shows the saved launch on the device.
 FUSED_REDUCE = False
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []  # outgrown counters, kept alive for the graphs that use them
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
@@ -228,6 +229,8 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
     buf = _COUNTERS.get(device)
     if buf is None or buf.numel() < n:
         assert not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()), "the fused reduce's counters must exist before a graph is captured"
+        if buf is not None:
+            _RETIRED.append(buf)  # graphs captured earlier still point at it
         buf = _COUNTERS[device] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
     return buf
 
