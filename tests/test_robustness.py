@@ -148,6 +148,18 @@ def test_serve_refuses_zero_running_requests_at_once():
     assert time.time() - t0 < 30
 
 
+def test_serve_options_reach_the_engine_config():
+    from tidal.cli import build_parser, engine_config
+
+    parser = build_parser()
+    default = engine_config(parser.parse_args(["serve"]))
+    assert default.skinny_gemm == "auto" and default.warm_prefill and default.cuda_graphs and default.prefix_cache
+    cfg = engine_config(parser.parse_args(["serve", "--skinny-gemm", "off", "--no-warm-prefill", "--no-cuda-graphs", "--max-running", "3"]))
+    assert cfg.skinny_gemm == "off" and not cfg.warm_prefill and not cfg.cuda_graphs and cfg.max_running == 3
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--skinny-gemm", "sometimes"])
+
+
 def test_serve_refuses_a_kv_fraction_past_one():
     out = subprocess.run([sys.executable, "-m", "tidal", "serve", "--kv-memory-fraction", "1.5"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "kv_memory_fraction must be a number in (0, 1]" in out.stderr

@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-memory-fraction", type=float, default=0.85, help="share of the GPU memory left after the weights that the KV cache takes (default 0.85)")
     serve.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly (debugging)")
     serve.add_argument("--no-prefix-cache", action="store_true", help="turn off prefix (and image) caching")
+    serve.add_argument(
+        "--skinny-gemm", choices=["auto", "all", "off"], default="auto",
+        help="decode-sized projections through tidal's Triton kernel: where it measured faster than cuBLAS (auto), all, or none",
+    )
+    serve.add_argument("--no-warm-prefill", action="store_true", help="skip compiling the prefill kernels at start-up (the first requests compile them)")
     serve.add_argument("--max-queue", type=_positive_int, default=256, help="waiting requests before 503")
     serve.add_argument("--max-body-mb", type=float, default=32, help="largest request body")
     serve.add_argument("--max-image-pixels", type=_positive_int, default=50_000_000)
@@ -60,6 +65,22 @@ def _local_root(folder: str | None):
     return root
 
 
+def engine_config(args: argparse.Namespace):
+    """`tidal serve`'s engine options -> EngineConfig (ValueError on a bad value)."""
+    from tidal.engine.engine import EngineConfig
+
+    return EngineConfig(
+        max_running=args.max_running,
+        kv_pages=args.kv_pages,
+        token_budget=args.token_budget,
+        kv_memory_fraction=args.kv_memory_fraction,
+        prefix_cache=not args.no_prefix_cache,
+        cuda_graphs=not args.no_cuda_graphs,
+        skinny_gemm=args.skinny_gemm,
+        warm_prefill=not args.no_warm_prefill,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -72,20 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         from pathlib import Path
 
-        from tidal.engine.engine import EngineConfig
         from tidal.server.config import ServerConfig
         from tidal.server.serve import serve
 
         name = args.served_model_name or (Path(args.model).name if args.model else "moondream3-tiny")
         try:
-            engine = EngineConfig(
-                max_running=args.max_running,
-                kv_pages=args.kv_pages,
-                token_budget=args.token_budget,
-                kv_memory_fraction=args.kv_memory_fraction,
-                prefix_cache=not args.no_prefix_cache,
-                cuda_graphs=not args.no_cuda_graphs,
-            )
+            engine = engine_config(args)
         except ValueError as exc:
             parser.error(str(exc))
         server = ServerConfig(
