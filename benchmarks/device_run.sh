@@ -31,7 +31,9 @@ case "$part" in
     # long compiles: a per-file time limit keeps one slow file from hiding the others' results
     for f in tests/test_cuda.py tests/test_fast_path.py tests/test_qwen_fast_path.py tests/test_qwen3_moe.py tests/test_qwen3_dense.py; do
       timeout 200 python -m pytest -q -p no:cacheprovider "$f" 2>&1 | tail -3 | sed "s|^|$f: |"
-    done ;;
+    done
+    # the decode-path kernels (the whole file is the kernels part)
+    timeout 200 python -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "decode or route or rope_halves or silu or skinny or tau" 2>&1 | tail -3 | sed "s|^|test_kernels (decode path): |" ;;
   kernels)
     for f in tests/test_kernels.py tests/test_resample.py; do
       timeout 450 python -m pytest -q -p no:cacheprovider "$f" 2>&1 | tail -3 | sed "s|^|$f: |"
