@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tidal.kernels import scratch_zeros
 from tidal.kernels.fused_moe import max_blocks
 
 MAX_TOKENS = 16384  # above this the torch ops are used (the offsets program walks every chunk of pairs)
@@ -201,23 +202,6 @@ def _router_route_kernel(
         tl.atomic_xchg(Counter, 0)  # ready for the next launch (or replay)
 
 
-_ROUTER_SCRATCH: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-_RETIRED: list = []  # outgrown scratch, kept alive for the graphs that use it
-
-
-def _router_scratch(device: torch.device, programs: int, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(partials [>= programs * 16 * E] float32, ticket [1] int32), kept per
-    device; made outside graph capture (the ticket goes back to 0 after each launch)."""
-    need = programs * ROUTER_MAX_TOKENS * experts
-    have = _ROUTER_SCRATCH.get(device)
-    if have is None or have[0].numel() < need:
-        assert not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()), "the fused router's scratch must exist before a graph is captured"
-        if have is not None:
-            _RETIRED.append(have)  # graphs captured earlier still point at it
-        have = _ROUTER_SCRATCH[device] = (torch.empty(max(need, 1 << 16), dtype=torch.float32, device=device), torch.zeros(1, dtype=torch.int32, device=device))
-    return have
-
-
 def router_route_and_align(
     x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor | None, top_k: int, block_m: int, renormalize: bool = True, block_k: int = 128,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -231,7 +215,8 @@ def router_route_and_align(
     nblocks = max_blocks(tokens * top_k, experts, block_m)
     dev = x.device
     programs = triton.cdiv(dim, block_k)  # one K tile each: many SMs read the router's weight at once
-    partial, ticket = _router_scratch(dev, programs, experts)
+    partial = scratch_zeros("router partials", programs * ROUTER_MAX_TOKENS * experts, torch.float32, dev)
+    ticket = scratch_zeros("router ticket", 1, torch.int32, dev)
     logits = torch.empty((tokens, experts), dtype=x.dtype, device=dev)
     weights = torch.empty((tokens, top_k), dtype=x.dtype, device=dev)
     ids = torch.empty((tokens, top_k), dtype=torch.int64, device=dev)

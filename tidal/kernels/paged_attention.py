@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tidal.kernels import scratch_zeros
+
 # -- decode ---------------------------------------------------------------------------
 
 
@@ -219,20 +221,6 @@ def decode_splits(batch: int, heads: int, num_sms: int = 132) -> int:
 # order, so results are the two-launch form's, deterministic. Off until
 # benchmarks/bench_kernels.py shows the saved launch on the device.
 FUSED_REDUCE = False
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-_RETIRED: list[torch.Tensor] = []  # outgrown counters, kept alive for the graphs that use them
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 tickets for the fused reduce, kept per device (each
-    combining program puts its own back to 0); made outside graph capture."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        assert not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()), "the fused reduce's counters must exist before a graph is captured"
-        if buf is not None:
-            _RETIRED.append(buf)  # graphs captured earlier still point at it
-        buf = _COUNTERS[device] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
-    return buf
 
 
 def decode_attention(
@@ -259,7 +247,7 @@ def decode_attention(
     part_lse = torch.empty((bsz, heads, 1 if direct else num_splits), dtype=torch.float32, device=q.device)
     if out is None:
         out = torch.empty_like(q)
-    counter = _counters(q.device, bsz * heads) if fused else part_lse
+    counter = scratch_zeros("decode attention tickets", bsz * heads, torch.int32, q.device) if fused else part_lse
     args = (
         q, k_cache, v_cache, table, rows, kv_lens, part_o, part_lse, out, counter,
         q.stride(0), q.stride(1),
