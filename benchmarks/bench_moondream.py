@@ -372,6 +372,10 @@ def main() -> None:
         md = Moondream(model, tok, EngineConfig(max_running=64, kernels=kernels, token_budget=8192))
         mixed_workload.measure(md, results, "fast_budget8k", concurrencies=(4,) if args.tiny else (64,), requests_per_client=2 if args.quick else 4, vias=("engine",))
         md = _close(md)
+        if kernels:  # the busy steps (image prefills with decode rows riding along) replayed from extend graphs
+            md = Moondream(model, tok, EngineConfig(max_running=64, kernels=kernels, prefill_graphs=True))
+            mixed_workload.measure(md, results, "fast_pgraphs", concurrencies=(64,), requests_per_client=2 if args.quick else 4, vias=("engine",))
+            md = _close(md)
 
     _report(results, args.out)
 
