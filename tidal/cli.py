@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tidal.engine.engine import EngineConfig
 
 
 def _positive_int(text: str) -> int:
@@ -65,7 +69,7 @@ def _local_root(folder: str | None):
     return root
 
 
-def engine_config(args: argparse.Namespace):
+def engine_config(args: argparse.Namespace) -> EngineConfig:
     """`tidal serve`'s engine options -> EngineConfig (ValueError on a bad value)."""
     from tidal.engine.engine import EngineConfig
 

@@ -83,12 +83,10 @@ def moe_parts(
     pow2 = all(n & (n - 1) == 0 for n in (fc1.shape[0], top_k))  # what the routing kernel takes
     if moe_route.FUSED_ROUTER and pow2 and 0 < tokens <= moe_route.ROUTER_MAX_TOKENS and x.stride(-1) == 1:
         weights, ids, pairs, block_expert = moe_route.router_route_and_align(x, router_w, router_b, top_k, config[0], renormalize)
-        return expert_pairs(x, weights, fc1, fc2, top_k, pairs, block_expert, config, act).view(tokens, top_k, -1)
-    logits = linear(x, router_w, router_b)
-    if tokens <= MAX_TOKENS and pow2:
-        weights, ids, pairs, block_expert = route_and_align(logits, top_k, config[0], x.dtype, renormalize)
+    elif tokens <= MAX_TOKENS and pow2:
+        weights, ids, pairs, block_expert = route_and_align(linear(x, router_w, router_b), top_k, config[0], x.dtype, renormalize)
     else:
-        weights, ids = _weights(logits, top_k, renormalize, x.dtype)
+        weights, ids = _weights(linear(x, router_w, router_b), top_k, renormalize, x.dtype)
         pairs, block_expert = align_by_expert(ids, fc1.shape[0], config[0])
     return expert_pairs(x, weights, fc1, fc2, top_k, pairs, block_expert, config, act).view(tokens, top_k, -1)
 
