@@ -70,7 +70,7 @@ def moe_config(tokens: int, shape: tuple[int, int, int, int] | None = None, dtyp
         table = _tuned().get(shape_key(*shape, dtype, _device_name(device)), MOE_CONFIGS)
     cfg = next((cfg for limit, cfg in table if tokens <= limit), table[-1][1])
     if dtype is not None and device is not None:
-        cfg = fit_stages(cfg, dtype.itemsize, _shared_memory(device))
+        cfg = fit_stages(cfg, dtype.itemsize, shared_memory_bytes(device))
     return cfg
 
 
@@ -86,7 +86,8 @@ def fit_stages(cfg: tuple[int, int, int, int, int], itemsize: int, shared_bytes:
 
 
 @lru_cache(maxsize=8)
-def _shared_memory(device: torch.device) -> int:
+def shared_memory_bytes(device: torch.device) -> int:
+    """Shared memory a block may opt into on this device (the fused MoE and skinny kernels size their pipelines by it)."""
     if device.type != "cuda":
         return 1 << 30  # the interpreter has no limit
     return torch.cuda.get_device_properties(device).shared_memory_per_block_optin

@@ -202,6 +202,30 @@ def _router_route_kernel(
         tl.atomic_xchg(Counter, 0)  # ready for the next launch (or replay)
 
 
+def _routing_outputs(tokens: int, experts: int, top_k: int, block_m: int, dtype: torch.dtype, dev: torch.device) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(nblocks, weights [T, k] in dtype, ids [T, k] int64, pairs [NB * block_m]
+    int32, block_expert [NB] int32), unwritten."""
+    assert experts & (experts - 1) == 0 and top_k & (top_k - 1) == 0, "experts and top-k must be powers of two"
+    nblocks = max_blocks(tokens * top_k, experts, block_m)
+    return (
+        nblocks,
+        torch.empty((tokens, top_k), dtype=dtype, device=dev),
+        torch.empty((tokens, top_k), dtype=torch.int64, device=dev),
+        torch.empty(nblocks * block_m, dtype=torch.int32, device=dev),
+        torch.empty(nblocks, dtype=torch.int32, device=dev),
+    )
+
+
+def _tiles(tokens: int, top_k: int, experts: int, nblocks: int) -> tuple[int, int, int]:
+    """(wide, pairs chunk, block-entry chunk) of a one-program alignment:
+    [rows, E] tiles of at most TILE_ELEMENTS (past that they spill out of
+    registers: with 128 experts a [256, E] block-expert scan made the batch-1
+    kernel 37 us a layer, 7x the 64-expert one), and no larger than the work
+    (at decode sizes a [256, E] scan for 8 pairs was most of the kernel)."""
+    wide = max(16, min(256, TILE_ELEMENTS // experts))
+    return wide, min(wide, max(16, triton.next_power_of_2(tokens * top_k))), min(wide, max(16, triton.next_power_of_2(nblocks)))
+
+
 def router_route_and_align(
     x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor | None, top_k: int, block_m: int, renormalize: bool = True, block_k: int = 128,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -210,26 +234,20 @@ def router_route_and_align(
     in x's dtype, ids [T, k] int64, pairs, block_expert)."""
     tokens, dim = x.shape
     experts = router_w.shape[0]
-    assert tokens <= ROUTER_MAX_TOKENS and experts & (experts - 1) == 0 and top_k & (top_k - 1) == 0
-    assert x.stride(1) == 1 and router_w.stride(1) == 1
-    nblocks = max_blocks(tokens * top_k, experts, block_m)
+    assert tokens <= ROUTER_MAX_TOKENS and x.stride(1) == 1 and router_w.stride(1) == 1
     dev = x.device
+    nblocks, weights, ids, pairs, block_expert = _routing_outputs(tokens, experts, top_k, block_m, x.dtype, dev)
+    if tokens == 0:
+        return weights, ids, pairs, block_expert
     programs = triton.cdiv(dim, block_k)  # one K tile each: many SMs read the router's weight at once
     partial = scratch_zeros("router partials", programs * ROUTER_MAX_TOKENS * experts, torch.float32, dev)
     ticket = scratch_zeros("router ticket", 1, torch.int32, dev)
     logits = torch.empty((tokens, experts), dtype=x.dtype, device=dev)
-    weights = torch.empty((tokens, top_k), dtype=x.dtype, device=dev)
-    ids = torch.empty((tokens, top_k), dtype=torch.int64, device=dev)
-    pairs = torch.empty(nblocks * block_m, dtype=torch.int32, device=dev)
-    block_expert = torch.empty(nblocks, dtype=torch.int32, device=dev)
-    if tokens == 0:
-        return weights, ids, pairs, block_expert
-    wide = max(16, min(256, TILE_ELEMENTS // experts))
+    _, pairs_chunk, block_chunk = _tiles(tokens, top_k, experts, nblocks)
     _router_route_kernel[(programs,)](
         x, router_w, router_b if router_b is not None else router_w, partial, logits, weights, ids, pairs, block_expert, ticket,
         tokens, dim, block_k, x.stride(0), router_w.stride(0), nblocks,
-        E=experts, K=top_k, BLOCK_T=ROUTER_MAX_TOKENS, BLOCK_K=block_k, BM=block_m,
-        CH=min(wide, max(16, triton.next_power_of_2(tokens * top_k))), BFILL=min(wide, max(16, triton.next_power_of_2(nblocks))),
+        E=experts, K=top_k, BLOCK_T=ROUTER_MAX_TOKENS, BLOCK_K=block_k, BM=block_m, CH=pairs_chunk, BFILL=block_chunk,
         HAS_BIAS=router_b is not None, RENORM=renormalize, IEEE=x.dtype == torch.float32, num_warps=8,
     )
     return weights, ids, pairs, block_expert
@@ -239,24 +257,14 @@ def route_and_align(router_logits: torch.Tensor, top_k: int, block_m: int, dtype
     """router_logits [T, E] -> (weights [T, k] in dtype, ids [T, k] int64,
     pairs [NB * block_m] int32, block_expert [NB] int32); see align_by_expert."""
     tokens, experts = router_logits.shape
-    assert experts & (experts - 1) == 0 and top_k & (top_k - 1) == 0, "experts and top-k must be powers of two"
-    nblocks = max_blocks(tokens * top_k, experts, block_m)
     dev = router_logits.device
-    weights = torch.empty((tokens, top_k), dtype=dtype, device=dev)
-    ids = torch.empty((tokens, top_k), dtype=torch.int64, device=dev)
-    pairs = torch.empty(nblocks * block_m, dtype=torch.int32, device=dev)
-    block_expert = torch.empty(nblocks, dtype=torch.int32, device=dev)
-    # [rows, E] tiles of at most TILE_ELEMENTS: past that they spill out of
-    # registers (with 128 experts a [256, E] block-expert scan made the
-    # batch-1 kernel 37 us a layer, 7x the 64-expert one)
-    wide = max(16, min(256, TILE_ELEMENTS // experts))
+    nblocks, weights, ids, pairs, block_expert = _routing_outputs(tokens, experts, top_k, block_m, dtype, dev)
+    wide, pairs_chunk, block_chunk = _tiles(tokens, top_k, experts, nblocks)
     if tokens <= ONE_LAUNCH_MAX_TOKENS:
-        # tiles no larger than the work: at decode sizes a [256, E] scan for 8 pairs was most of the kernel
-        pairs_chunk = min(wide, max(16, triton.next_power_of_2(tokens * top_k)))
         block_t = 16 if tokens <= 16 else 32
         _route_align_kernel[(1,)](
             router_logits, weights, ids, pairs, block_expert, block_expert, tokens, router_logits.stride(0), nblocks, tokens,
-            E=experts, K=top_k, BLOCK_T=block_t, BM=block_m, CH=pairs_chunk, FILL=256, BFILL=min(wide, max(16, triton.next_power_of_2(nblocks))),
+            E=experts, K=top_k, BLOCK_T=block_t, BM=block_m, CH=pairs_chunk, FILL=256, BFILL=block_chunk,
             TOPK=True, ALIGN=True, RENORM=renormalize, COUNT=False, num_warps=8,
         )
     else:

@@ -243,8 +243,8 @@ def decode_attention(
     group = heads // k_cache.shape[1]
     direct = num_splits == 1
     fused = not direct and (FUSED_REDUCE if fused_reduce is None else fused_reduce)
-    part_o = torch.empty((bsz, heads, 1 if direct else num_splits, dim), dtype=torch.float32, device=q.device)
-    part_lse = torch.empty((bsz, heads, 1 if direct else num_splits), dtype=torch.float32, device=q.device)
+    part_o = torch.empty((bsz, heads, num_splits, dim), dtype=torch.float32, device=q.device)  # unwritten when direct
+    part_lse = torch.empty((bsz, heads, num_splits), dtype=torch.float32, device=q.device)
     if out is None:
         out = torch.empty_like(q)
     counter = scratch_zeros("decode attention tickets", bsz * heads, torch.int32, q.device) if fused else part_lse

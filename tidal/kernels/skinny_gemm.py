@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tidal.kernels.fused_moe import _shared_memory
+from tidal.kernels.fused_moe import shared_memory_bytes
 
 MAX_ROWS = 16  # one tensor-core tile of rows; larger batches go to cuBLAS
 
@@ -100,7 +100,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     if rows == 0:
         return y
-    shared = min(H100_SHARED, _shared_memory(x.device)) if x.is_cuda else H100_SHARED
+    shared = min(H100_SHARED, shared_memory_bytes(x.device)) if x.is_cuda else H100_SHARED
     block_n, block_k, warps, stages = config or skinny_config(n, k, itemsize=weight.element_size(), shared_bytes=shared)
     _skinny_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, y,
