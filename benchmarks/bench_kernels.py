@@ -146,12 +146,14 @@ def tau(bandwidth: float, results: dict, lines: list[str]) -> None:
 
 def attention(bandwidth: float, results: dict, lines: list[str]) -> None:
     """Decode attention at several split counts, with the splits combined by
-    a second launch and by the last split program (FUSED_REDUCE; checked equal
-    bit for bit here first, under the GPU's real concurrency)."""
+    a second launch and by the last split program (FUSED_REDUCE). Both combine
+    in split order, but the compiler may lower the [splits, D] sum differently
+    in the two kernels: the table says whether they agreed bit for bit, and
+    anything past bf16's resolution fails the run."""
     from tidal.kernels.paged_attention import decode_attention, decode_splits
 
-    lines.append("\n| decode attention | batch | context | splits | two launches us | fused reduce us | floor us |")
-    lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+    lines.append("\n| decode attention | batch | context | splits | two launches us | fused reduce us | fused = two launches | floor us |")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
     gen = torch.Generator(device=DEV).manual_seed(2)
     for label, heads, kv_heads, dim, ctx in (("moondream", 32, 32, 64, 740), ("qwen3-30b", 32, 4, 128, 600), ("qwen3-vl-8b", 32, 8, 128, 1000)):
         for batch in (1, 8, 64):
@@ -165,18 +167,22 @@ def attention(bandwidth: float, results: dict, lines: list[str]) -> None:
             floor = batch * ctx * kv_heads * dim * 2 * 2 / bandwidth * 1e6
             default = decode_splits(batch, kv_heads)
             for splits in sorted({default, 1, 4, 8, 16} if batch < 64 else {default, 1, 2}):
-                timed = {}
+                timed, same = {}, "-"
                 for fused in (False, True):
                     if fused and splits == 1:
                         continue  # one split writes its output directly: nothing to fuse
                     want = decode_attention(q, caches[0][0], caches[0][1], table, rows, lens, splits, fused_reduce=False)
                     got = decode_attention(q, caches[0][0], caches[0][1], table, rows, lens, splits, fused_reduce=fused)
-                    assert torch.equal(got, want), f"{label} b{batch} splits {splits}: the fused reduce differs"
+                    if fused:
+                        diff = float((got.float() - want.float()).abs().max() / want.float().abs().max())
+                        assert diff < 1e-2, f"{label} b{batch} splits {splits}: the fused reduce is off by {diff:.2e}"
+                        same = "bit for bit" if torch.equal(got, want) else f"no, {diff:.1e} max rel"
+                        results[f"attention {label} b{batch} splits{splits} fused max rel diff"] = diff
                     timed[fused] = graph_us([lambda kv=caches[i % n_copies], s=splits, f=fused: decode_attention(q, kv[0], kv[1], table, rows, lens, s, fused_reduce=f) for i in range(CALLS)])
                     results[f"attention {label} b{batch} splits{splits}{' fused' if fused else ''}"] = timed[fused]
                 mark = " (default)" if splits == default else ""
                 fused_us = f"{timed[True]:.1f}" if True in timed else "-"
-                lines.append(f"| {label} ({heads}/{kv_heads} heads) | {batch} | {ctx} | {splits}{mark} | {timed[False]:.1f} | {fused_us} | {floor:.1f} |")
+                lines.append(f"| {label} ({heads}/{kv_heads} heads) | {batch} | {ctx} | {splits}{mark} | {timed[False]:.1f} | {fused_us} | {same} | {floor:.1f} |")
             del caches
 
 

@@ -102,10 +102,12 @@ def test_decode_attention(case, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", [c for c in DECODE_CASES if c[3] > 1], ids=lambda c: f"B{len(c[0])}-H{c[1]}/{c[2]}-splits{c[3]}")
-def test_decode_attention_fused_reduce_equals_the_second_launch(case, dtype):
+def test_decode_attention_fused_reduce_matches_the_second_launch(case, dtype):
     """The reduce done by each sequence's last split program gives the
-    two-launch result bit for bit (same combine, same split order), twice in a
-    row (its ticket counters are back at zero after each launch)."""
+    two-launch result (same combine, same split order: equal up to how the
+    compiler lowers the sum in each kernel, which on an H100 differed in the
+    last bit at one Qwen shape) and the same bits on every run (its ticket
+    counters are back at zero after each launch)."""
     from tidal.kernels import paged_attention as pa
     from tidal.kernels import scratch_zeros
 
@@ -116,18 +118,23 @@ def test_decode_attention_fused_reduce_equals_the_second_launch(case, dtype):
     q = torch.randn(len(seqs), heads, 64, generator=gen).to(dtype)
     args = (q.to(DEV), k.to(DEV), v.to(DEV), table.to(DEV), torch.tensor(rows, device=DEV), torch.tensor(kv_lens, dtype=torch.int32, device=DEV))
     want = pa.decode_attention(*args, num_splits=splits, fused_reduce=False)
-    for _ in range(2):
+    first = None
+    for _ in range(3):
         got = pa.decode_attention(*args, num_splits=splits, out=torch.full_like(want, float("nan")), fused_reduce=True)
-        assert torch.equal(got, want)
+        assert rel(got.cpu().float(), want.cpu().float()) <= tol(dtype) / 8
+        assert first is None or torch.equal(got, first)
+        first = got
         assert int(scratch_zeros("decode attention tickets", 1, torch.int32, want.device).abs().sum()) == 0
 
 
 EXTEND_CASES = [
     # (q_len, kv_len, bidir) per sequence: a whole image prefix, a prompt after a
     # cached prefix, a chunk inside the prefix's step, decodes mixed in, text only
+    # (a one-query block runs its own path in the kernel)
     [(12, 12, 8)],
     [(70, 70, 50), (3, 60, 50), (1, 9, 0), (66, 100, 0)],
     [(5, 20, 20), (64, 64, 0), (1, 1, 0)],
+    [(65, 90, 70), (1, 130, 0), (1, 70, 70), (2, 40, 0)],  # one-query blocks: a prompt's last, decode rows
 ] + ([[(731, 731, 730), (9, 739, 730), (1, 800, 730), (200, 1200, 730), (130, 130, 0)]] if CUDA else [])
 
 
