@@ -46,7 +46,7 @@ from tidal.models.moondream3.tiny import build_tokenizer, init_random_
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FULL = MoondreamConfig()  # --tiny swaps in the embedded tiny shapes for a CPU dry run
 KV_BYTES_PER_POSITION = 0  # set in main: all layers' K and V of one position
-PARTS = ("decode", "skinny", "latency", "pgraphs", "torch", "reference", "mixed")
+PARTS = ("decode", "skinny", "latency", "eager_extend", "torch", "reference", "mixed")
 
 
 # -- helpers ---------------------------------------------------------------------
@@ -317,22 +317,18 @@ def main() -> None:
         md = Moondream(model, tok, EngineConfig(max_running=64, kernels=kernels))  # prefix cache on
         ttft(md, results, reps, "fast")
         locate(md, results, reps, "fast")
-        steps, graphs = md.engine.stats.steps, md.engine.runner.graphs
-        if graphs is not None:
-            results["fast_share_of_steps_replayed"] = graphs.replays / max(steps, 1)
+        results["fast_share_of_steps_replayed"] = md.engine.runner.graph_replays / max(md.engine.stats.steps, 1)
         md = _close(md)
         if DEV.type == "cuda":
             results["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
 
-    if "pgraphs" in parts:  # the latency part again with extend steps replayed from graphs too
+    if "eager_extend" in parts:  # the latency part again with extend steps run eagerly (EngineConfig.prefill_graphs off)
         t0 = time.perf_counter()
-        md = Moondream(model, tok, EngineConfig(max_running=64, kernels=kernels, prefill_graphs=kernels))
-        results["pgraphs_warmup_s"] = time.perf_counter() - t0
-        ttft(md, results, reps, "pgraphs")
-        locate(md, results, reps, "pgraphs")
-        steps, runner = md.engine.stats.steps, md.engine.runner
-        replays = sum(g.replays for g in (runner.graphs, runner.extend_graphs) if g is not None)
-        results["pgraphs_share_of_steps_replayed"] = replays / max(steps, 1)
+        md = Moondream(model, tok, EngineConfig(max_running=64, kernels=kernels, prefill_graphs=False))
+        results["eager_extend_warmup_s"] = time.perf_counter() - t0
+        ttft(md, results, reps, "eager_extend")
+        locate(md, results, reps, "eager_extend")
+        results["eager_extend_share_of_steps_replayed"] = md.engine.runner.graph_replays / max(md.engine.stats.steps, 1)
         md = _close(md)
 
     if "torch" in parts:  # the torch path on the same weights: batch-1 decode and time to first output
@@ -372,9 +368,9 @@ def main() -> None:
         md = Moondream(model, tok, EngineConfig(max_running=64, kernels=kernels, token_budget=8192))
         mixed_workload.measure(md, results, "fast_budget8k", concurrencies=(4,) if args.tiny else (64,), requests_per_client=2 if args.quick else 4, vias=("engine",))
         md = _close(md)
-        if kernels:  # the busy steps (image prefills with decode rows riding along) replayed from extend graphs
-            md = Moondream(model, tok, EngineConfig(max_running=64, kernels=kernels, prefill_graphs=True))
-            mixed_workload.measure(md, results, "fast_pgraphs", concurrencies=(64,), requests_per_client=2 if args.quick else 4, vias=("engine",))
+        if kernels:  # the busy steps (image prefills with decode rows riding along) run eagerly, as before prefill graphs
+            md = Moondream(model, tok, EngineConfig(max_running=64, kernels=kernels, prefill_graphs=False))
+            mixed_workload.measure(md, results, "fast_eager_extend", concurrencies=(64,), requests_per_client=2 if args.quick else 4, vias=("engine",))
             md = _close(md)
 
     _report(results, args.out)

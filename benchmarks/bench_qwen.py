@@ -287,7 +287,6 @@ def main() -> None:
         floor = decode_floor_ms(model, b, args.context, bandwidth)
         results[f"tidal_decode_b{b}_ms"], results[f"tidal_decode_b{b}_tok_s"], results[f"floor_decode_b{b}_ms"] = ms, b * 1000 / ms, floor
         print(f"tidal decode batch {b}: {ms:.2f} ms/step, {b * 1000 / ms:.0f} tok/s (floor {floor:.2f} ms)", flush=True)
-    graphs = llm.engine.runner.graphs
     if vl:
         for rep in range(3):  # new images; then the last one again, its KV cached
             ms = ttft_ms(llm, {"prompt_token_ids": chat_ids(question, True), "images": [image(*args.image, seed=100 + rep)]})
@@ -300,15 +299,17 @@ def main() -> None:
     else:
         prompts = [text_prompt(10_000 + i, args.context) for i in range(n_concurrent)]
     if not args.no_concurrent:
-        replays0 = graphs.replays if graphs else 0
-        steps0 = llm.engine.stats.steps
+        replays0 = llm.engine.runner.graph_replays
+        steps0, preempted0 = llm.engine.stats.steps, llm.engine.scheduler.num_preemptions
         steps: list[tuple[float, int, int]] = []
         tok_s, wall = concurrent(llm, prompts, args.out_tokens, steps)
         key = f"tidal_concurrent{n_concurrent}"
         results[f"{key}_out_tok_s"], results[f"{key}_s"] = tok_s, wall
-        results[f"{key}_graph_share"] = ((graphs.replays - replays0) if graphs else 0) / max(1, llm.engine.stats.steps - steps0)
+        results[f"{key}_graph_share"] = (llm.engine.runner.graph_replays - replays0) / max(1, llm.engine.stats.steps - steps0)
         print(f"tidal {n_concurrent} concurrent requests ({'one image each, ' if vl else ''}{args.out_tokens} output tokens each): {tok_s:.0f} output tok/s, {wall:.1f} s", flush=True)
-        print(f"  where it went: {step_breakdown(steps, key, results)}", flush=True)
+        results[f"{key}_preemptions"] = llm.engine.scheduler.num_preemptions - preempted0
+        results[f"{key}_most_running"] = max((s[2] for s in steps), default=0)
+        print(f"  where it went: {step_breakdown(steps, key, results)}; {results[f'{key}_preemptions']} preemptions, at most {results[f'{key}_most_running']} decoding at once", flush=True)
     if DEV.type == "cuda":
         results["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     _close(llm)

@@ -41,7 +41,7 @@ case "$part" in
   tune) timeout 570 python benchmarks/tune_moe.py --out "$out" --quick --budget-s 480 ;;  # decode sizes first, then prefill sizes while time lasts
   tune-prefill) timeout 570 python benchmarks/tune_moe.py --out "$out" --quick --merge --tokens 512 1024 2048 4096 --budget-s 480 ;;
   md-decode) timeout 570 python benchmarks/bench_moondream.py --only decode --out "$out" 2>&1 | grep -v "capturing" ;;
-  md-rest) timeout 570 python benchmarks/bench_moondream.py --only latency,pgraphs,torch,reference,mixed --out "$out" 2>&1 | grep -v "capturing" ;;
+  md-rest) timeout 570 python benchmarks/bench_moondream.py --only latency,eager_extend,torch,reference,mixed --out "$out" 2>&1 | grep -v "capturing" ;;
   qwen-moe) timeout 570 python benchmarks/bench_qwen.py --model moe --out "$out" --profile 2>&1 | grep -v "capturing" | tail -80 ;;
   qwen-vl) timeout 570 python benchmarks/bench_qwen.py --model vl --out "$out" --profile 2>&1 | grep -v "capturing" | tail -80 ;;
   profile)

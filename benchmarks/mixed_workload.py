@@ -297,5 +297,4 @@ def measure(md, results: dict, label: str, concurrencies=(1, 16, 64), requests_p
 
 
 def _replays(md) -> int:
-    graphs = md.engine.runner.graphs
-    return graphs.replays if graphs is not None else 0
+    return md.engine.runner.graph_replays

@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--skinny-gemm", choices=["auto", "all", "off"], default="auto",
         help="decode-sized projections through tidal's Triton kernel: where it measured faster than cuBLAS (auto), all, or none",
     )
+    serve.add_argument("--no-prefill-graphs", action="store_true", help="run prefill and mixed steps eagerly instead of replaying them from CUDA graphs")
     serve.add_argument("--no-warm-prefill", action="store_true", help="skip compiling the prefill kernels at start-up (the first requests compile them)")
     serve.add_argument("--max-queue", type=_positive_int, default=256, help="waiting requests before 503")
     serve.add_argument("--max-body-mb", type=float, default=32, help="largest request body")
@@ -80,6 +81,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         kv_memory_fraction=args.kv_memory_fraction,
         prefix_cache=not args.no_prefix_cache,
         cuda_graphs=not args.no_cuda_graphs,
+        prefill_graphs=not args.no_prefill_graphs,
         skinny_gemm=args.skinny_gemm,
         warm_prefill=not args.no_warm_prefill,
     )

@@ -46,6 +46,16 @@ class ModelRunner:
         self.graphs = None  # a DecodeGraphs once captured (CUDA)
         self.extend_graphs = None  # an ExtendGraphs once captured (CUDA, EngineConfig.prefill_graphs)
 
+    @property
+    def graph_replays(self) -> int:
+        """Steps replayed from a CUDA graph, decode and extend."""
+        return sum(g.replays for g in (self.graphs, self.extend_graphs) if g is not None)
+
+    def reset_graph_counters(self) -> None:
+        for g in (self.graphs, self.extend_graphs):
+            if g is not None:
+                g.replays = g.eager_runs = 0
+
     @torch.inference_mode()
     def encode_image(self, payload: object) -> torch.Tensor:
         return self.model.encode_image(payload)
