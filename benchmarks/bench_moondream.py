@@ -252,6 +252,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on any device: a dry run of the script itself")
     ap.add_argument("--only", default=None, help=f"comma-separated parts to run, of {','.join(PARTS)} (default: all)")
+    ap.add_argument("--mixed-only-default", action="store_true", help="mixed part: only the default engine, through the engine at concurrency 64 (no HTTP, no variants)")
     ap.add_argument("--host-profile", action="store_true", help="mixed part: cProfile the engine thread's steps at the highest concurrency")
     ap.add_argument("--memory-gb", type=float, default=None, help="cap this process's device memory (e.g. 24 for a 24 GB card)")
     args = ap.parse_args()
@@ -362,13 +363,17 @@ def main() -> None:
         import mixed_workload
 
         md = Moondream(model, tok, EngineConfig(max_running=64, kernels=kernels))
-        mixed_workload.measure(md, results, "fast", concurrencies=(1, 4) if args.tiny else (1, 16, 64), requests_per_client=2 if args.quick else 4, host_profile=args.host_profile)
+        if args.mixed_only_default:
+            mixed_workload.measure(md, results, "fast", concurrencies=(4,) if args.tiny else (64,), requests_per_client=2 if args.quick else 4, vias=("engine",))
+        else:
+            mixed_workload.measure(md, results, "fast", concurrencies=(1, 4) if args.tiny else (1, 16, 64), requests_per_client=2 if args.quick else 4, host_profile=args.host_profile)
         md = _close(md)
-        # larger prefill steps: the experts' weights are read once for more images
-        md = Moondream(model, tok, EngineConfig(max_running=64, kernels=kernels, token_budget=8192))
-        mixed_workload.measure(md, results, "fast_budget8k", concurrencies=(4,) if args.tiny else (64,), requests_per_client=2 if args.quick else 4, vias=("engine",))
-        md = _close(md)
-        if kernels:  # the busy steps (image prefills with decode rows riding along) run eagerly, as before prefill graphs
+        if not args.mixed_only_default:
+            # larger prefill steps: the experts' weights are read once for more images
+            md = Moondream(model, tok, EngineConfig(max_running=64, kernels=kernels, token_budget=8192))
+            mixed_workload.measure(md, results, "fast_budget8k", concurrencies=(4,) if args.tiny else (64,), requests_per_client=2 if args.quick else 4, vias=("engine",))
+            md = _close(md)
+        if kernels and not args.mixed_only_default:  # the busy steps (image prefills with decode rows riding along) run eagerly, as before prefill graphs
             md = Moondream(model, tok, EngineConfig(max_running=64, kernels=kernels, prefill_graphs=False))
             mixed_workload.measure(md, results, "fast_eager_extend", concurrencies=(64,), requests_per_client=2 if args.quick else 4, vias=("engine",))
             md = _close(md)
@@ -413,6 +418,7 @@ def _close(md: Moondream) -> None:
 
 def _report(results: dict, out: str, name: str = "bench.json") -> None:
     """Write out/name and print the results as a table."""
+    os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, name), "w") as f:
         json.dump(results, f, indent=2)
     print("\n| measure | value |\n| --- | --- |")
