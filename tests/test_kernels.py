@@ -130,7 +130,6 @@ def test_decode_attention_fused_reduce_matches_the_second_launch(case, dtype):
 EXTEND_CASES = [
     # (q_len, kv_len, bidir) per sequence: a whole image prefix, a prompt after a
     # cached prefix, a chunk inside the prefix's step, decodes mixed in, text only
-    # (a one-query block runs its own path in the kernel)
     [(12, 12, 8)],
     [(70, 70, 50), (3, 60, 50), (1, 9, 0), (66, 100, 0)],
     [(5, 20, 20), (64, 64, 0), (1, 1, 0)],

@@ -305,16 +305,8 @@ def _extend_kernel(
     kv_len = tl.load(info + 4)
     bidir = tl.load(info + 5)
     kvh = h // GROUP
-    d = tl.arange(0, D)
-    if q_count == 1:
-        # A decode row riding along in a mixed step: as a [BLOCK_M, BLOCK_N]
-        # tile it paid a whole block's products and exponentials for one
-        # query (48 of them cost twice a step's two image prefixes); it sees
-        # every key up to `hi`, so one [BLOCK_N, D] pass per key tile.
-        hi = tl.minimum(tl.maximum(pos0 + 1, tl.where(pos0 < bidir, bidir, 0)), kv_len)
-        _extend_one_query(Q, K, V, Out, Table, q_start, row, h, kvh, hi, stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot, stride_oh, stride_tr, sm_scale, D, BLOCK_N)
-        return
     m = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, D)
     mvalid = m < q_count
     qpos = pos0 + m
     q = tl.load(Q + (q_start + m)[:, None].to(tl.int64) * stride_qt + h * stride_qh + d[None, :], mask=mvalid[:, None], other=0.0)
@@ -351,35 +343,6 @@ def _extend_kernel(
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(Out + (q_start + m)[:, None].to(tl.int64) * stride_ot + h * stride_oh + d[None, :], out.to(Out.dtype.element_ty), mask=mvalid[:, None])
-
-
-@triton.jit
-def _extend_one_query(
-    Q, K, V, Out, Table, q_start, row, h, kvh, hi,
-    stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot, stride_oh, stride_tr,
-    sm_scale, D: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """One query (batch row q_start, head h) against keys 0 .. hi-1, all visible."""
-    d = tl.arange(0, D)
-    q = tl.load(Q + q_start.to(tl.int64) * stride_qt + h * stride_qh + d).to(tl.float32) * sm_scale
-    m_i = tl.full([1], float("-inf"), tl.float32)
-    l_i = tl.zeros([1], tl.float32)
-    acc = tl.zeros([D], tl.float32)
-    for n0 in range(0, hi, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        mask = n < hi
-        slot = tl.load(Table + row * stride_tr + n, mask=mask, other=0).to(tl.int64)
-        k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
-        sc = tl.where(mask, tl.sum(k * q[None, :], axis=1), float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=0))
-        p = tl.exp(sc - m_new)
-        alpha = tl.exp(m_i - m_new)
-        v = tl.load(V + slot[:, None] * stride_vs + kvh * stride_vh + d[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        m_i = m_new
-    out = acc / tl.where(l_i > 0, l_i, 1.0)
-    tl.store(Out + q_start.to(tl.int64) * stride_ot + h * stride_oh + d, out.to(Out.dtype.element_ty))
 
 
 def extend_blocks(q_lens: list[int], kv_lens: list[int], bidir_lens: list[int], rows: list[int], block_m: int) -> list[list[int]]:
