@@ -93,6 +93,11 @@ def run_to_end(llm: LLM, reqs: list[Request], steps: list[tuple[float, int, int]
     one device-to-host read, so its wall time includes its GPU work."""
     for r in reqs:
         llm.engine.add_request(r)
+    finish(llm, reqs, steps)
+
+
+def finish(llm: LLM, reqs: list[Request], steps: list[tuple[float, int, int]] | None = None) -> None:
+    """Step the engine until every (already added) request finished; see run_to_end."""
     while not all(r.finished for r in reqs):
         t0 = time.perf_counter()
         llm.engine.step()
@@ -164,13 +169,13 @@ def profile_prefill(llm: LLM, prompts: list[dict]) -> None:
     sync()
     positions = sum(n for _, n in llm.engine.stats.last_chunks)
     print(f"prefill step of {len(prompts)} new images: {(time.perf_counter() - t0) * 1000:.1f} ms for {positions} positions", flush=True)
-    run_to_end(llm, reqs)
+    finish(llm, reqs)
     llm.engine.clear_prefix_cache()
     reqs = [new_request(llm, p, 1) for p in prompts]  # the same images, their KV dropped: encoded and prefilled again
     for r in reqs:
         llm.engine.add_request(r)
     print_profile(lambda: llm.engine.step(), f"prefill {len(prompts)} images", steps=1)
-    run_to_end(llm, reqs)
+    finish(llm, reqs)
     llm.engine.clear_prefix_cache()
 
 

@@ -255,3 +255,30 @@ def test_the_prefill_warm_up_leaves_no_trace(fresh):
     assert_engine_idle(md.engine)
     case = SKILL_CASES[0]
     assert_matches_golden(run_case(md, case, golden_image(case["image"])), case)
+
+
+def test_a_request_given_twice_is_refused_and_the_engine_stays_whole(fresh):
+    """A Request object runs once: adding it again while it runs, or after it
+    finished, raises and leaves no second entry (one used to hold a table row
+    for good, halving a later batch of 128 to two waves of 64)."""
+    from tidal.engine.generate import GenerateSkill
+    from tidal.engine.sampling import SamplingParams
+
+    md = fresh(max_running=4)
+    rows = md.engine.req_to_token.available
+    req = Request(skill=GenerateSkill(None, SamplingParams(temperature=0.0, max_tokens=3), 0, ()), pending=[0, 5, 6, 7], bidir_len=0)
+
+    def run(engine):
+        engine.add_request(req)
+        with pytest.raises(ValueError, match="already submitted"):
+            engine.add_request(req)  # waiting
+        engine.step()
+        with pytest.raises(ValueError, match="already submitted"):
+            engine.add_request(req)  # running
+        while not req.finished:
+            engine.step()
+        with pytest.raises(ValueError, match="already submitted"):
+            engine.add_request(req)  # finished
+        return len(engine.scheduler.running) + len(engine.scheduler.waiting), engine.req_to_token.available
+
+    assert md.loop.call(run) == (0, rows)

@@ -53,6 +53,7 @@ class Request:
     finished_at: float | None = None
     cancelled: bool = False
     preemptions: int = 0  # times this request was preempted (and later recomputed)
+    submitted: bool = False  # given to an engine (a Request runs once, in one engine)
     trace: list = field(default_factory=list)  # OutputTrace per output, with EngineConfig.trace_logits
 
     def __post_init__(self) -> None:

@@ -48,6 +48,12 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, req: Request) -> None:
+        """Queue a new request. A Request object runs once: adding it again
+        (while it runs, or after it finished) would put two entries of one
+        request in the queues, and the second would hold a table row forever."""
+        if req.submitted:
+            raise ValueError(f"request {req.id} was already submitted ({req.status.value}); make a new Request to run it again")
+        req.submitted = True
         self.waiting.append(req)
 
     def has_work(self) -> bool:
