@@ -368,14 +368,14 @@ def main() -> None:
         else:
             mixed_workload.measure(md, results, "fast", concurrencies=(1, 4) if args.tiny else (1, 16, 64), requests_per_client=2 if args.quick else 4, host_profile=args.host_profile)
         md = _close(md)
+        variants: dict[str, dict] = {}
         if not args.mixed_only_default:
-            # larger prefill steps: the experts' weights are read once for more images
-            md = Moondream(model, tok, EngineConfig(max_running=64, kernels=kernels, token_budget=8192))
-            mixed_workload.measure(md, results, "fast_budget8k", concurrencies=(4,) if args.tiny else (64,), requests_per_client=2 if args.quick else 4, vias=("engine",))
-            md = _close(md)
-        if kernels and not args.mixed_only_default:  # the busy steps (image prefills with decode rows riding along) run eagerly, as before prefill graphs
-            md = Moondream(model, tok, EngineConfig(max_running=64, kernels=kernels, prefill_graphs=False))
-            mixed_workload.measure(md, results, "fast_eager_extend", concurrencies=(64,), requests_per_client=2 if args.quick else 4, vias=("engine",))
+            variants["fast_budget8k"] = {"token_budget": 8192}  # larger prefill steps: the experts' weights read once for more images
+            if kernels:  # the busy steps (image prefills with decode rows riding along) run eagerly, as before prefill graphs
+                variants["fast_eager_extend"] = {"prefill_graphs": False}
+        for label, config in variants.items():
+            md = Moondream(model, tok, EngineConfig(max_running=64, kernels=kernels, **config))
+            mixed_workload.measure(md, results, label, concurrencies=(4,) if args.tiny else (64,), requests_per_client=2 if args.quick else 4, vias=("engine",))
             md = _close(md)
 
     _report(results, args.out)
