@@ -152,11 +152,10 @@ class ExtendGraphs(StepGraphs):
                         rope = item.rope + at
                         delta += (item.rope_advance or length) - length
                     image = 1
-                for r in range(length):
-                    pos["input_ids"].append(token)
-                    pos["kinds"].append(kind)
-                    pos["image"].append(image)
-                    vals.append(v)
+                pos["input_ids"] += [token] * length
+                pos["kinds"] += [kind] * length
+                pos["image"] += [image] * length
+                vals += [v] * length
                 for axis in range(3):
                     pos[f"rope{axis}"].extend(rope[axis].tolist())
                 n += length
