@@ -329,7 +329,7 @@ def test_route_ties_go_to_the_lower_expert():
 
 # -- residual + top-k sum + LayerNorm -------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("tokens, dim, k, norm", [(1, 128, 2, True), (7, 96, 1, True), (5, 128, 4, False)] + ([(1, 2048, 8, True), (300, 2048, 8, True), (64, 2048, 1, False)] if CUDA else []))
+@pytest.mark.parametrize("tokens, dim, k, norm", [(1, 128, 2, True), (7, 96, 1, True), (5, 128, 4, False), (9, 72, 0, True)] + ([(1, 2048, 8, True), (300, 2048, 8, True), (64, 2048, 1, False), (1458, 1152, 0, True)] if CUDA else []))
 def test_residual_norm(tokens, dim, k, norm, dtype):
     from tidal.kernels.residual_norm import residual_norm
 
@@ -341,10 +341,11 @@ def test_residual_norm(tokens, dim, k, norm, dtype):
         ln.weight.copy_(torch.randn(dim, generator=gen))
         ln.bias.copy_(torch.randn(dim, generator=gen))
     # the torch path: x + attn + mlp in the model dtype, the MoE's sum over k, then LayerNorm
-    want_x = x + attn + parts.sum(dim=1)
+    # (k = 0: no parts, a vision block's residual add)
+    want_x = x + attn + parts.sum(dim=1) if k else x + attn
     want_h = ln(want_x)
     ln_dev = ln.to(DEV)
-    got_x, got_h = residual_norm(x.to(DEV), attn.to(DEV), parts.to(DEV), ln_dev if norm else None)
+    got_x, got_h = residual_norm(x.to(DEV), attn.to(DEV), parts.to(DEV) if k else None, ln_dev if norm else None)
     t = 1e-6 if dtype == torch.float32 else 8e-3
     assert rel(got_x.cpu(), want_x) <= t
     if norm:

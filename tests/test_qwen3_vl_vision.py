@@ -75,3 +75,24 @@ def test_grid_tables_are_cached_and_follow_new_weights(towers):
     grids = [(1, 4, 6)]
     patches = torch.randn(24, 3 * 2 * 8 * 8, generator=torch.Generator().manual_seed(2))
     _compare(hf, ours, patches, grids)
+
+
+def test_fused_residual_norms_give_the_same_tower(towers, monkeypatch):
+    """The fast path's blocks (each residual add with the LayerNorm after it in
+    one kernel, on CUDA; forced here) still match transformers, deepstack
+    features included, and the fused kernel ran once per residual add."""
+    pytest.importorskip("triton")
+    from tidal.kernels import residual_norm as rn
+
+    hf, ours = towers
+    calls = []
+    fused = rn.residual_norm
+    monkeypatch.setattr(rn, "residual_norm", lambda *a: calls.append(1) or fused(*a))
+    ours.fused_norms = True
+    try:
+        grids = [(1, 6, 8), (1, 4, 4)]
+        patches = torch.randn(sum(t * h * w for t, h, w in grids), 3 * 2 * 8 * 8, generator=torch.Generator().manual_seed(2))
+        _compare(hf, ours, patches, grids)
+    finally:
+        ours.fused_norms = False
+    assert len(calls) == 2 * len(ours.blocks)

@@ -9,7 +9,8 @@ position:
     h = LayerNorm(x) with the next block's weights (if there is one)
 
 Replaces the top-k sum, two adds and a LayerNorm: four launches and three
-round trips through memory per layer.
+round trips through memory per layer. Without parts (a sequential block's
+residual add, as in the vision encoders) it is x + attn, then the LayerNorm.
 """
 
 from __future__ import annotations
@@ -47,10 +48,13 @@ def _residual_norm_kernel(
         tl.store(HOut + t * stride_h + d, (diff * rstd * w + b).to(HOut.dtype.element_ty), mask=dm)
 
 
-def residual_norm(x: torch.Tensor, attn: torch.Tensor, parts: torch.Tensor, norm: torch.nn.LayerNorm | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x, attn [T, D]; parts [T, k, D] -> (new x [T, D], norm(new x) [T, D] or None)."""
+def residual_norm(x: torch.Tensor, attn: torch.Tensor, parts: torch.Tensor | None, norm: torch.nn.LayerNorm | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x, attn [T, D]; parts [T, k, D] or None (nothing more added) ->
+    (new x [T, D], norm(new x) [T, D] or None)."""
     tokens, dim = x.shape
-    k = parts.shape[1]
+    k = parts.shape[1] if parts is not None else 0
+    if parts is None:
+        parts = x[:, None, :]  # never read (K = 0): any tensor with the strides the launch takes
     assert x.stride(1) == attn.stride(1) == parts.stride(2) == 1
     x_out = torch.empty_like(x)
     h = torch.empty_like(x) if norm is not None else None

@@ -6,10 +6,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tidal.kernels import triton_available
 from tidal.layers.linear import linear
 
 from .config import VisionConfig
 from .processor import stitch_crops
+
+if triton_available():
+    from tidal.kernels.residual_norm import residual_norm
 
 
 class MLP(nn.Module):
@@ -62,6 +66,7 @@ class VisionModel(nn.Module):
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.enc_n_layers))
         self.post_ln = nn.LayerNorm(cfg.enc_dim)
         self.proj_mlp = MLP(2 * cfg.enc_dim, cfg.proj_inner_dim, cfg.proj_out_dim)
+        self.fused_norms = False  # the Triton fast path (set by the model's use_kernels)
 
     def encode_crops(self, crops: torch.Tensor) -> torch.Tensor:
         """crops [N, 3, S, S] in [-1, 1] -> patch features [N, grid*grid, enc_dim]."""
@@ -69,9 +74,25 @@ class VisionModel(nn.Module):
         p = self.cfg.enc_patch_size
         x = crops.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
         x = self.patch_emb(x.reshape(n, (h // p) * (w // p), c * p * p)) + self.pos_emb
+        if self.fused_norms:
+            return self._fused_blocks(x)
         for block in self.blocks:
             x = block(x)
         return self.post_ln(x)
+
+    def _fused_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """The blocks and post_ln with each residual add and the LayerNorm
+        after it in one kernel (tidal.kernels.residual_norm): the same sums
+        and norms as VisionBlock.forward, two passes over the activations
+        fewer per block. x [N, P, C] -> post_ln output [N, P, C]."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        h = self.blocks[0].ln1(x)
+        for i, block in enumerate(self.blocks):
+            x, h = residual_norm(x, block.attn(h.view(shape)).reshape(x.shape), None, block.ln2)
+            following = self.blocks[i + 1].ln1 if i + 1 < len(self.blocks) else self.post_ln
+            x, h = residual_norm(x, block.mlp(h), None, following)
+        return h.view(shape)
 
     def project(self, features: torch.Tensor, tiling: tuple[int, int]) -> torch.Tensor:
         """Features of [global, *local] crops [N, grid*grid, C] -> image embeddings [grid*grid, proj_out].

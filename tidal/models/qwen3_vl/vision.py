@@ -135,6 +135,7 @@ class VisionModel(nn.Module):
         # per grid (h, w): its resampled position embeddings and rotary cos/sin;
         # images of one size recur (the resample alone took 1.6 ms an image on the H100)
         self._grid_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.fused_norms = False  # residual adds with their LayerNorms in one kernel (use_kernels, CUDA)
 
     def forward(self, patches: torch.Tensor, grids: list[tuple[int, int, int]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """patches [N, C*T*P*P] of the images (or videos) with grids (t, h, w),
@@ -144,9 +145,17 @@ class VisionModel(nn.Module):
         cos, sin = self._rotary(grids)
         lengths = [h * w for t, h, w in grids for _ in range(t)]  # attention within each frame
         deep = []
+        if self.fused_norms:
+            from tidal.kernels.residual_norm import residual_norm
+
+            h = self.blocks[0].norm1(x)
         for i, block in enumerate(self.blocks):
-            x = x + block.attn(block.norm1(x), cos, sin, lengths)
-            x = x + block.mlp(block.norm2(x))
+            if self.fused_norms:  # the same sums and norms, two passes over the activations fewer a block
+                x, h = residual_norm(x, block.attn(h, cos, sin, lengths), None, block.norm2)
+                x, h = residual_norm(x, block.mlp(h), None, self.blocks[i + 1].norm1 if i + 1 < len(self.blocks) else None)
+            else:
+                x = x + block.attn(block.norm1(x), cos, sin, lengths)
+                x = x + block.mlp(block.norm2(x))
             if i in self.cfg.deepstack_visual_indexes:
                 deep.append(self.deepstack_merger_list[self.cfg.deepstack_visual_indexes.index(i)](x))
         return self.merger(x), deep
@@ -196,9 +205,12 @@ class VisionModel(nn.Module):
         return hit
 
     def use_kernels(self, enabled: bool) -> None:
-        """Rotary through the Triton kernel (tidal.kernels.rope); the rest stays torch."""
+        """Rotary through the Triton kernel (tidal.kernels.rope); on CUDA also
+        each residual add with the LayerNorm after it (tidal.kernels.residual_norm:
+        the CPU interpreter would run a program per patch); the rest stays torch."""
         for block in self.blocks:
             block.attn.kernels = enabled
+        self.fused_norms = enabled and self.pos_embed.weight.device.type == "cuda"
 
     def clear_grid_cache(self) -> None:
         """Forget the per-grid tables (the loader calls it after writing weights)."""
