@@ -265,3 +265,18 @@ def test_skinny_tiles_fit_shared_memory_in_either_dtype():
                 block_n, block_k, _, stages = skinny_config(n, k, itemsize=itemsize, shared_bytes=shared)
                 assert (block_n + MAX_ROWS) * block_k * itemsize * (stages - 1) <= shared - 4096 and stages >= 2 and block_k >= 16
     assert skinny_config(151936, 4096) == (128, 256, 4, 4)  # the bf16 launch measured on the H100 stays
+
+
+def test_linear_gelu_tanh_is_the_tanh_gelu_of_the_product_on_any_device_path():
+    """Off CUDA the epilogue request falls back to F.gelu(tanh) of the product,
+    bit for bit (torch's CPU _addmm_activation would give the erf GELU)."""
+    from tidal.layers.linear import linear_gelu_tanh
+
+    gen = torch.Generator().manual_seed(3)
+    x, w, b = torch.randn(2, 5, 16, generator=gen), torch.randn(24, 16, generator=gen), torch.randn(24, generator=gen)
+    want = torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b), approximate="tanh")
+    for epilogue in (False, True):
+        got = linear_gelu_tanh(x, w, b, epilogue)
+        assert got.shape == (2, 5, 24) and torch.equal(got, want)
+    erf = torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b))
+    assert not torch.allclose(want, erf, rtol=0, atol=1e-5)  # the two forms are told apart at this size

@@ -2,7 +2,8 @@
 or for decode-sized inputs on CUDA the Triton skinny product
 (tidal.kernels.skinny_gemm), as EngineConfig.skinny_gemm says: "auto" where
 the kernel measured faster than cuBLAS (skinny_gemm.prefers_skinny), "all"
-for every decode-sized product, "off" never.
+for every decode-sized product, "off" never. linear_gelu_tanh: a product and
+its GELU, in the product's epilogue on CUDA when asked (the vision MLPs).
 
 The switch is process-wide, like the kernel choice it belongs to: the last
 engine made decides (an engine with kernels off turns it off). A CUDA graph
@@ -39,3 +40,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if x.shape[0] <= MAX_ROWS and (_mode == "all" or prefers_skinny(*weight.shape)):
             return skinny_linear(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, epilogue: bool = False) -> torch.Tensor:
+    """gelu(x @ weight.T + bias, approximate="tanh"), x [..., in] -> [..., out].
+
+    epilogue (CUDA): the GELU inside the product's epilogue (cuBLASLt, through
+    torch._addmm_activation, whose CUDA form is the tanh one; its CPU form is
+    the exact erf GELU, so never there): one pass over the output fewer, and
+    GELU on the float32 accumulator before the rounding."""
+    if epilogue and x.is_cuda:
+        out = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), weight.t(), use_gelu=True)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    return F.gelu(linear(x, weight, bias), approximate="tanh")

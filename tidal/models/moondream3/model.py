@@ -97,11 +97,11 @@ class Moondream3Model(nn.Module):
         return {"coord_bin": coord_bin, "size_bins": (width_bin, height_bin), "coord_over_eos": bool(coord_over_eos)}
 
     def use_kernels(self, enabled: bool) -> None:
-        """The Triton fast path (fused tau/rotary/KV write, fused MoE, the
-        encoder's residual adds with their LayerNorms, and the encoder's
-        graphs once captured) or the torch reference."""
+        """The Triton fast path (fused tau/rotary/KV write, fused MoE, on CUDA
+        the encoder's fused residual norms and GELU epilogues, and the
+        encoder's graphs once captured) or the torch reference."""
         self.text.use_kernels(enabled)
-        self.vision.fused_norms = enabled and self.device.type == "cuda"  # (the CPU interpreter: a program per patch)
+        self.vision.use_kernels(enabled and self.device.type == "cuda")
         self.fast = enabled
 
     @torch.inference_mode()

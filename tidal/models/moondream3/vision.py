@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tidal.kernels import triton_available
-from tidal.layers.linear import linear
+from tidal.layers.linear import linear, linear_gelu_tanh
 
 from .config import VisionConfig
 from .processor import stitch_crops
@@ -23,9 +23,10 @@ class MLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, inner)
         self.fc2 = nn.Linear(inner, out or dim)
+        self.gelu_epilogue = False  # the vision encoder's fast path on CUDA (linear_gelu_tanh)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(F.gelu(linear(x, self.fc1.weight, self.fc1.bias), approximate="tanh"), self.fc2.weight, self.fc2.bias)
+        return linear(linear_gelu_tanh(x, self.fc1.weight, self.fc1.bias, self.gelu_epilogue), self.fc2.weight, self.fc2.bias)
 
 
 class VisionAttention(nn.Module):
@@ -66,7 +67,16 @@ class VisionModel(nn.Module):
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.enc_n_layers))
         self.post_ln = nn.LayerNorm(cfg.enc_dim)
         self.proj_mlp = MLP(2 * cfg.enc_dim, cfg.proj_inner_dim, cfg.proj_out_dim)
-        self.fused_norms = False  # the Triton fast path (set by the model's use_kernels)
+        self.fused_norms = False  # see use_kernels
+
+    def use_kernels(self, enabled: bool) -> None:
+        """The fast path (the model turns it on on CUDA only: the CPU
+        interpreter runs a program per patch): each residual add with the
+        LayerNorm after it in one kernel, the MLPs' GELU in their first
+        product's epilogue."""
+        self.fused_norms = enabled
+        for mlp in [b.mlp for b in self.blocks] + [self.proj_mlp]:
+            mlp.gelu_epilogue = enabled
 
     def encode_crops(self, crops: torch.Tensor) -> torch.Tensor:
         """crops [N, 3, S, S] in [-1, 1] -> patch features [N, grid*grid, enc_dim]."""

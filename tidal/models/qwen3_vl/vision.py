@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tidal.layers.linear import linear_gelu_tanh
 from tidal.layers.rotary import rotate_halves
 
 
@@ -91,9 +92,11 @@ class MLP(nn.Module):
         super().__init__()
         self.linear_fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.linear_fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.gelu_epilogue = False  # VisionModel.use_kernels, on CUDA (linear_gelu_tanh)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_fc2(F.gelu(self.linear_fc1(x), approximate="tanh"))
+        fc1 = self.linear_fc1
+        return self.linear_fc2(linear_gelu_tanh(x, fc1.weight, fc1.bias, self.gelu_epilogue))
 
 
 class Block(nn.Module):
@@ -207,10 +210,13 @@ class VisionModel(nn.Module):
     def use_kernels(self, enabled: bool) -> None:
         """Rotary through the Triton kernel (tidal.kernels.rope); on CUDA also
         each residual add with the LayerNorm after it (tidal.kernels.residual_norm:
-        the CPU interpreter would run a program per patch); the rest stays torch."""
+        the CPU interpreter would run a program per patch) and the MLPs' GELU
+        in their first product's epilogue; the rest stays torch."""
+        cuda = enabled and self.pos_embed.weight.device.type == "cuda"
         for block in self.blocks:
             block.attn.kernels = enabled
-        self.fused_norms = enabled and self.pos_embed.weight.device.type == "cuda"
+            block.mlp.gelu_epilogue = cuda
+        self.fused_norms = cuda
 
     def clear_grid_cache(self) -> None:
         """Forget the per-grid tables (the loader calls it after writing weights)."""
