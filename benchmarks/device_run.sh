@@ -33,7 +33,7 @@ case "$part" in
       timeout 200 python -m pytest -q -p no:cacheprovider "$f" 2>&1 | tail -3 | sed "s|^|$f: |"
     done
     # the decode-path kernels (the whole file is the kernels part)
-    timeout 200 python -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "decode or route or rope_halves or silu or skinny or tau" 2>&1 | tail -3 | sed "s|^|test_kernels (decode path): |" ;;
+    timeout 200 python -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "decode or route or rope_halves or silu or skinny or tau or residual_norm or extend" 2>&1 | tail -3 | sed "s|^|test_kernels (decode path): |" ;;
   kernels)
     for f in tests/test_kernels.py tests/test_resample.py; do
       timeout 450 python -m pytest -q -p no:cacheprovider "$f" 2>&1 | tail -3 | sed "s|^|$f: |"
