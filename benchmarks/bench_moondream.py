@@ -46,7 +46,7 @@ from tidal.models.moondream3.tiny import build_tokenizer, init_random_
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FULL = MoondreamConfig()  # --tiny swaps in the embedded tiny shapes for a CPU dry run
 KV_BYTES_PER_POSITION = 0  # set in main: all layers' K and V of one position
-PARTS = ("decode", "skinny", "latency", "eager_extend", "torch", "reference", "mixed")
+PARTS = ("decode", "skinny", "branches", "latency", "eager_extend", "torch", "reference", "mixed")
 
 
 # -- helpers ---------------------------------------------------------------------
@@ -313,6 +313,17 @@ def main() -> None:
             md = Moondream(model, tok, EngineConfig(max_running=16, prefix_cache=False, kernels=kernels, skinny_gemm=mode))
             decode_sweep(md, (1, 8, 16), 740, 16 if args.quick else 32, results, f"skinny_{mode}", bandwidth)
             md = _close(md)
+
+    if "branches" in parts:  # the decode sweep to batch 32 with each block's MLP branch on a second stream (text.PARALLEL_BRANCHES)
+        from tidal.models.moondream3 import text as text_model
+
+        text_model.PARALLEL_BRANCHES = True
+        try:
+            md = Moondream(model, tok, EngineConfig(max_running=32, prefix_cache=False, kernels=kernels))
+            decode_sweep(md, (1, 8, 32), 740, 16 if args.quick else 32, results, "branches", bandwidth)
+            md = _close(md)
+        finally:
+            text_model.PARALLEL_BRANCHES = False
 
     if "latency" in parts:
         md = Moondream(model, tok, EngineConfig(max_running=64, kernels=kernels))  # prefix cache on

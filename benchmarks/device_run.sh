@@ -49,7 +49,7 @@ case "$part" in
     timeout 240 python benchmarks/bench_qwen.py --model moe --batches 1 --no-hf --no-concurrent --out "$out" --profile 2>&1 | grep -v "capturing" | head -45 ;;
   variants)
     timeout 300 python benchmarks/bench_kernels.py --out "$out"
-    timeout 120 python benchmarks/bench_moondream.py --quick --only decode,skinny --out "$out" 2>&1 | grep "decode batch"
+    timeout 150 python benchmarks/bench_moondream.py --quick --only decode,skinny,branches --out "$out" 2>&1 | grep "decode batch"
     for flag in "" --skinny; do
       timeout 70 python benchmarks/bench_qwen.py --model moe --no-hf --no-concurrent --batches 1 8 $flag --out "$out" 2>&1 | grep "tidal decode" | sed "s|^|qwen3-30b ${flag:-cublas}: |"
     done ;;

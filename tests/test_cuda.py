@@ -354,3 +354,35 @@ def test_the_gelu_epilogue_is_the_tanh_gelu_of_the_product():
         if dtype == torch.float32:
             erf = F.gelu(F.linear(x.double(), w.double(), b.double()))
             assert float((erf - want).norm() / want.norm()) > 5 * tol  # (1.8e-4 at these shapes)
+
+
+def test_parallel_branches_on_two_streams_give_the_same_bits(monkeypatch):
+    """text.PARALLEL_BRANCHES: each block's MLP branch on a side stream beside
+    its attention branch, inside the decode and extend graphs too. Golden
+    skill cases (one at a time, then all at once: batched steps) match the
+    reference, and every output logit of the one-at-a-time runs equals, bit
+    for bit, the one-stream engine's (the same kernels on the same inputs)."""
+    from conftest import prepare_case
+
+    from tidal import EngineConfig, Moondream
+    from tidal.models.moondream3 import text
+
+    cases = SKILL_CASES[:6]
+    traces = {}
+    for parallel in (False, True):
+        monkeypatch.setattr(text, "PARALLEL_BRANCHES", parallel)
+        md = Moondream.from_pretrained(GOLDEN, device="cuda", dtype="float32", engine_config=EngineConfig(trace_logits=True, max_running=8))
+        try:
+            alone = [finished_request(md, c) for c in cases]
+            for c, req in zip(cases, alone):
+                assert_matches_golden(req.skill.result(), c)
+            traces[parallel] = [[t.logits for t in r.trace] for r in alone]
+            handles = [md._submit(*prepare_case(md, c)) for c in cases]  # at once: batched steps (their make-up varies run to run)
+            for c, h in zip(cases, handles):
+                assert_matches_golden(h.wait(), c)
+            assert md.engine.stats.max_batch > 1 and md.engine.runner.graph_replays > 0
+        finally:
+            md.close()
+    for a, b in zip(traces[False], traces[True]):
+        assert len(a) == len(b) > 0
+        assert all(torch.equal(x, y) for x, y in zip(a, b))

@@ -102,6 +102,15 @@ class TextAttention(nn.Module):
         return self.proj(out.reshape(t, q_dim))
 
 
+# The fast path's parallel blocks on two streams: the MLP (MoE) branch on a
+# side stream beside the attention branch; both read the block's LayerNorm
+# output and the next block's residual_norm joins them. At small batch each
+# of a layer's ~10 kernels is too small to fill the GPU, so the two chains
+# can overlap. The same kernels on the same inputs: the same bits. Off until
+# bench_moondream.py's `branches` part measures it on the device.
+PARALLEL_BRANCHES = False
+
+
 class TextBlock(nn.Module):
     def __init__(self, cfg: TextConfig, layer: int) -> None:
         super().__init__()
@@ -127,6 +136,7 @@ class TextModel(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size)
         self.rotary: PartialRotary | None = None
         self.fused = False  # the Triton fast path; see use_kernels
+        self.side_stream: torch.cuda.Stream | None = None  # PARALLEL_BRANCHES's, made outside graph capture
 
     def setup_runtime(self, device: torch.device | str) -> None:
         """Build the non-weight state (rotary tables) once weights are on `device`,
@@ -136,6 +146,8 @@ class TextModel(nn.Module):
     def use_kernels(self, enabled: bool) -> None:
         """Fused Triton kernels (tau + rotary + KV write, MoE, residual + LayerNorm) or the torch reference."""
         self.fused = enabled
+        if enabled and self.wte.device.type == "cuda" and self.side_stream is None:
+            self.side_stream = torch.cuda.Stream(self.wte.device)
         for block in self.blocks:
             attn = block.attn
             attn.fused_tau = torch.cat([attn.tau["wq"], attn.tau["wv"]]).float() if enabled else None
@@ -150,10 +162,21 @@ class TextModel(nn.Module):
             # the same arithmetic; each block ends in one kernel: the MoE's sum
             # over its k experts, both residual adds and the next block's LayerNorm
             blocks = self.blocks
+            side = self.side_stream if PARALLEL_BRANCHES and x.is_cuda else None
             h = blocks[0].ln(x)
             for i, block in enumerate(blocks):
-                attn = block.attn(h, positions, batch, i, self.rotary)
-                parts = block.mlp.parts(h) if isinstance(block.mlp, MoEMLP) else block.mlp(h)[:, None, :]
+                if side is None:
+                    attn = block.attn(h, positions, batch, i, self.rotary)
+                    parts = _mlp_parts(block, h)
+                else:
+                    # fork, then join before anything the side branch read or
+                    # made is released: the allocator's per-stream reuse stays safe
+                    main = torch.cuda.current_stream()
+                    side.wait_stream(main)
+                    with torch.cuda.stream(side):
+                        parts = _mlp_parts(block, h)
+                    attn = block.attn(h, positions, batch, i, self.rotary)
+                    main.wait_stream(side)
                 x, h = residual_norm(x, attn, parts, blocks[i + 1].ln if i + 1 < len(blocks) else None)
             return x
         for i, block in enumerate(self.blocks):
@@ -164,3 +187,8 @@ class TextModel(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Raw hidden [N, dim] -> logits [N, vocab] (float32)."""
         return linear(self.post_ln(hidden), self.lm_head.weight, self.lm_head.bias).float()
+
+
+def _mlp_parts(block: TextBlock, h: torch.Tensor) -> torch.Tensor:
+    """The block's MLP branch as residual_norm's parts [T, k, dim] (k = 1 for a dense MLP)."""
+    return block.mlp.parts(h) if isinstance(block.mlp, MoEMLP) else block.mlp(h)[:, None, :]
