@@ -33,6 +33,7 @@ from tidal.kernels.fused_moe import (  # noqa: E402
     MOE_CONFIGS,
     TUNED_FILE,
     align_by_expert,
+    device_family,
     expert_pairs,
     shape_key,
 )
@@ -141,11 +142,14 @@ def main() -> None:
 
     committed = json.loads(TUNED_FILE.read_text()) if args.merge and TUNED_FILE.is_file() else {}
 
-    def save_as(key: str):
+    family = device_family(torch.device("cuda"))
+
+    def save_as(key: str, family_key: str):
         def save(table) -> None:  # after every step size: a run cut short keeps what it tuned
             tuned = {limit for limit in args.tokens}
             kept = [row for row in committed.get(key, []) if row[0] not in tuned]
             out[key] = sorted(kept + [row for row in table if row[0] in tuned], key=lambda row: row[0]) if kept else table
+            out[family_key] = out[key]  # what untuned cards of this architecture take
             with open(path, "w") as f:
                 json.dump(out, f, indent=1)
         return save
@@ -154,7 +158,8 @@ def main() -> None:
     for name in args.shapes:
         experts, dim, inner, top_k, _ = SHAPES[name]
         key = shape_key(experts, dim, inner, top_k, torch.bfloat16, card)
-        tune_shape(name, tuple(args.tokens), args.reps, args.quick, bandwidth, deadline, save_as(key))
+        family_key = shape_key(experts, dim, inner, top_k, torch.bfloat16, family)
+        tune_shape(name, tuple(args.tokens), args.reps, args.quick, bandwidth, deadline, save_as(key, family_key))
         deadline += args.budget_s / len(args.shapes)
     print(f"\nwrote {path} ({card}, copy bandwidth {bandwidth / 1e12:.2f} TB/s)")
 

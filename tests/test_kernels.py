@@ -470,6 +470,41 @@ def test_tuned_moe_configs_apply_to_their_shape_and_card_only(tmp_path, monkeypa
         fused_moe._tuned.cache_clear()
 
 
+def test_an_untuned_card_takes_its_architectures_table(tmp_path, monkeypatch):
+    """A card with no table of its own (an H200 beside the H100's) takes the
+    one moe_configs.json keeps for its architecture ("sm90"); the card's own table
+    wins where there is one; with neither, the defaults."""
+    from tidal.kernels import fused_moe
+
+    shape = (16, 64, 32, 2)
+    own, family = [[1 << 30, [16, 32, 64, 4, 2]]], [[1 << 30, [32, 64, 32, 8, 3]]]
+    table = {fused_moe.shape_key(*shape, torch.bfloat16, "sm90"): family}
+    path = tmp_path / "moe_configs.json"
+    monkeypatch.setattr(fused_moe, "TUNED_FILE", path)
+    monkeypatch.setattr(fused_moe, "_device_name", lambda device: "NVIDIA H200")
+    monkeypatch.setattr(fused_moe, "device_family", lambda device: "sm90")
+    dev = torch.device("cpu")
+    try:
+        for tables, want in (({}, fused_moe.moe_config(9)), (table, (32, 64, 32, 8, 3)), ({**table, fused_moe.shape_key(*shape, torch.bfloat16, "NVIDIA H200"): own}, (16, 32, 64, 4, 2))):
+            path.write_text(__import__("json").dumps(tables))
+            fused_moe._tuned.cache_clear()
+            assert fused_moe.moe_config(9, shape, torch.bfloat16, dev) == want
+    finally:
+        fused_moe._tuned.cache_clear()
+
+
+def test_the_committed_table_names_each_cards_architecture_too():
+    """Every card's table in moe_configs.json has its architecture's twin, so
+    untuned cards of that architecture take it (the H100's for "sm90")."""
+    import json
+
+    from tidal.kernels import fused_moe
+
+    tables = json.loads(fused_moe.TUNED_FILE.read_text())
+    h100 = {k.removesuffix("-NVIDIA H100 80GB HBM3"): v for k, v in tables.items() if k.endswith("-NVIDIA H100 80GB HBM3")}
+    assert h100 and all(tables[f"{stem}-sm90"] == v for stem, v in h100.items())
+
+
 def test_moe_configs_keep_to_the_cards_shared_memory():
     """A float32 step doubles the tiles' bytes: the pipeline depth shrinks until
     the up kernel's tiles fit (H100: 232,448 bytes per block), bf16 keeps its own."""

@@ -15,7 +15,9 @@ expert, reading only the experts in use.
 
 Block sizes: for a tuned (experts, hidden, inner, top-k, dtype, card) the
 table in moe_configs.json (written by benchmarks/tune_moe.py on that card),
-keyed by the number of tokens; otherwise a small default table (MOE_CONFIGS).
+keyed by the number of tokens; for an untuned card, the table of the last
+tuned card of its architecture (an H200 takes the H100's: the same SMs and
+shared memory); otherwise a small default table (MOE_CONFIGS).
 """
 
 from __future__ import annotations
@@ -61,13 +63,23 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+@lru_cache(maxsize=64)
+def device_family(device: torch.device) -> str:
+    """The card's architecture as the tuned table names it: "sm90" for Hopper."""
+    if device.type != "cuda":
+        return "cpu"
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm{major}{minor}"
+
+
 def moe_config(tokens: int, shape: tuple[int, int, int, int] | None = None, dtype: torch.dtype | None = None, device: torch.device | None = None) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a step of `tokens`;
     shape = (experts, hidden, inner, top_k) picks the tuned table when there is one
-    for this dtype and card."""
+    for this dtype and card (or, failing that, its architecture)."""
     table = MOE_CONFIGS
     if shape is not None and dtype is not None and device is not None:
-        table = _tuned().get(shape_key(*shape, dtype, _device_name(device)), MOE_CONFIGS)
+        tuned = _tuned()
+        table = tuned.get(shape_key(*shape, dtype, _device_name(device))) or tuned.get(shape_key(*shape, dtype, device_family(device))) or MOE_CONFIGS
     cfg = next((cfg for limit, cfg in table if tokens <= limit), table[-1][1])
     if dtype is not None and device is not None:
         cfg = fit_stages(cfg, dtype.itemsize, shared_memory_bytes(device))
