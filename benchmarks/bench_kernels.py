@@ -59,7 +59,8 @@ PROJECTIONS = {
 
 
 # (BLOCK_N, BLOCK_K, warps, stages) tried beside skinny_config's pick
-SKINNY_SWEEP = ((16, 512, 4, 3), (32, 256, 4, 4), (16, 128, 4, 6), (32, 128, 8, 5), (64, 128, 8, 4))
+# (BLOCK_N, BLOCK_K, warps, stages[, split-K ranges])
+SKINNY_SWEEP = ((16, 512, 4, 3), (32, 256, 4, 4), (16, 128, 4, 6), (32, 128, 8, 5), (64, 128, 8, 4), (16, 256, 4, 4, 2), (16, 256, 4, 3, 4), (32, 128, 4, 4, 4), (16, 128, 4, 4, 8))
 
 
 def graph_us(calls: list[Callable[[], object]], reps: int = 10) -> float:

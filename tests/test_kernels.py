@@ -537,3 +537,27 @@ def test_skinny_linear(rows, n, k, with_bias, dtype):
     got = skinny_linear(x.to(DEV), w.to(DEV), None if b is None else b.to(DEV))
     assert got.shape == (rows, n) and got.dtype == dtype
     assert rel(got.float().cpu(), want) <= tol(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows, n, k, split", [(1, 40, 300, 2), (3, 70, 520, 3), (16, 64, 512, 4)] + ([(1, 2048, 4096, 4), (8, 2048, 2048, 8)] if CUDA else []), ids=lambda c: str(c))
+def test_skinny_linear_split_k(rows, n, k, split, dtype):
+    """K cut into ranges on a second grid axis, the partials summed by each
+    column block's last program in range order: the product within
+    tolerance, the same bits run after run (its tickets back at zero). The
+    interpreter does not exercise the ticket's ordering (a kernel summing at
+    the first arrival passed there): the CUDA cases do."""
+    from tidal.kernels import scratch_zeros
+    from tidal.kernels.skinny_gemm import skinny_linear
+
+    gen = torch.Generator().manual_seed(rows * 11 + n + split)
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    w = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype)
+    want = torch.nn.functional.linear(x.float(), w.float(), b.float())
+    args = (x.to(DEV), w.to(DEV), b.to(DEV))
+    first = skinny_linear(*args, config=(16, 64, 4, 2, split))
+    assert first.shape == (rows, n) and rel(first.float().cpu(), want) <= tol(dtype)
+    for _ in range(2):
+        assert torch.equal(skinny_linear(*args, config=(16, 64, 4, 2, split)), first)
+    assert int(scratch_zeros("skinny tickets", 1, torch.int32, first.device).abs().sum()) == 0

@@ -9,6 +9,13 @@ software-pipelined (num_stages), so there is one launch, no partial sums in
 memory, and a fixed summation order (deterministic). x's rows are padded to
 16 for the tensor-core product; the padding rows are masked out.
 
+Split-K (opt-in through the config, for bench_kernels.py to weigh): with
+few column blocks (2048 outputs make 128 programs of 16: one an SM, too few
+loads in flight) each column block's K is cut into SPLIT ranges on a second
+grid axis; each program writes a float32 partial, and the last of a column
+block's programs to finish (a ticket, the only atomic) sums them in range
+order, so the result does not depend on scheduling.
+
 The models reach it through tidal.layers.linear, behind
 EngineConfig(skinny_gemm): "auto" (the default) takes it only for the shapes
 where benchmarks/bench_kernels.py measured it ahead of cuBLAS on the H100
@@ -21,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tidal.kernels import scratch_zeros
 from tidal.kernels.fused_moe import shared_memory_bytes
 
 MAX_ROWS = 16  # one tensor-core tile of rows; larger batches go to cuBLAS
@@ -28,29 +36,44 @@ MAX_ROWS = 16  # one tensor-core tile of rows; larger batches go to cuBLAS
 
 @triton.jit
 def _skinny_kernel(
-    X, W, B, Y,
-    M, N, K,
+    X, W, B, Y, Partial, Ticket,
+    M, N, K, k_per_split,
     stride_xm, stride_wn, stride_ym,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    s = tl.program_id(1)
     m = tl.arange(0, BLOCK_M)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask = m < M
     nmask = n < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_end = tl.minimum(K, (s + 1) * k_per_split)
+    for k0 in range(s * k_per_split, k_end, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        kmask = k < K
+        kmask = k < k_end
         x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
         w = tl.load(W + n[None, :].to(tl.int64) * stride_wn + k[:, None], mask=nmask[None, :] & kmask[:, None], other=0.0)
         if IEEE:
             acc += tl.dot(x, w, input_precision="ieee")
         else:
             acc += tl.dot(x, w)
+    out_mask = mmask[:, None] & nmask[None, :]
+    if SPLIT > 1:
+        # this range's partial, then the column block's last program sums all in range order
+        part = Partial + (s * BLOCK_M + m[:, None]) * N + n[None, :]
+        tl.store(part, acc, mask=out_mask)
+        tl.debug_barrier()  # every thread's partial stored before the ticket
+        if tl.atomic_add(Ticket + pid, 1, sem="acq_rel") == SPLIT - 1:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for r in tl.static_range(SPLIT):
+                acc += tl.load(Partial + (r * BLOCK_M + m[:, None]) * N + n[None, :], mask=out_mask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(Ticket + pid, 0)  # ready for the next launch (or replay)
+        else:
+            return
     if HAS_BIAS:
         acc += tl.load(B + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + m[:, None] * stride_ym + n[None, :], acc.to(Y.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+    tl.store(Y + m[:, None] * stride_ym + n[None, :], acc.to(Y.dtype.element_ty), mask=out_mask)
 
 
 def prefers_skinny(n: int, k: int) -> bool:
@@ -91,8 +114,10 @@ def skinny_config(n: int, k: int, num_sms: int = 132, itemsize: int = 2, shared_
     return block_n, block_k, 4, stages
 
 
-def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """x [M, K] (M <= MAX_ROWS); weight [N, K]; bias [N] or None -> [M, N] in x's dtype."""
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: tuple[int, ...] | None = None) -> torch.Tensor:
+    """x [M, K] (M <= MAX_ROWS); weight [N, K]; bias [N] or None -> [M, N] in x's dtype.
+    config: (BLOCK_N, BLOCK_K, num_warps, num_stages[, SPLIT]) instead of
+    skinny_config's (which never splits K)."""
     rows, k = x.shape
     n = weight.shape[0]
     assert rows <= MAX_ROWS, f"at most {MAX_ROWS} rows; use torch's linear for more"
@@ -101,12 +126,20 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if rows == 0:
         return y
     shared = min(H100_SHARED, shared_memory_bytes(x.device)) if x.is_cuda else H100_SHARED
-    block_n, block_k, warps, stages = config or skinny_config(n, k, itemsize=weight.element_size(), shared_bytes=shared)
-    _skinny_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, y,
-        rows, n, k,
+    block_n, block_k, warps, stages, *rest = config or skinny_config(n, k, itemsize=weight.element_size(), shared_bytes=shared)
+    split = rest[0] if rest else 1
+    blocks = triton.cdiv(n, block_n)
+    k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k  # whole tiles per range
+    if split > 1:
+        partial = scratch_zeros("skinny partials", split * MAX_ROWS * n, torch.float32, x.device)
+        ticket = scratch_zeros("skinny tickets", blocks, torch.int32, x.device)
+    else:
+        partial = ticket = y  # never read
+    _skinny_kernel[(blocks, split)](
+        x, weight, bias if bias is not None else weight, y, partial, ticket,
+        rows, n, k, k_per_split,
         x.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32,
+        HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32, SPLIT=split,
         num_warps=warps, num_stages=stages,
     )
     return y
