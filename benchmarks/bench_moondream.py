@@ -384,6 +384,7 @@ def main() -> None:
             variants["fast_budget8k"] = {"token_budget": 8192}  # larger prefill steps: the experts' weights read once for more images
             if kernels:  # the busy steps (image prefills with decode rows riding along) run eagerly, as before prefill graphs
                 variants["fast_eager_extend"] = {"prefill_graphs": False}
+            variants["fast_encode_ahead"] = {"encode_ahead": True}  # held-back images encoded beside the running step
         for label, config in variants.items():
             md = Moondream(model, tok, EngineConfig(max_running=64, kernels=kernels, **config))
             mixed_workload.measure(md, results, label, concurrencies=(4,) if args.tiny else (64,), requests_per_client=2 if args.quick else 4, vias=("engine",))

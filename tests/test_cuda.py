@@ -386,3 +386,45 @@ def test_parallel_branches_on_two_streams_give_the_same_bits(monkeypatch):
     for a, b in zip(traces[False], traces[True]):
         assert len(a) == len(b) > 0
         assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_images_encoded_ahead_on_their_own_stream_give_the_same_bits():
+    """EngineConfig(encode_ahead=True) on CUDA: held-back requests' images are
+    encoded on a second stream beside the running step; each image once,
+    golden results, and every output logit equal to the engine's without it."""
+    from conftest import prepare_case
+
+    from tidal import EngineConfig, Moondream
+    from tidal.engine.request import Request
+
+    seen, cases = set(), []
+    for c in SKILL_CASES:
+        if c["image"] is not None and c["image"] not in seen:
+            seen.add(c["image"])
+            cases.append(c)
+    traces, ahead = {}, {}
+    for on in (False, True):
+        md = Moondream.from_pretrained(GOLDEN, device="cuda", dtype="float32", engine_config=EngineConfig(token_budget=800, encode_ahead=on, trace_logits=True, max_running=8))
+        try:
+            reqs = [Request(skill=s, pending=items, bidir_len=b) for s, items, b in (prepare_case(md, c) for c in cases)]
+
+            def run(engine, reqs=reqs):
+                encoded = []
+                encode_ahead = engine._encode_ahead
+                engine._encode_ahead = lambda: encoded.append(encode_ahead()) or encoded[-1]
+                for r in reqs:
+                    engine.add_request(r)
+                while not all(r.finished for r in reqs):
+                    engine.step()
+                del engine._encode_ahead
+                return sum(encoded)
+
+            ahead[on] = md.loop.call(run)
+            for c, r in zip(cases, reqs):
+                assert_matches_golden(r.skill.result(), c)
+            traces[on] = [[t.logits for t in r.trace] for r in reqs]
+        finally:
+            md.close()
+    assert ahead[False] == 0 and ahead[True] > 0
+    for a, b in zip(traces[False], traces[True]):
+        assert len(a) == len(b) > 0 and all(torch.equal(x, y) for x, y in zip(a, b))

@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode-sized projections through tidal's Triton kernel: where it measured faster than cuBLAS (auto), all, or none",
     )
     serve.add_argument("--no-prefill-graphs", action="store_true", help="run prefill and mixed steps eagerly instead of replaying them from CUDA graphs")
+    serve.add_argument("--encode-ahead", action="store_true", help="encode the images of requests held back by the token budget while the current step runs (CUDA: on a stream of their own)")
     serve.add_argument("--no-warm-prefill", action="store_true", help="skip compiling the prefill kernels at start-up (the first requests compile them)")
     serve.add_argument("--max-queue", type=_positive_int, default=256, help="waiting requests before 503")
     serve.add_argument("--max-body-mb", type=float, default=32, help="largest request body")
@@ -82,6 +83,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         prefix_cache=not args.no_prefix_cache,
         cuda_graphs=not args.no_cuda_graphs,
         prefill_graphs=not args.no_prefill_graphs,
+        encode_ahead=args.encode_ahead,
         skinny_gemm=args.skinny_gemm,
         warm_prefill=not args.no_warm_prefill,
     )

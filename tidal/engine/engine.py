@@ -3,6 +3,7 @@ drives it from one thread."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -72,6 +73,11 @@ class EngineConfig:
     the engine at start-up (prefill_warm_sizes) so Triton compiles the prefill
     kernels then, not inside the first requests' steps (measured: 4 s of
     compiles in the first 32 requests of a fresh H100 machine).
+    encode_ahead: run the vision encoder for the images that admitted
+    requests will prefill next (held back by the token budget), up to a token
+    budget of positions, while the current step runs: on CUDA on a stream of
+    its own, so the encoder (compute-bound) overlaps the step's forward; the
+    next step waits for it. The same encodes, earlier. Off until measured.
     skinny_gemm: with kernels on CUDA, which decode-sized projections (up to
     16 rows) run the Triton skinny product instead of cuBLAS: "auto" those
     shapes where it measured faster (routers, lm_heads, both sides >= 4096), "all",
@@ -90,6 +96,7 @@ class EngineConfig:
     prefill_graphs: bool = True
     skinny_gemm: str = "auto"
     warm_prefill: bool = True
+    encode_ahead: bool = False
 
     def __post_init__(self) -> None:
         self.max_running = as_int(self.max_running, "max_running", 1, 1 << 16)
@@ -154,6 +161,8 @@ class Engine:
 
                 self.runner.extend_graphs = ExtendGraphs(self.runner, self.config.max_running, prefill_graph_tokens(self.config.token_budget))
                 self.warmup_s += self.runner.extend_graphs.capture()
+        # EngineConfig.encode_ahead's stream: every encode runs there, so the encoder's graphs stay in one order
+        self._encode_stream = torch.cuda.Stream(model.device) if self.config.encode_ahead and model.device.type == "cuda" else None
         self.prefix_cache = RadixCache(self.allocator) if self.config.prefix_cache else None
         self.scheduler = Scheduler(self.allocator, self.req_to_token, self.config.token_budget, self.prefix_cache)
         self.stats = EngineStats()
@@ -327,31 +336,66 @@ class Engine:
 
     def _forward(self, chunks: list[Chunk]) -> list:
         self._encode_images(chunks)
-        return self.runner.run([self._seq_step(c) for c in chunks], trace=self.config.trace_logits)
+        steps = [self._seq_step(c) for c in chunks]
+        if self._encode_stream is not None:  # this step's images and any encoded ahead before
+            torch.cuda.current_stream().wait_stream(self._encode_stream)
+        if self.config.encode_ahead:
+            self._encode_ahead()  # after the wait: beside this step's forward
+        return self.runner.run(steps, trace=self.config.trace_logits)
 
     def _encode_images(self, chunks: list[Chunk]) -> None:
-        """Run the vision encoder for this step's new images, once per distinct
-        image, together where the model batches them (ENCODE_BATCH_POSITIONS of
-        decoder positions a call)."""
+        """Run the vision encoder for this step's new images, once per distinct image."""
         new: dict[str, ImageRef] = {}
         for c in chunks:
             for item in c.req.pending[: c.n_items]:
                 if isinstance(item, ImageRef) and item.key not in new:
                     new[item.key] = item
-        done: dict[str, ImageInput] = {}
-        batch: list[ImageRef] = []
-        for ref in list(new.values()) + [None]:
-            if batch and (ref is None or sum(len(r) for r in batch) + len(ref) > ENCODE_BATCH_POSITIONS):
-                for r, encoded in zip(batch, self.runner.encode_images([r.payload for r in batch])):
-                    done[r.key] = _as_input(encoded, r)
-                batch = []
-            if ref is not None:
-                batch.append(ref)
+        done = self._encode(new)
         for c in chunks:
             for i in range(c.n_items):
                 item = c.req.pending[i]
                 if isinstance(item, ImageRef):
                     c.req.pending[i] = done[item.key]
+
+    def _encode_ahead(self) -> int:
+        """Encode the images running requests will prefill next (see
+        EngineConfig.encode_ahead); -> how many. An image that fails here is
+        left for its own request's step, where the failure is that request's."""
+        budget = self.config.token_budget
+        refs: dict[str, ImageRef] = {}
+        for req in self.scheduler.running:
+            if len(req.pending) < 2:
+                continue  # decoding: nothing to encode
+            for item in req.pending:
+                if budget > 0 and isinstance(item, ImageRef) and item.key not in refs:
+                    refs[item.key] = item
+                    budget -= len(item)
+        if not refs:
+            return 0
+        try:
+            done = self._encode(refs)
+        except Exception:
+            logger.exception("encoding images ahead failed; they are encoded in their own steps")
+            return 0
+        for req in self.scheduler.running:
+            req.pending = [done.get(item.key, item) if isinstance(item, ImageRef) else item for item in req.pending]
+        return len(done)
+
+    def _encode(self, refs: dict[str, ImageRef]) -> dict[str, ImageInput]:
+        """The vision encoder over `refs`, together where the model batches them
+        (ENCODE_BATCH_POSITIONS of decoder positions a call), on the encode
+        stream when there is one (the caller makes the step wait for it)."""
+        done: dict[str, ImageInput] = {}
+        batch: list[ImageRef] = []
+        with torch.cuda.stream(self._encode_stream) if self._encode_stream is not None else contextlib.nullcontext():
+            for ref in list(refs.values()) + [None]:
+                if batch and (ref is None or sum(len(r) for r in batch) + len(ref) > ENCODE_BATCH_POSITIONS):
+                    for r, encoded in zip(batch, self.runner.encode_images([r.payload for r in batch])):
+                        done[r.key] = _as_input(encoded, r)
+                    batch = []
+                if ref is not None:
+                    batch.append(ref)
+        return done
 
     def _seq_step(self, c: Chunk) -> SeqStep:
         req = c.req
