@@ -117,6 +117,40 @@ def prepare_case(md, case: dict, image=None):
     return md._prepare_locate(img, case["object"], case["settings"], kind == "detect")
 
 
+def distinct_image_cases(cases: list[dict]) -> list[dict]:
+    """The first case of each image (no request then waits on another's image prefix)."""
+    seen: set = set()
+    out = []
+    for c in cases:
+        if c["image"] is not None and c["image"] not in seen:
+            seen.add(c["image"])
+            out.append(c)
+    return out
+
+
+def run_together_counting_encodes_ahead(md, cases: list[dict]) -> tuple[list, int]:
+    """All cases added at once on the engine thread and stepped to the end;
+    -> (their Requests, images the engine encoded ahead of their steps)."""
+    from tidal.engine.request import Request
+
+    reqs = [Request(skill=skill, pending=items, bidir_len=bidir) for skill, items, bidir in (prepare_case(md, c) for c in cases)]
+
+    def run(engine) -> int:
+        encoded = []
+        encode_ahead = engine._encode_ahead
+        engine._encode_ahead = lambda: encoded.append(encode_ahead()) or encoded[-1]
+        try:
+            for r in reqs:
+                engine.add_request(r)
+            while not all(r.finished for r in reqs):
+                engine.step()
+        finally:
+            del engine._encode_ahead
+        return sum(encoded)
+
+    return reqs, md.loop.call(run)
+
+
 def finished_request(md, case: dict):
     """Run a golden case to the end through md; -> its Request (result, trace)."""
     handle = md._submit(*prepare_case(md, case))

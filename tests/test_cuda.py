@@ -390,36 +390,18 @@ def test_parallel_branches_on_two_streams_give_the_same_bits(monkeypatch):
 
 def test_images_encoded_ahead_on_their_own_stream_give_the_same_bits():
     """EngineConfig(encode_ahead=True) on CUDA: held-back requests' images are
-    encoded on a second stream beside the running step; each image once,
-    golden results, and every output logit equal to the engine's without it."""
-    from conftest import prepare_case
+    encoded on a second stream beside the running step; golden results, and
+    every output logit equal to the engine's without it."""
+    from conftest import distinct_image_cases, run_together_counting_encodes_ahead
 
     from tidal import EngineConfig, Moondream
-    from tidal.engine.request import Request
 
-    seen, cases = set(), []
-    for c in SKILL_CASES:
-        if c["image"] is not None and c["image"] not in seen:
-            seen.add(c["image"])
-            cases.append(c)
+    cases = distinct_image_cases(SKILL_CASES)
     traces, ahead = {}, {}
     for on in (False, True):
         md = Moondream.from_pretrained(GOLDEN, device="cuda", dtype="float32", engine_config=EngineConfig(token_budget=800, encode_ahead=on, trace_logits=True, max_running=8))
         try:
-            reqs = [Request(skill=s, pending=items, bidir_len=b) for s, items, b in (prepare_case(md, c) for c in cases)]
-
-            def run(engine, reqs=reqs):
-                encoded = []
-                encode_ahead = engine._encode_ahead
-                engine._encode_ahead = lambda: encoded.append(encode_ahead()) or encoded[-1]
-                for r in reqs:
-                    engine.add_request(r)
-                while not all(r.finished for r in reqs):
-                    engine.step()
-                del engine._encode_ahead
-                return sum(encoded)
-
-            ahead[on] = md.loop.call(run)
+            reqs, ahead[on] = run_together_counting_encodes_ahead(md, cases)
             for c, r in zip(cases, reqs):
                 assert_matches_golden(r.skill.result(), c)
             traces[on] = [[t.logits for t in r.trace] for r in reqs]

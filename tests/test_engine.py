@@ -7,10 +7,11 @@ import torch
 from conftest import (
     assert_engine_idle,
     assert_matches_golden,
+    distinct_image_cases,
     golden_cases,
     golden_image,
-    prepare_case,
     run_case,
+    run_together_counting_encodes_ahead,
 )
 
 from tidal import EngineConfig, Moondream, PromptTooLongError
@@ -291,29 +292,12 @@ def test_encoding_images_ahead_changes_no_result(fresh):
     budget holds back are encoded during an earlier step (on CUDA beside it,
     on a stream of their own). Every image is still encoded once, the golden
     results hold, and every output logit equals the engine's without it."""
-    seen, cases = set(), []
-    for c in SKILL_CASES:  # distinct images: no request waits on another's prefix
-        if c["image"] is not None and c["image"] not in seen:
-            seen.add(c["image"])
-            cases.append(c)
+    cases = distinct_image_cases(SKILL_CASES)
     traces, encodes, ahead = {}, {}, {}
     for on in (False, True):
         md = fresh(token_budget=800, encode_ahead=on, trace_logits=True)
         count = Counter(md)
-        reqs = [Request(skill=skill, pending=items, bidir_len=bidir) for skill, items, bidir in (prepare_case(md, c) for c in cases)]
-
-        def run(engine):
-            encoded = []
-            encode_ahead = engine._encode_ahead
-            engine._encode_ahead = lambda: encoded.append(encode_ahead()) or encoded[-1]
-            for r in reqs:  # all at once: the budget holds all but one image prefix back each step
-                engine.add_request(r)
-            while not all(r.finished for r in reqs):
-                engine.step()
-            del engine._encode_ahead
-            return sum(encoded)
-
-        ahead[on] = md.loop.call(run)
+        reqs, ahead[on] = run_together_counting_encodes_ahead(md, cases)  # the budget holds all but one image prefix back each step
         for c, r in zip(cases, reqs):
             assert_matches_golden(r.skill.result(), c)
         traces[on], encodes[on] = [[t.logits for t in r.trace] for r in reqs], count.encodes
