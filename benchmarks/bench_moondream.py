@@ -314,16 +314,17 @@ def main() -> None:
             decode_sweep(md, (1, 8, 16), 740, 16 if args.quick else 32, results, f"skinny_{mode}", bandwidth)
             md = _close(md)
 
-    if "branches" in parts:  # the decode sweep to batch 32 with each block's MLP branch on a second stream (text.PARALLEL_BRANCHES)
+    if "branches" in parts:  # the decode sweep to batch 32 with each block's two branches on one stream (text.PARALLEL_BRANCHES off; decode ran them on two)
         from tidal.models.moondream3 import text as text_model
 
-        text_model.PARALLEL_BRANCHES = True
+        default = text_model.PARALLEL_BRANCHES
+        text_model.PARALLEL_BRANCHES = not default
         try:
             md = Moondream(model, tok, EngineConfig(max_running=32, prefix_cache=False, kernels=kernels))
-            decode_sweep(md, (1, 8, 32), 740, 16 if args.quick else 32, results, "branches", bandwidth)
+            decode_sweep(md, (1, 8, 32), 740, 16 if args.quick else 32, results, "one_stream" if default else "branches", bandwidth)
             md = _close(md)
         finally:
-            text_model.PARALLEL_BRANCHES = False
+            text_model.PARALLEL_BRANCHES = default
 
     if "latency" in parts:
         md = Moondream(model, tok, EngineConfig(max_running=64, kernels=kernels))  # prefix cache on

@@ -82,14 +82,16 @@ def test_fast_path_logits_equal_the_torch_path(runs, i):
             assert _rel(getattr(got_b, name), getattr(want, name)) <= 1e-5, name
 
 
-def test_the_router_fused_into_the_routing_launch_changes_no_result(runs, monkeypatch):
-    """moe_route.FUSED_ROUTER (off by default until measured): decode steps'
-    router product runs inside the routing launch; a detect and a query case
-    still match the golden results, and every logit stays within 1e-5 of the
-    fast path without it."""
+@pytest.mark.parametrize("fused_router", [True, False])
+def test_the_router_fused_into_the_routing_launch_changes_no_result(runs, monkeypatch, fused_router):
+    """moe_route.FUSED_ROUTER (on by default): decode steps' router product
+    runs inside the routing launch, or (off) as a linear before it; either
+    way a detect and a query case match the golden results, every logit
+    stays within 1e-5 of the default fast path's, and the fused launch runs
+    exactly when it is on."""
     from tidal.kernels import moe_route
 
-    monkeypatch.setattr(moe_route, "FUSED_ROUTER", True)
+    monkeypatch.setattr(moe_route, "FUSED_ROUTER", fused_router)
     calls = []
     fused = moe_route.router_route_and_align
     monkeypatch.setattr(moe_route, "router_route_and_align", lambda *a, **k: calls.append(1) or fused(*a, **k))
@@ -101,7 +103,7 @@ def test_the_router_fused_into_the_routing_launch_changes_no_result(runs, monkey
             for want, got in zip(runs[True][i].trace, req.trace, strict=True):
                 for name in ("logits", "coord", "size"):
                     assert _rel(getattr(got, name), getattr(want, name)) <= 1e-5, name
-        assert calls  # the fused launch ran
+        assert bool(calls) == fused_router
     finally:
         md.close()
 
