@@ -166,7 +166,7 @@ def attention(bandwidth: float, results: dict, lines: list[str]) -> None:
             lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
             q = torch.randn(batch, heads, dim, device=DEV, generator=gen).to(torch.bfloat16)
             floor = batch * ctx * kv_heads * dim * 2 * 2 / bandwidth * 1e6
-            default = decode_splits(batch, kv_heads)
+            default = decode_splits(batch, kv_heads, heads // kv_heads)
             for splits in sorted({default, 1, 4, 8, 16} if batch < 64 else {default, 1, 2}):
                 timed, same = {}, "-"
                 for fused in (False, True):
@@ -217,6 +217,31 @@ def router(bandwidth: float, results: dict, lines: list[str]) -> None:
     use_skinny("off")
 
 
+def routing(results: dict, lines: list[str]) -> None:
+    """The routing and alignment alone (router logits given) at batch sizes
+    around moe_route.ONE_LAUNCH_MAX_TOKENS: one program for everything
+    against the top-k grid plus the parallel placement; the same layout is
+    checked first. Block size as the fused MoE runs at that many tokens."""
+    from tidal.kernels import moe_route
+    from tidal.kernels.fused_moe import moe_config
+
+    lines.append(f"\n| routing + alignment | tokens | one program us | two launches us | default (one program up to {moe_route.ONE_LAUNCH_MAX_TOKENS} tokens) |")
+    lines.append("| --- | --- | --- | --- | --- |")
+    gen = torch.Generator(device=DEV).manual_seed(4)
+    for label, shape in (("moondream", (64, 2048, 1024, 8)), ("qwen3-30b", (128, 2048, 768, 8))):
+        experts, top_k = shape[0], shape[3]
+        for tokens in (16, 32, 64, 128):
+            block_m = moe_config(tokens, shape, torch.bfloat16, DEV)[0]
+            logits = [torch.randn(tokens, experts, device=DEV, generator=gen).to(torch.bfloat16) for _ in range(CALLS)]
+            one = moe_route.route_and_align(logits[0], top_k, block_m, torch.bfloat16, one_launch=True)
+            two = moe_route.route_and_align(logits[0], top_k, block_m, torch.bfloat16, one_launch=False)
+            assert all(torch.equal(a, b) for a, b in zip(one, two)), f"{label} at {tokens} tokens: the two forms differ"
+            us = {form: graph_us([lambda x=x, form=form: moe_route.route_and_align(x, top_k, block_m, torch.bfloat16, one_launch=form) for x in logits]) for form in (True, False)}
+            results[f"routing {label} t{tokens}"] = {"one_program_us": us[True], "two_launches_us": us[False], "block_m": block_m}
+            default = "one program" if tokens <= moe_route.ONE_LAUNCH_MAX_TOKENS else "two launches"
+            lines.append(f"| {label} (E {experts}, k {top_k}, BM {block_m}) | {tokens} | {us[True]:.1f} | {us[False]:.1f} | {default} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -236,6 +261,7 @@ def main() -> None:
     tau(bandwidth, results, lines)
     attention(bandwidth, results, lines)
     router(bandwidth, results, lines)
+    routing(results, lines)
     with open(os.path.join(args.out, "bench-kernels.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(f"{results['gpu']}, commit {results['commit']}, copy bandwidth {bandwidth / 1e12:.2f} TB/s\n")

@@ -68,13 +68,14 @@ def _reference_attention(q, k, v, table, rows, seqs):
 
 
 DECODE_CASES = [
-    # (kv lens, heads, kv heads, splits per sequence): one sequence, several, long
+    # (kv lens, heads, kv heads, splits per sequence or None: the default): one sequence, several, long
     # contexts, GQA; sequences shorter than their splits' tiles (empty splits)
     ([9], 2, 2, 1),
     ([1, 130, 64, 257], 4, 4, 4),
     ([731, 5, 300], 4, 2, 3),
     ([70, 1, 33], 8, 1, 32),
     ([40, 7], 4, 2, 1),  # GQA, one split: the split kernel writes the output itself
+    ([90, 300, 2], 8, 2, None),  # the kernel's own choice (decode_splits)
 ] + ([([4096, 740, 1500, 33] * 8, 32, 32, 4), ([750] * 64, 32, 32, 1), ([3000, 17], 32, 4, 32), ([512] * 16 + [3], 32, 8, 8)] if CUDA else [])
 
 
@@ -101,7 +102,7 @@ def test_decode_attention(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", [c for c in DECODE_CASES if c[3] > 1], ids=lambda c: f"B{len(c[0])}-H{c[1]}/{c[2]}-splits{c[3]}")
+@pytest.mark.parametrize("case", [c for c in DECODE_CASES if c[3] is not None and c[3] > 1], ids=lambda c: f"B{len(c[0])}-H{c[1]}/{c[2]}-splits{c[3]}")
 def test_decode_attention_fused_reduce_matches_the_second_launch(case, dtype):
     """The reduce done by each sequence's last split program gives the
     two-launch result (same combine, same split order: equal up to how the
@@ -285,10 +286,11 @@ def test_route_and_align(tokens, experts, top_k, block_m):
     # the torch reference: route() on the same logits (identity router), then align_by_expert
     want_w, want_ids = route(logits, torch.eye(experts), None, top_k)
     want_pairs, want_blocks = align_by_expert(want_ids, experts, block_m)
-    w, ids, pairs, blocks = route_and_align(logits.to(DEV), top_k, block_m, torch.float32)
-    assert torch.equal(ids.cpu(), want_ids)
-    assert rel(w.cpu(), want_w) <= 1e-6
-    assert torch.equal(pairs.cpu(), want_pairs) and torch.equal(blocks.cpu(), want_blocks)
+    for one_launch in (None, True, False):  # the default, then each of the two forms
+        w, ids, pairs, blocks = route_and_align(logits.to(DEV), top_k, block_m, torch.float32, one_launch=one_launch)
+        assert torch.equal(ids.cpu(), want_ids)
+        assert rel(w.cpu(), want_w) <= 1e-6
+        assert torch.equal(pairs.cpu(), want_pairs) and torch.equal(blocks.cpu(), want_blocks)
     w16, ids16, _, _ = route_and_align(logits.to(DEV, torch.bfloat16), top_k, block_m, torch.bfloat16)
     assert w16.dtype == torch.bfloat16 and rel(w16.cpu().float(), want_w) <= 2e-2
     # without renormalization (Qwen3's norm_topk_prob=False): the softmax over all experts at the top k

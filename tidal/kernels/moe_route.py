@@ -256,14 +256,19 @@ def router_route_and_align(
     return weights, ids, pairs, block_expert
 
 
-def route_and_align(router_logits: torch.Tensor, top_k: int, block_m: int, dtype: torch.dtype, renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def route_and_align(
+    router_logits: torch.Tensor, top_k: int, block_m: int, dtype: torch.dtype, renormalize: bool = True, one_launch: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """router_logits [T, E] -> (weights [T, k] in dtype, ids [T, k] int64,
-    pairs [NB * block_m] int32, block_expert [NB] int32); see align_by_expert."""
+    pairs [NB * block_m] int32, block_expert [NB] int32); see align_by_expert.
+    one_launch: one program for everything (default: up to
+    ONE_LAUNCH_MAX_TOKENS tokens) or the two parallel launches; the same
+    result either way."""
     tokens, experts = router_logits.shape
     dev = router_logits.device
     nblocks, weights, ids, pairs, block_expert = _routing_outputs(tokens, experts, top_k, block_m, dtype, dev)
     wide, pairs_chunk, block_chunk = _tiles(tokens, top_k, experts, nblocks)
-    if tokens <= ONE_LAUNCH_MAX_TOKENS:
+    if (tokens <= ONE_LAUNCH_MAX_TOKENS) if one_launch is None else one_launch:
         block_t = 16 if tokens <= 16 else 32
         _route_align_kernel[(1,)](
             router_logits, weights, ids, pairs, block_expert, block_expert, tokens, router_logits.stride(0), nblocks, tokens,

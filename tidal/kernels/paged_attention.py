@@ -209,11 +209,19 @@ MAX_SPLITS = 16  # also bounds the reduce's [splits, D] tile
 DECODE_BLOCK_N = 64
 
 
-def decode_splits(batch: int, heads: int, num_sms: int = 132) -> int:
-    """Splits per sequence: enough programs (batch x heads x splits, about 8
-    per SM) to keep the GPU's memory system busy at small batch; one at large
-    batch. Each sequence's splits share its own keys at run time."""
-    return max(1, min(MAX_SPLITS, 8 * num_sms // max(1, batch * heads)))
+def decode_splits(batch: int, kv_heads: int, group: int = 1) -> int:
+    """Splits per sequence: enough programs (batch x KV heads x splits) to keep
+    the GPU's memory system busy at small batch; one at large batch. Each
+    sequence's splits share its own keys at run time. A grouped program (GQA:
+    `group` query heads on one KV head) does `group` rows of work, so fewer of
+    them fill the card: bench_kernels.py on an H100, Qwen3-30B (4 KV heads,
+    600 keys) at batch 64: 1 split 33.0 us, 4 splits (8 programs an SM) 41.6;
+    Qwen3-VL-8B (8 KV heads, 1000 keys) at batch 8: 4 splits 19.5, 16 19.8."""
+    per_sm = 8 if group == 1 else 2
+    return max(1, min(MAX_SPLITS, per_sm * NUM_SMS // max(1, batch * kv_heads)))
+
+
+NUM_SMS = 132  # an H100's; the rule above was measured there
 
 
 # The reduce inside the split kernel: the last split program of a sequence
@@ -232,17 +240,20 @@ def decode_attention(
     table: torch.Tensor,
     rows: torch.Tensor,
     kv_lens: torch.Tensor,
-    num_splits: int,
+    num_splits: int | None = None,
     out: torch.Tensor | None = None,
     fused_reduce: bool | None = None,
 ) -> torch.Tensor:
     """q [B, H, D]; k/v_cache [S, Hkv, D]; table [R, C]; rows, kv_lens [B] ->
     out [B, H, D]. Grid sizes depend only on (B, H, num_splits), so the launch
-    is graph-capturable. One split: the split kernel writes out itself.
+    is graph-capturable. num_splits: decode_splits's by default. One split:
+    the split kernel writes out itself.
     fused_reduce (default FUSED_REDUCE): several splits combined by the last
     of them instead of a second launch."""
     bsz, heads, dim = q.shape
     group = heads // k_cache.shape[1]
+    if num_splits is None:
+        num_splits = decode_splits(bsz, k_cache.shape[1], group)
     direct = num_splits == 1
     fused = not direct and (FUSED_REDUCE if fused_reduce is None else fused_reduce)
     part_o = torch.empty((bsz, heads, num_splits, dim), dtype=torch.float32, device=q.device)  # unwritten when direct

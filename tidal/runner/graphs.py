@@ -36,7 +36,6 @@ from tidal.core import (
     SizeInput,
     StepResult,
 )
-from tidal.kernels.paged_attention import decode_splits
 from tidal.layers.attention.triton_backend import DecodeMetadata
 from tidal.runner.sampler import sample_rows
 
@@ -229,7 +228,6 @@ class DecodeGraphs(StepGraphs):
         rows = ints[_I["rows"]]
         positions = ints[_I["positions"]]
         slots = table[rows, positions]  # each new position's KV slot, gathered on the device
-        heads = runner.kv_pool.k.shape[2]
         batch = ForwardBatch(
             mode=ForwardMode.DECODE,
             input_ids=ints[_I["input_ids"]],
@@ -244,7 +242,7 @@ class DecodeGraphs(StepGraphs):
             feedback_kind=ints[_I["kinds"]],
             feedback_values=floats[_F["value0"] : _F["value1"] + 1].T,
             attn=runner.backend,
-            attn_metadata=DecodeMetadata(rows, ints[_I["kv_lens"]], decode_splits(bucket, heads)),
+            attn_metadata=DecodeMetadata(rows, ints[_I["kv_lens"]]),
         )
         if getattr(model, "rope_axes", 1) == 3:  # text rows: the same rotary index on all three axes
             batch.rope_positions = (positions + ints[_I["rope_delta"]]).expand(3, -1)

@@ -12,7 +12,6 @@ from tidal.core import ForwardBatch, ForwardMode, h2d
 from tidal.kernels.paged_attention import (
     EXTEND_BLOCK_M,
     decode_attention,
-    decode_splits,
     extend_attention,
     extend_blocks,
 )
@@ -20,12 +19,12 @@ from tidal.kernels.paged_attention import (
 
 @dataclass
 class DecodeMetadata:
-    """Per sequence: its table row and kv_len (device tensors [B]); splits per sequence.
-    CUDA graphs keep one of these over static buffers and refill it per step."""
+    """Per sequence: its table row and kv_len (device tensors [B]); the kernel
+    picks its splits from the shapes (decode_splits). CUDA graphs keep one of
+    these over static buffers and refill it per step."""
 
     rows: torch.Tensor
     kv_lens: torch.Tensor
-    num_splits: int
 
 
 @dataclass
@@ -37,11 +36,9 @@ class TritonPagedAttention:
     def prepare(self, batch: ForwardBatch) -> None:
         dev = batch.positions.device
         if batch.mode is ForwardMode.DECODE:
-            heads = batch.kv_pool.k.shape[2]
             batch.attn_metadata = DecodeMetadata(
                 rows=h2d(batch.req_rows, torch.int64, dev),
                 kv_lens=h2d(batch.kv_lens, torch.int32, dev),
-                num_splits=decode_splits(batch.batch_size, heads),
             )
         else:
             blocks = extend_blocks(batch.q_lens, batch.kv_lens, batch.bidir_lens, batch.req_rows, EXTEND_BLOCK_M)
@@ -54,5 +51,5 @@ class TritonPagedAttention:
     def attend(self, q: torch.Tensor, layer: int, batch: ForwardBatch) -> torch.Tensor:
         pool, meta = batch.kv_pool, batch.attn_metadata
         if isinstance(meta, DecodeMetadata):
-            return decode_attention(q, pool.k[layer], pool.v[layer], batch.req_to_token, meta.rows, meta.kv_lens, meta.num_splits)
+            return decode_attention(q, pool.k[layer], pool.v[layer], batch.req_to_token, meta.rows, meta.kv_lens)
         return extend_attention(q, pool.k[layer], pool.v[layer], batch.req_to_token, meta.blocks)
