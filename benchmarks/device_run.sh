@@ -13,13 +13,14 @@
 #   bash benchmarks/device_run.sh prefill     # Qwen3-VL prefill profile + 128 chats; a Moondream mixed step's wall vs GPU time; the mixed workload with host profile
 #   bash benchmarks/device_run.sh tune-prefill  # fused-MoE block sizes at 512-4096 tokens (8 warps too), merged into the table
 #   bash benchmarks/device_run.sh small-card  # the full model in bf16 in 24 GB (memory capped), every skill
+#   bash benchmarks/device_run.sh check       # after a kernel change, in ~5 minutes: kernel + fast-path tests, bench_kernels, quick decode of both MoE models
 #
 # Run from the repository root with the wheels the device image lacks in .whl/
 # (fastapi, uvicorn, pydantic and their dependencies, Pillow 13; see
 # docs/PERFORMANCE.md) and, for md-rest, the authors' reference in peers/.
 # Results land in $OUT; TIDAL_COMMIT names the commit in them.
 set -uo pipefail
-part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card}"
+part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card, check}"
 out="${OUT:-.}"
 if [ -d .whl ]; then
   pip install -q --no-deps --target /tmp/deps .whl/*.whl 2>&1 | grep -v -i "warning" | tail -2
@@ -59,5 +60,13 @@ case "$part" in
     timeout 150 python benchmarks/profile_step.py --batch 1 --mixed --out "$out" 2>&1 | grep -A28 "=== mixed"
     timeout 240 python benchmarks/bench_moondream.py --quick --only mixed --host-profile --out "$out" 2>&1 | grep -v "capturing" | tail -80 ;;
   small-card) timeout 300 python benchmarks/small_card.py --memory-gb 24 2>&1 | grep -v "capturing" | tail -20 ;;
+  check)
+    for f in tests/test_fast_path.py tests/test_qwen3_moe.py; do
+      timeout 100 python -m pytest -q -p no:cacheprovider "$f" 2>&1 | tail -1 | sed "s|^|$f: |"
+    done
+    timeout 150 python -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "decode_attention or route" 2>&1 | tail -1 | sed "s|^|test_kernels (attention, routing): |"
+    timeout 150 python benchmarks/bench_kernels.py --out "$out" 2>&1 | sed -n '/decode attention/,$p'
+    timeout 90 python benchmarks/bench_moondream.py --quick --only decode --out "$out" 2>&1 | grep "decode batch"
+    timeout 120 python benchmarks/bench_qwen.py --model moe --no-hf --batches 1 64 --out "$out" 2>&1 | grep -E "^tidal|where it went" ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
