@@ -154,9 +154,9 @@ def _place_kernel(Ids, Counts, Pairs, BlockExpert, num_pairs, nchunks, nblocks, 
 ROUTER_MAX_TOKENS = 16  # the fused router's rows: one [16, E] tile
 # The router's product inside the routing launch at decode sizes (one launch
 # instead of two); numerically the same routing up to the product's summation
-# order. bench_kernels.py on an H100, 256-wide K slices: Moondream (E 64)
-# 8.7 -> 6.8 us at 1 token, 10.8 -> 8.7 at 8; Qwen3-30B (E 128) 9.1 -> 8.7,
-# 13.8 -> 12.6.
+# order. bench_kernels.py on an H100, 128-wide K slices: Moondream (E 64)
+# 8.7 -> 6.8 us at 1 token, 10.8 -> 8.8 at 8; Qwen3-30B (E 128) 9.3 -> 8.9,
+# 14.0 -> 13.2.
 FUSED_ROUTER = True
 
 
@@ -229,14 +229,32 @@ def _tiles(tokens: int, top_k: int, experts: int, nblocks: int) -> tuple[int, in
     return wide, min(wide, max(16, triton.next_power_of_2(tokens * top_k))), min(wide, max(16, triton.next_power_of_2(nblocks)))
 
 
+# The router kernel's pipelined K loop keeps ~3 copies of its [16 + E,
+# BLOCK_K] operand tiles in shared memory: at 256-wide slices float32 tiles
+# do not fit (two float32 router tests failed on an H100 at 256, bf16 ran).
+# Half the card's shared memory keeps clear of that; in bf16 128 and 256
+# measured the same (bench_kernels.py, H100: 6.8 / 6.9 us at one token).
+ROUTER_SMEM_BUDGET = 110 << 10
+
+
+def router_block_k(experts: int, itemsize: int) -> int:
+    """The fused router's K slice a program: the widest power of two up to 256
+    whose pipelined tiles fit ROUTER_SMEM_BUDGET (bf16: 128 for 64 or 128
+    experts; float32: 64)."""
+    fit = ROUTER_SMEM_BUDGET // (3 * (ROUTER_MAX_TOKENS + experts) * itemsize)
+    return max(16, min(256, 1 << (fit.bit_length() - 1)))
+
+
 def router_route_and_align(
-    x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor | None, top_k: int, block_m: int, renormalize: bool = True, block_k: int = 256,
+    x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor | None, top_k: int, block_m: int, renormalize: bool = True, block_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """route_and_align(linear(x, router_w, router_b), ...) in one launch, for at
     most ROUTER_MAX_TOKENS rows: x [T, D], router_w [E, D] -> (weights [T, k]
-    in x's dtype, ids [T, k] int64, pairs, block_expert)."""
+    in x's dtype, ids [T, k] int64, pairs, block_expert). block_k: the K
+    slice a program (default router_block_k's)."""
     tokens, dim = x.shape
     experts = router_w.shape[0]
+    block_k = block_k or router_block_k(experts, x.element_size())
     assert tokens <= ROUTER_MAX_TOKENS and x.stride(1) == 1 and router_w.stride(1) == 1
     dev = x.device
     nblocks, weights, ids, pairs, block_expert = _routing_outputs(tokens, experts, top_k, block_m, x.dtype, dev)
