@@ -219,13 +219,13 @@ def router(bandwidth: float, results: dict, lines: list[str]) -> None:
 
 def routing(results: dict, lines: list[str]) -> None:
     """The routing and alignment alone (router logits given) at batch sizes
-    around moe_route.ONE_LAUNCH_MAX_TOKENS: one program for everything
+    around moe_route.one_launch_fits's limit: one program for everything
     against the top-k grid plus the parallel placement; the same layout is
     checked first. Block size as the fused MoE runs at that many tokens."""
     from tidal.kernels import moe_route
     from tidal.kernels.fused_moe import moe_config
 
-    lines.append(f"\n| routing + alignment | tokens | one program us | two launches us | default (one program up to {moe_route.ONE_LAUNCH_MAX_TOKENS} tokens) |")
+    lines.append("\n| routing + alignment | tokens | one program us | two launches us | default |")
     lines.append("| --- | --- | --- | --- | --- |")
     gen = torch.Generator(device=DEV).manual_seed(4)
     for label, shape in (("moondream", (64, 2048, 1024, 8)), ("qwen3-30b", (128, 2048, 768, 8))):
@@ -238,7 +238,7 @@ def routing(results: dict, lines: list[str]) -> None:
             assert all(torch.equal(a, b) for a, b in zip(one, two)), f"{label} at {tokens} tokens: the two forms differ"
             us = {form: graph_us([lambda x=x, form=form: moe_route.route_and_align(x, top_k, block_m, torch.bfloat16, one_launch=form) for x in logits]) for form in (True, False)}
             results[f"routing {label} t{tokens}"] = {"one_program_us": us[True], "two_launches_us": us[False], "block_m": block_m}
-            default = "one program" if tokens <= moe_route.ONE_LAUNCH_MAX_TOKENS else "two launches"
+            default = "one program" if moe_route.one_launch_fits(tokens, experts) else "two launches"
             lines.append(f"| {label} (E {experts}, k {top_k}, BM {block_m}) | {tokens} | {us[True]:.1f} | {us[False]:.1f} | {default} |")
 
 

@@ -274,7 +274,7 @@ def test_tau_rope_kv(case, dtype):
 
 
 # -- MoE routing + alignment in one kernel -----------------------------------------------------
-# above 64 tokens: the top-k on a grid, the alignment in parallel over chunks of 256 pairs
+# past one_launch_fits (64 tokens, fewer with many experts): the top-k on a grid, the alignment in parallel over chunks; each case runs both forms
 @pytest.mark.parametrize("tokens, experts, top_k, block_m", [(1, 8, 2, 16), (13, 16, 4, 16), (40, 64, 8, 16), (65, 8, 2, 16), (100, 16, 4, 16), (300, 64, 8, 64), (3, 128, 8, 16), (90, 128, 8, 32)] + ([(1, 64, 8, 16), (256, 64, 8, 32), (512, 64, 8, 64), (737, 64, 8, 64), (4096, 64, 8, 64), (9000, 128, 8, 64)] if CUDA else []))
 def test_route_and_align(tokens, experts, top_k, block_m):
     from tidal.kernels.fused_moe import align_by_expert

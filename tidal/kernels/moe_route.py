@@ -22,7 +22,13 @@ from tidal.kernels import scratch_zeros
 from tidal.kernels.fused_moe import max_blocks
 
 MAX_TOKENS = 16384  # above this the torch ops are used (the offsets program walks every chunk of pairs)
-ONE_LAUNCH_MAX_TOKENS = 64  # above this the top-k runs on a grid, in a launch of its own
+# Up to this many tokens (and tokens x experts) one program routes and aligns;
+# past it the top-k runs on a grid and the placement in parallel. H100,
+# bench_kernels.py, one program against two launches: 64 experts 14.3 / 20.3
+# us at 64 tokens, 26.4 / 20.2 at 128; 128 experts 18.8 / 41.8 at 32 tokens,
+# 31.6 / 28.1 at 64.
+ONE_LAUNCH_MAX_TOKENS = 64
+ONE_LAUNCH_MAX_ELEMENTS = 4096
 TILE_ELEMENTS = 16384  # the largest [rows, experts] tile a program scans at once (8 warps: 64 values a thread)
 
 
@@ -274,19 +280,23 @@ def router_route_and_align(
     return weights, ids, pairs, block_expert
 
 
+def one_launch_fits(tokens: int, experts: int) -> bool:
+    """Whether route_and_align runs as one program by default."""
+    return tokens <= ONE_LAUNCH_MAX_TOKENS and tokens * experts <= ONE_LAUNCH_MAX_ELEMENTS
+
+
 def route_and_align(
     router_logits: torch.Tensor, top_k: int, block_m: int, dtype: torch.dtype, renormalize: bool = True, one_launch: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """router_logits [T, E] -> (weights [T, k] in dtype, ids [T, k] int64,
     pairs [NB * block_m] int32, block_expert [NB] int32); see align_by_expert.
-    one_launch: one program for everything (default: up to
-    ONE_LAUNCH_MAX_TOKENS tokens) or the two parallel launches; the same
-    result either way."""
+    one_launch: one program for everything (default: see one_launch_fits)
+    or the two parallel launches; the same result either way."""
     tokens, experts = router_logits.shape
     dev = router_logits.device
     nblocks, weights, ids, pairs, block_expert = _routing_outputs(tokens, experts, top_k, block_m, dtype, dev)
     wide, pairs_chunk, block_chunk = _tiles(tokens, top_k, experts, nblocks)
-    if (tokens <= ONE_LAUNCH_MAX_TOKENS) if one_launch is None else one_launch:
+    if one_launch_fits(tokens, experts) if one_launch is None else one_launch:
         block_t = 16 if tokens <= 16 else 32
         _route_align_kernel[(1,)](
             router_logits, weights, ids, pairs, block_expert, block_expert, tokens, router_logits.stride(0), nblocks, tokens,
