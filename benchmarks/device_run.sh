@@ -28,17 +28,24 @@ fi
 export PYTHONPATH="/tmp/deps:.${PYTHONPATH:+:$PYTHONPATH}"
 export TIDAL_COMMIT="${TIDAL_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+
+# pytest under a time limit, printed as: each failure's test and one-line cause, then the counts
+tests_in() {  # LIMIT_S LABEL PYTEST_ARGS...
+  local limit="$1" label="$2"; shift 2
+  timeout "$limit" python -m pytest -q -p no:cacheprovider -rfE --tb=line "$@" 2>&1 \
+    | grep -E "^(FAILED|ERROR) |\.py:[0-9]+: |[0-9]+ (passed|failed|error)" | tail -16 | sed "s|^|$label: |"
+}
 case "$part" in
   tests)
     # long compiles: a per-file time limit keeps one slow file from hiding the others' results
     for f in tests/test_cuda.py tests/test_fast_path.py tests/test_qwen_fast_path.py tests/test_qwen3_moe.py tests/test_qwen3_dense.py; do
-      timeout 200 python -m pytest -q -p no:cacheprovider "$f" 2>&1 | tail -3 | sed "s|^|$f: |"
+      tests_in 200 "$f" "$f"
     done
     # the decode-path kernels (the whole file is the kernels part)
-    timeout 200 python -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "decode or route or rope_halves or silu or skinny or tau or residual_norm or extend" 2>&1 | tail -3 | sed "s|^|test_kernels (decode path): |" ;;
+    tests_in 200 "test_kernels (decode path)" tests/test_kernels.py -k "decode or route or rope_halves or silu or skinny or tau or residual_norm or extend" ;;
   kernels)
     for f in tests/test_kernels.py tests/test_resample.py; do
-      timeout 450 python -m pytest -q -p no:cacheprovider "$f" 2>&1 | tail -3 | sed "s|^|$f: |"
+      tests_in 450 "$f" "$f"
     done ;;
   tune) timeout 570 python benchmarks/tune_moe.py --out "$out" --quick --budget-s 480 ;;  # decode sizes first, then prefill sizes while time lasts
   tune-prefill) timeout 570 python benchmarks/tune_moe.py --out "$out" --quick --merge --tokens 512 1024 2048 4096 --budget-s 480 ;;
@@ -62,9 +69,9 @@ case "$part" in
   small-card) timeout 300 python benchmarks/small_card.py --memory-gb 24 2>&1 | grep -v "capturing" | tail -20 ;;
   check)
     for f in tests/test_fast_path.py tests/test_qwen3_moe.py; do
-      timeout 100 python -m pytest -q -p no:cacheprovider "$f" 2>&1 | tail -1 | sed "s|^|$f: |"
+      tests_in 100 "$f" "$f"
     done
-    timeout 150 python -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "decode_attention or route" 2>&1 | tail -1 | sed "s|^|test_kernels (attention, routing): |"
+    tests_in 150 "test_kernels (attention, routing)" tests/test_kernels.py -k "decode_attention or route"
     timeout 150 python benchmarks/bench_kernels.py --out "$out" 2>&1 | sed -n '/decode attention/,$p'
     timeout 90 python benchmarks/bench_moondream.py --quick --only decode --out "$out" 2>&1 | grep "decode batch"
     timeout 120 python benchmarks/bench_qwen.py --model moe --no-hf --batches 1 64 --out "$out" 2>&1 | grep -E "^tidal|where it went" ;;
