@@ -47,7 +47,7 @@ from tidal.models.moondream3.tiny import build_tokenizer, init_random_
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FULL = MoondreamConfig()  # --tiny swaps in the embedded tiny shapes for a CPU dry run
 KV_BYTES_PER_POSITION = 0  # set in main: all layers' K and V of one position
-PARTS = ("decode", "skinny", "branches", "latency", "eager_extend", "torch", "reference", "mixed")
+PARTS = ("decode", "skinny", "branches", "norm_route", "latency", "eager_extend", "torch", "reference", "mixed")
 
 
 # -- helpers ---------------------------------------------------------------------
@@ -332,6 +332,17 @@ def main() -> None:
             md = _close(md)
         finally:
             text_model.PARALLEL_BRANCHES = default
+
+    if "norm_route" in parts:  # the decode sweep to batch 32 with each block's residual kernel also routing the next block (text.FUSED_NORM_ROUTE)
+        from tidal.models.moondream3 import text as text_model
+
+        text_model.FUSED_NORM_ROUTE = True
+        try:
+            md = Moondream(model, tok, EngineConfig(max_running=32, prefix_cache=False, kernels=kernels))
+            decode_sweep(md, (1, 8, 32), 740, 16 if args.quick else 32, results, "norm_route", bandwidth)
+            md = _close(md)
+        finally:
+            text_model.FUSED_NORM_ROUTE = False
 
     if "latency" in parts:
         md = Moondream(model, tok, EngineConfig(max_running=64, kernels=kernels))  # prefix cache on

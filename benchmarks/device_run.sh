@@ -58,7 +58,7 @@ case "$part" in
     timeout 240 python benchmarks/bench_qwen.py --model moe --batches 1 --no-hf --no-concurrent --out "$out" --profile 2>&1 | grep -v "capturing" | head -45 ;;
   variants)
     timeout 300 python benchmarks/bench_kernels.py --out "$out"
-    timeout 150 python benchmarks/bench_moondream.py --quick --only decode,skinny,branches --out "$out" 2>&1 | grep "decode batch"
+    timeout 180 python benchmarks/bench_moondream.py --quick --only decode,skinny,branches,norm_route --out "$out" 2>&1 | grep "decode batch"
     for flag in "" --skinny; do
       timeout 70 python benchmarks/bench_qwen.py --model moe --no-hf --no-concurrent --batches 1 8 $flag --out "$out" 2>&1 | grep "tidal decode" | sed "s|^|qwen3-30b ${flag:-cublas}: |"
     done ;;
@@ -73,7 +73,7 @@ case "$part" in
     done
     tests_in 150 "test_kernels (attention, routing)" tests/test_kernels.py -k "decode_attention or route"
     timeout 150 python benchmarks/bench_kernels.py --out "$out" 2>&1 | sed -n '/decode attention/,$p'
-    timeout 90 python benchmarks/bench_moondream.py --quick --only decode --out "$out" 2>&1 | grep "decode batch"
+    timeout 150 python benchmarks/bench_moondream.py --quick --only decode,norm_route --out "$out" 2>&1 | grep "decode batch"
     timeout 120 python benchmarks/bench_qwen.py --model moe --no-hf --batches 1 64 --out "$out" 2>&1 | grep -E "^tidal|where it went" ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac

@@ -108,6 +108,30 @@ def test_the_router_fused_into_the_routing_launch_changes_no_result(runs, monkey
         md.close()
 
 
+def test_the_next_blocks_routing_in_the_residual_kernel_changes_no_result(runs, monkeypatch):
+    """text.FUSED_NORM_ROUTE (off by default until measured): at decode sizes
+    the residual kernel at a block's end also routes the next block's MoE; a
+    detect and a query case still match the golden results, every logit stays
+    within 1e-5 of the default fast path's, and the fused kernel ran."""
+    from tidal.models.moondream3 import text
+
+    monkeypatch.setattr(text, "FUSED_NORM_ROUTE", True)
+    calls = []
+    fused = text.residual_norm_route
+    monkeypatch.setattr(text, "residual_norm_route", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    md = tidal.Moondream.from_pretrained(GOLDEN, device=DEVICE, dtype="float32", engine_config=EngineConfig(trace_logits=True, kernels=True, token_budget=60_000))
+    try:
+        for i in (0, 5):
+            req = finished_request(md, CASES[i])
+            assert_matches_golden(req.skill.result(), CASES[i])
+            for want, got in zip(runs[True][i].trace, req.trace, strict=True):
+                for name in ("logits", "coord", "size"):
+                    assert _rel(getattr(got, name), getattr(want, name)) <= 1e-5, name
+        assert calls
+    finally:
+        md.close()
+
+
 def test_the_vision_encoder_with_fused_residual_norms_equals_the_torch_path(monkeypatch):
     """The fast path's encoder (each residual add with the LayerNorm after it
     in one kernel; on CUDA only, the interpreter runs a program per patch)

@@ -70,10 +70,13 @@ def moe_parts(
     top_k: int,
     act: str = "geglu_plus1",
     renormalize: bool = True,
+    routing: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The fast path's MoE, before the sum over the k experts (which the
     residual kernel does): x [T, D] -> each token's k weighted expert outputs
-    [T, k, D]. Routing and alignment take one launch at decode sizes."""
+    [T, k, D]. Routing and alignment take one launch at decode sizes; routing
+    given (weights, ids, pairs, block_expert, laid out for moe_block_m's
+    block size) was done already, e.g. by the residual kernel before."""
     from tidal.kernels import moe_route
     from tidal.kernels.fused_moe import align_by_expert, expert_pairs, moe_config
     from tidal.kernels.moe_route import MAX_TOKENS, route_and_align
@@ -81,7 +84,9 @@ def moe_parts(
     tokens = x.shape[0]
     config = moe_config(tokens, (fc1.shape[0], fc1.shape[2], fc2.shape[2], top_k), x.dtype, x.device)
     pow2 = all(n & (n - 1) == 0 for n in (fc1.shape[0], top_k))  # what the routing kernel takes
-    if moe_route.FUSED_ROUTER and pow2 and 0 < tokens <= moe_route.ROUTER_MAX_TOKENS and x.stride(-1) == 1:
+    if routing is not None:
+        weights, ids, pairs, block_expert = routing
+    elif moe_route.FUSED_ROUTER and pow2 and 0 < tokens <= moe_route.ROUTER_MAX_TOKENS and x.stride(-1) == 1:
         weights, ids, pairs, block_expert = moe_route.router_route_and_align(x, router_w, router_b, top_k, config[0], renormalize)
     elif tokens <= MAX_TOKENS and pow2:
         weights, ids, pairs, block_expert = route_and_align(linear(x, router_w, router_b), top_k, config[0], x.dtype, renormalize)
@@ -89,6 +94,14 @@ def moe_parts(
         weights, ids = _weights(linear(x, router_w, router_b), top_k, renormalize, x.dtype)
         pairs, block_expert = align_by_expert(ids, fc1.shape[0], config[0])
     return expert_pairs(x, weights, fc1, fc2, top_k, pairs, block_expert, config, act).view(tokens, top_k, -1)
+
+
+def moe_block_m(tokens: int, fc1: torch.Tensor, fc2: torch.Tensor, top_k: int, dtype: torch.dtype) -> int:
+    """The row block the fused experts run a step of `tokens` with: the
+    block size routing must lay the pairs out for."""
+    from tidal.kernels.fused_moe import moe_config
+
+    return moe_config(tokens, (fc1.shape[0], fc1.shape[2], fc2.shape[2], top_k), dtype, fc1.device)[0]
 
 
 def experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor, act: str = "geglu_plus1") -> torch.Tensor:
