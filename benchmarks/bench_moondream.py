@@ -333,16 +333,16 @@ def main() -> None:
         finally:
             text_model.PARALLEL_BRANCHES = default
 
-    if "norm_route" in parts:  # the decode sweep to batch 32 with each block's residual kernel also routing the next block (text.FUSED_NORM_ROUTE)
-        from tidal.models.moondream3 import text as text_model
+    if "norm_route" in parts:  # the decode sweep to batch 32 with each block's residual kernel also routing the next block (residual_norm_route.FUSED_NORM_ROUTE)
+        from tidal.kernels import residual_norm_route as norm_route
 
-        text_model.FUSED_NORM_ROUTE = True
+        norm_route.FUSED_NORM_ROUTE = True
         try:
             md = Moondream(model, tok, EngineConfig(max_running=32, prefix_cache=False, kernels=kernels))
             decode_sweep(md, (1, 8, 32), 740, 16 if args.quick else 32, results, "norm_route", bandwidth)
             md = _close(md)
         finally:
-            text_model.FUSED_NORM_ROUTE = False
+            norm_route.FUSED_NORM_ROUTE = False
 
     if "latency" in parts:
         md = Moondream(model, tok, EngineConfig(max_running=64, kernels=kernels))  # prefix cache on

@@ -109,16 +109,17 @@ def test_the_router_fused_into_the_routing_launch_changes_no_result(runs, monkey
 
 
 def test_the_next_blocks_routing_in_the_residual_kernel_changes_no_result(runs, monkeypatch):
-    """text.FUSED_NORM_ROUTE (off by default until measured): at decode sizes
-    the residual kernel at a block's end also routes the next block's MoE; a
-    detect and a query case still match the golden results, every logit stays
-    within 1e-5 of the default fast path's, and the fused kernel ran."""
-    from tidal.models.moondream3 import text
+    """residual_norm_route.FUSED_NORM_ROUTE (off by default until measured):
+    at decode sizes the residual kernel at a block's end also routes the next
+    block's MoE; a detect and a query case still match the golden results,
+    every logit stays within 1e-5 of the default fast path's, and the fused
+    kernel ran."""
+    from tidal.kernels import residual_norm_route as norm_route
 
-    monkeypatch.setattr(text, "FUSED_NORM_ROUTE", True)
+    monkeypatch.setattr(norm_route, "FUSED_NORM_ROUTE", True)
     calls = []
-    fused = text.residual_norm_route
-    monkeypatch.setattr(text, "residual_norm_route", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    fused = norm_route.residual_norm_route
+    monkeypatch.setattr(norm_route, "residual_norm_route", lambda *a, **k: calls.append(1) or fused(*a, **k))
     md = tidal.Moondream.from_pretrained(GOLDEN, device=DEVICE, dtype="float32", engine_config=EngineConfig(trace_logits=True, kernels=True, token_budget=60_000))
     try:
         for i in (0, 5):

@@ -1,18 +1,20 @@
-"""The end of a parallel block, the start of the next and that block's MoE
-routing, in one launch, at decode sizes (at most ROUTER_MAX_TOKENS rows):
+"""A residual add, the norm after it and the MoE routing that reads the norm's
+output, in one launch, at decode sizes (at most ROUTER_MAX_TOKENS rows):
 
     x = (x + attn) + sum_j parts[:, j]       as tidal.kernels.residual_norm
-    h = LayerNorm(x)                          the next block's
+                                              (Moondream 3's block end), or
+    x = x + sum_j parts[:, j]                 as tidal.kernels.rms_norm's
+                                              add_rms_norm (Qwen3, attn None)
+    h = LayerNorm(x) or RMSNorm(x)
     weights, ids, pairs, block_expert = route_and_align(linear(h, router))
 
-At batch 1 the routing launch sits on the critical path of every MoE layer
-(its attention branch runs beside the MoE branch on the other stream); here it
-rides in the residual launch instead. Program p owns the hidden slice [p *
+At decode sizes the routing launch sits on the critical path of every MoE
+layer; here it rides in the residual launch instead. Program p owns the hidden slice [p *
 BLOCK_K, +BLOCK_K): every program reduces the whole rows for the LayerNorm's
 statistics (two passes over L2-resident rows), writes its slice of x and h
 and its partial router logits; the last program to finish (a ticket) sums the
 partials in program order and routes, as moe_route's fused router does.
-Numerically x is the residual kernel's bit for bit; h and the logits may differ
+Numerically x is the residual kernels' bit for bit; h and the logits may differ
 from the two-launch path in the last bit (the row sums are taken in chunks).
 """
 
@@ -32,19 +34,24 @@ from tidal.kernels.moe_route import (
     router_block_k,
 )
 
+# Models route their MoE blocks here at decode sizes when this is on (Moondream
+# 3's text decoder, Qwen3-MoE). Off until bench_kernels.py's norm-route table
+# and bench_moondream.py's `norm_route` part measure it on the device.
+FUSED_NORM_ROUTE = False
+
 
 @triton.jit
-def _new_x(X, Attn, Parts, t, d, tm, dm, stride_x, stride_a, stride_p, stride_pj, dtype: tl.constexpr, KP: tl.constexpr):
-    """The block's new residual stream at rows t, columns d, float32 of the
+def _new_x(X, Attn, Parts, t, d, tm, dm, stride_x, stride_a, stride_p, stride_pj, dtype: tl.constexpr, KP: tl.constexpr, HAS_ATTN: tl.constexpr):
+    """The new residual stream at rows t, columns d, float32 of the
     dtype-rounded value (0 where masked)."""
     m = tm[:, None] & dm[None, :]
     x = tl.load(X + t[:, None] * stride_x + d[None, :], mask=m, other=0.0).to(tl.float32)
-    a = tl.load(Attn + t[:, None] * stride_a + d[None, :], mask=m, other=0.0).to(tl.float32)
+    if HAS_ATTN:
+        x = (x + tl.load(Attn + t[:, None] * stride_a + d[None, :], mask=m, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
     mlp = tl.zeros_like(x)
     for j in tl.static_range(KP):
         mlp += tl.load(Parts + t[:, None] * stride_p + j * stride_pj + d[None, :], mask=m, other=0.0).to(tl.float32)
-    mlp = mlp.to(dtype).to(tl.float32)
-    return ((x + a).to(dtype).to(tl.float32) + mlp).to(dtype).to(tl.float32)
+    return (x + mlp.to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
 
 
 @triton.jit
@@ -53,33 +60,40 @@ def _residual_norm_route_kernel(
     tokens, dim, stride_x, stride_a, stride_p, stride_pj, stride_xo, stride_h, stride_w, eps, nblocks,
     KP: tl.constexpr, E: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     BM: tl.constexpr, CH: tl.constexpr, BFILL: tl.constexpr, HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, IEEE: tl.constexpr,
+    HAS_ATTN: tl.constexpr, RMS: tl.constexpr,
 ):
     p = tl.program_id(0)
     t = tl.arange(0, BLOCK_T)
     tm = t < tokens
     dtype = XOut.dtype.element_ty
-    # the LayerNorm's statistics over whole rows: mean, then the centred variance
-    total = tl.zeros([BLOCK_T], tl.float32)
-    for d0 in range(0, dim, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        total += tl.sum(_new_x(X, Attn, Parts, t, d, tm, d < dim, stride_x, stride_a, stride_p, stride_pj, dtype, KP), axis=1)
-    mean = total / dim
+    # the norm's statistics over whole rows: LayerNorm's mean, then the centred
+    # variance; RMSNorm's mean square (mean 0)
+    mean = tl.zeros([BLOCK_T], tl.float32)
+    if not RMS:
+        total = tl.zeros([BLOCK_T], tl.float32)
+        for d0 in range(0, dim, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            total += tl.sum(_new_x(X, Attn, Parts, t, d, tm, d < dim, stride_x, stride_a, stride_p, stride_pj, dtype, KP, HAS_ATTN), axis=1)
+        mean = total / dim
     sq = tl.zeros([BLOCK_T], tl.float32)
     for d0 in range(0, dim, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         dm = d < dim
-        diff = tl.where(tm[:, None] & dm[None, :], _new_x(X, Attn, Parts, t, d, tm, dm, stride_x, stride_a, stride_p, stride_pj, dtype, KP) - mean[:, None], 0.0)
+        diff = tl.where(tm[:, None] & dm[None, :], _new_x(X, Attn, Parts, t, d, tm, dm, stride_x, stride_a, stride_p, stride_pj, dtype, KP, HAS_ATTN) - mean[:, None], 0.0)
         sq += tl.sum(diff * diff, axis=1)
     rstd = 1.0 / tl.sqrt(sq / dim + eps)
     # this program's slice: x and h stored, h's partial router logits
     k = p * BLOCK_K + tl.arange(0, BLOCK_K)
     km = k < dim
     m = tm[:, None] & km[None, :]
-    xs = _new_x(X, Attn, Parts, t, k, tm, km, stride_x, stride_a, stride_p, stride_pj, dtype, KP)
+    xs = _new_x(X, Attn, Parts, t, k, tm, km, stride_x, stride_a, stride_p, stride_pj, dtype, KP, HAS_ATTN)
     tl.store(XOut + t[:, None] * stride_xo + k[None, :], xs.to(dtype), mask=m)
     lw = tl.load(LnW + k, mask=km, other=0.0).to(tl.float32)
-    lb = tl.load(LnB + k, mask=km, other=0.0).to(tl.float32)
-    h = tl.where(m, (xs - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :], 0.0).to(dtype)
+    if RMS:  # as add_rms_norm: normalized, rounded, times the weight, rounded
+        h = tl.where(m, lw[None, :] * (xs * rstd[:, None]).to(dtype).to(tl.float32), 0.0).to(dtype)
+    else:
+        lb = tl.load(LnB + k, mask=km, other=0.0).to(tl.float32)
+        h = tl.where(m, (xs - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :], 0.0).to(dtype)
     tl.store(HOut + t[:, None] * stride_h + k[None, :], h, mask=m)
     e = tl.arange(0, E)
     w = tl.load(W + e[None, :] * stride_w + k[:, None], mask=km[:, None], other=0.0)
@@ -110,23 +124,26 @@ def fits(tokens: int, experts: int, top_k: int) -> bool:
 
 def residual_norm_route(
     x: torch.Tensor,
-    attn: torch.Tensor,
+    attn: torch.Tensor | None,
     parts: torch.Tensor,
-    norm: torch.nn.LayerNorm,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor | None,
+    eps: float,
     router_w: torch.Tensor,
     router_b: torch.Tensor | None,
     top_k: int,
     block_m: int,
     renormalize: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """x, attn [T, D]; parts [T, k, D]; router_w [E, D] -> (new x [T, D],
-    norm(new x) [T, D], (weights [T, top_k], ids [T, top_k] int64, pairs,
-    block_expert) as route_and_align gives them for linear(h, router_w, router_b)).
-    T <= ROUTER_MAX_TOKENS (see fits)."""
+    """x [T, D]; attn [T, D] or None; parts [T, k, D]; a LayerNorm's weight
+    and bias, or an RMSNorm's weight (norm_bias None); router_w [E, D] ->
+    (new x [T, D], norm(new x) [T, D], (weights [T, top_k], ids [T, top_k]
+    int64, pairs, block_expert) as route_and_align gives them for
+    linear(h, router_w, router_b)). T <= ROUTER_MAX_TOKENS (see fits)."""
     tokens, dim = x.shape
     experts = router_w.shape[0]
     assert fits(tokens, experts, top_k), "residual_norm_route: at most ROUTER_MAX_TOKENS rows, power-of-two experts and top-k"
-    assert x.stride(1) == attn.stride(1) == parts.stride(2) == router_w.stride(1) == 1
+    assert x.stride(1) == parts.stride(2) == router_w.stride(1) == 1 and (attn is None or attn.stride(1) == 1)
     dev = x.device
     nblocks, weights, ids, pairs, block_expert = _routing_outputs(tokens, experts, top_k, block_m, x.dtype, dev)
     x_out = torch.empty_like(x)
@@ -137,11 +154,13 @@ def residual_norm_route(
     ticket = scratch_zeros("norm-route ticket", 1, torch.int32, dev)
     logits = torch.empty((tokens, experts), dtype=x.dtype, device=dev)
     _, pairs_chunk, block_chunk = _tiles(tokens, top_k, experts, nblocks)
+    a = attn if attn is not None else x
     _residual_norm_route_kernel[(programs,)](
-        x, attn, parts, norm.weight, norm.bias, x_out, h, router_w, router_b if router_b is not None else router_w,
+        x, a, parts, norm_weight, norm_bias if norm_bias is not None else norm_weight, x_out, h, router_w, router_b if router_b is not None else router_w,
         partial, logits, weights, ids, pairs, block_expert, ticket,
-        tokens, dim, x.stride(0), attn.stride(0), parts.stride(0), parts.stride(1), x_out.stride(0), h.stride(0), router_w.stride(0), norm.eps, nblocks,
+        tokens, dim, x.stride(0), a.stride(0), parts.stride(0), parts.stride(1), x_out.stride(0), h.stride(0), router_w.stride(0), eps, nblocks,
         KP=parts.shape[1], E=experts, K=top_k, BLOCK_T=ROUTER_MAX_TOKENS, BLOCK_K=block_k, BLOCK_D=min(512, triton.next_power_of_2(dim)),
-        BM=block_m, CH=pairs_chunk, BFILL=block_chunk, HAS_BIAS=router_b is not None, RENORM=renormalize, IEEE=x.dtype == torch.float32, num_warps=8,
+        BM=block_m, CH=pairs_chunk, BFILL=block_chunk, HAS_BIAS=router_b is not None, RENORM=renormalize, IEEE=x.dtype == torch.float32,
+        HAS_ATTN=attn is not None, RMS=norm_bias is None, num_warps=8,
     )
     return x_out, h, (weights, ids, pairs, block_expert)

@@ -21,9 +21,8 @@ from .config import TextConfig
 from .vision import MLP
 
 if triton_available():
+    from tidal.kernels import residual_norm_route as norm_route
     from tidal.kernels.residual_norm import residual_norm
-    from tidal.kernels.residual_norm_route import fits as residual_norm_route_fits
-    from tidal.kernels.residual_norm_route import residual_norm_route
     from tidal.kernels.tau_rope import tau_rope_kv
 
 
@@ -52,12 +51,12 @@ class MoEMLP(nn.Module):
         return moe_parts(x, self.router.weight, self.router.bias, self.fc1.weight, self.fc2.weight, self.top_k, routing=routing)
 
     def norm_and_route(self, x: torch.Tensor, attn: torch.Tensor, parts: torch.Tensor, ln: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        """The previous block's residual adds, this block's LayerNorm and, at
-        decode sizes with FUSED_NORM_ROUTE, this block's routing in the same
-        launch: -> (x, h, routing or None)."""
-        if FUSED_NORM_ROUTE and residual_norm_route_fits(x.shape[0], self.fc1.weight.shape[0], self.top_k):
+        """The previous block's residual adds and this block's LayerNorm; at
+        decode sizes with residual_norm_route.FUSED_NORM_ROUTE on, this
+        block's routing in the same launch: -> (x, h, routing or None)."""
+        if norm_route.FUSED_NORM_ROUTE and norm_route.fits(x.shape[0], self.fc1.weight.shape[0], self.top_k):
             block_m = moe_block_m(x.shape[0], self.fc1.weight, self.fc2.weight, self.top_k, x.dtype)
-            return residual_norm_route(x, attn, parts, ln, self.router.weight, self.router.bias, self.top_k, block_m)
+            return norm_route.residual_norm_route(x, attn, parts, ln.weight, ln.bias, ln.eps, self.router.weight, self.router.bias, self.top_k, block_m)
         x, h = residual_norm(x, attn, parts, ln)
         return x, h, None
 
@@ -123,12 +122,6 @@ class TextAttention(nn.Module):
 # on an H100 (bench_moondream.py's `branches` part beside the default): decode
 # 2.64 -> 2.40 ms at batch 1, 4.90 -> 4.35 at 8, 8.98 -> 6.96 at 32.
 PARALLEL_BRANCHES = True
-
-# The fast path's residual kernel at the end of a block also routes the next
-# block's MoE at decode sizes (tidal.kernels.residual_norm_route): one launch
-# less on each MoE layer's critical path. Off until bench_moondream.py's
-# `norm_route` part measures it on the device.
-FUSED_NORM_ROUTE = False
 
 
 class TextBlock(nn.Module):
