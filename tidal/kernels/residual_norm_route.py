@@ -36,7 +36,9 @@ from tidal.kernels.moe_route import (
 
 # Models route their MoE blocks here at decode sizes when this is on (Moondream
 # 3's text decoder, Qwen3-MoE). Off until bench_kernels.py's norm-route table
-# and bench_moondream.py's `norm_route` part measure it on the device.
+# and bench_moondream.py's `norm_route` part measure it on the device. In bf16
+# h may differ from the residual kernels' in the last bit (row sums taken in
+# chunks), so a near-tie between two experts can route differently.
 FUSED_NORM_ROUTE = False
 
 
@@ -148,8 +150,14 @@ def residual_norm_route(
     nblocks, weights, ids, pairs, block_expert = _routing_outputs(tokens, experts, top_k, block_m, x.dtype, dev)
     x_out = torch.empty_like(x)
     h = torch.empty_like(x)
-    block_k = router_block_k(experts, x.element_size())
+    # each program re-reads the rows for the statistics: wider slices mean
+    # fewer programs and fewer re-reads; with no pipelined K loop here the
+    # operand tiles fit in bf16 at 256 (float32 keeps the router's slice)
+    block_k = 256 if x.element_size() == 2 else router_block_k(experts, x.element_size())
     programs = triton.cdiv(dim, block_k)
+    # [16, BLOCK_D] tiles of x, attn and every part live at once: 512-wide
+    # spilled registers with 8 parts (Triton's sm_90 build), 128 did not
+    block_d = min(512 if parts.shape[1] <= 1 else 128, triton.next_power_of_2(dim))
     partial = scratch_zeros("norm-route partials", programs * ROUTER_MAX_TOKENS * experts, torch.float32, dev)
     ticket = scratch_zeros("norm-route ticket", 1, torch.int32, dev)
     logits = torch.empty((tokens, experts), dtype=x.dtype, device=dev)
@@ -159,7 +167,7 @@ def residual_norm_route(
         x, a, parts, norm_weight, norm_bias if norm_bias is not None else norm_weight, x_out, h, router_w, router_b if router_b is not None else router_w,
         partial, logits, weights, ids, pairs, block_expert, ticket,
         tokens, dim, x.stride(0), a.stride(0), parts.stride(0), parts.stride(1), x_out.stride(0), h.stride(0), router_w.stride(0), eps, nblocks,
-        KP=parts.shape[1], E=experts, K=top_k, BLOCK_T=ROUTER_MAX_TOKENS, BLOCK_K=block_k, BLOCK_D=min(512, triton.next_power_of_2(dim)),
+        KP=parts.shape[1], E=experts, K=top_k, BLOCK_T=ROUTER_MAX_TOKENS, BLOCK_K=block_k, BLOCK_D=block_d,
         BM=block_m, CH=pairs_chunk, BFILL=block_chunk, HAS_BIAS=router_b is not None, RENORM=renormalize, IEEE=x.dtype == torch.float32,
         HAS_ATTN=attn is not None, RMS=norm_bias is None, num_warps=8,
     )
