@@ -150,14 +150,15 @@ def residual_norm_route(
     nblocks, weights, ids, pairs, block_expert = _routing_outputs(tokens, experts, top_k, block_m, x.dtype, dev)
     x_out = torch.empty_like(x)
     h = torch.empty_like(x)
-    # each program re-reads the rows for the statistics: wider slices mean
-    # fewer programs and fewer re-reads; with no pipelined K loop here the
-    # operand tiles fit in bf16 at 256 (float32 keeps the router's slice)
-    block_k = 256 if x.element_size() == 2 else router_block_k(experts, x.element_size())
+    # Each program re-reads the rows for the statistics: wider slices mean
+    # fewer programs and fewer re-reads. Register use, from ptxas for sm_90
+    # (Triton 3.9, 8 warps, bf16): one part, 256-wide slices and 512-wide row
+    # chunks, 210 registers, no spills; eight parts spill at 256-wide slices
+    # (156 bytes) or 512-wide chunks (~10 KB), not at 128 and 128 (255).
+    one_part = parts.shape[1] <= 1
+    block_k = 256 if x.element_size() == 2 and one_part else router_block_k(experts, x.element_size())
     programs = triton.cdiv(dim, block_k)
-    # [16, BLOCK_D] tiles of x, attn and every part live at once: 512-wide
-    # spilled registers with 8 parts (Triton's sm_90 build), 128 did not
-    block_d = min(512 if parts.shape[1] <= 1 else 128, triton.next_power_of_2(dim))
+    block_d = min(512 if one_part else 128, triton.next_power_of_2(dim))
     partial = scratch_zeros("norm-route partials", programs * ROUTER_MAX_TOKENS * experts, torch.float32, dev)
     ticket = scratch_zeros("norm-route ticket", 1, torch.int32, dev)
     logits = torch.empty((tokens, experts), dtype=x.dtype, device=dev)
