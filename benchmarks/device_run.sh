@@ -74,6 +74,7 @@ case "$part" in
     tests_in 150 "test_kernels (attention, routing)" tests/test_kernels.py -k "decode_attention or route"
     timeout 150 python benchmarks/bench_kernels.py --out "$out" 2>&1 | sed -n '/decode attention/,$p'
     timeout 150 python benchmarks/bench_moondream.py --quick --only decode,norm_route --out "$out" 2>&1 | grep "decode batch"
-    timeout 120 python benchmarks/bench_qwen.py --model moe --no-hf --batches 1 64 --out "$out" 2>&1 | grep -E "^tidal|where it went" ;;
+    timeout 120 python benchmarks/bench_qwen.py --model moe --no-hf --batches 1 64 --out "$out" 2>&1 | grep -E "^tidal|where it went"
+    mkdir -p "$out/norm_route"; timeout 70 python benchmarks/bench_qwen.py --model moe --no-hf --no-concurrent --batches 1 8 --norm-route --out "$out/norm_route" 2>&1 | grep "tidal decode" | sed "s|^|norm-route: |" ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
