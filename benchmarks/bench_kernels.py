@@ -157,7 +157,7 @@ def attention(bandwidth: float, results: dict, lines: list[str]) -> None:
     lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
     gen = torch.Generator(device=DEV).manual_seed(2)
     for label, heads, kv_heads, dim, ctx in (("moondream", 32, 32, 64, 740), ("qwen3-30b", 32, 4, 128, 600), ("qwen3-vl-8b", 32, 8, 128, 1000)):
-        for batch in (1, 8, 64):
+        for batch in (1, 8, 32, 64):
             slots = batch * ctx + 1
             n_copies = max(2, min(CALLS, 2 * L2_BYTES // (2 * slots * kv_heads * dim * 2) + 1))
             caches = [(torch.randn(slots, kv_heads, dim, device=DEV, generator=gen).to(torch.bfloat16), torch.randn(slots, kv_heads, dim, device=DEV, generator=gen).to(torch.bfloat16)) for _ in range(n_copies)]
@@ -167,7 +167,7 @@ def attention(bandwidth: float, results: dict, lines: list[str]) -> None:
             q = torch.randn(batch, heads, dim, device=DEV, generator=gen).to(torch.bfloat16)
             floor = batch * ctx * kv_heads * dim * 2 * 2 / bandwidth * 1e6
             default = decode_splits(batch, kv_heads, heads // kv_heads)
-            for splits in sorted({default, 1, 4, 8, 16} if batch < 64 else {default, 1, 2}):
+            for splits in sorted({default, 1, 4, 8, 16} if batch < 32 else {default, 1, 2, 4}):
                 timed, same = {}, "-"
                 for fused in (False, True):
                     if fused and splits == 1:
