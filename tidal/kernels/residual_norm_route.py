@@ -27,10 +27,9 @@ import triton.language as tl
 from tidal.kernels import scratch_zeros
 from tidal.kernels.moe_route import (
     ROUTER_MAX_TOKENS,
-    _align,
+    _last_program_routes,
     _routing_outputs,
     _tiles,
-    _topk_softmax,
     router_block_k,
 )
 
@@ -104,19 +103,7 @@ def _residual_norm_route_kernel(
     else:
         acc = tl.dot(h, w)
     tl.store(Partial + p * BLOCK_T * E + t[:, None] * E + e[None, :], acc)
-    tl.debug_barrier()  # every thread's partial stored before the ticket
-    if tl.atomic_add(Counter, 1, sem="acq_rel") == tl.num_programs(0) - 1:
-        logits = tl.zeros([BLOCK_T, E], tl.float32)
-        for q in range(0, tl.num_programs(0)):
-            logits += tl.load(Partial + q * BLOCK_T * E + t[:, None] * E + e[None, :], cache_modifier=".cg")
-        if HAS_BIAS:
-            logits += tl.load(Bias + e).to(tl.float32)[None, :]
-        tl.store(Logits + t[:, None] * E + e[None, :], logits.to(Logits.dtype.element_ty), mask=tm[:, None])
-        tl.debug_barrier()  # the logits visible to every thread of this program
-        _topk_softmax(Logits, Weights, Ids, tokens, E, 0, tokens, e, tl.arange(0, K), E, K, BLOCK_T, RENORM)
-        tl.debug_barrier()
-        _align(Ids, Pairs, BlockExpert, tokens, nblocks, e, E, K, BM, CH, 256, BFILL)
-        tl.atomic_xchg(Counter, 0)  # ready for the next launch (or replay)
+    _last_program_routes(Partial, Bias, Logits, Weights, Ids, Pairs, BlockExpert, Counter, tokens, nblocks, t, tm, e, E, K, BLOCK_T, BM, CH, BFILL, HAS_BIAS, RENORM)
 
 
 def fits(tokens: int, experts: int, top_k: int) -> bool:
