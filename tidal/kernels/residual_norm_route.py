@@ -111,6 +111,20 @@ def fits(tokens: int, experts: int, top_k: int) -> bool:
     return 0 < tokens <= ROUTER_MAX_TOKENS and experts & (experts - 1) == 0 and top_k & (top_k - 1) == 0
 
 
+def launch_sizes(parts: int, experts: int, dim: int, itemsize: int) -> tuple[int, int]:
+    """(BLOCK_K, BLOCK_D): each program's hidden slice and the row chunk of
+    its statistics passes. Each program re-reads the rows for the statistics:
+    wider slices mean fewer programs and fewer re-reads. Register use, from
+    ptxas for sm_90 (Triton 3.9, 8 warps, bf16): one part, 256-wide slices and
+    512-wide row chunks, 210 registers, no spills; eight parts spill at
+    256-wide slices (156 bytes) or 512-wide chunks (~10 KB), not at 128 and
+    128 (255); float32 takes the narrow sizes. tests/test_kernel_resources.py
+    checks them."""
+    wide = parts <= 1 and itemsize == 2  # float32 with one part spilled 4 bytes at 512
+    block_k = 256 if wide else router_block_k(experts, itemsize)
+    return block_k, min(512 if wide else 128, triton.next_power_of_2(dim))
+
+
 def residual_norm_route(
     x: torch.Tensor,
     attn: torch.Tensor | None,
@@ -137,15 +151,8 @@ def residual_norm_route(
     nblocks, weights, ids, pairs, block_expert = _routing_outputs(tokens, experts, top_k, block_m, x.dtype, dev)
     x_out = torch.empty_like(x)
     h = torch.empty_like(x)
-    # Each program re-reads the rows for the statistics: wider slices mean
-    # fewer programs and fewer re-reads. Register use, from ptxas for sm_90
-    # (Triton 3.9, 8 warps, bf16): one part, 256-wide slices and 512-wide row
-    # chunks, 210 registers, no spills; eight parts spill at 256-wide slices
-    # (156 bytes) or 512-wide chunks (~10 KB), not at 128 and 128 (255).
-    one_part = parts.shape[1] <= 1
-    block_k = 256 if x.element_size() == 2 and one_part else router_block_k(experts, x.element_size())
+    block_k, block_d = launch_sizes(parts.shape[1], experts, dim, x.element_size())
     programs = triton.cdiv(dim, block_k)
-    block_d = min(512 if one_part else 128, triton.next_power_of_2(dim))
     partial = scratch_zeros("norm-route partials", programs * ROUTER_MAX_TOKENS * experts, torch.float32, dev)
     ticket = scratch_zeros("norm-route ticket", 1, torch.int32, dev)
     logits = torch.empty((tokens, experts), dtype=x.dtype, device=dev)
