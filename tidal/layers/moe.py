@@ -75,14 +75,14 @@ def moe_parts(
     """The fast path's MoE, before the sum over the k experts (which the
     residual kernel does): x [T, D] -> each token's k weighted expert outputs
     [T, k, D]. Routing and alignment take one launch at decode sizes; routing
-    given (weights, ids, pairs, block_expert, laid out for moe_block_m's
-    block size) was done already, e.g. by the residual kernel before."""
+    given (weights, ids, pairs, block_expert, laid out for
+    norm_route_block_m's block size) was done already by the residual kernel before."""
     from tidal.kernels import moe_route
-    from tidal.kernels.fused_moe import align_by_expert, expert_pairs, moe_config
+    from tidal.kernels.fused_moe import align_by_expert, expert_pairs
     from tidal.kernels.moe_route import MAX_TOKENS, route_and_align
 
     tokens = x.shape[0]
-    config = moe_config(tokens, (fc1.shape[0], fc1.shape[2], fc2.shape[2], top_k), x.dtype, x.device)
+    config = _moe_config(tokens, fc1, fc2, top_k, x.dtype)
     pow2 = all(n & (n - 1) == 0 for n in (fc1.shape[0], top_k))  # what the routing kernel takes
     if routing is not None:
         weights, ids, pairs, block_expert = routing
@@ -96,12 +96,23 @@ def moe_parts(
     return expert_pairs(x, weights, fc1, fc2, top_k, pairs, block_expert, config, act).view(tokens, top_k, -1)
 
 
-def moe_block_m(tokens: int, fc1: torch.Tensor, fc2: torch.Tensor, top_k: int, dtype: torch.dtype) -> int:
-    """The row block the fused experts run a step of `tokens` with: the
-    block size routing must lay the pairs out for."""
+def _moe_config(tokens: int, fc1: torch.Tensor, fc2: torch.Tensor, top_k: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """The fused experts' launch configuration for a step of `tokens`."""
     from tidal.kernels.fused_moe import moe_config
 
-    return moe_config(tokens, (fc1.shape[0], fc1.shape[2], fc2.shape[2], top_k), dtype, fc1.device)[0]
+    return moe_config(tokens, (fc1.shape[0], fc1.shape[2], fc2.shape[2], top_k), dtype, fc1.device)
+
+
+def norm_route_block_m(tokens: int, fc1: torch.Tensor, fc2: torch.Tensor, top_k: int, dtype: torch.dtype) -> int | None:
+    """Where a step of `tokens` routes inside the residual kernel before the
+    MoE (tidal.kernels.residual_norm_route: switched on and at decode
+    sizes): the row block the fused experts run it with, the block size the
+    routing must lay the pairs out for; else None."""
+    from tidal.kernels import residual_norm_route as norm_route
+
+    if not (norm_route.FUSED_NORM_ROUTE and norm_route.fits(tokens, fc1.shape[0], top_k)):
+        return None
+    return _moe_config(tokens, fc1, fc2, top_k, dtype)[0]
 
 
 def experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor, act: str = "geglu_plus1") -> torch.Tensor:

@@ -14,14 +14,16 @@ import torch.nn.functional as F
 from tidal.core import ForwardBatch
 from tidal.kernels import triton_available
 from tidal.layers.linear import linear
-from tidal.layers.moe import moe_block_m, moe_forward, moe_parts
+from tidal.layers.moe import moe_forward, moe_parts, norm_route_block_m
 from tidal.layers.rotary import PartialRotary
 
 from .config import TextConfig
 from .vision import MLP
 
 if triton_available():
-    from tidal.kernels import residual_norm_route as norm_route
+    from tidal.kernels import (
+        residual_norm_route as norm_route,  # a module: tests count its kernel's calls
+    )
     from tidal.kernels.residual_norm import residual_norm
     from tidal.kernels.tau_rope import tau_rope_kv
 
@@ -54,8 +56,8 @@ class MoEMLP(nn.Module):
         """The previous block's residual adds and this block's LayerNorm; at
         decode sizes with residual_norm_route.FUSED_NORM_ROUTE on, this
         block's routing in the same launch: -> (x, h, routing or None)."""
-        if norm_route.FUSED_NORM_ROUTE and norm_route.fits(x.shape[0], self.fc1.weight.shape[0], self.top_k):
-            block_m = moe_block_m(x.shape[0], self.fc1.weight, self.fc2.weight, self.top_k, x.dtype)
+        block_m = norm_route_block_m(x.shape[0], self.fc1.weight, self.fc2.weight, self.top_k, x.dtype)
+        if block_m is not None:
             return norm_route.residual_norm_route(x, attn, parts, ln.weight, ln.bias, ln.eps, self.router.weight, self.router.bias, self.top_k, block_m)
         x, h = residual_norm(x, attn, parts, ln)
         return x, h, None

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tidal.core import ForwardBatch, KVLayout
 from tidal.errors import CheckpointError
 from tidal.layers.linear import linear
-from tidal.layers.moe import moe_block_m, moe_forward, moe_parts
+from tidal.layers.moe import moe_forward, moe_parts, norm_route_block_m
 from tidal.layers.norm import RMSNorm
 from tidal.layers.rotary import PartialRotary, rotate_halves
 from tidal.models.checkpoint import raise_weight_problems
@@ -158,12 +158,12 @@ class SparseMoE(nn.Module):
         """x + attn and this layer's post-attention norm (the fused path); at
         decode sizes with residual_norm_route.FUSED_NORM_ROUTE on, this
         layer's routing in the same launch: -> (x, h, routing or None)."""
-        from tidal.kernels import residual_norm_route as norm_route
+        from tidal.kernels.residual_norm_route import residual_norm_route
         from tidal.kernels.rms_norm import add_rms_norm
 
-        if norm_route.FUSED_NORM_ROUTE and norm_route.fits(x.shape[0], self.fc1.shape[0], self.top_k):
-            block_m = moe_block_m(x.shape[0], self.fc1, self.fc2, self.top_k, x.dtype)
-            return norm_route.residual_norm_route(x, None, attn[:, None, :], norm.weight, None, norm.eps, self.gate.weight, None, self.top_k, block_m, self.renormalize)
+        block_m = norm_route_block_m(x.shape[0], self.fc1, self.fc2, self.top_k, x.dtype)
+        if block_m is not None:
+            return residual_norm_route(x, None, attn[:, None, :], norm.weight, None, norm.eps, self.gate.weight, None, self.top_k, block_m, self.renormalize)
         x, h = add_rms_norm(x, attn[:, None, :], norm.weight, norm.eps)
         return x, h, None
 
