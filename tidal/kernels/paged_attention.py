@@ -207,6 +207,7 @@ def _decode_reduce_kernel(
 # against 32's 10.0 / 6.9 for Moondream / Qwen3-30B; Qwen at batch 8 too).
 MAX_SPLITS = 16  # also bounds the reduce's [splits, D] tile
 DECODE_BLOCK_N = 64
+NUM_SMS = 132  # an H100's: decode_splits's rule was measured there
 
 
 def decode_splits(batch: int, kv_heads: int, group: int = 1) -> int:
@@ -219,9 +220,6 @@ def decode_splits(batch: int, kv_heads: int, group: int = 1) -> int:
     Qwen3-VL-8B (8 KV heads, 1000 keys) at batch 8: 4 splits 19.5, 16 19.8."""
     per_sm = 8 if group == 1 else 2
     return max(1, min(MAX_SPLITS, per_sm * NUM_SMS // max(1, batch * kv_heads)))
-
-
-NUM_SMS = 132  # an H100's; the rule above was measured there
 
 
 # The reduce inside the split kernel: the last split program of a sequence
