@@ -137,8 +137,10 @@ class Scheduler:
     def schedule(self) -> list[Chunk]:
         """Pick this step's work and give it KV slots (evicting or preempting if needed)."""
         self._admit()
-        decoding = [r for r in self.running if r.pending_len <= _DECODE_MAX and r.history]
-        prefilling = [r for r in self.running if not (r.pending_len <= _DECODE_MAX and r.history)]
+        decoding: list[Request] = []
+        prefilling: list[Request] = []
+        for r in self.running:  # one pass: pending_len sums the request's items
+            (decoding if r.history and r.pending_len <= _DECODE_MAX else prefilling).append(r)
         budget = self.token_budget
         chunks: list[Chunk] = []
         prefill_started = False
