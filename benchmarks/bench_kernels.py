@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_moondream import copy_bandwidth  # noqa: E402
+from measure import copy_bandwidth  # noqa: E402
 
 DEV = torch.device("cuda")
 L2_BYTES = 50 << 20

@@ -19,11 +19,11 @@ medians after warm-up. Prints a table last; writes DIR/bench.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -31,6 +31,9 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script or imported as benchmarks.bench_moondream
+from measure import DEV, close_model, copy_bandwidth, report, sync, timed  # noqa: E402
 
 from tidal.api import Moondream
 from tidal.core import OutputSpec, StepResult
@@ -44,7 +47,6 @@ from tidal.models.moondream3.processor import overlap_crops_tensor
 from tidal.models.moondream3.skills import LocateSkill
 from tidal.models.moondream3.tiny import build_tokenizer, init_random_
 
-DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FULL = MoondreamConfig()  # --tiny swaps in the embedded tiny shapes for a CPU dry run
 KV_BYTES_PER_POSITION = 0  # set in main: all layers' K and V of one position
 PARTS = ("decode", "skinny", "branches", "norm_route", "latency", "eager_extend", "torch", "reference", "mixed")
@@ -92,39 +94,11 @@ def image(w: int, h: int, seed: int) -> Image.Image:
     return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
 
 
-def sync() -> None:
-    if DEV.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, repeat: int, warmup: int = 1) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeat):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        out.append((time.perf_counter() - t0) * 1000)
-    return out
-
-
 def run_to_end(md: Moondream, reqs: list[Request]) -> None:
     for r in reqs:
         md.engine.add_request(r)
     while not all(r.finished for r in reqs):
         md.engine.step()
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy, bytes read + written per second (the memory ceiling)."""
-    if DEV.type != "cuda":
-        return float("nan")
-    a = torch.empty(1 << 30, dtype=torch.uint8, device=DEV)
-    b = torch.empty_like(a)
-    ms = statistics.median(timed(lambda: b.copy_(a), 10, warmup=3))
-    return 2 * (1 << 30) / (ms / 1000)
 
 
 # -- floors ------------------------------------------------------------------------
@@ -183,6 +157,20 @@ def decode_sweep(md: Moondream, batches: tuple[int, ...], context: int, tokens: 
         results[f"{label}_decode_b{batch}_tok_s"] = batch * 1000 / ms
         results[f"floor_decode_b{batch}_ms"] = decode_floor_ms(md.model, batch, context + tokens // 2, bandwidth)
         print(f"{label} decode batch {batch}: {ms:.2f} ms/step, {batch * 1000 / ms:.0f} tok/s (floor {results[f'floor_decode_b{batch}_ms']:.2f} ms)", flush=True)
+
+
+def flipped_sweep(module, switch: str, labels: tuple[str, str], make, tokens: int, results: dict, bandwidth: float) -> None:
+    """The decode sweep to batch 32 with module.switch (a process-wide bool)
+    the other way from its default, on an engine make() builds then; results
+    under labels[0] when that turns it on, labels[1] when off."""
+    default = getattr(module, switch)
+    setattr(module, switch, not default)
+    try:
+        md = make()
+        decode_sweep(md, (1, 8, 32), 740, tokens, results, labels[1] if default else labels[0], bandwidth)
+        close_model(md)
+    finally:
+        setattr(module, switch, default)
 
 
 def first_output(md: Moondream, img: Image.Image, question_ids: list[int]) -> None:
@@ -314,43 +302,30 @@ def main() -> None:
         if graphs is not None:
             results["fast_decode_graph_replays"] = graphs.replays
             results["fast_decode_eager_runs"] = graphs.eager_runs
-        md = _close(md)
+        md = close_model(md)
 
     if "skinny" in parts:  # the decode sweep to batch 16 with the other EngineConfig.skinny_gemm choices (decode ran "auto")
         for mode in ("off", "all"):
             md = Moondream(model, tok, EngineConfig(max_running=16, prefix_cache=False, kernels=kernels, skinny_gemm=mode))
             decode_sweep(md, (1, 8, 16), 740, 16 if args.quick else 32, results, f"skinny_{mode}", bandwidth)
-            md = _close(md)
+            md = close_model(md)
 
-    if "branches" in parts:  # the decode sweep to batch 32 with each block's two branches on one stream (text.PARALLEL_BRANCHES off; decode ran them on two)
+    if "branches" in parts:  # each block's two branches on the other number of streams than the default (text.PARALLEL_BRANCHES)
         from tidal.models.moondream3 import text as text_model
 
-        default = text_model.PARALLEL_BRANCHES
-        text_model.PARALLEL_BRANCHES = not default
-        try:
-            md = Moondream(model, tok, EngineConfig(max_running=32, prefix_cache=False, kernels=kernels))
-            decode_sweep(md, (1, 8, 32), 740, 16 if args.quick else 32, results, "one_stream" if default else "branches", bandwidth)
-            md = _close(md)
-        finally:
-            text_model.PARALLEL_BRANCHES = default
+        flipped_sweep(text_model, "PARALLEL_BRANCHES", ("branches", "one_stream"), lambda: Moondream(model, tok, EngineConfig(max_running=32, prefix_cache=False, kernels=kernels)), 16 if args.quick else 32, results, bandwidth)
 
-    if "norm_route" in parts:  # the decode sweep to batch 32 with each block's residual kernel also routing the next block (residual_norm_route.FUSED_NORM_ROUTE)
+    if "norm_route" in parts:  # each MoE block routed inside the residual kernel before it, or not, against the default (residual_norm_route.FUSED_NORM_ROUTE)
         from tidal.kernels import residual_norm_route as norm_route
 
-        norm_route.FUSED_NORM_ROUTE = True
-        try:
-            md = Moondream(model, tok, EngineConfig(max_running=32, prefix_cache=False, kernels=kernels))
-            decode_sweep(md, (1, 8, 32), 740, 16 if args.quick else 32, results, "norm_route", bandwidth)
-            md = _close(md)
-        finally:
-            norm_route.FUSED_NORM_ROUTE = False
+        flipped_sweep(norm_route, "FUSED_NORM_ROUTE", ("norm_route", "two_launch_route"), lambda: Moondream(model, tok, EngineConfig(max_running=32, prefix_cache=False, kernels=kernels)), 16 if args.quick else 32, results, bandwidth)
 
     if "latency" in parts:
         md = Moondream(model, tok, EngineConfig(max_running=64, kernels=kernels))  # prefix cache on
         ttft(md, results, reps, "fast")
         locate(md, results, reps, "fast")
         results["fast_share_of_steps_replayed"] = md.engine.runner.graph_replays / max(md.engine.stats.steps, 1)
-        md = _close(md)
+        md = close_model(md)
         if DEV.type == "cuda":
             results["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
 
@@ -361,14 +336,14 @@ def main() -> None:
         ttft(md, results, reps, "eager_extend")
         locate(md, results, reps, "eager_extend")
         results["eager_extend_share_of_steps_replayed"] = md.engine.runner.graph_replays / max(md.engine.stats.steps, 1)
-        md = _close(md)
+        md = close_model(md)
 
     if "torch" in parts:  # the torch path on the same weights: batch-1 decode and time to first output
         md = Moondream(model, tok, EngineConfig(max_running=8, prefix_cache=False, kernels=False))
         decode_sweep(md, (1,), 740, 4, results, "torch", bandwidth)
         first_output(md, image(378, 378, 9), [54])
         results["torch_ttft_378_cold_ms"] = statistics.median(timed(lambda: first_output(md, image(378, 378, 10), [54]), 2, warmup=0))
-        md = _close(md)
+        md = close_model(md)
 
     if "reference" in parts:
         import reference_peer
@@ -398,7 +373,7 @@ def main() -> None:
             mixed_workload.measure(md, results, "fast", concurrencies=(4,) if args.tiny else (64,), requests_per_client=2 if args.quick else 4, vias=("engine",))
         else:
             mixed_workload.measure(md, results, "fast", concurrencies=(1, 4) if args.tiny else (1, 16, 64), requests_per_client=2 if args.quick else 4, host_profile=args.host_profile)
-        md = _close(md)
+        md = close_model(md)
         variants: dict[str, dict] = {}
         if not args.mixed_only_default:
             variants["fast_budget8k"] = {"token_budget": 8192}  # larger prefill steps: the experts' weights read once for more images
@@ -408,9 +383,9 @@ def main() -> None:
         for label, config in variants.items():
             md = Moondream(model, tok, EngineConfig(max_running=64, kernels=kernels, **config))
             mixed_workload.measure(md, results, label, concurrencies=(4,) if args.tiny else (64,), requests_per_client=2 if args.quick else 4, vias=("engine",))
-            md = _close(md)
+            md = close_model(md)
 
-    _report(results, args.out)
+    report(results, args.out)
 
 
 def same_model_check(model, tok, ref, images: dict, results: dict, kernels: bool) -> None:
@@ -428,34 +403,7 @@ def same_model_check(model, tok, ref, images: dict, results: dict, kernels: bool
         results[f"ref_vs_fast_first_logits_{name}_rel_err"] = err
         results[f"ref_vs_fast_first_token_{name}_same"] = bool(ours.argmax() == theirs.argmax())
         print(f"same model check, {name}: first-answer logits within {err:.2e} relative of the reference; same token: {bool(ours.argmax() == theirs.argmax())}", flush=True)
-    _close(md)
-
-
-def _close(md: Moondream) -> None:
-    """Stop the engine; with the caller's reference dropped (md = _close(md)), its
-    KV pool and graphs go back before the next part."""
-    import gc
-
-    engine = md.engine
-    md.close()
-    # the KV pool and graphs go even if something still holds the engine
-    engine.kv_pool.k = engine.kv_pool.v = None
-    engine.runner.graphs = None
-    md.engine = None
-    del engine
-    gc.collect()
-    if DEV.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _report(results: dict, out: str, name: str = "bench.json") -> None:
-    """Write out/name and print the results as a table."""
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, name), "w") as f:
-        json.dump(results, f, indent=2)
-    print("\n| measure | value |\n| --- | --- |")
-    for k, v in results.items():
-        print(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
+    close_model(md)
 
 
 if __name__ == "__main__":

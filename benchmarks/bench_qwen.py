@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_moondream import _close, _report, copy_bandwidth, sync  # noqa: E402
+from measure import close_model, copy_bandwidth, report, sync  # noqa: E402
 from qwen_peers import (  # noqa: E402
     ASSISTANT,
     IM_END,
@@ -323,7 +323,7 @@ def main() -> None:
         print(f"  where it went: {step_breakdown(steps, key, results)}; {results[f'{key}_preemptions']} preemptions, at most {results[f'{key}_most_running']} decoding at once", flush=True)
     if DEV.type == "cuda":
         results["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    _close(llm)
+    close_model(llm)
 
     if not args.no_hf:
         hf = hf_vl(model, text, vision) if vl else hf_moe(model, shapes)
@@ -337,7 +337,7 @@ def main() -> None:
             ms = hf_decode(hf, b, args.context, args.hf_tokens)
             results[f"hf_decode_b{b}_ms"], results[f"hf_decode_b{b}_tok_s"] = ms, b * 1000 / ms
             print(f"transformers generate batch {b}: {ms:.2f} ms/token, {b * 1000 / ms:.0f} tok/s", flush=True)
-    _report(results, args.out, f"bench-qwen3-{args.model}.json")
+    report(results, args.out, f"bench-qwen3-{args.model}.json")
 
 
 if __name__ == "__main__":

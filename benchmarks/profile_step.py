@@ -21,7 +21,8 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.bench_moondream import FixedLength, build, copy_bandwidth, timed
+from benchmarks.bench_moondream import FixedLength, build
+from benchmarks.measure import copy_bandwidth, timed
 from tidal.api import Moondream
 from tidal.engine.engine import EngineConfig
 from tidal.engine.request import Request

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_moondream import sync  # noqa: E402
+from measure import sync  # noqa: E402
 
 from tidal.models.qwen3_moe.config import Qwen3MoeConfig  # noqa: E402
 from tidal.models.qwen3_moe.model import Qwen3MoeModel  # noqa: E402

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_kernels import graph_us  # noqa: E402
-from bench_moondream import copy_bandwidth  # noqa: E402
+from measure import copy_bandwidth  # noqa: E402
 
 from tidal.kernels.fused_moe import (  # noqa: E402
     MOE_CONFIGS,
