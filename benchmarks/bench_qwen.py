@@ -187,7 +187,10 @@ def print_profile(fn, label: str, steps: int) -> None:
         for _ in range(steps):
             fn()
         sync()
+    from benchmarks.timeline import profiler_kernels, timeline_report
+
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60)
+    table += "\n" + timeline_report(profiler_kernels(prof), steps)
     print(f"-- profile: {label}, {steps} steps --\n{table}", flush=True)
     if PROFILE_DIR:
         with open(os.path.join(PROFILE_DIR, f"profile-{label.replace(' ', '-')}.txt"), "w") as f:

@@ -23,6 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.bench_moondream import FixedLength, build
 from benchmarks.measure import copy_bandwidth, timed
+from benchmarks.timeline import profiler_kernels, timeline_report
 from tidal.api import Moondream
 from tidal.engine.engine import EngineConfig
 from tidal.engine.request import Request
@@ -203,7 +204,10 @@ def main() -> None:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             graphs.run(steps, replay=False)
             torch.cuda.synchronize()
-        report += [f"\n=== decode step, batch {batch}: graph replay {replay:.3f} ms, the same step eager {eager:.2f} ms ===", kernel_table(prof)]
+        with profile(activities=[ProfilerActivity.CUDA]) as replayed:
+            graphs.run(steps)
+            torch.cuda.synchronize()
+        report += [f"\n=== decode step, batch {batch}: graph replay {replay:.3f} ms, the same step eager {eager:.2f} ms ===", kernel_table(prof), "one graph replay:", timeline_report(profiler_kernels(replayed))]
         for r in reqs:
             md.engine.abort(r)
     for n in args.prefill:

@@ -1,0 +1,97 @@
+"""What a profiled step's kernels did over time, not only how long each took:
+per stream, the kernels' summed time; over the whole span, the time some
+kernel ran, the time two or more ran at once (the parallel branches' overlap)
+and the idle time no kernel ran (launch gaps a graph replay still has).
+
+Reads torch.profiler's Chrome trace (kernels replayed from a CUDA graph appear
+there one by one, each with its stream), so it needs no CUDA itself and is
+tested on a hand-made trace on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    stream: int
+    start_us: float
+    end_us: float
+
+
+def trace_kernels(trace: dict) -> list[Kernel]:
+    """The device kernels of a Chrome trace (torch.profiler's export), by start time."""
+    out = []
+    for e in trace.get("traceEvents", []):
+        if e.get("ph") == "X" and e.get("cat") == "kernel":
+            stream = int(e.get("args", {}).get("stream", e.get("tid", 0)))
+            out.append(Kernel(e["name"], stream, float(e["ts"]), float(e["ts"]) + float(e["dur"])))
+    return sorted(out, key=lambda k: k.start_us)
+
+
+def profiler_kernels(prof) -> list[Kernel]:
+    """The kernels a finished torch.profiler.profile recorded."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            return trace_kernels(json.load(f))
+
+
+@dataclass(frozen=True)
+class Timeline:
+    span_us: float  # first kernel's start to last kernel's end
+    busy_us: float  # some kernel running
+    overlap_us: float  # two or more running at once
+    per_stream_us: dict[int, float]  # summed kernel time per stream
+    gaps: list[tuple[float, str, str]]  # idle stretches: (us, kernel before, kernel after), longest first
+
+    @property
+    def idle_us(self) -> float:
+        return self.span_us - self.busy_us
+
+
+def timeline(kernels: list[Kernel]) -> Timeline:
+    """Sweep the kernels' start and end points: how many run at each moment."""
+    if not kernels:
+        return Timeline(0.0, 0.0, 0.0, {}, [])
+    points = sorted([(k.start_us, 1, i) for i, k in enumerate(kernels)] + [(k.end_us, -1, i) for i, k in enumerate(kernels)], key=lambda p: (p[0], p[1]))
+    busy = overlap = 0.0
+    gaps: list[tuple[float, str, str]] = []
+    running, last_t, last_ended = 0, points[0][0], ""
+    for t, delta, i in points:
+        if running >= 1:
+            busy += t - last_t
+        if running >= 2:
+            overlap += t - last_t
+        if running == 0 and delta == 1 and t > last_t and last_ended:
+            gaps.append((t - last_t, last_ended, kernels[i].name))
+        running += delta
+        if delta == -1:
+            last_ended = kernels[i].name
+        last_t = t
+    per_stream: dict[int, float] = {}
+    for k in kernels:
+        per_stream[k.stream] = per_stream.get(k.stream, 0.0) + k.end_us - k.start_us
+    span = max(k.end_us for k in kernels) - kernels[0].start_us
+    return Timeline(span, busy, overlap, per_stream, sorted(gaps, key=lambda g: -g[0]))
+
+
+def timeline_report(kernels: list[Kernel], steps: int = 1, top_gaps: int = 6) -> str:
+    """Per-step figures of `timeline(kernels)` (the trace holds `steps` steps) as text."""
+    tl = timeline(kernels)
+    n = max(steps, 1)
+    lines = [
+        f"timeline, per step: span {tl.span_us / n:.1f} us, a kernel running {tl.busy_us / n:.1f} us, "
+        f"two or more at once {tl.overlap_us / n:.1f} us, nothing running {tl.idle_us / n:.1f} us "
+        f"({sum(1 for g in tl.gaps if g[0] >= 1.0) / n:.0f} gaps of 1 us or more)",
+        "  kernel time per stream: " + ", ".join(f"stream {s} {t / n:.1f} us ({sum(1 for k in kernels if k.stream == s) / n:.0f} kernels)" for s, t in sorted(tl.per_stream_us.items())),
+    ]
+    for us, before, after in tl.gaps[:top_gaps]:
+        lines.append(f"  idle {us:6.1f} us between {before[:50]} and {after[:50]}")
+    return "\n".join(lines)

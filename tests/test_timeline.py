@@ -1,0 +1,49 @@
+"""benchmarks/timeline.py: the sweep over a step's kernels that splits its span
+into busy, overlapping and idle time (what the profile reports rest on)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.timeline import Kernel, timeline, timeline_report, trace_kernels
+
+
+def _event(name: str, stream: int, ts: float, dur: float) -> dict:
+    return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"stream": stream}}
+
+
+def test_trace_kernels_keeps_device_kernels_in_start_order():
+    trace = {"traceEvents": [
+        _event("b", 7, 20.0, 5.0),
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0.0, "dur": 50.0},
+        _event("a", 13, 10.0, 2.5),
+        {"ph": "i", "cat": "kernel", "name": "marker", "ts": 1.0},
+    ]}
+    kernels = trace_kernels(json.loads(json.dumps(trace)))
+    assert kernels == [Kernel("a", 13, 10.0, 12.5), Kernel("b", 7, 20.0, 25.0)]
+
+
+def test_timeline_splits_the_span_into_busy_overlap_and_idle():
+    # stream 1: a [0, 10), c [14, 20); stream 2: b [5, 12), d [25, 30)
+    kernels = sorted([Kernel("a", 1, 0, 10), Kernel("b", 2, 5, 12), Kernel("c", 1, 14, 20), Kernel("d", 2, 25, 30)], key=lambda k: k.start_us)
+    tl = timeline(kernels)
+    assert tl.span_us == pytest.approx(30)
+    assert tl.busy_us == pytest.approx(12 + 6 + 5)
+    assert tl.overlap_us == pytest.approx(5)
+    assert tl.idle_us == pytest.approx(2 + 5)
+    assert tl.per_stream_us == {1: pytest.approx(16), 2: pytest.approx(12)}
+    assert tl.gaps == [(pytest.approx(5), "c", "d"), (pytest.approx(2), "b", "c")]
+
+
+def test_back_to_back_kernels_leave_no_gap():
+    tl = timeline([Kernel("a", 1, 0, 4), Kernel("b", 1, 4, 9)])
+    assert tl.busy_us == pytest.approx(9) and tl.idle_us == pytest.approx(0) and tl.gaps == []
+
+
+def test_report_divides_by_steps():
+    kernels = [Kernel("a", 1, 0, 10), Kernel("b", 1, 20, 30)]
+    text = timeline_report(kernels, steps=2)
+    assert "span 15.0 us" in text and "a kernel running 10.0 us" in text and "nothing running 5.0 us" in text
+    assert "idle   10.0 us between a and b" in text
