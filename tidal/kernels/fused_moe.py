@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tidal.kernels.pdl import launch_options, pdl_enter, use_pdl
+
 # tokens (upper bound) -> (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 MOE_CONFIGS: list[tuple[int, tuple[int, int, int, int, int]]] = [
     (8, (16, 64, 128, 4, 4)),
@@ -150,7 +152,9 @@ def _moe_up_kernel(
     num_pairs, top_k, num_experts, inner, dim,
     stride_xt, stride_we, stride_wn, stride_ot,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, ACT: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(BlockExpert + pid_m).to(tl.int64)
@@ -189,7 +193,9 @@ def _moe_down_kernel(
     num_pairs, num_experts, dim, inner,
     stride_at, stride_we, stride_wn, stride_ot,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(BlockExpert + pid_m).to(tl.int64)
@@ -239,12 +245,13 @@ def expert_pairs(
     num_pairs = tokens * top_k
     ieee = x.dtype == torch.float32
     hidden = torch.empty((num_pairs, inner), dtype=x.dtype, device=x.device)
+    pdl = use_pdl(x.device)
     _moe_up_kernel[(nblocks, triton.cdiv(inner, block_n))](
         x, fc1, hidden, pairs, block_expert,
         num_pairs, top_k, num_experts, inner, dim,
         x.stride(0), fc1.stride(0), fc1.stride(1), hidden.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee, ACT=ACT_CODES[act],
-        num_warps=warps, num_stages=stages,
+        PDL=pdl, **launch_options(pdl), num_warps=warps, num_stages=stages,
     )
     per_pair = torch.empty((num_pairs, dim), dtype=x.dtype, device=x.device)
     _moe_down_kernel[(nblocks, triton.cdiv(dim, block_n))](
@@ -252,7 +259,7 @@ def expert_pairs(
         num_pairs, num_experts, dim, inner,
         hidden.stride(0), fc2.stride(0), fc2.stride(1), per_pair.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee,
-        num_warps=warps, num_stages=stages,
+        PDL=pdl, **launch_options(pdl), num_warps=warps, num_stages=stages,
     )
     return per_pair
 

@@ -30,6 +30,7 @@ import triton.language as tl
 
 from tidal.kernels import scratch_zeros
 from tidal.kernels.fused_moe import shared_memory_bytes
+from tidal.kernels.pdl import launch_options, pdl_enter, use_pdl
 
 MAX_ROWS = 16  # one tensor-core tile of rows; larger batches go to cuBLAS
 
@@ -40,7 +41,9 @@ def _skinny_kernel(
     M, N, K, k_per_split,
     stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     s = tl.program_id(1)
     m = tl.arange(0, BLOCK_M)
@@ -135,11 +138,12 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         ticket = scratch_zeros("skinny tickets", blocks, torch.int32, x.device)
     else:
         partial = ticket = y  # never read
+    pdl = use_pdl(x.device)
     _skinny_kernel[(blocks, split)](
         x, weight, bias if bias is not None else weight, y, partial, ticket,
         rows, n, k, k_per_split,
         x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32, SPLIT=split,
-        num_warps=warps, num_stages=stages,
+        PDL=pdl, **launch_options(pdl), num_warps=warps, num_stages=stages,
     )
     return y
