@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tidal.kernels.pdl import launch_options, pdl_enter, use_pdl
+from tidal.kernels.pdl import launch_options, pdl_enter, prefetch_rows, use_pdl
 
 # tokens (upper bound) -> (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 MOE_CONFIGS: list[tuple[int, tuple[int, int, int, int, int]]] = [
@@ -195,9 +195,16 @@ def _moe_down_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
-    pdl_enter(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    if PDL:
+        # the routing, two launches back, is done (the up kernel before this one
+        # has passed its wait): pull this block's expert rows towards L2 while it ends
+        e_next = tl.load(BlockExpert + pid_m).to(tl.int64)
+        if e_next < num_experts:
+            n_next = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            prefetch_rows(W + e_next * stride_we, n_next, n_next < dim, stride_wn, 0, inner)
+    pdl_enter(PDL)
     e = tl.load(BlockExpert + pid_m).to(tl.int64)
     if e >= num_experts:
         return

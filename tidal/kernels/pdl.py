@@ -14,6 +14,12 @@ the stream promised: **wait first, then let the next kernel launch**
 program). A kernel therefore only starts once its predecessor has passed its
 own wait, i.e. once everything before the predecessor has finished.
 
+What a kernel may do before its wait: compute indices, and read memory that
+no kernel still running writes: weights, and what kernels two or more
+launches back wrote (the predecessor has passed its wait, so they are done).
+The weight-streaming kernels use that time to pull their slice of the
+weights into L2 (`prefetch_rows`) while the predecessor finishes.
+
 `ENABLED` is off until the device benchmark times it (bench_moondream's
 `pdl` part); kernels compiled under Triton's CPU interpreter never use it.
 """
@@ -52,3 +58,23 @@ def pdl_enter(PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _l2_prefetch(ptrs):
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.b32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def prefetch_rows(Base, rows, row_mask, stride, k_start, k_end, LINES: tl.constexpr = 32):
+    """Ask L2 for columns [k_start, k_end) of `rows` (a 1-D block of row
+    indices, masked by row_mask) of a row-major matrix at Base: one prefetch a
+    128-byte line, LINES lines of every row at a time. A hint: nothing waits
+    for it. Only compiled for the GPU (inline PTX), so only under PDL."""
+    line = 1024 // Base.dtype.element_ty.primitive_bitwidth  # elements in 128 bytes
+    kl = tl.arange(0, LINES) * line
+    base_rows = Base + rows[:, None].to(tl.int64) * stride
+    for k0 in range(k_start, k_end, LINES * line):
+        k = k0 + kl
+        mask = row_mask[:, None] & (k < k_end)[None, :]
+        _l2_prefetch(tl.where(mask, base_rows + k[None, :], Base))

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from tidal.kernels import scratch_zeros
 from tidal.kernels.fused_moe import shared_memory_bytes
-from tidal.kernels.pdl import launch_options, pdl_enter, use_pdl
+from tidal.kernels.pdl import launch_options, pdl_enter, prefetch_rows, use_pdl
 
 MAX_ROWS = 16  # one tensor-core tile of rows; larger batches go to cuBLAS
 
@@ -43,15 +43,17 @@ def _skinny_kernel(
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
-    pdl_enter(PDL)
     pid = tl.program_id(0)
     s = tl.program_id(1)
     m = tl.arange(0, BLOCK_M)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask = m < M
     nmask = n < N
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     k_end = tl.minimum(K, (s + 1) * k_per_split)
+    if PDL:  # the weights depend on no kernel: start this program's slice towards L2 while the one before finishes
+        prefetch_rows(W, n, nmask, stride_wn, s * k_per_split, k_end)
+    pdl_enter(PDL)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(s * k_per_split, k_end, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         kmask = k < k_end
