@@ -14,6 +14,7 @@
 #   bash benchmarks/device_run.sh tune-prefill  # fused-MoE block sizes at 512-4096 tokens (8 warps too), merged into the table
 #   bash benchmarks/device_run.sh small-card  # the full model in bf16 in 24 GB (memory capped), every skill
 #   bash benchmarks/device_run.sh pdl         # programmatic dependent launch: its bit-identity tests, then decode with it off and on
+#   bash benchmarks/device_run.sh timeline    # a batch-1 Moondream graph replay's kernels over time, without and with PDL
 #   bash benchmarks/device_run.sh check       # after a kernel change, in ~5 minutes: kernel + fast-path tests, bench_kernels, quick decode of both MoE models
 #
 # Run from the repository root with the wheels the device image lacks in .whl/
@@ -21,7 +22,7 @@
 # docs/PERFORMANCE.md) and, for md-rest, the authors' reference in peers/.
 # Results land in $OUT; TIDAL_COMMIT names the commit in them.
 set -uo pipefail
-part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card, check, pdl}"
+part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card, check, pdl, timeline}"
 out="${OUT:-.}"
 if [ -d .whl ]; then
   pip install -q --no-deps --target /tmp/deps .whl/*.whl 2>&1 | grep -v -i "warning" | tail -2
@@ -80,9 +81,11 @@ case "$part" in
   pdl)
     tests_in 150 "pdl tests" tests/test_cuda.py tests/test_qwen_fast_path.py -k "programmatic"
     timeout 150 python benchmarks/bench_moondream.py --quick --only decode,pdl --out "$out" 2>&1 | grep "decode batch"
-    for flag in "" --pdl; do
-      mkdir -p "$out/qwen${flag}"; timeout 80 python benchmarks/bench_qwen.py --model moe --no-hf --no-concurrent --batches 1 8 $flag --out "$out/qwen${flag}" 2>&1 | grep "tidal decode" | sed "s|^|qwen3-30b ${flag:-no-pdl}: |"
-    done
+    for flags in "" "--pdl" "--pdl --skinny all"; do
+      name=$(echo "qwen $flags" | tr -d ' -'); mkdir -p "$out/$name"
+      timeout 75 python benchmarks/bench_qwen.py --model moe --no-hf --no-concurrent --batches 1 8 $flags --out "$out/$name" 2>&1 | grep "tidal decode" | sed "s|^|qwen3-30b ${flags:-default}: |"
+    done ;;
+  timeline)
     for flag in "" --pdl; do
       mkdir -p "$out/profile${flag}"; timeout 80 python benchmarks/profile_step.py --batch 1 --no-micro $flag --out "$out/profile${flag}" 2>&1 | grep -E "^copy|=== decode|^timeline|per stream|^  idle"
     done ;;
