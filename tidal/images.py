@@ -30,7 +30,11 @@ ACCEPTED = "a PIL image, a file path, raw image bytes (PNG, JPEG, WebP, GIF, BMP
 
 # Formats opened from bytes and files. Others (ICO, ICNS, PSD, ...) can hide an
 # embedded image larger than their header says; a vision model needs none of them.
-FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF")
+# Those this Pillow registers: Pillow 13 opens MPO files through its JPEG
+# plugin and has no "MPO" entry, and naming a format Pillow lacks makes
+# Image.open fail for every format listed after it.
+Image.init()
+FORMATS = tuple(f for f in ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF") if f in Image.OPEN)
 
 # Moondream 3 looks at an image through at most 12 crops of 378 px (about
 # 1.7 M pixels); anything above 4096 x 4096 is only downscaled, at a cost.
