@@ -69,3 +69,18 @@ def test_a_prefix_of_another_image_is_never_matched():
     cache.insert(a, alloc.alloc(len(a)))
     assert cache.match(b)[0] == []
     assert len(cache.match(a[:731])[0]) == 731
+
+
+def test_holds_reads_without_changing_the_tree():
+    """holds (the API thread's hint) answers whether every key is cached, inside
+    a node's run too, and neither splits a node nor touches recency."""
+    cache, alloc = _cache()
+    cache.insert([1, 2, 3, 4, 5], alloc.alloc(5))
+    cache.insert([1, 2, 3, 7], alloc.alloc(4))  # splits after 3: [1 2 3] -> [4 5], [7]
+    before = [(n.keys, n.last_used) for n in cache._leaves()]
+    assert cache.holds([1, 2, 3, 4, 5]) and cache.holds([1, 2, 3, 4]) and cache.holds([1, 2, 3, 7]) and cache.holds([])
+    assert not cache.holds([1, 2, 3, 4, 5, 6]) and not cache.holds([1, 2, 9]) and not cache.holds([2])
+    assert [(n.keys, n.last_used) for n in cache._leaves()] == before
+    assert len(cache.root.children[1].children) == 2  # no new split
+    cache.evict(cache.size)
+    assert not cache.holds([1, 2, 3])

@@ -8,17 +8,26 @@ import random
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from tidal.core import ImageInput, ImageRef, InputItem, items_len
+from tidal.core import Deferred, ImageInput, ImageRef, InputItem, items_len
 from tidal.engine.engine import Engine, EngineConfig
 from tidal.engine.loop import EngineLoop, RequestHandle
 from tidal.engine.request import Request
 from tidal.engine.sampling import SamplingParams
 from tidal.engine.skill import Skill
 from tidal.errors import InvalidRequestError, PromptTooLongError
-from tidal.images import DEFAULT_MAX_PIXELS, ImageLike, decoded_pixels, pixels_key
+from tidal.images import (
+    DEFAULT_MAX_PIXELS,
+    DecodedKeys,
+    ImageLike,
+    bytes_key,
+    decoded_pixels,
+    encoded_source,
+    pixels_key,
+)
 from tidal.models.checkpoint import resolve_checkpoint
 from tidal.models.moondream3.model import Moondream3Model
 from tidal.models.moondream3.prompts import PromptBuilder
@@ -118,6 +127,7 @@ class Moondream:
         self.engine = Engine(model, engine_config)
         self.loop = EngineLoop(self.engine)
         self.prompts = PromptBuilder(tokenizer, model.config)
+        self._decoded_keys = DecodedKeys()
 
     @classmethod
     def from_pretrained(
@@ -153,16 +163,34 @@ class Moondream:
             return image
         ref = self._image_item(image)
         assert isinstance(ref, ImageRef)
-        return EncodedImage(self.engine.runner.encode_image(ref.payload), ref.key, self)
+        return EncodedImage(self.engine.runner.encode_image(ref.ready_payload()), ref.key, self)
 
     def _image_item(self, image: ImageLike | EncodedImage) -> InputItem:
         if isinstance(image, EncodedImage):
             if image._owner is not self:
                 raise InvalidRequestError("this EncodedImage was made by another model instance")
             return ImageInput(image.embeds, image.key)
+        length = self.config.vision.n_image_tokens
+        data = encoded_source(image)
+        source = bytes_key(data) if data is not None else None
+        known = self._decoded_keys.get(source) if source is not None else None
+        if known is not None:
+            # these bytes decoded to `known` before: while the prefix cache holds
+            # that image, nothing needs its pixels (the engine decodes them if
+            # the cache lets it go before the request runs)
+            ref = ImageRef(Deferred(lambda: self._pixels(data)), known, length)
+            if self.engine.prefix_cached(*self.prompts.image_prefix(ref)):
+                return ref
+        pixels = self._pixels(image)  # (a file is read again: its errors name the file)
+        key = pixels_key(pixels)
+        if source is not None:
+            self._decoded_keys.put(source, key)
+        # the model crops the pixels when it encodes them: not at all when the image is cached
+        return ImageRef(pixels, key, length)
+
+    def _pixels(self, image: ImageLike) -> np.ndarray:
         with decoded_pixels(image, self.max_image_pixels) as pixels:
-            # the model crops the pixels when it encodes them: not at all when the image is cached
-            return ImageRef(pixels, pixels_key(pixels), self.config.vision.n_image_tokens)
+            return pixels
 
     # -- skills ----------------------------------------------------------------
     def query(

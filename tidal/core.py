@@ -7,7 +7,8 @@ without cycles.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol, Union
@@ -53,6 +54,23 @@ class ImageInput:
         return int(self.embeds.shape[0])
 
 
+class Deferred:
+    """A payload made on first use, once, from any thread: an image whose
+    content key is known from its encoded bytes is decoded only if the prefix
+    cache turns out not to hold it by the time its request runs."""
+
+    def __init__(self, make: Callable[[], object]) -> None:
+        self._make: Callable[[], object] | None = make
+        self._value: object = None
+        self._lock = threading.Lock()
+
+    def get(self) -> object:
+        with self._lock:
+            if self._make is not None:
+                self._value, self._make = self._make(), None
+            return self._value
+
+
 @dataclass(frozen=True, eq=False)
 class ImageRef:
     """An image not yet encoded: the model's preprocessed `payload` (for
@@ -68,6 +86,10 @@ class ImageRef:
 
     def __len__(self) -> int:
         return self.length
+
+    def ready_payload(self) -> object:
+        """The payload, made now if it was deferred."""
+        return self.payload.get() if isinstance(self.payload, Deferred) else self.payload
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import hashlib
 import io
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -211,17 +212,73 @@ _HASH_MIN_CHUNK = 256 << 10  # below this a thread hand-off costs more than it s
 _hash_pool = ThreadPoolExecutor(_HASH_WORKERS, thread_name_prefix="tidal-hash")
 
 
-def pixels_key(pixels: np.ndarray) -> str:
-    """Content hash of uint8 pixels [H, W, C], read in place: SHA-256 of the
-    shape and of each chunk's SHA-256, the chunks (at most one per worker, so
-    one round; their size a function of the length alone) hashed in parallel
-    (hashlib releases the GIL). A 1080p image is ~6 MB: 1 MiB chunks on 4
-    threads took two rounds, 3.6-4.6 ms of the first output on the H100 host."""
-    data = memoryview(np.ascontiguousarray(pixels)).cast("B")
+def _chunk_digests(data: memoryview) -> list[bytes]:
+    """SHA-256 of each of data's chunks (at most one per worker, so one round;
+    their size a function of the length alone), hashed in parallel (hashlib
+    releases the GIL)."""
     size = max(_HASH_MIN_CHUNK, -(-len(data) // _HASH_WORKERS))
     chunks = [data[i : i + size] for i in range(0, len(data), size)]
-    digests = _hash_pool.map(lambda c: hashlib.sha256(c).digest(), chunks) if len(chunks) > 1 else [hashlib.sha256(data).digest()]
-    h = hashlib.sha256(f"{pixels.shape}".encode())
-    for d in digests:
+    if len(chunks) == 1:
+        return [hashlib.sha256(data).digest()]
+    return list(_hash_pool.map(lambda c: hashlib.sha256(c).digest(), chunks))
+
+
+def _tree_key(head: str, data: memoryview) -> str:
+    h = hashlib.sha256(head.encode())
+    for d in _chunk_digests(data):
         h.update(d)
     return h.hexdigest()[:32]
+
+
+def pixels_key(pixels: np.ndarray) -> str:
+    """Content hash of uint8 pixels [H, W, C], read in place: SHA-256 of the
+    shape and of each chunk's SHA-256. A 1080p image is ~6 MB: 1 MiB chunks
+    on 4 threads took two rounds, 3.6-4.6 ms of the first output on the H100
+    host; one round of 8 took ~1 ms."""
+    return _tree_key(f"{pixels.shape}", memoryview(np.ascontiguousarray(pixels)).cast("B"))
+
+
+def encoded_source(image: Any) -> bytes | None:
+    """The encoded bytes of an image given as bytes or a file path (read now),
+    or None for a decoded one (PIL image, array). Raises ImageError for a path
+    with no file."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image)
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image).expanduser()
+        if not path.is_file():
+            raise ImageError(f"no image file at {str(path)!r}")
+        return path.read_bytes()
+    return None
+
+
+def bytes_key(data: bytes) -> str:
+    """Content hash of an encoded image's bytes (a key for remembering which
+    pixels key these bytes decode to; never a prefix-cache key itself)."""
+    return _tree_key(f"encoded {len(data)}", memoryview(data))
+
+
+class DecodedKeys:
+    """Which pixels key each recently decoded encoded image (by bytes_key)
+    gave: a bounded, least-recently-used map, shared by request threads. With
+    it an image sent again as the same bytes is known by its key before it
+    is decoded, so it need not be decoded while the prefix cache holds it."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.capacity = capacity
+        self._keys: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, source_key: str) -> str | None:
+        with self._lock:
+            key = self._keys.get(source_key)
+            if key is not None:
+                self._keys.move_to_end(source_key)
+            return key
+
+    def put(self, source_key: str, pixels_key: str) -> None:
+        with self._lock:
+            self._keys[source_key] = pixels_key
+            self._keys.move_to_end(source_key)
+            while len(self._keys) > self.capacity:
+                self._keys.popitem(last=False)

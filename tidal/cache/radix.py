@@ -60,6 +60,22 @@ class RadixCache:
             node, i = child, i + n
         return slots, node
 
+    def holds(self, keys: Sequence[Hashable]) -> bool:
+        """Whether every one of keys is cached, read without changing the tree
+        (no split, no recency stamp): safe to call from another thread than the
+        engine's, as a hint that may be stale by the time it is acted on."""
+        node, i = self.root, 0
+        while i < len(keys):
+            child = node.children.get(keys[i])
+            if child is None:
+                return False
+            run = child.keys  # one read: the engine thread may replace it meanwhile
+            n = min(len(run), len(keys) - i)
+            if run[:n] != list(keys[i : i + n]):
+                return False
+            node, i = child, i + n
+        return True
+
     def record_lookup(self, looked_up: int, hit: int) -> None:
         self.lookups += looked_up
         self.hits += hit

@@ -12,7 +12,16 @@ import torch
 
 from tidal.cache.kv_pool import KVPool, ReqToTokenPool, SlotAllocator
 from tidal.cache.radix import RadixCache
-from tidal.core import ImageInput, ImageRef, Model, SeqStep, items_len, rope_delta
+from tidal.core import (
+    ImageInput,
+    ImageRef,
+    InputItem,
+    Model,
+    SeqStep,
+    items_len,
+    rope_delta,
+)
+from tidal.engine.prefix_keys import position_keys
 from tidal.engine.request import Request
 from tidal.engine.scheduler import CacheFullError, Chunk, Scheduler
 from tidal.kernels import triton_available
@@ -310,6 +319,14 @@ class Engine:
             **self.kv_usage(),
         }
 
+    def prefix_cached(self, items: list[InputItem], bidir_len: int) -> bool:
+        """Whether the prefix cache holds every position of `items` now. Safe to
+        read from any thread (the API's, deciding whether an image whose key it
+        knows needs decoding): a hint, which the engine thread may make stale
+        (the engine then decodes a deferred image itself)."""
+        cache = self.prefix_cache
+        return cache is not None and cache.holds(position_keys(items, bidir_len))
+
     def clear_prefix_cache(self) -> int:
         """Drop every cached prefix no running request uses. -> pages freed."""
         return self.prefix_cache.clear() if self.prefix_cache else 0
@@ -390,7 +407,7 @@ class Engine:
         with torch.cuda.stream(self._encode_stream) if self._encode_stream is not None else contextlib.nullcontext():
             for ref in list(refs.values()) + [None]:
                 if batch and (ref is None or sum(len(r) for r in batch) + len(ref) > ENCODE_BATCH_POSITIONS):
-                    for r, encoded in zip(batch, self.runner.encode_images([r.payload for r in batch])):
+                    for r, encoded in zip(batch, self.runner.encode_images([r.ready_payload() for r in batch])):
                         done[r.key] = _as_input(encoded, r)
                     batch = []
                 if ref is not None:

@@ -26,6 +26,12 @@ class PromptBuilder:
         self.templates = config.tokenizer.templates
         self.max_context = config.text.max_context
 
+    def image_prefix(self, image: InputItem) -> tuple[list[InputItem], int]:
+        """The prefix every prompt on this image starts with (BOS and the
+        image's positions, bidirectional) and its length: what the prefix
+        cache holds once one request on the image has run."""
+        return self._prefix(image)
+
     def _prefix(self, image: InputItem | None) -> tuple[list[InputItem], int]:
         """BOS (+ image). With an image, BOS and its positions attend bidirectionally."""
         if image is None:

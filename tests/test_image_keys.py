@@ -1,0 +1,127 @@
+"""Images sent again as the same encoded bytes (an HTTP client repeating its
+upload, a file path asked about twice): known by their pixels' key from the
+bytes' hash, and not decoded at all while the prefix cache holds the image."""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import pytest
+from conftest import GOLDEN, assert_matches_golden, golden_cases, golden_image, prepare_case
+from PIL import Image
+
+import tidal
+import tidal.api
+from tidal.core import Deferred, ImageRef
+from tidal.engine.engine import EngineConfig
+from tidal.images import DecodedKeys, bytes_key
+
+CASE = next(c for c in golden_cases("query") if c["image"] == "wide" and not c["reasoning"] and not c.get("spatial_refs"))
+
+
+@pytest.fixture()
+def counted(monkeypatch):
+    """A fresh golden model (its own prefix cache) and a list that grows by one
+    each time the API decodes an image's pixels."""
+    decodes = []
+    real = tidal.api.decoded_pixels
+    monkeypatch.setattr(tidal.api, "decoded_pixels", lambda *a, **k: decodes.append(1) or real(*a, **k))
+    md = tidal.Moondream.from_pretrained(GOLDEN, device="cpu", dtype="float32", engine_config=EngineConfig(trace_logits=True))
+    yield md, decodes
+    md.close()
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.open(golden_image("wide")).convert("RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _run(md, image):
+    handle = md._submit(*prepare_case(md, CASE, image))
+    result = handle.wait()
+    return result, [t.logits for t in handle.request.trace]
+
+
+def test_the_same_bytes_again_are_not_decoded_while_the_image_is_cached(counted):
+    md, decodes = counted
+    data = _png()
+    first, first_logits = _run(md, data)
+    assert len(decodes) == 1
+    ref = md._image_item(data)
+    assert isinstance(ref, ImageRef) and isinstance(ref.payload, Deferred) and len(decodes) == 1
+    again, again_logits = _run(md, data)
+    assert len(decodes) == 1  # known by its bytes, served from the cache
+    assert_matches_golden(first, CASE)
+    assert_matches_golden(again, CASE)
+    assert len(again_logits) == len(first_logits)
+    for a, b in zip(first_logits, again_logits):
+        assert float((a - b).abs().max() / b.abs().max()) <= 1e-5
+    other = io.BytesIO()  # the same pixels in other bytes: decoded (then the pixels' key finds the cache)
+    Image.open(io.BytesIO(data)).save(other, format="BMP")
+    assert_matches_golden(_run(md, other.getvalue())[0], CASE)
+    assert len(decodes) == 2
+
+
+def test_a_file_path_asked_about_again_is_not_decoded(counted):
+    md, decodes = counted
+    path = golden_image("wide")
+    _run(md, path)
+    assert_matches_golden(_run(md, str(path))[0], CASE)
+    assert len(decodes) == 1
+
+
+def test_known_bytes_are_decoded_when_the_image_is_not_cached(counted):
+    """A hint that went stale (the cache dropped the image between the API's
+    look and the request's step): the engine decodes the deferred pixels
+    itself; and with the image not cached at all the API decodes as usual."""
+    md, decodes = counted
+    data = _png()
+    _run(md, data)
+    prepared = prepare_case(md, CASE, data)
+    assert isinstance(prepared[1][1].payload, Deferred)
+    assert md.clear_cache() > 0
+    handle = md._submit(*prepared)
+    assert_matches_golden(handle.wait(), CASE)
+    assert len(decodes) == 2  # the engine made the deferred payload
+    md.clear_cache()
+    assert not isinstance(md._image_item(data).payload, Deferred)  # known bytes, image not cached: decoded now
+    assert len(decodes) == 3
+
+
+def test_deferred_is_made_once_across_threads():
+    calls = []
+    gate = threading.Barrier(8)
+    d = Deferred(lambda: calls.append(1) or object())
+    got = []
+
+    def worker():
+        gate.wait()
+        got.append(d.get())
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and all(g is got[0] for g in got)
+
+
+def test_decoded_keys_forget_the_least_recently_used():
+    keys = DecodedKeys(capacity=2)
+    keys.put("a", "A")
+    keys.put("b", "B")
+    assert keys.get("a") == "A"  # a is now the most recent
+    keys.put("c", "C")
+    assert keys.get("b") is None and keys.get("a") == "A" and keys.get("c") == "C"
+
+
+def test_bytes_keys_follow_content_and_length():
+    data = _png()
+    assert bytes_key(data) == bytes_key(bytearray(data)) == bytes_key(bytes(data))
+    assert bytes_key(data) != bytes_key(data + b"\0") and bytes_key(data) != bytes_key(data[:-1])
+    big = bytes(range(256)) * 8192  # 2 MiB: hashed in parallel chunks
+    flipped = bytearray(big)
+    flipped[-1] ^= 1
+    assert bytes_key(big) != bytes_key(bytes(flipped))
