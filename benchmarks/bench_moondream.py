@@ -50,7 +50,7 @@ from tidal.models.moondream3.tiny import build_tokenizer, init_random_
 
 FULL = MoondreamConfig()  # --tiny swaps in the embedded tiny shapes for a CPU dry run
 KV_BYTES_PER_POSITION = 0  # set in main: all layers' K and V of one position
-PARTS = ("decode", "skinny", "branches", "norm_route", "pdl", "latency", "eager_extend", "torch", "reference", "mixed")
+PARTS = ("decode", "skinny", "branches", "norm_route", "latency", "eager_extend", "torch", "reference", "mixed")
 
 
 # -- helpers ---------------------------------------------------------------------
@@ -261,12 +261,7 @@ def main() -> None:
     ap.add_argument("--mixed-only-default", action="store_true", help="mixed part: only the default engine, through the engine at concurrency 64 (no HTTP, no variants)")
     ap.add_argument("--host-profile", action="store_true", help="mixed part: cProfile the engine thread's steps at the highest concurrency")
     ap.add_argument("--memory-gb", type=float, default=None, help="cap this process's device memory (e.g. 24 for a 24 GB card)")
-    ap.add_argument("--pdl", action="store_true", help="every part with programmatic dependent launch on (tidal.kernels.pdl.ENABLED)")
     args = ap.parse_args()
-    if args.pdl:
-        from tidal.kernels import pdl
-
-        pdl.ENABLED = True
     global FULL, KV_BYTES_PER_POSITION
     tiny_overrides = None
     if args.tiny:
@@ -286,7 +281,6 @@ def main() -> None:
         "torch": torch.__version__,
         "commit": commit,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "pdl": args.pdl,
     }
     if args.memory_gb is not None and DEV.type == "cuda":
         torch.cuda.set_per_process_memory_fraction(args.memory_gb * 2**30 / torch.cuda.get_device_properties(DEV).total_memory)
@@ -335,11 +329,6 @@ def main() -> None:
         from tidal.kernels import residual_norm_route as norm_route
 
         flipped_sweep(norm_route, "FUSED_NORM_ROUTE", ("norm_route", "two_launch_route"), lambda: Moondream(model, tok, EngineConfig(max_running=32, prefix_cache=False, kernels=kernels)), 16 if args.quick else 32, results, bandwidth)
-
-    if "pdl" in parts:  # the decode chain's kernels launched with programmatic dependent launch, or not, against the default (pdl.ENABLED)
-        from tidal.kernels import pdl
-
-        flipped_sweep(pdl, "ENABLED", ("pdl", "no_pdl"), lambda: Moondream(model, tok, EngineConfig(max_running=32, prefix_cache=False, kernels=kernels)), 16 if args.quick else 32, results, bandwidth)
 
     if "latency" in parts:
         md = Moondream(model, tok, EngineConfig(max_running=64, kernels=kernels))  # prefix cache on

@@ -252,12 +252,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print the GPU kernels of a few decode steps at each batch size")
     ap.add_argument("--skinny", choices=("off", "auto", "all"), default="auto", help="EngineConfig.skinny_gemm: which decode-sized projections run the Triton skinny product")
     ap.add_argument("--norm-route", action="store_true", help="route each MoE layer inside its residual + RMSNorm kernel at decode sizes (residual_norm_route.FUSED_NORM_ROUTE)")
-    ap.add_argument("--pdl", action="store_true", help="launch the decode chain's Triton kernels with programmatic dependent launch (tidal.kernels.pdl.ENABLED)")
     args = ap.parse_args()
-    if args.pdl:
-        from tidal.kernels import pdl
-
-        pdl.ENABLED = True
     if args.norm_route:
         from tidal.kernels import residual_norm_route
 
@@ -277,7 +272,6 @@ def main() -> None:
         "shapes": ("tiny " if args.tiny else "") + ("Qwen3-VL-8B" if vl else "Qwen3-30B-A3B"),
         "skinny_gemm": args.skinny,
         "norm_route": args.norm_route,
-        "pdl": args.pdl,
     }
     bandwidth = copy_bandwidth()
     results["copy_bandwidth_tb_s"] = bandwidth / 1e12

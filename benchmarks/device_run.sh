@@ -13,8 +13,7 @@
 #   bash benchmarks/device_run.sh prefill     # Qwen3-VL prefill profile + 128 chats; a Moondream mixed step's wall vs GPU time; the mixed workload with host profile
 #   bash benchmarks/device_run.sh tune-prefill  # fused-MoE block sizes at 512-4096 tokens (8 warps too), merged into the table
 #   bash benchmarks/device_run.sh small-card  # the full model in bf16 in 24 GB (memory capped), every skill
-#   bash benchmarks/device_run.sh pdl         # programmatic dependent launch's bit-identity tests; decode with PDL and with routing in the residual kernel, each beside the default
-#   bash benchmarks/device_run.sh timeline    # a batch-1 Moondream graph replay's kernels over time, without and with PDL
+#   bash benchmarks/device_run.sh timeline    # batch-1 graph replays over time (busy, overlapping, idle): Moondream 3 and Qwen3-30B-A3B
 #   bash benchmarks/device_run.sh check       # after a kernel change, in ~5 minutes: kernel + fast-path tests, bench_kernels, quick decode of both MoE models
 #
 # Run from the repository root with the wheels the device image lacks in .whl/
@@ -22,7 +21,7 @@
 # docs/PERFORMANCE.md) and, for md-rest, the authors' reference in peers/.
 # Results land in $OUT; TIDAL_COMMIT names the commit in them.
 set -uo pipefail
-part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card, check, pdl, timeline}"
+part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card, check, timeline}"
 out="${OUT:-.}"
 if [ -d .whl ]; then
   pip install -q --no-deps --target /tmp/deps .whl/*.whl 2>&1 | grep -v -i "warning" | tail -2
@@ -78,16 +77,8 @@ case "$part" in
     timeout 150 python benchmarks/bench_moondream.py --quick --only decode,norm_route --out "$out" 2>&1 | grep "decode batch"
     timeout 120 python benchmarks/bench_qwen.py --model moe --no-hf --batches 1 64 --out "$out" 2>&1 | grep -E "^tidal|where it went"
     mkdir -p "$out/norm_route"; timeout 70 python benchmarks/bench_qwen.py --model moe --no-hf --no-concurrent --batches 1 8 --norm-route --out "$out/norm_route" 2>&1 | grep "tidal decode" | sed "s|^|norm-route: |" ;;
-  pdl)
-    tests_in 130 "pdl tests" tests/test_cuda.py tests/test_qwen_fast_path.py -k "programmatic"
-    timeout 180 python benchmarks/bench_moondream.py --quick --only decode,pdl,norm_route --out "$out" 2>&1 | grep "decode batch"
-    for flags in "" "--pdl" "--pdl --skinny all" "--norm-route"; do
-      name=$(echo "qwen $flags" | tr -d ' -'); mkdir -p "$out/$name"
-      timeout 65 python benchmarks/bench_qwen.py --model moe --no-hf --no-concurrent --batches 1 8 $flags --out "$out/$name" 2>&1 | grep "tidal decode" | sed "s|^|qwen3-30b ${flags:-default}: |"
-    done ;;
   timeline)
-    for flag in "" --pdl; do
-      mkdir -p "$out/profile${flag}"; timeout 80 python benchmarks/profile_step.py --batch 1 --no-micro $flag --out "$out/profile${flag}" 2>&1 | grep -E "^copy|=== decode|^timeline|per stream|^  idle"
-    done ;;
+    timeout 100 python benchmarks/profile_step.py --batch 1 --no-micro --out "$out" 2>&1 | grep -E "^copy|=== decode|^timeline|per stream|^  idle"
+    timeout 80 python benchmarks/bench_qwen.py --model moe --no-hf --no-concurrent --batches 1 --profile --out "$out" 2>&1 | grep -E "tidal decode|^timeline|per stream|^  idle" ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac

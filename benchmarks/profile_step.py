@@ -190,17 +190,12 @@ def main() -> None:
     ap.add_argument("--mixed", action="store_true", help="also profile a mixed step: 48 decoding sequences and two new images")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--no-micro", action="store_true", help="skip the kernels-alone figures after the steps")
-    ap.add_argument("--pdl", action="store_true", help="programmatic dependent launch on (tidal.kernels.pdl.ENABLED)")
     args = ap.parse_args()
-    if args.pdl:
-        from tidal.kernels import pdl
-
-        pdl.ENABLED = True
     bandwidth = copy_bandwidth()
     model = build(MoondreamConfig(), torch.bfloat16)
     md = Moondream(model, build_tokenizer(model.config.text.vocab_size), EngineConfig(prefix_cache=False, max_running=max(*args.batch, 64 if args.mixed else 1)))
     graphs = md.engine.runner.graphs
-    report = [f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; programmatic dependent launch {'on' if args.pdl else 'off'}"]
+    report = [f"copy bandwidth {bandwidth / 1e12:.2f} TB/s"]
     for batch in args.batch:
         reqs = decoding(md, batch)
         steps = [md.engine._seq_step(c) for c in md.engine.scheduler.schedule()]

@@ -388,42 +388,6 @@ def test_parallel_branches_on_two_streams_give_the_same_bits(monkeypatch):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-def test_programmatic_dependent_launch_gives_the_same_bits(monkeypatch):
-    """tidal.kernels.pdl.ENABLED: the decode chain's Triton kernels launched
-    with programmatic dependent launch (each waits for the kernel before it,
-    inside the captured graphs too). Golden skill cases, alone and batched,
-    match the reference, and every output logit equals, bit for bit, the
-    engine's without it (the same kernels on the same inputs, only launched
-    earlier)."""
-    from conftest import prepare_case
-
-    from tidal import EngineConfig, Moondream
-    from tidal.kernels import pdl
-
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("programmatic dependent launch needs Hopper or later")
-    cases = SKILL_CASES[:6]
-    traces = {}
-    for enabled in (False, True):
-        monkeypatch.setattr(pdl, "ENABLED", enabled)
-        assert pdl.use_pdl(torch.device("cuda")) == enabled
-        md = Moondream.from_pretrained(GOLDEN, device="cuda", dtype="float32", engine_config=EngineConfig(trace_logits=True, max_running=8))
-        try:
-            alone = [finished_request(md, c) for c in cases]
-            for c, req in zip(cases, alone):
-                assert_matches_golden(req.skill.result(), c)
-            traces[enabled] = [[t.logits for t in r.trace] for r in alone]
-            handles = [md._submit(*prepare_case(md, c)) for c in cases]
-            for c, h in zip(cases, handles):
-                assert_matches_golden(h.wait(), c)
-            assert md.engine.stats.max_batch > 1 and md.engine.runner.graph_replays > 0
-        finally:
-            md.close()
-    for a, b in zip(traces[False], traces[True]):
-        assert len(a) == len(b) > 0
-        assert all(torch.equal(x, y) for x, y in zip(a, b))
-
-
 def test_images_encoded_ahead_on_their_own_stream_give_the_same_bits():
     """EngineConfig(encode_ahead=True) on CUDA: held-back requests' images are
     encoded on a second stream beside the running step; golden results, and

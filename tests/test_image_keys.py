@@ -8,7 +8,13 @@ import io
 import threading
 
 import pytest
-from conftest import GOLDEN, assert_matches_golden, golden_cases, golden_image, prepare_case
+from conftest import (
+    GOLDEN,
+    assert_matches_golden,
+    golden_cases,
+    golden_image,
+    prepare_case,
+)
 from PIL import Image
 
 import tidal

@@ -72,29 +72,6 @@ def test_qwen3_moe_routing_in_the_residual_kernel_gives_the_torch_paths_logits(t
     assert calls
 
 
-@pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capability()[0] < 9, reason="programmatic dependent launch needs a Hopper or later GPU")
-def test_qwen3_moe_with_programmatic_dependent_launch_gives_the_same_bits(tmp_path_factory, monkeypatch):
-    """tidal.kernels.pdl.ENABLED on the fused path (the RMSNorm, q/k norm +
-    rotary, attention, routing and expert kernels launched with PDL, in the
-    decode graphs too): each prompt alone gives the same tokens and
-    bit-identical logits."""
-    from tidal.kernels import pdl
-
-    _, folder = moe_tests._checkpoint(tmp_path_factory, "variant")
-    prompts = moe_tests.PROMPTS[:3]
-    out = {}
-    for enabled in (False, True):
-        monkeypatch.setattr(pdl, "ENABLED", enabled)
-        llm = _load(folder, kernels=True)
-        try:
-            out[enabled] = [moe_tests._run(llm, [p], 6)[0] for p in prompts]  # one at a time: the same steps both runs
-            assert llm.engine.runner.graphs.replays > 0
-        finally:
-            llm.close()
-    for (want_tokens, want), (tokens, got) in zip(out[False], out[True]):
-        assert tokens == want_tokens and torch.equal(got, want)
-
-
 @pytest.mark.parametrize("variant", ["dense", "moe"])
 def test_qwen3_vl_fused_path_gives_the_torch_paths_logits(tmp_path_factory, variant):
     _, folder = vl_tests._save(tmp_path_factory, variant)

@@ -30,8 +30,6 @@ import torch
 import triton
 import triton.language as tl
 
-from tidal.kernels.pdl import launch_options, pdl_enter, prefetch_rows, use_pdl
-
 # tokens (upper bound) -> (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 MOE_CONFIGS: list[tuple[int, tuple[int, int, int, int, int]]] = [
     (8, (16, 64, 128, 4, 4)),
@@ -152,9 +150,7 @@ def _moe_up_kernel(
     num_pairs, top_k, num_experts, inner, dim,
     stride_xt, stride_we, stride_wn, stride_ot,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, ACT: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):
-    pdl_enter(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(BlockExpert + pid_m).to(tl.int64)
@@ -193,18 +189,9 @@ def _moe_down_kernel(
     num_pairs, num_experts, dim, inner,
     stride_at, stride_we, stride_wn, stride_ot,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    if PDL:
-        # the routing, two launches back, is done (the up kernel before this one
-        # has passed its wait): pull this block's expert rows towards L2 while it ends
-        e_next = tl.load(BlockExpert + pid_m).to(tl.int64)
-        if e_next < num_experts:
-            n_next = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            prefetch_rows(W + e_next * stride_we, n_next, n_next < dim, stride_wn, 0, inner)
-    pdl_enter(PDL)
     e = tl.load(BlockExpert + pid_m).to(tl.int64)
     if e >= num_experts:
         return
@@ -252,13 +239,12 @@ def expert_pairs(
     num_pairs = tokens * top_k
     ieee = x.dtype == torch.float32
     hidden = torch.empty((num_pairs, inner), dtype=x.dtype, device=x.device)
-    pdl = use_pdl(x.device)
     _moe_up_kernel[(nblocks, triton.cdiv(inner, block_n))](
         x, fc1, hidden, pairs, block_expert,
         num_pairs, top_k, num_experts, inner, dim,
         x.stride(0), fc1.stride(0), fc1.stride(1), hidden.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee, ACT=ACT_CODES[act],
-        PDL=pdl, **launch_options(pdl), num_warps=warps, num_stages=stages,
+        num_warps=warps, num_stages=stages,
     )
     per_pair = torch.empty((num_pairs, dim), dtype=x.dtype, device=x.device)
     _moe_down_kernel[(nblocks, triton.cdiv(dim, block_n))](
@@ -266,7 +252,7 @@ def expert_pairs(
         num_pairs, num_experts, dim, inner,
         hidden.stride(0), fc2.stride(0), fc2.stride(1), per_pair.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee,
-        PDL=pdl, **launch_options(pdl), num_warps=warps, num_stages=stages,
+        num_warps=warps, num_stages=stages,
     )
     return per_pair
 

@@ -20,7 +20,6 @@ import triton.language as tl
 
 from tidal.kernels import scratch_zeros
 from tidal.kernels.fused_moe import max_blocks
-from tidal.kernels.pdl import launch_options, pdl_enter, use_pdl
 
 MAX_TOKENS = 16384  # above this the torch ops are used (the offsets program walks every chunk of pairs)
 # Up to this many tokens (and tokens x experts) one program routes and aligns;
@@ -39,9 +38,7 @@ def _route_align_kernel(
     tokens, stride_l, nblocks, tokens_per_program,
     E: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, BM: tl.constexpr, CH: tl.constexpr, FILL: tl.constexpr, BFILL: tl.constexpr,
     TOPK: tl.constexpr, ALIGN: tl.constexpr, RENORM: tl.constexpr, COUNT: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):
-    pdl_enter(PDL)
     e = tl.arange(0, E)
     kk = tl.arange(0, K)
     if TOPK:
@@ -121,12 +118,11 @@ def _align(Ids, Pairs, BlockExpert, tokens, nblocks, e, E: tl.constexpr, K: tl.c
 
 
 @triton.jit
-def _place_kernel(Ids, Counts, Pairs, BlockExpert, num_pairs, nchunks, nblocks, E: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, BM: tl.constexpr, FILL: tl.constexpr, PDL: tl.constexpr = False):
+def _place_kernel(Ids, Counts, Pairs, BlockExpert, num_pairs, nchunks, nblocks, E: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, BM: tl.constexpr, FILL: tl.constexpr):
     """The alignment in parallel: program c places the pairs of chunk c (the
     top-k program c's, BLOCK_T * K of them) at its expert's run start + the
     expert's pairs in earlier chunks + its rank in the chunk (stable: pair
     order)."""
-    pdl_enter(PDL)
     CH: tl.constexpr = BLOCK_T * K
     c = tl.program_id(0)
     e = tl.arange(0, E)
@@ -176,7 +172,6 @@ def _router_route_kernel(
     tokens, dim, k_per_program, stride_x, stride_w, nblocks,
     E: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BM: tl.constexpr, CH: tl.constexpr, BFILL: tl.constexpr,
     HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, IEEE: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):
     """The router product and the routing in one launch: program p takes the
     slice [p * k_per_program, +k_per_program) of the hidden size for all rows
@@ -184,7 +179,6 @@ def _router_route_kernel(
     sums the partials in program order, adds the bias, rounds to the
     activation dtype as the router's linear does, then routes and aligns as
     the one-program routing kernel."""
-    pdl_enter(PDL)
     p = tl.program_id(0)
     t = tl.arange(0, BLOCK_T)
     tm = t < tokens
@@ -289,12 +283,11 @@ def router_route_and_align(
     ticket = scratch_zeros("router ticket", 1, torch.int32, dev)
     logits = torch.empty((tokens, experts), dtype=x.dtype, device=dev)
     _, pairs_chunk, block_chunk = _tiles(tokens, top_k, experts, nblocks)
-    pdl = use_pdl(x.device)
     _router_route_kernel[(programs,)](
         x, router_w, router_b if router_b is not None else router_w, partial, logits, weights, ids, pairs, block_expert, ticket,
         tokens, dim, block_k, x.stride(0), router_w.stride(0), nblocks,
         E=experts, K=top_k, BLOCK_T=ROUTER_MAX_TOKENS, BLOCK_K=block_k, BM=block_m, CH=pairs_chunk, BFILL=block_chunk,
-        HAS_BIAS=router_b is not None, RENORM=renormalize, IEEE=x.dtype == torch.float32, PDL=pdl, **launch_options(pdl), num_warps=8,
+        HAS_BIAS=router_b is not None, RENORM=renormalize, IEEE=x.dtype == torch.float32, num_warps=8,
     )
     return weights, ids, pairs, block_expert
 
@@ -315,13 +308,12 @@ def route_and_align(
     dev = router_logits.device
     nblocks, weights, ids, pairs, block_expert = _routing_outputs(tokens, experts, top_k, block_m, dtype, dev)
     wide, pairs_chunk, block_chunk = _tiles(tokens, top_k, experts, nblocks)
-    pdl = use_pdl(dev)
     if one_launch_fits(tokens, experts) if one_launch is None else one_launch:
         block_t = 16 if tokens <= 16 else 32
         _route_align_kernel[(1,)](
             router_logits, weights, ids, pairs, block_expert, block_expert, tokens, router_logits.stride(0), nblocks, tokens,
             E=experts, K=top_k, BLOCK_T=block_t, BM=block_m, CH=pairs_chunk, FILL=256, BFILL=block_chunk,
-            TOPK=True, ALIGN=True, RENORM=renormalize, COUNT=False, PDL=pdl, **launch_options(pdl), num_warps=8,
+            TOPK=True, ALIGN=True, RENORM=renormalize, COUNT=False, num_warps=8,
         )
     else:
         # the top-k on a grid (each program also counts its pairs per expert),
@@ -332,7 +324,7 @@ def route_and_align(
         counts = torch.empty((nchunks, experts), dtype=torch.int32, device=dev)
         _route_align_kernel[(nchunks,)](
             router_logits, weights, ids, pairs, block_expert, counts, tokens, router_logits.stride(0), nblocks, block_t,
-            E=experts, K=top_k, BLOCK_T=block_t, BM=block_m, CH=block_t * top_k, FILL=256, BFILL=wide, TOPK=True, ALIGN=False, RENORM=renormalize, COUNT=True, PDL=pdl, **launch_options(pdl), num_warps=8,
+            E=experts, K=top_k, BLOCK_T=block_t, BM=block_m, CH=block_t * top_k, FILL=256, BFILL=wide, TOPK=True, ALIGN=False, RENORM=renormalize, COUNT=True, num_warps=8,
         )
-        _place_kernel[(nchunks,)](ids, counts, pairs, block_expert, tokens * top_k, nchunks, nblocks, E=experts, K=top_k, BLOCK_T=block_t, BM=block_m, FILL=wide, PDL=pdl, **launch_options(pdl), num_warps=8)
+        _place_kernel[(nchunks,)](ids, counts, pairs, block_expert, tokens * top_k, nchunks, nblocks, E=experts, K=top_k, BLOCK_T=block_t, BM=block_m, FILL=wide, num_warps=8)
     return weights, ids, pairs, block_expert

@@ -29,7 +29,6 @@ import triton
 import triton.language as tl
 
 from tidal.kernels import scratch_zeros
-from tidal.kernels.pdl import launch_options, pdl_enter, use_pdl
 
 # -- decode ---------------------------------------------------------------------------
 
@@ -54,9 +53,7 @@ def _decode_split_kernel(
     stride_outb, stride_outh,
     sm_scale, nsplit,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, NS: tl.constexpr, DIRECT: tl.constexpr, FUSED: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):
-    pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
@@ -115,11 +112,9 @@ def _decode_group_split_kernel(
     sm_scale, nsplit,
     GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
     NS: tl.constexpr, DIRECT: tl.constexpr, FUSED: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):
     """One program: the GROUP query heads of one KV head (padded to GP rows,
     the smallest matrix-product tile), one split of one sequence."""
-    pdl_enter(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     s = tl.program_id(2)
@@ -199,10 +194,8 @@ def _decode_reduce_kernel(
     stride_lb, stride_lh,
     stride_outb, stride_outh,
     nsplit, BLOCK_N: tl.constexpr, NS: tl.constexpr, D: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):
     """The splits' second launch: one program per (sequence, head)."""
-    pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     kv_len = tl.load(KvLens + b)
@@ -278,13 +271,12 @@ def decode_attention(
         dim**-0.5, num_splits,
     )
     ns = triton.next_power_of_2(num_splits)
-    pdl = use_pdl(q.device)
     if group == 1:
-        _decode_split_kernel[(bsz, heads, num_splits)](*args, GROUP=1, D=dim, BLOCK_N=DECODE_BLOCK_N, NS=ns, DIRECT=direct, FUSED=fused, PDL=pdl, **launch_options(pdl), num_warps=4, num_stages=3)
+        _decode_split_kernel[(bsz, heads, num_splits)](*args, GROUP=1, D=dim, BLOCK_N=DECODE_BLOCK_N, NS=ns, DIRECT=direct, FUSED=fused, num_warps=4, num_stages=3)
     else:
         _decode_group_split_kernel[(bsz, heads // group, num_splits)](
             *args, GROUP=group, GP=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_N=DECODE_BLOCK_N, IEEE=q.dtype == torch.float32,
-            NS=ns, DIRECT=direct, FUSED=fused, PDL=pdl, **launch_options(pdl), num_warps=4, num_stages=3,
+            NS=ns, DIRECT=direct, FUSED=fused, num_warps=4, num_stages=3,
         )
     if not direct and not fused:
         _decode_reduce_kernel[(bsz, heads)](
@@ -293,7 +285,7 @@ def decode_attention(
             part_lse.stride(0), part_lse.stride(1),
             out.stride(0), out.stride(1),
             num_splits, BLOCK_N=DECODE_BLOCK_N, NS=ns, D=dim,
-            PDL=pdl, **launch_options(pdl), num_warps=4,
+            num_warps=4,
         )
     return out
 

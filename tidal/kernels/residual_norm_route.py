@@ -32,7 +32,6 @@ from tidal.kernels.moe_route import (
     _tiles,
     router_block_k,
 )
-from tidal.kernels.pdl import launch_options, pdl_enter, use_pdl
 
 # Models route their MoE blocks here at decode sizes when this is on (Moondream
 # 3's text decoder, Qwen3-MoE). Off until bench_kernels.py's norm-route table
@@ -63,9 +62,7 @@ def _residual_norm_route_kernel(
     KP: tl.constexpr, E: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     BM: tl.constexpr, CH: tl.constexpr, BFILL: tl.constexpr, HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, IEEE: tl.constexpr,
     HAS_ATTN: tl.constexpr, RMS: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):
-    pdl_enter(PDL)
     p = tl.program_id(0)
     t = tl.arange(0, BLOCK_T)
     tm = t < tokens
@@ -161,13 +158,12 @@ def residual_norm_route(
     logits = torch.empty((tokens, experts), dtype=x.dtype, device=dev)
     _, pairs_chunk, block_chunk = _tiles(tokens, top_k, experts, nblocks)
     a = attn if attn is not None else x
-    pdl = use_pdl(x.device)
     _residual_norm_route_kernel[(programs,)](
         x, a, parts, norm_weight, norm_bias if norm_bias is not None else norm_weight, x_out, h, router_w, router_b if router_b is not None else router_w,
         partial, logits, weights, ids, pairs, block_expert, ticket,
         tokens, dim, x.stride(0), a.stride(0), parts.stride(0), parts.stride(1), x_out.stride(0), h.stride(0), router_w.stride(0), eps, nblocks,
         KP=parts.shape[1], E=experts, K=top_k, BLOCK_T=ROUTER_MAX_TOKENS, BLOCK_K=block_k, BLOCK_D=block_d,
         BM=block_m, CH=pairs_chunk, BFILL=block_chunk, HAS_BIAS=router_b is not None, RENORM=renormalize, IEEE=x.dtype == torch.float32,
-        HAS_ATTN=attn is not None, RMS=norm_bias is None, PDL=pdl, **launch_options(pdl), num_warps=8,
+        HAS_ATTN=attn is not None, RMS=norm_bias is None, num_warps=8,
     )
     return x_out, h, (weights, ids, pairs, block_expert)

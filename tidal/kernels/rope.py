@@ -14,17 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
-from tidal.kernels.pdl import launch_options, pdl_enter, use_pdl
-
 
 @triton.jit
 def _rope_halves_kernel(
     X, Cos, Sin, Y,
     heads, half, stride_xt, stride_xh, stride_ct, stride_yt, stride_yh,
     BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):
-    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_HALF)
@@ -50,9 +46,8 @@ def rope_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     if tokens == 0:
         return y
     block_h = min(32, triton.next_power_of_2(heads))
-    pdl = use_pdl(x.device)
     _rope_halves_kernel[(tokens, triton.cdiv(heads, block_h))](
         x, cos, sin, y, heads, half, x.stride(0), x.stride(1), cos.stride(0), y.stride(0), y.stride(1),
-        BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(half), PDL=pdl, **launch_options(pdl), num_warps=4,
+        BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(half), num_warps=4,
     )
     return y

@@ -13,12 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from tidal.kernels.pdl import launch_options, pdl_enter, use_pdl
-
 
 @triton.jit
-def _silu_mul_kernel(X, Y, inner, stride_x, stride_y, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
-    pdl_enter(PDL)
+def _silu_mul_kernel(X, Y, inner, stride_x, stride_y, BLOCK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = c < inner
@@ -38,6 +35,5 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     if tokens == 0:
         return y
     block = min(1024, triton.next_power_of_2(inner))
-    pdl = use_pdl(x.device)
-    _silu_mul_kernel[(tokens, triton.cdiv(inner, block))](x, y, inner, x.stride(0), y.stride(0), BLOCK=block, PDL=pdl, **launch_options(pdl), num_warps=4)
+    _silu_mul_kernel[(tokens, triton.cdiv(inner, block))](x, y, inner, x.stride(0), y.stride(0), BLOCK=block, num_warps=4)
     return y

@@ -30,7 +30,6 @@ import triton.language as tl
 
 from tidal.kernels import scratch_zeros
 from tidal.kernels.fused_moe import shared_memory_bytes
-from tidal.kernels.pdl import launch_options, pdl_enter, prefetch_rows, use_pdl
 
 MAX_ROWS = 16  # one tensor-core tile of rows; larger batches go to cuBLAS
 
@@ -41,7 +40,6 @@ def _skinny_kernel(
     M, N, K, k_per_split,
     stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     s = tl.program_id(1)
@@ -49,11 +47,8 @@ def _skinny_kernel(
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask = m < M
     nmask = n < N
-    k_end = tl.minimum(K, (s + 1) * k_per_split)
-    if PDL:  # the weights depend on no kernel: start this program's slice towards L2 while the one before finishes
-        prefetch_rows(W, n, nmask, stride_wn, s * k_per_split, k_end)
-    pdl_enter(PDL)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    k_end = tl.minimum(K, (s + 1) * k_per_split)
     for k0 in range(s * k_per_split, k_end, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         kmask = k < k_end
@@ -140,12 +135,11 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         ticket = scratch_zeros("skinny tickets", blocks, torch.int32, x.device)
     else:
         partial = ticket = y  # never read
-    pdl = use_pdl(x.device)
     _skinny_kernel[(blocks, split)](
         x, weight, bias if bias is not None else weight, y, partial, ticket,
         rows, n, k, k_per_split,
         x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32, SPLIT=split,
-        PDL=pdl, **launch_options(pdl), num_warps=warps, num_stages=stages,
+        num_warps=warps, num_stages=stages,
     )
     return y

@@ -18,8 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from tidal.kernels.pdl import launch_options, pdl_enter, use_pdl
-
 
 @triton.jit
 def _tanh(x):
@@ -45,9 +43,7 @@ def _tau_rope_kv_kernel(
     stride_ks, stride_kh, stride_vs, stride_vh,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, ROT: tl.constexpr, BLOCK_T: tl.constexpr,
     LIN_HERE: tl.constexpr, BLOCK_C: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):
-    pdl_enter(PDL)
     h = tl.program_id(1)
     kv = tl.program_id(2)  # 0: head h's query; 1: its key and value (two programs: half the serial work each at batch 1)
     if kv == 1 and h >= HKV:
@@ -129,12 +125,11 @@ def tau_rope_kv(
     block_t = 1 if tokens == 1 else 4 if lin_here else 16
     default = (4096, 8) if tokens == 1 else (1024, 4) if lin_here else (256, 4)
     block_c, warps = launch or default
-    pdl = use_pdl(qkv.device)
     _tau_rope_kv_kernel[(triton.cdiv(tokens, block_t), n_heads, 2)](
         qkv, lin, w_tau, alpha, positions, out_cache_loc, cos, sin, q, k_cache, v_cache,
         tokens, qkv.stride(0), lin.stride(0), w_tau.stride(0), q.stride(0), q.stride(1), cos.stride(0),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         H=n_heads, HKV=n_kv, D=head_dim, HALF=half, ROT=2 * half, BLOCK_T=block_t,
-        LIN_HERE=lin_here, BLOCK_C=block_c, PDL=pdl, **launch_options(pdl), num_warps=warps,
+        LIN_HERE=lin_here, BLOCK_C=block_c, num_warps=warps,
     )
     return q
