@@ -242,49 +242,6 @@ def routing(results: dict, lines: list[str]) -> None:
             lines.append(f"| {label} (E {experts}, k {top_k}, BM {block_m}) | {tokens} | {us[True]:.1f} | {us[False]:.1f} | {default} |")
 
 
-def norm_route(bandwidth: float, results: dict, lines: list[str]) -> None:
-    """A MoE layer's residual add + norm then its router + routing at decode
-    sizes (two launches) against residual_norm_route (one): Moondream's block
-    end (residual_norm, LayerNorm, router bias) and Qwen3-30B's
-    post-attention add (add_rms_norm, RMSNorm); the same x and experts are
-    checked first."""
-    from tidal.kernels.moe_route import router_route_and_align
-    from tidal.kernels.residual_norm import residual_norm
-    from tidal.kernels.residual_norm_route import residual_norm_route
-    from tidal.kernels.rms_norm import add_rms_norm
-
-    lines.append("\n| residual + norm + routing | tokens | two launches us | one launch us |")
-    lines.append("| --- | --- | --- | --- |")
-    gen = torch.Generator(device=DEV).manual_seed(5)
-    dim, top_k = 2048, 8
-    ln = torch.nn.LayerNorm(dim, device=DEV, dtype=torch.bfloat16)
-    for label, experts, rms in (("moondream", 64, False), ("qwen3-30b", 128, True)):
-        ws = copies(lambda: (torch.randn(experts, dim, device=DEV, generator=gen) / dim**0.5).to(torch.bfloat16), experts * dim * 2)
-        b = None if rms else torch.randn(experts, device=DEV, generator=gen).to(torch.bfloat16)
-        for tokens in (1, 8):
-            x, attn = (torch.randn(tokens, dim, device=DEV, generator=gen).to(torch.bfloat16) for _ in range(2))
-            parts = attn[:, None, :] if rms else torch.randn(tokens, top_k, dim, device=DEV, generator=gen).to(torch.bfloat16)
-
-            def two(w):
-                _, h = add_rms_norm(x, parts, ln.weight, 1e-6) if rms else residual_norm(x, attn, parts, ln)
-                return router_route_and_align(h, w, b, top_k, 16)
-
-            def one(w):
-                if rms:
-                    return residual_norm_route(x, None, parts, ln.weight, None, 1e-6, w, b, top_k, 16)
-                return residual_norm_route(x, attn, parts, ln.weight, ln.bias, ln.eps, w, b, top_k, 16)
-
-            want_x, want_h = add_rms_norm(x, parts, ln.weight, 1e-6) if rms else residual_norm(x, attn, parts, ln)
-            got_x, _, routing = one(ws[0])
-            assert torch.equal(got_x, want_x), f"{label}: the fused kernel's x differs from the residual kernel's"
-            same = torch.equal(routing[1], router_route_and_align(want_h, ws[0], b, top_k, 16)[1])
-            us_two = graph_us([lambda w=ws[i % len(ws)]: two(w) for i in range(CALLS)])
-            us_one = graph_us([lambda w=ws[i % len(ws)]: one(w) for i in range(CALLS)])
-            results[f"norm_route {label} t{tokens}"] = {"two_launches_us": us_two, "one_launch_us": us_one, "same_experts": same}
-            lines.append(f"| {label} (D {dim}, E {experts}) | {tokens} | {us_two:.1f} | {us_one:.1f}{'' if same else ' (experts differ: bf16 ties)'} |")
-        del ws
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -305,7 +262,6 @@ def main() -> None:
     attention(bandwidth, results, lines)
     router(bandwidth, results, lines)
     routing(results, lines)
-    norm_route(bandwidth, results, lines)
     with open(os.path.join(args.out, "bench-kernels.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(f"{results['gpu']}, commit {results['commit']}, copy bandwidth {bandwidth / 1e12:.2f} TB/s\n")

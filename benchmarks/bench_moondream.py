@@ -50,7 +50,7 @@ from tidal.models.moondream3.tiny import build_tokenizer, init_random_
 
 FULL = MoondreamConfig()  # --tiny swaps in the embedded tiny shapes for a CPU dry run
 KV_BYTES_PER_POSITION = 0  # set in main: all layers' K and V of one position
-PARTS = ("decode", "skinny", "branches", "norm_route", "latency", "eager_extend", "torch", "reference", "mixed")
+PARTS = ("decode", "skinny", "branches", "latency", "eager_extend", "torch", "reference", "mixed")
 
 
 # -- helpers ---------------------------------------------------------------------
@@ -324,11 +324,6 @@ def main() -> None:
         from tidal.models.moondream3 import text as text_model
 
         flipped_sweep(text_model, "PARALLEL_BRANCHES", ("branches", "one_stream"), lambda: Moondream(model, tok, EngineConfig(max_running=32, prefix_cache=False, kernels=kernels)), 16 if args.quick else 32, results, bandwidth)
-
-    if "norm_route" in parts:  # each MoE block routed inside the residual kernel before it, or not, against the default (residual_norm_route.FUSED_NORM_ROUTE)
-        from tidal.kernels import residual_norm_route as norm_route
-
-        flipped_sweep(norm_route, "FUSED_NORM_ROUTE", ("norm_route", "two_launch_route"), lambda: Moondream(model, tok, EngineConfig(max_running=32, prefix_cache=False, kernels=kernels)), 16 if args.quick else 32, results, bandwidth)
 
     if "latency" in parts:
         md = Moondream(model, tok, EngineConfig(max_running=64, kernels=kernels))  # prefix cache on

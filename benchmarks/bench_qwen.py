@@ -251,12 +251,7 @@ def main() -> None:
     ap.add_argument("--no-concurrent", action="store_true", help="skip the end-to-end concurrent run")
     ap.add_argument("--profile", action="store_true", help="print the GPU kernels of a few decode steps at each batch size")
     ap.add_argument("--skinny", choices=("off", "auto", "all"), default="auto", help="EngineConfig.skinny_gemm: which decode-sized projections run the Triton skinny product")
-    ap.add_argument("--norm-route", action="store_true", help="route each MoE layer inside its residual + RMSNorm kernel at decode sizes (residual_norm_route.FUSED_NORM_ROUTE)")
     args = ap.parse_args()
-    if args.norm_route:
-        from tidal.kernels import residual_norm_route
-
-        residual_norm_route.FUSED_NORM_ROUTE = True
     vl = args.model == "vl"
     global PROFILE_DIR
     PROFILE_DIR = args.out if args.profile else ""
@@ -271,7 +266,6 @@ def main() -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "shapes": ("tiny " if args.tiny else "") + ("Qwen3-VL-8B" if vl else "Qwen3-30B-A3B"),
         "skinny_gemm": args.skinny,
-        "norm_route": args.norm_route,
     }
     bandwidth = copy_bandwidth()
     results["copy_bandwidth_tb_s"] = bandwidth / 1e12

@@ -59,7 +59,7 @@ case "$part" in
     timeout 240 python benchmarks/bench_qwen.py --model moe --batches 1 --no-hf --no-concurrent --out "$out" --profile 2>&1 | grep -v "capturing" | head -45 ;;
   variants)
     timeout 300 python benchmarks/bench_kernels.py --out "$out"
-    timeout 180 python benchmarks/bench_moondream.py --quick --only decode,skinny,branches,norm_route --out "$out" 2>&1 | grep "decode batch"
+    timeout 150 python benchmarks/bench_moondream.py --quick --only decode,skinny,branches --out "$out" 2>&1 | grep "decode batch"
     for flag in "" --skinny; do
       timeout 70 python benchmarks/bench_qwen.py --model moe --no-hf --no-concurrent --batches 1 8 $flag --out "$out" 2>&1 | grep "tidal decode" | sed "s|^|qwen3-30b ${flag:-cublas}: |"
     done ;;
@@ -74,9 +74,8 @@ case "$part" in
     done
     tests_in 150 "test_kernels (attention, routing)" tests/test_kernels.py -k "decode_attention or route"
     timeout 150 python benchmarks/bench_kernels.py --out "$out" 2>&1 | sed -n '/decode attention/,$p'
-    timeout 150 python benchmarks/bench_moondream.py --quick --only decode,norm_route --out "$out" 2>&1 | grep "decode batch"
-    timeout 120 python benchmarks/bench_qwen.py --model moe --no-hf --batches 1 64 --out "$out" 2>&1 | grep -E "^tidal|where it went"
-    mkdir -p "$out/norm_route"; timeout 70 python benchmarks/bench_qwen.py --model moe --no-hf --no-concurrent --batches 1 8 --norm-route --out "$out/norm_route" 2>&1 | grep "tidal decode" | sed "s|^|norm-route: |" ;;
+    timeout 150 python benchmarks/bench_moondream.py --quick --only decode --out "$out" 2>&1 | grep "decode batch"
+    timeout 120 python benchmarks/bench_qwen.py --model moe --no-hf --batches 1 64 --out "$out" 2>&1 | grep -E "^tidal|where it went" ;;
   timeline)
     timeout 100 python benchmarks/profile_step.py --batch 1 --no-micro --out "$out" 2>&1 | grep -E "^copy|=== decode|^timeline|per stream|^  idle"
     timeout 80 python benchmarks/bench_qwen.py --model moe --no-hf --no-concurrent --batches 1 --profile --out "$out" 2>&1 | grep -E "tidal decode|^timeline|per stream|^  idle" ;;

@@ -95,18 +95,6 @@ def test_the_router_fused_into_the_routing_launch_changes_no_result(runs, monkey
     assert bool(_golden_cases_match_the_default_fast_path(runs, monkeypatch, moe_route, "router_route_and_align")) == fused_router
 
 
-def test_the_next_blocks_routing_in_the_residual_kernel_changes_no_result(runs, monkeypatch):
-    """residual_norm_route.FUSED_NORM_ROUTE (off by default until measured):
-    at decode sizes the residual kernel at a block's end also routes the next
-    block's MoE; a detect and a query case still match the golden results,
-    every logit stays within 1e-5 of the default fast path's, and the fused
-    kernel ran."""
-    from tidal.kernels import residual_norm_route as norm_route
-
-    monkeypatch.setattr(norm_route, "FUSED_NORM_ROUTE", True)
-    assert _golden_cases_match_the_default_fast_path(runs, monkeypatch, norm_route, "residual_norm_route")
-
-
 def _golden_cases_match_the_default_fast_path(runs, monkeypatch, module, kernel: str) -> int:
     """A detect and a query golden case on a fresh fast-path engine (float32)
     match the golden results and stay within 1e-5 of the default fast path's

@@ -52,26 +52,6 @@ def test_qwen3_moe_fused_path_gives_the_torch_paths_logits(tmp_path_factory, var
         assert out["replaysTrue"] > 0  # decode steps ran as graphs
 
 
-def test_qwen3_moe_routing_in_the_residual_kernel_gives_the_torch_paths_logits(tmp_path_factory, monkeypatch):
-    """residual_norm_route.FUSED_NORM_ROUTE on (off by default until
-    measured): each MoE layer's x + attn, post-attention RMSNorm and routing
-    in one launch at decode sizes; the variant without top-k renormalization
-    still gives the torch path's tokens and logits, and the fused kernel ran."""
-    from tidal.kernels import residual_norm_route as norm_route
-
-    monkeypatch.setattr(norm_route, "FUSED_NORM_ROUTE", True)
-    calls = []
-    fused = norm_route.residual_norm_route
-    monkeypatch.setattr(norm_route, "residual_norm_route", lambda *a, **k: calls.append(1) or fused(*a, **k))
-    _, folder = moe_tests._checkpoint(tmp_path_factory, "variant")
-    prompts = moe_tests.PROMPTS[:3]
-    out = _both(folder, lambda llm: moe_tests._run(llm, prompts, 6))
-    for (want_tokens, want), (tokens, got) in zip(out[False], out[True]):
-        assert tokens == want_tokens
-        assert got.shape == want.shape and moe_tests._rel(got.cpu(), want.cpu()) <= 1e-4
-    assert calls
-
-
 @pytest.mark.parametrize("variant", ["dense", "moe"])
 def test_qwen3_vl_fused_path_gives_the_torch_paths_logits(tmp_path_factory, variant):
     _, folder = vl_tests._save(tmp_path_factory, variant)

@@ -70,23 +70,18 @@ def moe_parts(
     top_k: int,
     act: str = "geglu_plus1",
     renormalize: bool = True,
-    routing: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The fast path's MoE, before the sum over the k experts (which the
     residual kernel does): x [T, D] -> each token's k weighted expert outputs
-    [T, k, D]. Routing and alignment take one launch at decode sizes; routing
-    given (weights, ids, pairs, block_expert, laid out for
-    norm_route_block_m's block size) was done already by the residual kernel before."""
+    [T, k, D]. Routing and alignment take one launch at decode sizes."""
     from tidal.kernels import moe_route
-    from tidal.kernels.fused_moe import align_by_expert, expert_pairs
+    from tidal.kernels.fused_moe import align_by_expert, expert_pairs, moe_config
     from tidal.kernels.moe_route import MAX_TOKENS, route_and_align
 
     tokens = x.shape[0]
-    config = _moe_config(tokens, fc1, fc2, top_k, x.dtype)
+    config = moe_config(tokens, (fc1.shape[0], fc1.shape[2], fc2.shape[2], top_k), x.dtype, x.device)
     pow2 = all(n & (n - 1) == 0 for n in (fc1.shape[0], top_k))  # what the routing kernel takes
-    if routing is not None:
-        weights, ids, pairs, block_expert = routing
-    elif moe_route.FUSED_ROUTER and pow2 and 0 < tokens <= moe_route.ROUTER_MAX_TOKENS and x.stride(-1) == 1:
+    if moe_route.FUSED_ROUTER and pow2 and 0 < tokens <= moe_route.ROUTER_MAX_TOKENS and x.stride(-1) == 1:
         weights, ids, pairs, block_expert = moe_route.router_route_and_align(x, router_w, router_b, top_k, config[0], renormalize)
     elif tokens <= MAX_TOKENS and pow2:
         weights, ids, pairs, block_expert = route_and_align(linear(x, router_w, router_b), top_k, config[0], x.dtype, renormalize)
@@ -94,25 +89,6 @@ def moe_parts(
         weights, ids = _weights(linear(x, router_w, router_b), top_k, renormalize, x.dtype)
         pairs, block_expert = align_by_expert(ids, fc1.shape[0], config[0])
     return expert_pairs(x, weights, fc1, fc2, top_k, pairs, block_expert, config, act).view(tokens, top_k, -1)
-
-
-def _moe_config(tokens: int, fc1: torch.Tensor, fc2: torch.Tensor, top_k: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
-    """The fused experts' launch configuration for a step of `tokens`."""
-    from tidal.kernels.fused_moe import moe_config
-
-    return moe_config(tokens, (fc1.shape[0], fc1.shape[2], fc2.shape[2], top_k), dtype, fc1.device)
-
-
-def norm_route_block_m(tokens: int, fc1: torch.Tensor, fc2: torch.Tensor, top_k: int, dtype: torch.dtype) -> int | None:
-    """Where a step of `tokens` routes inside the residual kernel before the
-    MoE (tidal.kernels.residual_norm_route: switched on and at decode
-    sizes): the row block the fused experts run it with, the block size the
-    routing must lay the pairs out for; else None."""
-    from tidal.kernels import residual_norm_route as norm_route
-
-    if not (norm_route.FUSED_NORM_ROUTE and norm_route.fits(tokens, fc1.shape[0], top_k)):
-        return None
-    return _moe_config(tokens, fc1, fc2, top_k, dtype)[0]
 
 
 def experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor, act: str = "geglu_plus1") -> torch.Tensor:

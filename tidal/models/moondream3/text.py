@@ -14,16 +14,13 @@ import torch.nn.functional as F
 from tidal.core import ForwardBatch
 from tidal.kernels import triton_available
 from tidal.layers.linear import linear
-from tidal.layers.moe import moe_forward, moe_parts, norm_route_block_m
+from tidal.layers.moe import moe_forward, moe_parts
 from tidal.layers.rotary import PartialRotary
 
 from .config import TextConfig
 from .vision import MLP
 
 if triton_available():
-    from tidal.kernels import (
-        residual_norm_route as norm_route,  # a module: tests count its kernel's calls
-    )
     from tidal.kernels.residual_norm import residual_norm
     from tidal.kernels.tau_rope import tau_rope_kv
 
@@ -47,20 +44,9 @@ class MoEMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return moe_forward(x, self.router.weight, self.router.bias, self.fc1.weight, self.fc2.weight, self.top_k)
 
-    def parts(self, x: torch.Tensor, routing: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
-        """The fast path: [T, k, D], the k weighted expert outputs, not yet
-        summed; routing as norm_and_route gave it, or None to route here."""
-        return moe_parts(x, self.router.weight, self.router.bias, self.fc1.weight, self.fc2.weight, self.top_k, routing=routing)
-
-    def norm_and_route(self, x: torch.Tensor, attn: torch.Tensor, parts: torch.Tensor, ln: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        """The previous block's residual adds and this block's LayerNorm; at
-        decode sizes with residual_norm_route.FUSED_NORM_ROUTE on, this
-        block's routing in the same launch: -> (x, h, routing or None)."""
-        block_m = norm_route_block_m(x.shape[0], self.fc1.weight, self.fc2.weight, self.top_k, x.dtype)
-        if block_m is not None:
-            return norm_route.residual_norm_route(x, attn, parts, ln.weight, ln.bias, ln.eps, self.router.weight, self.router.bias, self.top_k, block_m)
-        x, h = residual_norm(x, attn, parts, ln)
-        return x, h, None
+    def parts(self, x: torch.Tensor) -> torch.Tensor:
+        """The fast path: [T, k, D], the k weighted expert outputs, not yet summed."""
+        return moe_parts(x, self.router.weight, self.router.bias, self.fc1.weight, self.fc2.weight, self.top_k)
 
 
 def tau_scales(qkv: torch.Tensor, positions: torch.Tensor, wq: torch.Tensor, wv: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,26 +165,20 @@ class TextModel(nn.Module):
             blocks = self.blocks
             side = self.side_stream if PARALLEL_BRANCHES and x.is_cuda else None
             h = blocks[0].ln(x)
-            routing = None  # this block's, when the last residual kernel routed it
             for i, block in enumerate(blocks):
                 if side is None:
                     attn = block.attn(h, positions, batch, i, self.rotary)
-                    parts = _mlp_parts(block, h, routing)
+                    parts = _mlp_parts(block, h)
                 else:
                     # fork, then join before anything the side branch read or
                     # made is released: the allocator's per-stream reuse stays safe
                     main = torch.cuda.current_stream()
                     side.wait_stream(main)
                     with torch.cuda.stream(side):
-                        parts = _mlp_parts(block, h, routing)
+                        parts = _mlp_parts(block, h)
                     attn = block.attn(h, positions, batch, i, self.rotary)
                     main.wait_stream(side)
-                nxt = blocks[i + 1] if i + 1 < len(blocks) else None
-                if nxt is not None and isinstance(nxt.mlp, MoEMLP):
-                    x, h, routing = nxt.mlp.norm_and_route(x, attn, parts, nxt.ln)
-                else:
-                    x, h = residual_norm(x, attn, parts, nxt.ln if nxt is not None else None)
-                    routing = None
+                x, h = residual_norm(x, attn, parts, blocks[i + 1].ln if i + 1 < len(blocks) else None)
             return x
         for i, block in enumerate(self.blocks):
             h = block.ln(x)
@@ -210,6 +190,6 @@ class TextModel(nn.Module):
         return linear(self.post_ln(hidden), self.lm_head.weight, self.lm_head.bias).float()
 
 
-def _mlp_parts(block: TextBlock, h: torch.Tensor, routing: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+def _mlp_parts(block: TextBlock, h: torch.Tensor) -> torch.Tensor:
     """The block's MLP branch as residual_norm's parts [T, k, dim] (k = 1 for a dense MLP)."""
-    return block.mlp.parts(h, routing) if isinstance(block.mlp, MoEMLP) else block.mlp(h)[:, None, :]
+    return block.mlp.parts(h) if isinstance(block.mlp, MoEMLP) else block.mlp(h)[:, None, :]

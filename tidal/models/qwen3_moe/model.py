@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tidal.core import ForwardBatch, KVLayout
 from tidal.errors import CheckpointError
 from tidal.layers.linear import linear
-from tidal.layers.moe import moe_forward, moe_parts, norm_route_block_m
+from tidal.layers.moe import moe_forward, moe_parts
 from tidal.layers.norm import RMSNorm
 from tidal.layers.rotary import PartialRotary, rotate_halves
 from tidal.models.checkpoint import raise_weight_problems
@@ -149,23 +149,9 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return moe_forward(x, self.gate.weight, None, self.fc1, self.fc2, self.top_k, act="swiglu", renormalize=self.renormalize)
 
-    def parts(self, x: torch.Tensor, routing: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
-        """The fused path: [T, dim] -> each token's k weighted expert outputs
-        [T, k, dim]; routing as norm_and_route gave it, or None to route here."""
-        return moe_parts(x, self.gate.weight, None, self.fc1, self.fc2, self.top_k, act="swiglu", renormalize=self.renormalize, routing=routing)
-
-    def norm_and_route(self, x: torch.Tensor, attn: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        """x + attn and this layer's post-attention norm (the fused path); at
-        decode sizes with residual_norm_route.FUSED_NORM_ROUTE on, this
-        layer's routing in the same launch: -> (x, h, routing or None)."""
-        from tidal.kernels.residual_norm_route import residual_norm_route
-        from tidal.kernels.rms_norm import add_rms_norm
-
-        block_m = norm_route_block_m(x.shape[0], self.fc1, self.fc2, self.top_k, x.dtype)
-        if block_m is not None:
-            return residual_norm_route(x, None, attn[:, None, :], norm.weight, None, norm.eps, self.gate.weight, None, self.top_k, block_m, self.renormalize)
-        x, h = add_rms_norm(x, attn[:, None, :], norm.weight, norm.eps)
-        return x, h, None
+    def parts(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused path: [T, dim] -> each token's k weighted expert outputs [T, k, dim]."""
+        return moe_parts(x, self.gate.weight, None, self.fc1, self.fc2, self.top_k, act="swiglu", renormalize=self.renormalize)
 
 
 class DecoderLayer(nn.Module):
@@ -246,12 +232,8 @@ class Qwen3MoeModel(nn.Module):
         for i, layer in enumerate(layers):
             attn = layer.self_attn(h, cos, sin, batch, i)
             post = layer.post_attention_layernorm
-            if isinstance(layer.mlp, SparseMoE):
-                x, h, routing = layer.mlp.norm_and_route(x, attn, post)
-                parts = layer.mlp.parts(h, routing)
-            else:
-                x, h = add_rms_norm(x, attn[:, None, :], post.weight, post.eps)
-                parts = layer.mlp.parts(h)
+            x, h = add_rms_norm(x, attn[:, None, :], post.weight, post.eps)
+            parts = layer.mlp.parts(h)
             nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else None
             if i < hooked:  # the hook sees x before the next layer's norm reads it
                 x, _ = add_rms_norm(x, parts, None, 0.0)
