@@ -213,3 +213,42 @@ def _start_and_preempt(engine, req):
     while not req.finished:
         engine.step()
     return req
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_images_sent_again_as_bytes_are_not_decoded_while_cached(pair, monkeypatch):
+    """A chat resending its images each turn: the second time the same bytes
+    come, their pixels key and size are known and, with the prompt up to the
+    image cached, they are not decoded; the logits equal the first run's. If
+    the cache lets them go before the step, the engine decodes them."""
+    import tidal.llm
+    from tidal.core import Deferred
+
+    _, llm = pair
+    decodes = []
+    real = tidal.llm.decoded_pixels
+    monkeypatch.setattr(tidal.llm, "decoded_pixels", lambda *a, **k: decodes.append(1) or real(*a, **k))
+    ids = CASES["two images"][0]
+    images = [_png(_image(*s)) for s in [(48, 40, 11), (33, 70, 12)]]
+    ((tokens, logits),) = _run(llm, [(ids, images)], 6)
+    assert len(decodes) == 2
+    ((again_tokens, again_logits),) = _run(llm, [(ids, images)], 6)
+    assert len(decodes) == 2  # known by their bytes, served from the cache
+    assert again_tokens == tokens and _rel(again_logits, logits) <= 1e-5
+    params = tidal.SamplingParams(temperature=0.0, max_tokens=6)
+    skill, items = llm._prepare({"prompt_token_ids": ids, "images": images}, params, ignore_eos=True)
+    assert all(isinstance(i.payload, Deferred) for i in items if not isinstance(i, int))
+    assert llm.loop.call(lambda engine: engine.clear_prefix_cache()) > 0
+    handle = llm._submit(skill, items)
+    res = handle.wait()
+    assert len(decodes) == 4  # the engine made both deferred payloads
+    assert res["token_ids"] == tokens and _rel(torch.stack([t.logits.flatten() for t in handle.request.trace]), logits) <= 1e-5

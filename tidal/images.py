@@ -259,26 +259,28 @@ def bytes_key(data: bytes) -> str:
 
 
 class DecodedKeys:
-    """Which pixels key each recently decoded encoded image (by bytes_key)
-    gave: a bounded, least-recently-used map, shared by request threads. With
-    it an image sent again as the same bytes is known by its key before it
-    is decoded, so it need not be decoded while the prefix cache holds it."""
+    """What recently decoded encoded images (by bytes_key) decoded to: their
+    pixels key, and whatever else a model derives from the pixels' size. A
+    bounded, least-recently-used map, shared by request threads. With it an
+    image sent again as the same bytes is known before it is decoded, so it
+    need not be decoded while the prefix cache holds it."""
 
     def __init__(self, capacity: int = 4096) -> None:
         self.capacity = capacity
-        self._keys: OrderedDict[str, str] = OrderedDict()
+        self._known: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, source_key: str) -> str | None:
+    def get(self, source_key: str) -> Any:
+        """What source_key decoded to, or None."""
         with self._lock:
-            key = self._keys.get(source_key)
-            if key is not None:
-                self._keys.move_to_end(source_key)
-            return key
+            value = self._known.get(source_key)
+            if value is not None:
+                self._known.move_to_end(source_key)
+            return value
 
-    def put(self, source_key: str, pixels_key: str) -> None:
+    def put(self, source_key: str, value: Any) -> None:
         with self._lock:
-            self._keys[source_key] = pixels_key
-            self._keys.move_to_end(source_key)
-            while len(self._keys) > self.capacity:
-                self._keys.popitem(last=False)
+            self._known[source_key] = value
+            self._known.move_to_end(source_key)
+            while len(self._known) > self.capacity:
+                self._known.popitem(last=False)

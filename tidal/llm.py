@@ -21,14 +21,21 @@ from tokenizers import Tokenizer
 
 from tidal.api import resolve_device_dtype
 from tidal.chat_template import ChatTemplate
-from tidal.core import ImageRef, InputItem, items_len
+from tidal.core import Deferred, ImageRef, InputItem, items_len
 from tidal.engine.engine import Engine, EngineConfig
 from tidal.engine.generate import GenerateSkill
 from tidal.engine.loop import EngineLoop, RequestHandle
 from tidal.engine.request import Request
 from tidal.engine.sampling import SamplingParams
 from tidal.errors import InvalidRequestError, PromptTooLongError
-from tidal.images import DEFAULT_MAX_PIXELS, decoded_pixels, pixels_key
+from tidal.images import (
+    DEFAULT_MAX_PIXELS,
+    DecodedKeys,
+    bytes_key,
+    decoded_pixels,
+    encoded_source,
+    pixels_key,
+)
 from tidal.models.checkpoint import read_json, resolve_checkpoint
 from tidal.models.registry import architecture, load_model
 from tidal.validation import check_text
@@ -40,6 +47,7 @@ class LLM:
         self.eos_ids = tuple(eos_ids)
         self.engine = Engine(model, engine_config)
         self.loop = EngineLoop(self.engine)
+        self._decoded_keys = DecodedKeys()  # an image's bytes -> (pixels key, height, width)
 
     @classmethod
     def from_pretrained(
@@ -193,16 +201,33 @@ class LLM:
         slots = [i for i, t in enumerate(ids) if t == token]
         if len(slots) != len(images):
             raise InvalidRequestError(f"the prompt holds {len(slots)} image placeholders (token {token}) for {len(images)} images: one per image")
-        refs = []
-        for image in images:
-            with decoded_pixels(image, DEFAULT_MAX_PIXELS) as pixels:
-                n, grid = self.model.image_tokens(pixels.shape[0], pixels.shape[1])
-                rope, advance = self.model.image_rope(grid)
-                refs.append(ImageRef(pixels, pixels_key(pixels), n, rope=rope, rope_advance=advance))
+        refs = [self._image_ref(image) for image in images]
         items: list[InputItem] = list(ids)
         for slot, ref in zip(reversed(slots), reversed(refs)):
             items[slot] = ref
+        for slot, ref in zip(slots, refs):
+            if isinstance(ref.payload, Deferred) and not self.engine.prefix_cached(items[: slot + 1], 0):
+                ref.payload.get()  # known bytes, but the prompt up to it is not cached: decode here, not on the engine's thread
         return items
+
+    def _image_ref(self, image: Any) -> ImageRef:
+        """An image as the engine takes it. Bytes (or a file) decoded before are
+        known by their bytes' hash: their pixels become a deferred decode, made
+        only if the prefix cache does not hold the image when it is needed."""
+        data = encoded_source(image)
+        source = bytes_key(data) if data is not None else None
+        known = self._decoded_keys.get(source) if source is not None else None
+        if known is not None:
+            key, height, width = known
+            pixels: Any = Deferred(lambda: _decode(data))
+        else:
+            pixels = _decode(image)
+            key, (height, width) = pixels_key(pixels), pixels.shape[:2]
+            if source is not None:
+                self._decoded_keys.put(source, (key, height, width))
+        n, grid = self.model.image_tokens(height, width)
+        rope, advance = self.model.image_rope(grid)
+        return ImageRef(pixels, key, n, rope=rope, rope_advance=advance)
 
     def _with_videos(self, items: list[InputItem], videos: Any) -> list[InputItem]:
         """Each video placeholder token (one per video, as the chat template
@@ -287,3 +312,8 @@ def _eos_ids(folder: Path) -> tuple[int, ...]:
             if eos is not None:
                 return tuple(eos) if isinstance(eos, list) else (int(eos),)
     return ()
+
+
+def _decode(image: Any) -> np.ndarray:
+    with decoded_pixels(image, DEFAULT_MAX_PIXELS) as pixels:
+        return pixels
