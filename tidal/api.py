@@ -23,10 +23,9 @@ from tidal.images import (
     DEFAULT_MAX_PIXELS,
     DecodedKeys,
     ImageLike,
-    bytes_key,
     decoded_pixels,
-    encoded_source,
     pixels_key,
+    pixels_or_deferred,
 )
 from tidal.models.checkpoint import resolve_checkpoint
 from tidal.models.moondream3.model import Moondream3Model
@@ -170,23 +169,12 @@ class Moondream:
             if image._owner is not self:
                 raise InvalidRequestError("this EncodedImage was made by another model instance")
             return ImageInput(image.embeds, image.key)
-        length = self.config.vision.n_image_tokens
-        data = encoded_source(image)
-        source = bytes_key(data) if data is not None else None
-        known = self._decoded_keys.get(source) if source is not None else None
-        if known is not None:
-            # these bytes decoded to `known` before: while the prefix cache holds
-            # that image, nothing needs its pixels (the engine decodes them if
-            # the cache lets it go before the request runs)
-            ref = ImageRef(Deferred(lambda: self._pixels(data)), known, length)
-            if self.engine.prefix_cached(*self.prompts.image_prefix(ref)):
-                return ref
-        pixels = self._pixels(image)  # (a file is read again: its errors name the file)
-        key = pixels_key(pixels)
-        if source is not None:
-            self._decoded_keys.put(source, key)
+        pixels, key = pixels_or_deferred(image, self._decoded_keys, self._pixels, pixels_key)
         # the model crops the pixels when it encodes them: not at all when the image is cached
-        return ImageRef(pixels, key, length)
+        ref = ImageRef(pixels, key, self.config.vision.n_image_tokens)
+        if isinstance(pixels, Deferred) and not self.engine.prefix_cached(*self.prompts.image_prefix(ref)):
+            pixels.get()  # bytes seen before, but the image is not cached: decode here, not on the engine's thread
+        return ref
 
     def _pixels(self, image: ImageLike) -> np.ndarray:
         with decoded_pixels(image, self.max_image_pixels) as pixels:

@@ -14,7 +14,7 @@ import io
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +23,7 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, ImageOps, ImageSequence
 
+from tidal.core import Deferred
 from tidal.errors import ImageError
 
 ImageLike = Union[Image.Image, str, os.PathLike, bytes, bytearray, memoryview, np.ndarray]
@@ -250,6 +251,24 @@ def encoded_source(image: Any) -> bytes | None:
             raise ImageError(f"no image file at {str(path)!r}")
         return path.read_bytes()
     return None
+
+
+def pixels_or_deferred(image: Any, known: "DecodedKeys", decode: Callable[[Any], np.ndarray], describe: Callable[[np.ndarray], Any]) -> tuple[np.ndarray | Deferred, Any]:
+    """A new image's pixels and describe(pixels) (its key, and whatever else
+    the model derives from them), remembered under its bytes' hash when it
+    came as bytes or a file. Bytes seen before: (a Deferred decode, what
+    describe gave then), so the caller decodes only if the prefix cache lacks
+    the image."""
+    data = encoded_source(image)
+    source = bytes_key(data) if data is not None else None
+    seen = known.get(source) if source is not None else None
+    if seen is not None:
+        return Deferred(lambda: decode(data)), seen
+    pixels = decode(image)
+    info = describe(pixels)
+    if source is not None:
+        known.put(source, info)
+    return pixels, info
 
 
 def bytes_key(data: bytes) -> str:

@@ -31,10 +31,9 @@ from tidal.errors import InvalidRequestError, PromptTooLongError
 from tidal.images import (
     DEFAULT_MAX_PIXELS,
     DecodedKeys,
-    bytes_key,
     decoded_pixels,
-    encoded_source,
     pixels_key,
+    pixels_or_deferred,
 )
 from tidal.models.checkpoint import read_json, resolve_checkpoint
 from tidal.models.registry import architecture, load_model
@@ -214,17 +213,7 @@ class LLM:
         """An image as the engine takes it. Bytes (or a file) decoded before are
         known by their bytes' hash: their pixels become a deferred decode, made
         only if the prefix cache does not hold the image when it is needed."""
-        data = encoded_source(image)
-        source = bytes_key(data) if data is not None else None
-        known = self._decoded_keys.get(source) if source is not None else None
-        if known is not None:
-            key, height, width = known
-            pixels: Any = Deferred(lambda: _decode(data))
-        else:
-            pixels = _decode(image)
-            key, (height, width) = pixels_key(pixels), pixels.shape[:2]
-            if source is not None:
-                self._decoded_keys.put(source, (key, height, width))
+        pixels, (key, height, width) = pixels_or_deferred(image, self._decoded_keys, _decode, lambda p: (pixels_key(p), *p.shape[:2]))
         n, grid = self.model.image_tokens(height, width)
         rope, advance = self.model.image_rope(grid)
         return ImageRef(pixels, key, n, rope=rope, rope_advance=advance)
