@@ -18,7 +18,7 @@ import threading
 import time
 
 from tidal.server.config import ServerConfig
-from tidal.server.images import _from_base64
+from tidal.server.images import _base64
 
 
 def wake_up_delays(decode, interval: float, threads: int, samples: int = 300) -> tuple[float, float]:
@@ -54,7 +54,7 @@ def main() -> None:
     default = sys.getswitchinterval()
     print(f"| decoding | switch interval | engine wake-up delay mean | p99 |  ({args.threads} decoding threads, {os.cpu_count()} cores)")
     print("| --- | --- | --- | --- |")
-    for name, decode in (("whole", lambda: base64.b64decode(text, validate=True)), ("in pieces (server)", lambda: _from_base64(text, config))):
+    for name, decode in (("whole", lambda: base64.b64decode(text, validate=True)), ("in pieces (server)", lambda: _base64(text, config).decode())):
         for interval in (0.005, 0.001):
             mean, p99 = wake_up_delays(decode, interval, args.threads)
             print(f"| {name} | {interval * 1e3:.0f} ms | {mean:.2f} ms | {p99:.2f} ms |", flush=True)

@@ -131,3 +131,25 @@ def test_bytes_keys_follow_content_and_length():
     flipped = bytearray(big)
     flipped[-1] ^= 1
     assert bytes_key(big) != bytes_key(bytes(flipped))
+
+
+def test_base64_uploads_are_not_even_base64_decoded_again(counted, monkeypatch):
+    """The server hands data URLs' base64 text to the API undecoded: the second
+    time the same text comes it is neither base64-decoded nor decoded while the
+    image is cached; bad text is still refused with the server's message."""
+    import base64
+
+    from tidal.errors import ImageError
+    from tidal.images import Base64Image
+
+    md, decodes = counted
+    unpacked = []
+    real = Base64Image.decode
+    monkeypatch.setattr(Base64Image, "decode", lambda self: unpacked.append(1) or real(self))
+    text = base64.b64encode(_png()).decode()
+    assert_matches_golden(_run(md, Base64Image(text))[0], CASE)
+    assert len(decodes) == 1 and len(unpacked) == 1
+    assert_matches_golden(_run(md, Base64Image(text))[0], CASE)
+    assert len(decodes) == 1 and len(unpacked) == 1
+    with pytest.raises(ImageError, match="image_url is not valid base64"):
+        md._image_item(Base64Image(text[:100] + "!" + text[101:]))

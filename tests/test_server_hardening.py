@@ -391,16 +391,17 @@ def test_base64_is_decoded_in_pieces_exactly():
     import pytest
 
     from tidal.errors import ImageError
+    from tidal.images import _B64_CHUNK
     from tidal.server import images
     from tidal.server.config import ServerConfig
 
     config = ServerConfig()
-    for n in (0, 1, 2, 3, images._B64_CHUNK, 3 * images._B64_CHUNK // 4 + 1, 700_001):
+    for n in (0, 1, 2, 3, _B64_CHUNK, 3 * _B64_CHUNK // 4 + 1, 700_001):
         raw = os.urandom(n)
         text = base64.b64encode(raw).decode()
-        assert images._from_base64(text, config) == raw
-        assert images._from_base64("\n".join(text[i : i + 76] for i in range(0, len(text), 76)), config) == raw  # MIME line breaks
-    good = base64.b64encode(os.urandom(images._B64_CHUNK)).decode()
-    for bad in (good[:100] + "!" + good[101:], good + "A", good[: images._B64_CHUNK + 8] + "*" + good[images._B64_CHUNK + 9 :]):
+        assert images._base64(text, config).decode() == raw
+        assert images._base64("\n".join(text[i : i + 76] for i in range(0, len(text), 76)), config).decode() == raw  # MIME line breaks
+    good = base64.b64encode(os.urandom(_B64_CHUNK)).decode()
+    for bad in (good[:100] + "!" + good[101:], good + "A", good[: _B64_CHUNK + 8] + "*" + good[_B64_CHUNK + 9 :]):
         with pytest.raises(ImageError, match="not valid base64"):
-            images._from_base64(bad, config)
+            images._base64(bad, config).decode()

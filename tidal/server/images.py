@@ -4,47 +4,45 @@ API decodes them (pixel limit, decode budget)."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import stat
 from pathlib import Path
 from urllib.parse import unquote
 
 from tidal.errors import ImageError
-from tidal.images import open_header
+from tidal.images import Base64Image, open_header
 from tidal.server.config import ServerConfig
 
 
-def image_bytes(url: str, config: ServerConfig, field: str = "image_url") -> bytes:
+def image_source(url: str, config: ServerConfig, field: str = "image_url") -> bytes | Base64Image:
     """A `data:image/...;base64,...` URL (or bare base64), or a local file path
-    (absolute, or file://) under the server's --allow-local-files folder.
-    field names the request's part in errors (video_url: an animated image)."""
+    (absolute, or file://) under the server's --allow-local-files folder, as
+    the Python API takes it: base64 stays text until the API needs the pixels
+    (an image sent again is known by the text's hash and not decoded while
+    cached). field names the request's part in errors."""
     if url.startswith("data:"):
         header, sep, payload = url.partition(",")
         if not sep or ";base64" not in header:
             raise ImageError(f"{field} data URLs must be base64: data:image/<type>;base64,<data>")
-        return _from_base64(payload, config, field)
+        return _base64(payload, config, field)
     if url.startswith(("http://", "https://")):
         raise ImageError(f"remote {field} URLs are not fetched; send the file as a data URL (data:image/<type>;base64,...)")
     if url.startswith("file://") or url.startswith("/") or url.startswith("~"):
         return _local_file(url, config)
-    return _from_base64(url, config, field)
+    return _base64(url, config, field)
 
 
-# Base64 is decoded in pieces: one call holds the GIL throughout (4.5 ms for a
-# 4 MB body), and the engine's thread waits for it between GPU steps.
-_B64_CHUNK = 1 << 18  # characters, a multiple of 4
+def image_bytes(url: str, config: ServerConfig, field: str = "image_url") -> bytes:
+    """image_source's image as bytes (video_url: an animated image, decoded at once)."""
+    source = image_source(url, config, field)
+    return source.decode() if isinstance(source, Base64Image) else source
 
 
-def _from_base64(payload: str, config: ServerConfig, field: str = "image_url") -> bytes:
+def _base64(payload: str, config: ServerConfig, field: str = "image_url") -> Base64Image:
     if any(c in payload for c in " \n\r\t"):
         payload = "".join(payload.split())  # line breaks and spaces, as MIME encoders write them
     if len(payload) * 3 // 4 > config.max_image_bytes + 3:
         raise ImageError(f"the image is over {config.max_image_bytes} bytes; the limit is {config.max_image_bytes}")
-    try:
-        return b"".join(base64.b64decode(payload[i : i + _B64_CHUNK], validate=True) for i in range(0, len(payload), _B64_CHUNK))
-    except (binascii.Error, ValueError):
-        raise ImageError(f"{field} is not valid base64") from None
+    return Base64Image(payload, field)
 
 
 def _local_file(url: str, config: ServerConfig) -> bytes:

@@ -15,7 +15,7 @@ from tidal.engine.sampling import SamplingParams
 from tidal.images import animation_frames
 from tidal.llm import LLM
 from tidal.server.errors import APIError
-from tidal.server.images import image_bytes
+from tidal.server.images import image_bytes, image_source
 from tidal.server.schemas import ChatBody, CompletionBody, ImagePart, VideoPart
 from tidal.server.state import ServerState, sse
 
@@ -112,7 +112,7 @@ def llm_router(state: ServerState, llm: LLM) -> APIRouter:
         def submit() -> RequestHandle:  # off the event loop: images are fetched and decoded here
             request: dict[str, Any] = {"prompt": prompt}
             if urls:
-                request["images"] = [image_bytes(u, config) for u in urls]
+                request["images"] = [image_source(u, config) for u in urls]
             if video_urls:
                 videos = [animation_frames(image_bytes(u, config, "video_url")) for u in video_urls]
                 request["videos"] = [{"frames": frames, "fps": fps} if fps is not None else frames for frames, fps in videos]

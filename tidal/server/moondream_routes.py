@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from tidal.server.errors import APIError
-from tidal.server.images import image_bytes
+from tidal.server.images import image_source
 from tidal.server.schemas import CaptionBody, LocateBody, QueryBody
 from tidal.server.state import ServerState, sse
 
@@ -19,7 +19,7 @@ def moondream_router(state: ServerState) -> APIRouter:
     md, config = state.md, state.config
 
     def image(url: str | None):
-        return None if url is None else image_bytes(url, config)
+        return None if url is None else image_source(url, config)
 
     def stream_response(handle, skill: str) -> StreamingResponse:
         def encode(kind: str, payload: Any) -> list[str]:

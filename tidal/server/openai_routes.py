@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from tidal.engine.loop import RequestHandle
 from tidal.server.chat import ChatTask, route
 from tidal.server.errors import APIError
-from tidal.server.images import image_bytes
+from tidal.server.images import image_source
 from tidal.server.schemas import ChatBody
 from tidal.server.state import ServerState, sse
 
@@ -39,7 +39,7 @@ def openai_router(state: ServerState) -> APIRouter:
 
     def submit_fn(task: ChatTask, settings: dict[str, Any] | None):
         def run() -> RequestHandle:
-            img = None if task.image_url is None else image_bytes(task.image_url, config)
+            img = None if task.image_url is None else image_source(task.image_url, config)
             if task.skill in ("query", "reason"):
                 return md.submit_query(img, task.text, task.skill == "reason", None, settings)
             if task.skill == "caption":
