@@ -312,11 +312,12 @@ def bytes_key(data: bytes) -> str:
 
 
 class DecodedKeys:
-    """What recently decoded encoded images (by bytes_key) decoded to: their
-    pixels key, and whatever else a model derives from the pixels' size. A
-    bounded, least-recently-used map, shared by request threads. With it an
-    image sent again as the same bytes is known before it is decoded, so it
-    need not be decoded while the prefix cache holds it."""
+    """What recently decoded encoded images (by their encoded form's key, see
+    encoded_source) decoded to: their pixels key, and whatever else a model
+    derives from the pixels' size. A bounded, least-recently-used map, shared
+    by request threads. With it an image sent again as the same bytes or text
+    is known before it is decoded, so it need not be decoded while the prefix
+    cache holds it."""
 
     def __init__(self, capacity: int = 4096) -> None:
         self.capacity = capacity

@@ -1,6 +1,8 @@
 """Images as clients send them: data URLs (base64) or, when the server allows
-it, files under one folder. Returns the image's bytes, size-checked; the Python
-API decodes them (pixel limit, decode budget)."""
+it, files under one folder. Returns them size-checked as the Python API takes
+them (a file's bytes, a data URL's base64 text); the API decodes them (pixel
+limit, decode budget), and not at all when it has seen them before and the
+image is cached."""
 
 from __future__ import annotations
 
