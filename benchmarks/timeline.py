@@ -82,7 +82,7 @@ def timeline(kernels: list[Kernel]) -> Timeline:
     return Timeline(span, busy, overlap, per_stream, sorted(gaps, key=lambda g: -g[0]))
 
 
-def timeline_report(kernels: list[Kernel], steps: int = 1, top_gaps: int = 6) -> str:
+def timeline_report(kernels: list[Kernel], steps: int = 1, top_gaps: int = 6, top_kernels: int = 10) -> str:
     """Per-step figures of `timeline(kernels)` (the trace holds `steps` steps) as text."""
     tl = timeline(kernels)
     n = max(steps, 1)
@@ -94,4 +94,19 @@ def timeline_report(kernels: list[Kernel], steps: int = 1, top_gaps: int = 6) ->
     ]
     for us, before, after in tl.gaps[:top_gaps]:
         lines.append(f"  idle {us:6.1f} us between {before[:50]} and {after[:50]}")
+    if tl.per_stream_us:  # the busiest stream's kernels as they ran (overlapped), not as they run alone
+        busiest = max(tl.per_stream_us, key=tl.per_stream_us.get)
+        lines.append(f"  on stream {busiest}, per step:")
+        for name, (count, us) in stream_kernels(kernels, busiest)[:top_kernels]:
+            lines.append(f"    {name[:60]:<60} {count / n:5.0f} x {us / count:6.1f} us = {us / n:7.1f} us")
     return "\n".join(lines)
+
+
+def stream_kernels(kernels: list[Kernel], stream: int) -> list[tuple[str, tuple[int, float]]]:
+    """One stream's kernels by name: (name, (count, summed us)), most time first."""
+    by_name: dict[str, tuple[int, float]] = {}
+    for k in kernels:
+        if k.stream == stream:
+            count, us = by_name.get(k.name, (0, 0.0))
+            by_name[k.name] = (count + 1, us + k.end_us - k.start_us)
+    return sorted(by_name.items(), key=lambda kv: -kv[1][1])

@@ -7,7 +7,13 @@ import json
 
 import pytest
 
-from benchmarks.timeline import Kernel, timeline, timeline_report, trace_kernels
+from benchmarks.timeline import (
+    Kernel,
+    stream_kernels,
+    timeline,
+    timeline_report,
+    trace_kernels,
+)
 
 
 def _event(name: str, stream: int, ts: float, dur: float) -> dict:
@@ -47,3 +53,12 @@ def test_report_divides_by_steps():
     text = timeline_report(kernels, steps=2)
     assert "span 15.0 us" in text and "a kernel running 10.0 us" in text and "nothing running 5.0 us" in text
     assert "idle   10.0 us between a and b" in text
+
+
+def test_the_busiest_streams_kernels_are_listed_by_time():
+    kernels = [Kernel("gemm", 1, 0, 8), Kernel("norm", 1, 8, 10), Kernel("gemm", 1, 10, 16), Kernel("moe", 2, 0, 5)]
+    assert stream_kernels(kernels, 1) == [("gemm", (2, pytest.approx(14))), ("norm", (1, pytest.approx(2)))]
+    text = timeline_report(kernels, steps=2)
+    assert "on stream 1, per step:" in text
+    assert [line.split()[0] for line in text.splitlines() if line.startswith("    ")] == ["gemm", "norm"]
+    assert "1 x    7.0 us =     7.0 us" in text  # per step: one gemm of 7 us on average
