@@ -98,7 +98,7 @@ def timeline_report(kernels: list[Kernel], steps: int = 1, top_gaps: int = 6, to
         busiest = max(tl.per_stream_us, key=tl.per_stream_us.get)
         lines.append(f"  on stream {busiest}, per step:")
         for name, (count, us) in stream_kernels(kernels, busiest)[:top_kernels]:
-            lines.append(f"    {name[:60]:<60} {count / n:5.0f} x {us / count:6.1f} us = {us / n:7.1f} us")
+            lines.append(f"  - {name[:60]:<60} {count / n:5.0f} x {us / count:6.1f} us = {us / n:7.1f} us")
     return "\n".join(lines)
 
 

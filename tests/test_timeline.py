@@ -60,5 +60,5 @@ def test_the_busiest_streams_kernels_are_listed_by_time():
     assert stream_kernels(kernels, 1) == [("gemm", (2, pytest.approx(14))), ("norm", (1, pytest.approx(2)))]
     text = timeline_report(kernels, steps=2)
     assert "on stream 1, per step:" in text
-    assert [line.split()[0] for line in text.splitlines() if line.startswith("    ")] == ["gemm", "norm"]
+    assert [line.split()[1] for line in text.splitlines() if line.startswith("  - ")] == ["gemm", "norm"]
     assert "1 x    7.0 us =     7.0 us" in text  # per step: one gemm of 7 us on average
