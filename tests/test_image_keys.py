@@ -153,3 +153,60 @@ def test_base64_uploads_are_not_even_base64_decoded_again(counted, monkeypatch):
     assert len(decodes) == 1 and len(unpacked) == 1
     with pytest.raises(ImageError, match="image_url is not valid base64"):
         md._image_item(Base64Image(text[:100] + "!" + text[101:]))
+
+
+def test_a_file_rewritten_while_it_is_read_keys_the_pixels_decoded(tmp_path):
+    """What is hashed is what is decoded: a file rewritten between the hash
+    and the decode cannot tie its old bytes' key to the new pixels."""
+    import numpy as np
+
+    from tidal.images import decoded_pixels, pixels_key, pixels_or_deferred
+
+    first, second = (np.full((8, 8, 3), v, dtype=np.uint8) for v in (10, 200))
+    path = tmp_path / "latest.png"
+    Image.fromarray(first).save(path)
+
+    def decode(src):
+        Image.fromarray(second).save(path)  # a camera writes the next frame meanwhile
+        with decoded_pixels(src) as pixels:
+            return pixels
+
+    known = DecodedKeys()
+    pixels, key = pixels_or_deferred(path, known, None, decode, pixels_key)
+    assert np.array_equal(pixels, first) and key == pixels_key(first)
+    again, key2 = pixels_or_deferred(path, known, None, decode, pixels_key)  # now the second frame's bytes
+    assert np.array_equal(again, second) and key2 == pixels_key(second)
+
+
+def test_an_image_seen_under_another_pixel_limit_is_checked_again():
+    from tidal.errors import ImageError
+    from tidal.images import decoded_pixels, pixels_key, pixels_or_deferred
+
+    data = _png()  # 1200 x 500
+
+    def under(limit):
+        def decode(src):
+            with decoded_pixels(src, limit) as pixels:
+                return pixels
+
+        return decode
+
+    known = DecodedKeys()
+    pixels_or_deferred(data, known, None, under(None), pixels_key)
+    assert isinstance(pixels_or_deferred(data, known, None, under(None), pixels_key)[0], Deferred)
+    with pytest.raises(ImageError, match="the limit is 1000"):
+        pixels_or_deferred(data, known, 1000, under(1000), pixels_key)
+    assert not isinstance(pixels_or_deferred(data, None, None, under(None), pixels_key)[0], Deferred)  # no memory: decoded
+
+
+def test_a_corrupt_file_is_named_as_a_file(tmp_path):
+    from tidal.errors import ImageError
+
+    path = tmp_path / "broken.png"
+    path.write_bytes(_png()[:200])
+    md = tidal.Moondream.from_pretrained(GOLDEN, device="cpu", dtype="float32")
+    try:
+        with pytest.raises(ImageError, match="the image file"):
+            md._image_item(path)
+    finally:
+        md.close()

@@ -169,7 +169,8 @@ class Moondream:
             if image._owner is not self:
                 raise InvalidRequestError("this EncodedImage was made by another model instance")
             return ImageInput(image.embeds, image.key)
-        pixels, key = pixels_or_deferred(image, self._decoded_keys, self._pixels, pixels_key)
+        known = self._decoded_keys if self.engine.prefix_cache is not None else None
+        pixels, key = pixels_or_deferred(image, known, self.max_image_pixels, self._pixels, pixels_key)
         # the model crops the pixels when it encodes them: not at all when the image is cached
         ref = ImageRef(pixels, key, self.config.vision.n_image_tokens)
         if isinstance(pixels, Deferred) and not self.engine.prefix_cached(*self.prompts.image_prefix(ref)):

@@ -132,7 +132,7 @@ def decoded_image(image: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> It
             raise ImageError(f"no image file at {str(path)!r}")
         data, what = path.read_bytes(), "the image file"
     elif isinstance(image, (bytes, bytearray, memoryview)):
-        data, what = bytes(image), "the image bytes"
+        data, what = bytes(image), "the image file" if isinstance(image, FileBytes) else "the image bytes"
     else:
         raise ImageError(f"unsupported image type {type(image).__name__}; pass {ACCEPTED}")
     if not data:
@@ -266,6 +266,10 @@ def pixels_key(pixels: np.ndarray) -> str:
     return _tree_key(f"{pixels.shape}", memoryview(np.ascontiguousarray(pixels)).cast("B"))
 
 
+class FileBytes(bytes):
+    """A file's bytes, read once: decoding errors name the file."""
+
+
 def encoded_source(image: Any) -> tuple[str, Any] | None:
     """For an image given encoded (bytes, a file path, base64 text): a key of
     that encoded form and what to decode it from later (a file's bytes as read
@@ -283,25 +287,33 @@ def encoded_source(image: Any) -> tuple[str, Any] | None:
         path = Path(image).expanduser()
         if not path.is_file():
             raise ImageError(f"no image file at {str(path)!r}")
-        data = path.read_bytes()
+        data = FileBytes(path.read_bytes())
     else:
         return None
     return bytes_key(data), data
 
 
-def pixels_or_deferred(image: Any, known: "DecodedKeys", decode: Callable[[Any], np.ndarray], describe: Callable[[np.ndarray], Any]) -> tuple[np.ndarray | Deferred, Any]:
+def pixels_or_deferred(
+    image: Any, known: "DecodedKeys | None", max_pixels: int | None, decode: Callable[[Any], np.ndarray], describe: Callable[[np.ndarray], Any]
+) -> tuple[np.ndarray | Deferred, Any]:
     """A new image's pixels and describe(pixels) (its key, and whatever else
-    the model derives from them), remembered under its encoded form's key when
-    it came encoded. Seen before: (a Deferred decode, what describe gave
-    then), so the caller decodes only if the prefix cache lacks the image."""
-    source = encoded_source(image)
-    seen = known.get(source[0]) if source is not None else None
+    the model derives from them), remembered in `known` under its encoded
+    form's key and the pixel limit (an image seen under another limit is
+    decoded, and checked, again) when it came encoded. Seen before: (a
+    Deferred decode, what describe gave then), so the caller decodes only if
+    the prefix cache lacks the image. known None (no prefix cache): always
+    decoded. What is decoded is what was hashed: a file is read once."""
+    source = encoded_source(image) if known is not None else None
+    if source is None:
+        pixels = decode(image)
+        return pixels, describe(pixels)
+    key, data = source[0] + f" under {max_pixels}", source[1]
+    seen = known.get(key)
     if seen is not None:
-        return Deferred(lambda: decode(source[1])), seen
-    pixels = decode(image)
+        return Deferred(lambda: decode(data)), seen
+    pixels = decode(data)
     info = describe(pixels)
-    if source is not None:
-        known.put(source[0], info)
+    known.put(key, info)
     return pixels, info
 
 

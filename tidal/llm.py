@@ -205,7 +205,8 @@ class LLM:
         for slot, ref in zip(reversed(slots), reversed(refs)):
             items[slot] = ref
         for slot, ref in zip(slots, refs):
-            if isinstance(ref.payload, Deferred) and not self.engine.prefix_cached(items[: slot + 1], 0):
+            # (a prompt's last position is always fed, so an image there is always encoded)
+            if isinstance(ref.payload, Deferred) and (slot == len(items) - 1 or not self.engine.prefix_cached(items[: slot + 1], 0)):
                 ref.payload.get()  # known bytes, but the prompt up to it is not cached: decode here, not on the engine's thread
         return items
 
@@ -213,7 +214,8 @@ class LLM:
         """An image as the engine takes it. Bytes (or a file) decoded before are
         known by their bytes' hash: their pixels become a deferred decode, made
         only if the prefix cache does not hold the image when it is needed."""
-        pixels, (key, height, width) = pixels_or_deferred(image, self._decoded_keys, _decode, lambda p: (pixels_key(p), *p.shape[:2]))
+        known = self._decoded_keys if self.engine.prefix_cache is not None else None
+        pixels, (key, height, width) = pixels_or_deferred(image, known, DEFAULT_MAX_PIXELS, _decode, lambda p: (pixels_key(p), *p.shape[:2]))
         n, grid = self.model.image_tokens(height, width)
         rope, advance = self.model.image_rope(grid)
         return ImageRef(pixels, key, n, rope=rope, rope_advance=advance)
