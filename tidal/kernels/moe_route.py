@@ -195,19 +195,6 @@ def _router_route_kernel(
         else:
             acc += tl.dot(x, w)
     tl.store(Partial + p * BLOCK_T * E + t[:, None] * E + e[None, :], acc)
-    _last_program_routes(Partial, Bias, Logits, Weights, Ids, Pairs, BlockExpert, Counter, tokens, nblocks, t, tm, e, E, K, BLOCK_T, BM, CH, BFILL, HAS_BIAS, RENORM)
-
-
-@triton.jit
-def _last_program_routes(
-    Partial, Bias, Logits, Weights, Ids, Pairs, BlockExpert, Counter, tokens, nblocks, t, tm, e,
-    E: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, BM: tl.constexpr, CH: tl.constexpr, BFILL: tl.constexpr, HAS_BIAS: tl.constexpr, RENORM: tl.constexpr,
-):
-    """The end of a launch whose programs each stored a [BLOCK_T, E] float32
-    partial of the router logits: the last program to take a ticket sums the
-    partials in program order, adds the bias, rounds to the activation dtype
-    as the router's linear does, then routes and aligns as the one-program
-    routing kernel, and puts the ticket back for the next launch (or replay)."""
     tl.debug_barrier()  # every thread's partial stored before the ticket
     if tl.atomic_add(Counter, 1, sem="acq_rel") == tl.num_programs(0) - 1:
         total = tl.zeros([BLOCK_T, E], tl.float32)
@@ -217,10 +204,11 @@ def _last_program_routes(
             total += tl.load(Bias + e).to(tl.float32)[None, :]
         tl.store(Logits + t[:, None] * E + e[None, :], total.to(Logits.dtype.element_ty), mask=tm[:, None])
         tl.debug_barrier()  # the logits visible to every thread of this program
-        _topk_softmax(Logits, Weights, Ids, tokens, E, 0, tokens, e, tl.arange(0, K), E, K, BLOCK_T, RENORM)
+        kk = tl.arange(0, K)
+        _topk_softmax(Logits, Weights, Ids, tokens, E, 0, tokens, e, kk, E, K, BLOCK_T, RENORM)
         tl.debug_barrier()
         _align(Ids, Pairs, BlockExpert, tokens, nblocks, e, E, K, BM, CH, 256, BFILL)
-        tl.atomic_xchg(Counter, 0)
+        tl.atomic_xchg(Counter, 0)  # ready for the next launch (or replay)
 
 
 def _routing_outputs(tokens: int, experts: int, top_k: int, block_m: int, dtype: torch.dtype, dev: torch.device) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
