@@ -57,6 +57,7 @@ from qwen_peers import (  # noqa: E402
     hf_moe,
     hf_vl,
 )
+from step_phases import phases_report, step_phases  # noqa: E402
 
 from tidal.engine.engine import EngineConfig  # noqa: E402
 from tidal.engine.request import Request  # noqa: E402
@@ -152,6 +153,8 @@ def tidal_decode(llm: LLM, batch: int, context: int, tokens: int, profile: bool 
         assert len(llm.engine.stats.last_chunks) == batch, "a measured step did not hold the whole batch"
     if profile:
         print_profile(lambda: llm.engine.step(), f"decode batch {batch}", steps=3)
+        if llm.engine.runner.graphs is not None:
+            print(phases_report(step_phases(llm.engine), f"decode batch {batch}"), flush=True)
     for r in reqs:
         llm.engine.abort(r)
     return statistics.median(times)

@@ -13,7 +13,7 @@
 #   bash benchmarks/device_run.sh prefill     # Qwen3-VL prefill profile + 128 chats; a Moondream mixed step's wall vs GPU time; the mixed workload with host profile
 #   bash benchmarks/device_run.sh tune-prefill  # fused-MoE block sizes at 512-4096 tokens (8 warps too), merged into the table
 #   bash benchmarks/device_run.sh small-card  # the full model in bf16 in 24 GB (memory capped), every skill
-#   bash benchmarks/device_run.sh timeline    # batch-1 graph replays over time (busy, overlapping, idle): Moondream 3 and Qwen3-30B-A3B
+#   bash benchmarks/device_run.sh timeline    # batch-1 graph replays over time (busy, overlapping, idle) and the host's phases of a step: Moondream 3 and Qwen3-30B-A3B
 #   bash benchmarks/device_run.sh check       # after a kernel change, in ~5 minutes: kernel + fast-path tests, bench_kernels, quick decode of both MoE models
 #
 # Run from the repository root with the wheels the device image lacks in .whl/
@@ -77,7 +77,7 @@ case "$part" in
     timeout 150 python benchmarks/bench_moondream.py --quick --only decode --out "$out" 2>&1 | grep "decode batch"
     timeout 120 python benchmarks/bench_qwen.py --model moe --no-hf --batches 1 64 --out "$out" 2>&1 | grep -E "^tidal|where it went" ;;
   timeline)
-    timeout 100 python benchmarks/profile_step.py --batch 1 --no-micro --out "$out" 2>&1 | grep -E "^copy|=== decode|^timeline|per stream|^  idle|^  on stream|^  - "
-    timeout 80 python benchmarks/bench_qwen.py --model moe --no-hf --no-concurrent --batches 1 --profile --out "$out" 2>&1 | grep -E "tidal decode|^timeline|per stream|^  idle|^  on stream|^  - " ;;
+    timeout 100 python benchmarks/profile_step.py --batch 1 --no-micro --out "$out" 2>&1 | grep -E "^copy|=== decode|^timeline|per stream|^  idle|^  on stream|^  - |^host phases|^  phase "
+    timeout 80 python benchmarks/bench_qwen.py --model moe --no-hf --no-concurrent --batches 1 --profile --out "$out" 2>&1 | grep -E "tidal decode|^timeline|per stream|^  idle|^  on stream|^  - |^host phases|^  phase " ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac

@@ -6,7 +6,8 @@ do against their own floors.
 Random bf16 weights at full size. For each batch size: the graph replay's
 time (GPU time of the whole step), then torch.profiler over the same step run
 eagerly through the same function (kernel names, counts, CUDA time), then the
-fused MoE and decode attention alone against bytes / copy bandwidth.
+fused MoE and decode attention alone against bytes / copy bandwidth, and the
+host's phases of whole engine steps (step_phases.py).
 --prefill: image prefill steps; --mixed: a step of 48 decoding sequences and
 two new images, its wall time against its GPU kernel time (host-bound or not).
 """
@@ -23,6 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.bench_moondream import FixedLength, build
 from benchmarks.measure import copy_bandwidth, timed
+from benchmarks.step_phases import phases_report, step_phases
 from benchmarks.timeline import profiler_kernels, timeline_report
 from tidal.api import Moondream
 from tidal.engine.engine import EngineConfig
@@ -209,6 +211,7 @@ def main() -> None:
             graphs.run(steps)
             torch.cuda.synchronize()
         report += [f"\n=== decode step, batch {batch}: graph replay {replay:.3f} ms, the same step eager {eager:.2f} ms ===", kernel_table(prof), "one graph replay:", timeline_report(profiler_kernels(replayed))]
+        report.append(phases_report(step_phases(md.engine), f"Moondream 3 decode, batch {batch}"))
         for r in reqs:
             md.engine.abort(r)
     for n in args.prefill:
