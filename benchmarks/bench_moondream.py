@@ -34,7 +34,15 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script or imported as benchmarks.bench_moondream
-from measure import DEV, close_model, copy_bandwidth, report, sync, timed  # noqa: E402
+from measure import (  # noqa: E402
+    DEV,
+    back_to_back_ms,
+    close_model,
+    copy_bandwidth,
+    report,
+    sync,
+    timed,
+)
 
 from tidal.api import Moondream
 from tidal.core import OutputSpec, StepResult
@@ -50,7 +58,7 @@ from tidal.models.moondream3.tiny import build_tokenizer, init_random_
 
 FULL = MoondreamConfig()  # --tiny swaps in the embedded tiny shapes for a CPU dry run
 KV_BYTES_PER_POSITION = 0  # set in main: all layers' K and V of one position
-PARTS = ("decode", "skinny", "branches", "latency", "eager_extend", "torch", "reference", "mixed")
+PARTS = ("decode", "skinny", "branches", "overlap", "latency", "eager_extend", "torch", "reference", "mixed")
 
 
 # -- helpers ---------------------------------------------------------------------
@@ -65,6 +73,9 @@ class FixedLength(Skill):
 
     def next_output(self) -> OutputSpec:
         return OutputSpec(temperature=self.temperature, top_p=0.9, seed=7, step=self.steps)
+
+    def spec_after_token(self) -> OutputSpec | None:
+        return None if self.steps + 1 >= self.n else OutputSpec(temperature=self.temperature, top_p=0.9, seed=7, step=self.steps + 1)
 
     def on_output(self, out: StepResult) -> list | None:
         self.steps += 1
@@ -143,17 +154,9 @@ def decode_sweep(md: Moondream, batches: tuple[int, ...], context: int, tokens: 
             md.engine.add_request(r)
         while any(not r.history or r.pending_len > 1 for r in reqs):
             md.engine.step()  # the prefills
-        steps = []
-        for _ in range(tokens):
-            sync()
-            t = time.perf_counter()
-            md.engine.step()
-            sync()
-            steps.append((time.perf_counter() - t) * 1000)
-            assert len(md.engine.stats.last_chunks) == batch, "a measured step did not hold the whole batch"
+        ms = back_to_back_ms(md.engine, batch, tokens)
         for r in reqs:
             md.engine.abort(r)
-        ms = statistics.median(steps)
         results[f"{label}_decode_b{batch}_ms"] = ms
         results[f"{label}_decode_b{batch}_tok_s"] = batch * 1000 / ms
         results[f"floor_decode_b{batch}_ms"] = decode_floor_ms(md.model, batch, context + tokens // 2, bandwidth)
@@ -320,6 +323,10 @@ def main() -> None:
             decode_sweep(md, (1, 8, 16), 740, 16 if args.quick else 32, results, f"skinny_{mode}", bandwidth)
             md = close_model(md)
 
+    if "overlap" in parts:  # the decode sweep to batch 32 with EngineConfig.overlap off (decode ran it on)
+        md = Moondream(model, tok, EngineConfig(max_running=32, prefix_cache=False, kernels=kernels, overlap=False))
+        decode_sweep(md, (1, 8, 32), 740, 16 if args.quick else 32, results, "no_overlap", bandwidth)
+        md = close_model(md)
     if "branches" in parts:  # each block's two branches on the other number of streams than the default (text.PARALLEL_BRANCHES)
         from tidal.models.moondream3 import text as text_model
 

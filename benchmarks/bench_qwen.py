@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from measure import close_model, copy_bandwidth, report, sync  # noqa: E402
+from measure import back_to_back_ms, close_model, copy_bandwidth, report, sync  # noqa: E402
 from qwen_peers import (  # noqa: E402
     ASSISTANT,
     IM_END,
@@ -143,21 +143,14 @@ def tidal_decode(llm: LLM, batch: int, context: int, tokens: int, profile: bool 
         llm.engine.add_request(r)
     while any(not r.history or r.pending_len > 1 for r in reqs):
         llm.engine.step()
-    times = []
-    for _ in range(tokens):
-        sync()
-        t0 = time.perf_counter()
-        llm.engine.step()
-        sync()
-        times.append((time.perf_counter() - t0) * 1000)
-        assert len(llm.engine.stats.last_chunks) == batch, "a measured step did not hold the whole batch"
+    ms = back_to_back_ms(llm.engine, batch, tokens)
     if profile:
         print_profile(lambda: llm.engine.step(), f"decode batch {batch}", steps=3)
         if llm.engine.runner.graphs is not None:
             print(phases_report(step_phases(llm.engine), f"decode batch {batch}"), flush=True)
     for r in reqs:
         llm.engine.abort(r)
-    return statistics.median(times)
+    return ms
 
 
 def profile_prefill(llm: LLM, prompts: list[dict]) -> None:
@@ -253,6 +246,7 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--no-concurrent", action="store_true", help="skip the end-to-end concurrent run")
     ap.add_argument("--profile", action="store_true", help="print the GPU kernels of a few decode steps at each batch size")
+    ap.add_argument("--no-overlap", action="store_true", help="EngineConfig(overlap=False): each decode step launched after the last one's results are read")
     ap.add_argument("--skinny", choices=("off", "auto", "all"), default="auto", help="EngineConfig.skinny_gemm: which decode-sized projections run the Triton skinny product")
     args = ap.parse_args()
     vl = args.model == "vl"
@@ -283,7 +277,7 @@ def main() -> None:
     results["params_b"] = sum(p.numel() for p in model.parameters()) / 1e9
     most = max(batches + [n_concurrent])
     context_needed = max(args.context, 1200 if vl else 0) + args.out_tokens + 16
-    cfg = EngineConfig(max_running=most, kv_pages=most * context_needed + 4096, token_budget=8192, skinny_gemm=args.skinny)
+    cfg = EngineConfig(max_running=most, kv_pages=most * context_needed + 4096, token_budget=8192, skinny_gemm=args.skinny, overlap=not args.no_overlap)
     llm = LLM(model, None, (), cfg)
     results["warmup_s"] = llm.engine.warmup_s
     print(f"built in {time.perf_counter() - t0:.1f} s; warm-up (graph capture) {llm.engine.warmup_s:.1f} s", flush=True)

@@ -33,6 +33,24 @@ def timed(fn, repeat: int, warmup: int = 1) -> list[float]:
     return out
 
 
+def back_to_back_ms(engine, batch: int, tokens: int, group: int = 8) -> float:
+    """ms per decode step, from `tokens` steps run back to back in groups of
+    `group` (the device synchronized only around each group: with
+    EngineConfig.overlap a step is queued behind the running one, which a
+    sync after every step would undo), the median group's mean. Each step
+    is checked to hold the whole batch."""
+    groups = []
+    for _ in range(max(1, tokens // group)):
+        sync()
+        t = time.perf_counter()
+        for _ in range(group):
+            engine.step()
+            assert len(engine.stats.last_chunks) == batch, "a measured step did not hold the whole batch"
+        sync()
+        groups.append((time.perf_counter() - t) * 1000 / group)
+    return statistics.median(groups)
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy, bytes read + written per second (the memory ceiling)."""
     if DEV.type != "cuda":

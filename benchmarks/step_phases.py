@@ -3,9 +3,10 @@ scheduling, the request-to-slot table's flush, filling the static inputs, the
 graph launch call, and reading the results back (which waits for the GPU),
 beside the replay's own GPU time (CUDA events around the launch).
 
-wall - GPU is the time per step the GPU is not running this step's graph:
-what overlapping the next step's preparation with the running graph could
-win back. Used by profile_step.py (Moondream 3) and bench_qwen.py --profile.
+wall - GPU is the time per step the GPU is not running a step's graph: what
+queueing the next step behind the running one (EngineConfig.overlap) wins
+back where it is on. Steps run back to back, the device synchronized only
+around them all. Used by profile_step.py (Moondream 3) and bench_qwen.py --profile.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ import torch
 # (object path from the engine, method, label), in the order a step runs them
 _PHASES = (
     ("scheduler", "schedule", "schedule"),
-    ("runner", "run", "runner.run (all below)"),
+    ("runner", "launch", "runner.launch (fill + launch)"),
+    ("runner", "collect", "runner.collect (wait + read)"),
     ("runner.req_to_token", "flush", "table flush (copy + scatter)"),
     ("runner.graphs", "_fill", "fill host inputs"),
     ("runner.graphs", "_pad", "pad rows"),
     ("runner.graphs", "_launch", "graph launch call"),
-    ("runner.graphs", "_results", "read results (waits for the GPU)"),
 )
 
 
@@ -73,14 +74,13 @@ def step_phases(engine, steps: int = 30) -> dict[str, float]:
     gpu: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
     graphs = engine.runner.graphs
     replays = graphs.replays
-    wall = 0.0
     with _timing(engine, acc, gpu):
-        for _ in range(steps):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):  # back to back: with EngineConfig.overlap a step is queued behind the running one
             engine.step()
-            torch.cuda.synchronize()
-            wall += time.perf_counter() - t0
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
     out = {"wall": wall / steps * 1e6, "gpu": sum(s.elapsed_time(e) for s, e in gpu) / steps * 1e3}
     out.update({label: acc[label] / steps * 1e6 for _, _, label in _PHASES})
     out["replayed"] = (graphs.replays - replays) / steps

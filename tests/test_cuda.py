@@ -126,6 +126,48 @@ class Endless(Skill):
         return {}
 
 
+class Ahead(Endless):
+    """Endless that names its next OutputSpec: the engine may queue its next
+    step before reading its output (EngineConfig.overlap)."""
+
+    def spec_after_token(self) -> OutputSpec:
+        return OutputSpec(temperature=self.temperature, top_p=0.9, seed=self.seed, step=self.steps + 1, banned=self.banned)
+
+
+def test_steps_queued_ahead_feed_on_the_device_and_change_nothing():
+    """EngineConfig.overlap: a decode replay queued behind the running one,
+    its tokens copied on the device from the running one's outputs, gives the
+    same tokens and the same K/V, bit for bit (float32), as the engine that
+    reads every step's results before launching the next."""
+    from tidal import EngineConfig, Moondream
+    from tidal.engine.request import Request
+
+    runs = {}
+    for overlap in (False, True):
+        md = Moondream.from_pretrained(GOLDEN, device="cuda", dtype="float32", engine_config=EngineConfig(max_running=8, overlap=overlap, prefix_cache=False))
+        try:
+            engine, reqs = md.engine, []
+            for i, name in enumerate(("wide", "tall", None)):
+                _, items, bidir = md._prepare_query(golden_image(name) if name else None, f"question {i}", False, None, None)
+                reqs.append(Request(skill=Ahead(seed=i), pending=items, bidir_len=bidir))
+                engine.add_request(reqs[-1])
+            for _ in range(20):
+                engine.step()
+            torch.cuda.synchronize()
+            pool = engine.kv_pool
+            kv = [torch.stack([torch.stack((pool.k[layer][r.slots[: len(r.history)]], pool.v[layer][r.slots[: len(r.history)]])) for layer in range(len(pool.k))]) for r in reqs]
+            runs[overlap] = ([list(r.history[-19:]) for r in reqs], kv, engine.stats.ahead_steps, engine.runner.graph_replays)
+            for r in reqs:
+                engine.abort(r)
+        finally:
+            md.close()
+    (want_tokens, want_kv, _, _), (got_tokens, got_kv, ahead, replays) = runs[False], runs[True]
+    assert ahead >= 18 and replays >= 18  # every decode step after the first was queued ahead, and replayed
+    assert got_tokens == want_tokens
+    for g, w in zip(got_kv, want_kv):
+        assert torch.equal(g, w)
+
+
 def test_decode_graph_replays_are_bit_identical_to_eager_runs():
     """The same batch-32 decode step, replayed ten times from its CUDA graph and
     run eagerly through the same function: the same logits, bit for bit."""

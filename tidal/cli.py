@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--no-prefill-graphs", action="store_true", help="run prefill and mixed steps eagerly instead of replaying them from CUDA graphs")
     serve.add_argument("--encode-ahead", action="store_true", help="encode the images of requests held back by the token budget while the current step runs (CUDA: on a stream of their own)")
+    serve.add_argument("--no-overlap", action="store_true", help="read each decode step's results before launching the next (by default the next is queued behind the running one)")
     serve.add_argument("--no-warm-prefill", action="store_true", help="skip compiling the prefill kernels at start-up (the first requests compile them)")
     serve.add_argument("--max-queue", type=_positive_int, default=256, help="waiting requests before 503")
     serve.add_argument("--max-body-mb", type=float, default=32, help="largest request body")
@@ -86,6 +87,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         encode_ahead=args.encode_ahead,
         skinny_gemm=args.skinny_gemm,
         warm_prefill=not args.no_warm_prefill,
+        overlap=not args.no_overlap,
     )
 
 

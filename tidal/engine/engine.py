@@ -22,12 +22,12 @@ from tidal.core import (
     rope_delta,
 )
 from tidal.engine.prefix_keys import position_keys
-from tidal.engine.request import Request
+from tidal.engine.request import Request, RequestStatus
 from tidal.engine.scheduler import CacheFullError, Chunk, Scheduler
 from tidal.kernels import triton_available
 from tidal.layers.attention import kernels_support, make_backend
 from tidal.layers.linear import SKINNY_MODES, use_skinny
-from tidal.runner.model_runner import ModelRunner
+from tidal.runner.model_runner import Launched, ModelRunner
 from tidal.validation import as_float, as_int
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,16 @@ class EngineConfig:
     the engine at start-up (prefill_warm_sizes) so Triton compiles the prefill
     kernels then, not inside the first requests' steps (measured: 4 s of
     compiles in the first 32 requests of a fresh H100 machine).
+    overlap: while a decode step's graph runs, queue the next one behind it
+    (each sequence feeding the token the running step samples, read on the
+    device) before reading the running step's results, so the host's work
+    between steps (reading results, the skills, scheduling, filling inputs)
+    hides behind the GPU's. Only where every running request's skill says
+    its next input is the token it samples (Skill.spec_after_token) and no
+    request waits; a guess the results prove wrong (a stop, a coordinate
+    fed instead) is dropped, its slot given back, and the request's next
+    step scheduled as usual. The same steps with the same inputs: the same
+    outputs.
     encode_ahead: run the vision encoder for the images that admitted
     requests will prefill next (held back by the token budget), up to a token
     budget of positions, while the current step runs: on CUDA on a stream of
@@ -105,6 +115,7 @@ class EngineConfig:
     prefill_graphs: bool = True
     skinny_gemm: str = "auto"
     warm_prefill: bool = True
+    overlap: bool = True
     encode_ahead: bool = False
 
     def __post_init__(self) -> None:
@@ -127,6 +138,20 @@ class EngineStats:
     steps: int = 0
     max_batch: int = 0  # most sequences in one step
     last_chunks: list[tuple[Request, int]] = field(default_factory=list)  # (request, positions) of the last step
+    ahead_steps: int = 0  # steps queued ahead of their predecessor's results (EngineConfig.overlap)
+    ahead_dropped: int = 0  # sequences of those whose guessed input proved wrong
+
+
+@dataclass
+class _Step:
+    """A launched step: its chunks, their SeqSteps, the runner's handle, and
+    which chunks still count (a guessed one proved wrong is dropped)."""
+
+    chunks: list[Chunk]
+    steps: list[SeqStep]
+    launched: Launched
+    live: list[bool]
+    ahead: bool = False  # launched before its predecessor's results were read
 
 
 class Engine:
@@ -172,6 +197,7 @@ class Engine:
                 self.warmup_s += self.runner.extend_graphs.capture()
         # EngineConfig.encode_ahead's stream: every encode runs there, so the encoder's graphs stay in one order
         self._encode_stream = torch.cuda.Stream(model.device) if self.config.encode_ahead and model.device.type == "cuda" else None
+        self._ahead: _Step | None = None  # a step launched before its predecessor's results (EngineConfig.overlap)
         self.prefix_cache = RadixCache(self.allocator) if self.config.prefix_cache else None
         self.scheduler = Scheduler(self.allocator, self.req_to_token, self.config.token_budget, self.prefix_cache)
         self.stats = EngineStats()
@@ -240,36 +266,57 @@ class Engine:
             self._finish(req)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or (self._ahead is not None and self._live(self._ahead))
 
     # -- one step --------------------------------------------------------------
     def step(self) -> list[Request]:
-        """Run one batch; return the requests that produced events or finished."""
-        try:
-            chunks = self.scheduler.schedule()
-        except CacheFullError as exc:
-            req = self.scheduler.running[0]
-            req.skill.on_context_full()
-            logger.warning("%s", exc)
-            self._finish(req)
-            return [req]
-        if not chunks:
-            return []
+        """Run one batch; return the requests that produced events or finished.
+        With EngineConfig.overlap the batch may have been launched by the
+        previous call, and the next one is launched before this one's results
+        are read."""
+        current, self._ahead = self._ahead, None
+        if current is not None and not self._live(current):
+            current = None  # everyone in it was aborted meanwhile: nothing to read
+        if current is None:
+            try:
+                chunks = self.scheduler.schedule()
+            except CacheFullError as exc:
+                req = self.scheduler.running[0]
+                req.skill.on_context_full()
+                logger.warning("%s", exc)
+                self._finish(req)
+                return [req]
+            if not chunks:
+                return []
+            current = self._launch(chunks)
+        self._ahead = self._launch_ahead(current) if self.config.overlap else None
+        results = self._collect(current)
+        touched = self._apply(current, results)
+        if self._ahead is not None:
+            self._ahead = self._confirm(self._ahead, current, results)
+        return touched
+
+    def _apply(self, current: _Step, results: list) -> list[Request]:
+        """Hand each live chunk's result to its request's skill; -> the requests touched."""
+        chunks = [c for c, live in zip(current.chunks, current.live) if live and c.req.status is RequestStatus.RUNNING]
         st = self.stats
         st.steps += 1
-        st.max_batch = max(st.max_batch, len(chunks))
+        st.max_batch = max(st.max_batch, len(current.chunks))
         st.last_chunks = [(c.req, c.n_positions) for c in chunks]
-        results = self._run(chunks)
         now = time.monotonic()
         touched = []
-        for chunk, result in zip(chunks, results):
+        for chunk, result, live in zip(current.chunks, results, current.live):
             req = chunk.req
-            if result is _FAILED:
+            if result is _FAILED:  # finished with its error by _launch
                 touched.append(req)
                 continue
+            if not live or req.status is not RequestStatus.RUNNING:
+                continue  # a wrong guess, or aborted (or preempted) while its step ran
             req.rope_delta += rope_delta(req.pending[: chunk.n_items])
             req.history.extend(req.pending[: chunk.n_items])
             del req.pending[: chunk.n_items]
+            if current.ahead:
+                req.ahead -= 1  # its position is in the history now
             self.scheduler.cache_prompt(req)
             if result is None:
                 continue
@@ -287,7 +334,7 @@ class Engine:
                 continue
             if nxt is None:
                 self._finish(req)
-            elif req.num_cached + items_len(nxt) > self.max_context:
+            elif req.num_cached - req.ahead + items_len(nxt) > self.max_context:  # a step launched ahead holds the next position
                 req.skill.on_context_full()
                 self._finish(req)
             else:
@@ -331,19 +378,30 @@ class Engine:
         """Drop every cached prefix no running request uses. -> pages freed."""
         return self.prefix_cache.clear() if self.prefix_cache else 0
 
-    def _run(self, chunks: list[Chunk]) -> list:
-        """Run the step. If it fails, run its sequences one by one so that only
-        the request at fault fails (re-feeding a position rewrites the same KV
-        slot, so the retry is exact). -> a StepResult, None or _FAILED per chunk."""
+    def _launch(self, chunks: list[Chunk]) -> _Step:
+        """Launch the scheduled step. If that fails, run its sequences one by
+        one so that only the request at fault fails (re-feeding a position
+        rewrites the same KV slot, so the retry is exact); the results are
+        then a StepResult, None or _FAILED per chunk."""
         try:
-            return self._forward(chunks)
+            steps, launched = self._forward(chunks)
+            return _Step(chunks, steps, launched, [True] * len(chunks))
         except Exception:
             if len(chunks) > 1:
                 logger.exception("engine step of %d sequences failed; retrying them one by one", len(chunks))
+        return _Step(chunks, [], Launched(results=self._one_by_one(chunks)), [True] * len(chunks))
+
+    def _one_by_one(self, chunks: list[Chunk], live: list[bool] | None = None) -> list:
+        """Run each (live) chunk as a step of its own; a request whose step
+        fails is finished with the error. -> its results, None where not live."""
         out: list = []
-        for c in chunks:
+        for i, c in enumerate(chunks):
+            if live is not None and not (live[i] and c.req.status is RequestStatus.RUNNING):
+                out.append(None)
+                continue
             try:
-                out += self._forward([c])
+                _, launched = self._forward([c])
+                out += self.runner.collect(launched)
             except Exception as exc:
                 logger.exception("request %s failed", c.req.id)
                 c.req.error = exc
@@ -351,14 +409,104 @@ class Engine:
                 out.append(_FAILED)
         return out
 
-    def _forward(self, chunks: list[Chunk]) -> list:
+    def _forward(self, chunks: list[Chunk]) -> tuple[list[SeqStep], Launched]:
         self._encode_images(chunks)
         steps = [self._seq_step(c) for c in chunks]
         if self._encode_stream is not None:  # this step's images and any encoded ahead before
             torch.cuda.current_stream().wait_stream(self._encode_stream)
         if self.config.encode_ahead:
             self._encode_ahead()  # after the wait: beside this step's forward
-        return self.runner.run(steps, trace=self.config.trace_logits)
+        return steps, self.runner.launch(steps, trace=self.config.trace_logits)
+
+    def _collect(self, current: _Step) -> list:
+        """The launched step's results (waiting for its replay). If reading
+        them fails, the step launched ahead of them (fed from them) is
+        dropped and the step's sequences run again one by one, as a failed
+        launch's are (re-feeding a position rewrites the same slot)."""
+        try:
+            return self.runner.collect(current.launched)
+        except Exception:
+            logger.exception("reading a step's results failed; running its sequences one by one")
+        if self._ahead is not None:
+            for c, live in zip(self._ahead.chunks, self._ahead.live):
+                if live and c.req.status is RequestStatus.RUNNING:
+                    self._take_back(c.req)
+            self._ahead = None
+        return self._one_by_one(current.chunks, current.live)
+
+    # -- overlap: the next decode step queued behind the running one -------------
+    def _live(self, step: _Step) -> bool:
+        return any(live and c.req.status is RequestStatus.RUNNING for c, live in zip(step.chunks, step.live))
+
+    def _launch_ahead(self, current: _Step) -> _Step | None:
+        """Queue the step after `current` before its results are read, when
+        that step is certain to be asked for unless a guess fails: every
+        running request is in `current`, finishing its inputs there, and its
+        skill says it will feed back the token it samples (with the
+        OutputSpec it names); no request waits; a free slot each. -> the
+        launched step, its chunks feeding placeholders the device fills."""
+        if self.scheduler.waiting:
+            return None
+        chunks = [c for c, live in zip(current.chunks, current.live) if live and c.req.status is RequestStatus.RUNNING]
+        if not chunks or len(chunks) != len(self.scheduler.running) or self.allocator.available < len(chunks):
+            return None
+        specs = []
+        for c in chunks:
+            req = c.req
+            if not c.completes or req.num_cached >= self.max_context or req.cancelled:
+                return None
+            spec = req.skill.spec_after_token()
+            if spec is None:
+                return None
+            specs.append(spec)
+        index = {id(c): i for i, c in enumerate(current.chunks)}
+        steps, source = [], []
+        for c, spec in zip(chunks, specs):
+            req = c.req
+            slot = self.allocator.alloc(1)
+            assert slot is not None
+            start = req.num_cached
+            self.req_to_token.write(req.row, start, slot)  # type: ignore[arg-type]
+            req.slots.extend(slot)
+            req.ahead += 1
+            steps.append(SeqStep(req.row, start, [0], req.bidir_len, spec, req.rope_delta + rope_delta(req.pending[: c.n_items])))  # type: ignore[arg-type]
+            source.append(index[id(c)])
+        try:
+            launched = self.runner.launch(steps, trace=self.config.trace_logits, feed=(current.launched, source))
+        except Exception:
+            logger.exception("launching a step ahead failed; the step is scheduled as usual")
+            for c in chunks:
+                self._take_back(c.req)
+            return None
+        self.stats.ahead_steps += 1
+        return _Step([Chunk(c.req, 1, 1) for c in chunks], steps, launched, [True] * len(chunks), ahead=True)
+
+    def _confirm(self, ahead: _Step, current: _Step, results: list) -> _Step | None:
+        """With `current`'s results applied: keep the step launched ahead for
+        each request whose skill asked for what it guessed (the sampled token
+        as its one input, the OutputSpec named); give back the slot of any
+        other still running. -> the step, or None if nothing in it counts."""
+        by_req = {id(c.req): r for c, r in zip(current.chunks, results)}
+        for i, (chunk, step) in enumerate(zip(ahead.chunks, ahead.steps)):
+            req = chunk.req
+            if req.status is not RequestStatus.RUNNING:
+                ahead.live[i] = False  # its slots went back with it
+                continue
+            result = by_req.get(id(req))
+            token = getattr(result, "token", None)
+            if token is None or len(req.pending) != 1 or type(req.pending[0]) is not int or req.pending[0] != token or req.skill.next_output() != step.output:
+                ahead.live[i] = False
+                self._take_back(req)
+                self.stats.ahead_dropped += 1
+        return ahead if any(ahead.live) else None
+
+    def _take_back(self, req: Request) -> None:
+        """Return the slot a step launched ahead took for req (its K/V written
+        there, if the step runs, is never read: the slot's next owner writes
+        it first, later on the same stream)."""
+        slot = req.slots.pop()
+        self.allocator.free([slot])
+        req.ahead -= 1
 
     def _encode_images(self, chunks: list[Chunk]) -> None:
         """Run the vision encoder for this step's new images, once per distinct image."""

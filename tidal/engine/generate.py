@@ -27,6 +27,12 @@ class GenerateSkill(Skill):
         p = self.params
         return OutputSpec(p.temperature, p.top_p, p.top_k, self.seed, len(self.tokens))
 
+    def spec_after_token(self) -> OutputSpec | None:
+        p = self.params
+        if len(self.tokens) + 1 >= p.max_tokens:
+            return None  # the next output is the last
+        return OutputSpec(p.temperature, p.top_p, p.top_k, self.seed, len(self.tokens) + 1)
+
     def on_output(self, out: StepResult) -> list[InputItem] | None:
         token = out.token
         if token in self.eos_ids:

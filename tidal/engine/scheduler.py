@@ -246,7 +246,7 @@ class Scheduler:
         self.allocator.free(req.slots[req.shared_len :])
         if req.cache_node is not None:
             self.cache.unlock(req.cache_node)  # type: ignore[union-attr]
-        req.slots, req.shared_len, req.cache_node = [], 0, None
+        req.slots, req.shared_len, req.cache_node, req.ahead = [], 0, None, 0
         if req.row is not None:
             self.req_to_token.free(req.row)
             req.row = None

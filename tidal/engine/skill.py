@@ -33,6 +33,14 @@ class Skill(ABC):
     def result(self) -> dict[str, Any]:
         """The final result, in the shape the Python API returns."""
 
+    def spec_after_token(self) -> OutputSpec | None:
+        """If this skill, handed a token output next, will ask for exactly that
+        token to be fed back (unless it finishes), the OutputSpec it will then
+        ask for; else None. Lets the engine queue that step before the output
+        is read (EngineConfig.overlap); a wrong answer costs a wasted row,
+        never a wrong result. None by default."""
+        return None
+
     def on_context_full(self) -> None:
         """The sequence reached the model's context; the engine stops it."""
         self.finish_reason = "length"

@@ -35,6 +35,7 @@ from tidal.core import (
     SeqStep,
     SizeInput,
     StepResult,
+    h2d,
 )
 from tidal.layers.attention.triton_backend import DecodeMetadata
 from tidal.runner.sampler import sample_rows
@@ -133,8 +134,12 @@ class DecodeGraphs(StepGraphs):
         n = max_batch
         self.ints = torch.zeros((len(_INTS), n), dtype=torch.int64, device=dev)
         self.floats = torch.zeros((len(_FLOATS), n), dtype=torch.float32, device=dev)
-        self.ints_host = torch.zeros((len(_INTS), n), dtype=torch.int64).pin_memory()
-        self.floats_host = torch.zeros((len(_FLOATS), n), dtype=torch.float32).pin_memory()
+        # Two sets of pinned host buffers, used in turn: a step's inputs are
+        # written while the previous step's copies (and its results' copy
+        # back) may still be queued behind a running graph.
+        self._host = [_HostBuffers(n), _HostBuffers(n)]
+        self._turn = 0
+        self.ints_host, self.floats_host = self._host[0].ints, self._host[0].floats
         self._pad(0, n)
 
     def _prepare_capture(self, bucket: int) -> None:
@@ -158,15 +163,61 @@ class DecodeGraphs(StepGraphs):
         """Fill the static inputs, replay the bucket's graph (or run it eagerly),
         read the outputs back (the step's one device-to-host read; with trace,
         also each output's raw heads, as ModelRunner.run gives them)."""
+        if trace or not replay:
+            n, bucket, sampled, last_rows, _ = self._prepare(steps, None)
+            return self._results(self._launch(bucket, sampled, replay), n, last_rows, trace)
+        return self.results(self.launch(steps))
+
+    def launch(self, steps: list[SeqStep], feed: tuple["PendingReplay", list[int]] | None = None) -> "PendingReplay":
+        """Replay the step's graph and queue its outputs' copy to the host;
+        return at once (results() waits for them).
+
+        feed (source, rows): every step feeds one token, the one the source
+        replay sampled in its output row rows[i], read on the device (the
+        source may still be running): the step after the source, queued
+        before its results are back. The steps' own items are placeholders."""
+        n, bucket, sampled, last_rows, host = self._prepare(steps, feed)
+        out = self._launch(bucket, sampled, True)
+        if host.out is None or host.out.shape[1] != out.shape[1] or host.out.dtype != out.dtype:
+            host.out = torch.empty((self.max_batch, out.shape[1]), dtype=out.dtype).pin_memory()
+        host.out[:n].copy_(out[:n], non_blocking=True)
+        host.done = torch.cuda.Event()
+        host.done.record()
+        return PendingReplay(n, last_rows, out, host)
+
+    def results(self, pending: "PendingReplay") -> list[StepResult | None]:
+        """Wait for a launched replay's outputs; -> each step's StepResult (None: no output)."""
+        if pending.results is None:
+            pending.host.done.synchronize()
+            packed = pending.host.out[: pending.rows].tolist()
+            pending.results = [None if j is None else self.runner.to_result(packed[j]) for j in pending.index]
+        return pending.results
+
+    def _prepare(self, steps: list[SeqStep], feed: tuple["PendingReplay", list[int]] | None) -> tuple[int, int, bool, list[int | None], "_HostBuffers"]:
+        """Flush the table, fill the next host buffers and copy them to the
+        static inputs (then the fed tokens, device to device); -> (rows,
+        bucket, sampled, each step's output row, the host buffers used)."""
         n = sum(len(s.items) for s in steps)
         bucket = self.bucket(n)
         sampled = any(s.output is not None and s.output.temperature > 0 for s in steps)
         self.runner.req_to_token.flush()  # the scheduler's slot assignments, in one copy
+        host = self._host[self._turn]
+        self._turn ^= 1
+        if host.done is not None:
+            host.done.synchronize()  # its last copies are done (long since, unless a step was dropped unread)
+        self.ints_host, self.floats_host = host.ints, host.floats
         last_rows = self._fill(steps)
         self._pad(n, bucket)
         self.ints.copy_(self.ints_host, non_blocking=True)
         self.floats.copy_(self.floats_host, non_blocking=True)
-        return self._results(self._launch(bucket, sampled, replay), n, last_rows, trace)
+        if feed is not None:
+            source, rows = feed
+            assert n == len(rows) == len(steps), "a fed step has one position a sequence"
+            tokens = source.out[:, 0]
+            if rows != list(range(n)):
+                tokens = tokens[h2d(rows, torch.int64, self.ints.device)]
+            self.ints[_I["input_ids"], :n].copy_(tokens[:n])
+        return n, bucket, sampled, last_rows, host
 
     def _fill(self, steps: list[SeqStep]) -> list[int | None]:
         """Write the steps' rows into the host buffers; -> each step's output row (None: no output)."""
@@ -249,6 +300,28 @@ class DecodeGraphs(StepGraphs):
         hidden = model.forward(batch.input_ids, positions, batch)
         banned = ints[_I["banned0"] : _I["banned0"] + MAX_BANNED].T  # [bucket, MAX_BANNED], vocab = none
         return outputs(model, hidden, banned, floats[_F["temperature"]], floats[_F["top_p"]], ints[_I["top_k"]], ints[_I["seeds"]], ints[_I["steps"]], sampled)
+
+
+class _HostBuffers:
+    """Pinned host memory of one step: its inputs (field-major, as the static
+    device buffers), its packed outputs, and the event after their copies."""
+
+    def __init__(self, n: int) -> None:
+        self.ints = torch.zeros((len(_INTS), n), dtype=torch.int64).pin_memory()
+        self.floats = torch.zeros((len(_FLOATS), n), dtype=torch.float32).pin_memory()
+        self.out: torch.Tensor | None = None  # [max_batch, 1 + extras], made at the first launch
+        self.done: torch.cuda.Event | None = None
+
+
+class PendingReplay:
+    """A launched decode replay: `rows` rows, each step's output row in
+    `index` (None: no output), the graph's static packed outputs `out`
+    [bucket, 1 + extras] on the device (valid until the next replay of that
+    graph), and the host buffers its outputs come back to."""
+
+    def __init__(self, rows: int, index: list[int | None], out: torch.Tensor, host: _HostBuffers) -> None:
+        self.rows, self.index, self.out, self.host = rows, index, out, host
+        self.results: list[StepResult | None] | None = None
 
 
 def outputs(

@@ -7,6 +7,7 @@ model is anything with the tidal.core.Model protocol.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -69,6 +70,33 @@ class ModelRunner:
         return [self.model.encode_image(p) for p in payloads]
 
     # -- one step -----------------------------------------------------------------
+    @torch.inference_mode()
+    def launch(self, steps: list[SeqStep], trace: bool = False, feed: tuple["Launched", list[int]] | None = None) -> "Launched":
+        """Start the step; collect() gives its results. A decode-graph step
+        returns while its replay runs; any other step runs to its end here.
+
+        feed (source, idx): step i feeds one token, the one `source` sampled
+        for its step idx[i] (the steps' items are placeholders). A replay in
+        flight feeds it on the device, before its results are back."""
+        graphs = self.graphs
+        fast = not trace and graphs is not None and graphs.can_run(steps)
+        if feed is not None:
+            source, idx = feed
+            if fast and source.pending is not None:
+                rows = [source.pending.index[j] for j in idx]
+                return Launched(pending=graphs.launch(steps, (source.pending, rows)))
+            done = source.results if source.results is not None else self.collect(source)
+            steps = [replace(s, items=[done[j].token]) for s, j in zip(steps, idx)]  # type: ignore[union-attr]
+        if fast:
+            return Launched(pending=graphs.launch(steps))
+        return Launched(results=self.run(steps, trace=trace))
+
+    def collect(self, launched: "Launched") -> list[StepResult | None]:
+        """A launched step's results, waiting for its replay if it runs still."""
+        if launched.results is None:
+            launched.results = self.graphs.results(launched.pending)
+        return launched.results
+
     @torch.inference_mode()
     def run(self, steps: list[SeqStep], trace: bool = False) -> list[StepResult | None]:
         """Run the step and read back each output-wanting sequence's StepResult.
@@ -206,6 +234,14 @@ class ModelRunner:
         )
         packed = tokens[:, None] if extras is None else torch.cat([tokens[:, None], extras], dim=1)
         return packed, raw
+
+
+class Launched:
+    """A step given to the device: its results (`results`, once known) or the
+    decode replay still bringing them (`pending`, a graphs.PendingReplay)."""
+
+    def __init__(self, results: list[StepResult | None] | None = None, pending=None) -> None:
+        self.results, self.pending = results, pending
 
 
 def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:

@@ -42,6 +42,15 @@ class TextAnswer:
         banned = (self.ids.answer_id,) if self.tokens else ()
         return OutputSpec(p.temperature, p.top_p, p.top_k, self.seed, step, banned)
 
+    def spec_after_token(self, step: int) -> OutputSpec | None:
+        """The spec of output `step` if the output before it is a token that
+        continues the answer (then the answer id is banned); None if that
+        output is the last."""
+        if len(self.tokens) + 1 >= self.params.max_tokens:
+            return None
+        p = self.params
+        return OutputSpec(p.temperature, p.top_p, p.top_k, self.seed, step, (self.ids.answer_id,))
+
     def on_token(self, token: int) -> list[InputItem] | None:
         if token == self.ids.eos_id:
             self.skill.finish_reason = "stop"
@@ -84,6 +93,14 @@ class QuerySkill(Skill):
             banned = (self.ids.eos_id, self.ids.size_id) if self._reason_steps else ()
             return OutputSpec(p.temperature, p.top_p, p.top_k, self.seed, self._steps, banned)
         return self.answer.spec(self._steps)
+
+    def spec_after_token(self) -> OutputSpec | None:
+        if not self.thinking:
+            return self.answer.spec_after_token(self._steps + 1)
+        if self._reason_steps + 1 >= self.params.max_tokens:
+            return None  # the next output ends the reasoning
+        p = self.params  # a plain reasoning token (not the answer id, not a coordinate)
+        return OutputSpec(p.temperature, p.top_p, p.top_k, self.seed, self._steps + 1, (self.ids.eos_id, self.ids.size_id))
 
     def on_output(self, out: StepResult) -> list[InputItem] | None:
         self._steps += 1
@@ -146,6 +163,9 @@ class CaptionSkill(Skill):
 
     def next_output(self) -> OutputSpec:
         return self.answer.spec(self._steps)
+
+    def spec_after_token(self) -> OutputSpec | None:
+        return self.answer.spec_after_token(self._steps + 1)
 
     def on_output(self, out: StepResult) -> list[InputItem] | None:
         self._steps += 1

@@ -1,0 +1,197 @@
+"""EngineConfig.overlap: a decode step queued before the running step's results
+are read changes no output.
+
+Each request's raw logits (text, coordinate, size) at every output equal, to
+1e-6 relative, those of the same requests run with overlap off, for a batch
+that mixes skills whose next input is the sampled token (steps launched
+ahead), skills whose next input is not (detect: never ahead), and a reasoning
+query whose grounding coordinates and answer id prove a guess wrong (dropped).
+Aborting or preempting a request while a step holds it ahead leaks nothing.
+"""
+
+from __future__ import annotations
+
+from conftest import assert_engine_idle, golden_cases, golden_image, prepare_case
+
+from tidal import EngineConfig, Moondream
+from tidal.core import InputItem, OutputSpec, StepResult
+from tidal.engine.request import Request
+from tidal.engine.skill import Skill
+
+TOL = 1e-6
+
+
+def _case(kind: str, image: str | None, **match) -> dict:
+    return next(c for c in golden_cases(kind) if c["image"] == image and all(c.get(k) == v for k, v in match.items()))
+
+
+MIX = [
+    _case("query", "tall", reasoning=False, spatial_refs=None),
+    dict(_case("query", "tall", reasoning=False, spatial_refs=None), settings={"temperature": 0.8, "top_p": 0.9, "max_tokens": 12, "seed": 7}),
+    _case("query", "wide", reasoning=True),
+    _case("query", None),
+    _case("caption", "tall", length="long"),
+    _case("detect", "wide"),
+]
+
+
+class Tokens(Skill):
+    """Feeds back its sampled token until it has n: never stops early."""
+
+    name = "tokens"
+
+    def __init__(self, n: int, seed: int) -> None:
+        super().__init__()
+        self.n, self.seed, self.tokens = n, seed, []
+
+    def next_output(self) -> OutputSpec:
+        return OutputSpec(temperature=0.7, top_p=0.9, seed=self.seed, step=len(self.tokens))
+
+    def spec_after_token(self) -> OutputSpec | None:
+        return None if len(self.tokens) + 1 >= self.n else OutputSpec(temperature=0.7, top_p=0.9, seed=self.seed, step=len(self.tokens) + 1)
+
+    def on_output(self, out: StepResult) -> list[InputItem] | None:
+        self.tokens.append(out.token)
+        return None if len(self.tokens) >= self.n else [out.token]
+
+    def result(self) -> dict:
+        return {"tokens": list(self.tokens)}
+
+
+def _tokens(md: Moondream, n: int, seed: int) -> Request:
+    """A Tokens request on a question about the golden 'tall' image."""
+    _, items, bidir = md._prepare_query(golden_image("tall"), f"question {seed}", False, None, None)
+    return Request(skill=Tokens(n, seed), pending=items, bidir_len=bidir)
+
+
+def _run(golden_md, overlap: bool, cases: list[dict]) -> tuple[Moondream, list[Request]]:
+    md = Moondream(golden_md.model, golden_md.tokenizer, EngineConfig(trace_logits=True, overlap=overlap))
+    reqs = [Request(skill=skill, pending=items, bidir_len=bidir) for skill, items, bidir in (prepare_case(md, c) for c in cases)]
+    for r in reqs:
+        md.engine.add_request(r)
+    while md.engine.has_work():
+        md.engine.step()
+    return md, reqs
+
+
+def rel(a, b) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
+
+
+def assert_same_traces(got: Request, want: Request) -> None:
+    assert got.error is None and want.error is None
+    assert len(got.trace) == len(want.trace) > 0
+    for step, (g, w) in enumerate(zip(got.trace, want.trace)):
+        for name in ("logits", "coord", "size"):
+            err = rel(getattr(g, name), getattr(w, name))
+            assert err <= TOL, f"{got.skill.name} step {step}: {name} differ by {err:.2e} relative"
+    assert got.skill.result() == want.skill.result()
+
+
+def test_steps_launched_ahead_change_no_output(golden_md):
+    on, got = _run(golden_md, True, MIX)
+    off, want = _run(golden_md, False, MIX)
+    try:
+        stats = on.engine.stats
+        assert stats.ahead_steps > 0  # steps were queued ahead of their predecessor's results
+        assert stats.ahead_dropped > 0  # and the reasoning query proved some guess wrong
+        assert off.engine.stats.ahead_steps == 0
+        assert stats.steps < off.engine.stats.steps + stats.ahead_steps  # ahead steps are steps, not extra ones
+        for g, w in zip(got, want):
+            assert_same_traces(g, w)
+        assert_engine_idle(on.engine)
+    finally:
+        on.close()
+        off.close()
+
+
+def test_a_request_aborted_or_preempted_while_ahead_leaks_nothing(golden_md):
+    """One request aborted and one preempted while a step launched ahead holds
+    them: the step's results for them are dropped, their slots come back, the
+    preempted one recomputes, and the third request's outputs are unchanged."""
+    off = Moondream(golden_md.model, golden_md.tokenizer, EngineConfig(trace_logits=True, overlap=False))
+    want = [_tokens(off, 12, seed) for seed in range(3)]
+    for r in want:
+        off.engine.add_request(r)
+    while off.engine.has_work():
+        off.engine.step()
+    off.close()
+    md = Moondream(golden_md.model, golden_md.tokenizer, EngineConfig(trace_logits=True, overlap=True))
+    try:
+        reqs = [_tokens(md, 12, seed) for seed in range(3)]
+        for r in reqs:
+            md.engine.add_request(r)
+        while md.engine._ahead is None or len(reqs[0].trace) < 3:
+            md.engine.step()
+        assert all(r.ahead == 1 for r in reqs)  # each holds one slot of the step launched ahead
+        md.engine.abort(reqs[0])
+        md.engine.scheduler.preempt(reqs[1])
+        assert reqs[1].ahead == 0 and not reqs[1].slots
+        while md.engine.has_work():
+            md.engine.step()
+        assert reqs[0].cancelled and not reqs[1].cancelled and reqs[1].preemptions == 1
+        assert_same_traces(reqs[1], want[1])
+        assert_same_traces(reqs[2], want[2])
+        assert_engine_idle(md.engine)
+    finally:
+        md.close()
+
+
+def test_a_request_arriving_waits_at_most_the_step_already_launched(golden_md):
+    """No step is launched ahead while a request waits: it is admitted by the
+    step after the one already running."""
+    md = Moondream(golden_md.model, golden_md.tokenizer, EngineConfig(overlap=True))
+    try:
+        md.engine.add_request(_tokens(md, 30, 0))
+        while md.engine._ahead is None:
+            md.engine.step()
+        late = Request(**dict(zip(("skill", "pending", "bidir_len"), prepare_case(md, _case("query", None)))))
+        md.engine.add_request(late)
+        md.engine.step()  # reads the step launched ahead; launches none past it
+        assert md.engine._ahead is None and not late.history
+        md.engine.step()
+        assert late.history  # admitted and fed
+        while md.engine.has_work():
+            md.engine.step()
+        assert_engine_idle(md.engine)
+    finally:
+        md.close()
+
+
+def test_a_failed_read_of_results_reruns_the_step_and_changes_no_output(golden_md, caplog):
+    """Reading a step's results fails once (while a step launched ahead is fed
+    from them): that step is dropped, the sequences run again one by one, and
+    every output is what an undisturbed run gives."""
+    off = Moondream(golden_md.model, golden_md.tokenizer, EngineConfig(trace_logits=True, overlap=False))
+    want = [_tokens(off, 10, seed) for seed in range(2)]
+    for r in want:
+        off.engine.add_request(r)
+    while off.engine.has_work():
+        off.engine.step()
+    off.close()
+    md = Moondream(golden_md.model, golden_md.tokenizer, EngineConfig(trace_logits=True, overlap=True))
+    try:
+        reqs = [_tokens(md, 10, seed) for seed in range(2)]
+        for r in reqs:
+            md.engine.add_request(r)
+        while md.engine._ahead is None or len(reqs[0].trace) < 4:
+            md.engine.step()
+        collect, calls = md.engine.runner.collect, []
+
+        def fails_once(launched):
+            calls.append(launched)
+            if len(calls) == 1:
+                raise RuntimeError("injected")
+            return collect(launched)
+
+        md.engine.runner.collect = fails_once
+        md.engine.step()
+        assert "injected" in caplog.text and md.engine._ahead is None  # the step fed from the failed read was dropped
+        assert len(calls) == 3  # the failed read, then one per sequence
+        while md.engine.has_work():
+            md.engine.step()
+        for g, w in zip(reqs, want):
+            assert_same_traces(g, w)
+        assert_engine_idle(md.engine)
+    finally:
+        md.close()
