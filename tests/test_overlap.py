@@ -195,3 +195,23 @@ def test_a_failed_read_of_results_reruns_the_step_and_changes_no_output(golden_m
         assert_engine_idle(md.engine)
     finally:
         md.close()
+
+
+def test_a_request_waiting_for_a_table_row_does_not_stop_steps_ahead(golden_md):
+    """With every table row taken (max_running=1) a waiting request cannot be
+    admitted anyway: steps go on being launched ahead, and it runs once the
+    first finishes."""
+    md = Moondream(golden_md.model, golden_md.tokenizer, EngineConfig(overlap=True, max_running=1))
+    try:
+        first, second = _tokens(md, 8, 0), _tokens(md, 4, 1)
+        md.engine.add_request(first)
+        md.engine.add_request(second)
+        while not first.finished:
+            md.engine.step()
+        assert not second.history and md.engine.stats.ahead_steps >= 5  # first's decode steps after its prefill ran ahead
+        while md.engine.has_work():
+            md.engine.step()
+        assert len(second.skill.tokens) == 4
+        assert_engine_idle(md.engine)
+    finally:
+        md.close()

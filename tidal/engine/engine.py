@@ -88,7 +88,7 @@ class EngineConfig:
     between steps (reading results, the skills, scheduling, filling inputs)
     hides behind the GPU's. Only where every running request's skill says
     its next input is the token it samples (Skill.spec_after_token) and no
-    request waits; a guess the results prove wrong (a stop, a coordinate
+    waiting request could be admitted (a free table row); a guess the results prove wrong (a stop, a coordinate
     fed instead) is dropped, its slot given back, and the request's next
     step scheduled as usual. The same steps with the same inputs: the same
     outputs.
@@ -443,10 +443,11 @@ class Engine:
         that step is certain to be asked for unless a guess fails: every
         running request is in `current`, finishing its inputs there, and its
         skill says it will feed back the token it samples (with the
-        OutputSpec it names); no request waits; a free slot each. -> the
+        OutputSpec it names); no request waits that a free table row would
+        admit; a free slot each. -> the
         launched step, its chunks feeding placeholders the device fills."""
-        if self.scheduler.waiting:
-            return None
+        if self.scheduler.waiting and self.req_to_token.available:
+            return None  # it would be admitted by the next schedule: let it (with no free row it waits anyway)
         chunks = [c for c, live in zip(current.chunks, current.live) if live and c.req.status is RequestStatus.RUNNING]
         if not chunks or len(chunks) != len(self.scheduler.running) or self.allocator.available < len(chunks):
             return None
