@@ -278,7 +278,7 @@ def main() -> None:
     results["params_b"] = sum(p.numel() for p in model.parameters()) / 1e9
     most = max(batches + [n_concurrent])
     context_needed = max(args.context, 1200 if vl else 0) + args.out_tokens + 16
-    cfg = EngineConfig(max_running=most, kv_pages=most * context_needed + 4096, token_budget=8192, skinny_gemm=args.skinny, overlap=not args.no_overlap)
+    cfg = EngineConfig(max_running=most, kv_pages=most * context_needed + 4096, token_budget=8192, skinny_gemm=args.skinny, overlap=False if args.no_overlap else None)
     llm = LLM(model, None, (), cfg)
     results["warmup_s"] = llm.engine.warmup_s
     print(f"built in {time.perf_counter() - t0:.1f} s; warm-up (graph capture) {llm.engine.warmup_s:.1f} s", flush=True)

@@ -215,3 +215,33 @@ def test_a_request_waiting_for_a_table_row_does_not_stop_steps_ahead(golden_md):
         assert_engine_idle(md.engine)
     finally:
         md.close()
+
+
+class Faulty(Tokens):
+    """Tokens whose next_output raises from its `at`-th call on."""
+
+    def __init__(self, n: int, seed: int, at: int) -> None:
+        super().__init__(n, seed)
+        self.calls, self.at = 0, at
+
+    def next_output(self) -> OutputSpec:
+        self.calls += 1
+        if self.calls >= self.at:
+            raise ValueError("skill bug")
+        return super().next_output()
+
+
+def test_a_skill_failing_while_a_step_runs_ahead_fails_only_its_request(golden_md):
+    md = Moondream(golden_md.model, golden_md.tokenizer, EngineConfig(overlap=True))
+    try:
+        good, bad = _tokens(md, 8, 0), _tokens(md, 8, 1)
+        bad.skill = Faulty(8, 1, at=4)
+        for r in (good, bad):
+            md.engine.add_request(r)
+        while md.engine.has_work():
+            md.engine.step()
+        assert isinstance(bad.error, ValueError) and good.error is None and len(good.skill.tokens) == 8
+        assert md.engine.stats.ahead_steps > 0
+        assert_engine_idle(md.engine)
+    finally:
+        md.close()

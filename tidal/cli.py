@@ -87,7 +87,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         encode_ahead=args.encode_ahead,
         skinny_gemm=args.skinny_gemm,
         warm_prefill=not args.no_warm_prefill,
-        overlap=not args.no_overlap,
+        overlap=False if args.no_overlap else None,
     )
 
 

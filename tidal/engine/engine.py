@@ -88,10 +88,13 @@ class EngineConfig:
     between steps (reading results, the skills, scheduling, filling inputs)
     hides behind the GPU's. Only where every running request's skill says
     its next input is the token it samples (Skill.spec_after_token) and no
-    waiting request could be admitted (a free table row); a guess the results prove wrong (a stop, a coordinate
-    fed instead) is dropped, its slot given back, and the request's next
-    step scheduled as usual. The same steps with the same inputs: the same
-    outputs.
+    waiting request could be admitted (a free table row); a guess the
+    results prove wrong (a stop, a grounding coordinate) is dropped, its
+    slot given back, and the request goes on in the step after (one step
+    later than without). The same steps with the same inputs: the same
+    outputs. None (default): on where decode steps replay CUDA graphs, the
+    only place it pays (elsewhere the step ahead runs to its end at once);
+    True: everywhere (the CPU path too: for tests); False: off.
     encode_ahead: run the vision encoder for the images that admitted
     requests will prefill next (held back by the token budget), up to a token
     budget of positions, while the current step runs: on CUDA on a stream of
@@ -115,7 +118,7 @@ class EngineConfig:
     prefill_graphs: bool = True
     skinny_gemm: str = "auto"
     warm_prefill: bool = True
-    overlap: bool = True
+    overlap: bool | None = None
     encode_ahead: bool = False
 
     def __post_init__(self) -> None:
@@ -125,6 +128,8 @@ class EngineConfig:
         self.token_budget = as_int(self.token_budget, "token_budget", 1, 1 << 30)
         self.kv_memory_fraction = as_float(self.kv_memory_fraction, "kv_memory_fraction", 0.0, 1.0, lo_open=True)
         self.cpu_kv_pages = as_int(self.cpu_kv_pages, "cpu_kv_pages", 2, 1 << 40)
+        if self.overlap not in (None, True, False):
+            raise ValueError(f"overlap must be None, True or False, got {self.overlap!r}")
         if isinstance(self.skinny_gemm, bool):
             self.skinny_gemm = "all" if self.skinny_gemm else "off"
         if self.skinny_gemm not in SKINNY_MODES:
@@ -289,7 +294,7 @@ class Engine:
             if not chunks:
                 return []
             current = self._launch(chunks)
-        self._ahead = self._launch_ahead(current) if self.config.overlap else None
+        self._ahead = self._launch_ahead(current) if self._overlap() else None
         results = self._collect(current)
         touched = self._apply(current, results)
         if self._ahead is not None:
@@ -301,7 +306,7 @@ class Engine:
         chunks = [c for c, live in zip(current.chunks, current.live) if live and c.req.status is RequestStatus.RUNNING]
         st = self.stats
         st.steps += 1
-        st.max_batch = max(st.max_batch, len(current.chunks))
+        st.max_batch = max(st.max_batch, sum(current.live))  # the rows that counted (not dropped guesses)
         st.last_chunks = [(c.req, c.n_positions) for c in chunks]
         now = time.monotonic()
         touched = []
@@ -435,6 +440,11 @@ class Engine:
         return self._one_by_one(current.chunks, current.live)
 
     # -- overlap: the next decode step queued behind the running one -------------
+    def _overlap(self) -> bool:
+        """EngineConfig.overlap: None means where the step ahead replays a graph."""
+        on = self.config.overlap
+        return on if on is not None else self.runner.graphs is not None and not self.config.trace_logits
+
     def _live(self, step: _Step) -> bool:
         return any(live and c.req.status is RequestStatus.RUNNING for c, live in zip(step.chunks, step.live))
 
@@ -456,7 +466,11 @@ class Engine:
             req = c.req
             if not c.completes or req.num_cached >= self.max_context or req.cancelled:
                 return None
-            spec = req.skill.spec_after_token()
+            try:
+                spec = req.skill.spec_after_token()
+            except Exception:  # a skill bug: its request fails where the step is scheduled as usual
+                logger.exception("skill %s failed naming its next output on %s", req.skill.name, req.id)
+                return None
             if spec is None:
                 return None
             specs.append(spec)
@@ -495,7 +509,11 @@ class Engine:
                 continue
             result = by_req.get(id(req))
             token = getattr(result, "token", None)
-            if token is None or len(req.pending) != 1 or type(req.pending[0]) is not int or req.pending[0] != token or req.skill.next_output() != step.output:
+            try:
+                same = token is not None and len(req.pending) == 1 and type(req.pending[0]) is int and req.pending[0] == token and req.skill.next_output() == step.output
+            except Exception:  # a skill bug: dropped here, its request fails in the step scheduled as usual
+                same = False
+            if not same:
                 ahead.live[i] = False
                 self._take_back(req)
                 self.stats.ahead_dropped += 1

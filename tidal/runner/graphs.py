@@ -181,13 +181,17 @@ class DecodeGraphs(StepGraphs):
         if host.out is None or host.out.shape[1] != out.shape[1] or host.out.dtype != out.dtype:
             host.out = torch.empty((self.max_batch, out.shape[1]), dtype=out.dtype).pin_memory()
         host.out[:n].copy_(out[:n], non_blocking=True)
-        host.done = torch.cuda.Event()
-        host.done.record()
-        return PendingReplay(n, last_rows, out, host)
+        host.done.record()  # past the outputs' copy too
+        pending = PendingReplay(n, last_rows, out, host)
+        host.owner = pending
+        return pending
 
     def results(self, pending: "PendingReplay") -> list[StepResult | None]:
-        """Wait for a launched replay's outputs; -> each step's StepResult (None: no output)."""
+        """Wait for a launched replay's outputs; -> each step's StepResult (None: no output).
+        Read them before the launch after next: it reuses their host buffers."""
         if pending.results is None:
+            if pending.host.owner is not pending:
+                raise RuntimeError("a decode replay's results were read after two later launches reused their host buffers")
             pending.host.done.synchronize()
             packed = pending.host.out[: pending.rows].tolist()
             pending.results = [None if j is None else self.runner.to_result(packed[j]) for j in pending.index]
@@ -203,13 +207,14 @@ class DecodeGraphs(StepGraphs):
         self.runner.req_to_token.flush()  # the scheduler's slot assignments, in one copy
         host = self._host[self._turn]
         self._turn ^= 1
-        if host.done is not None:
-            host.done.synchronize()  # its last copies are done (long since, unless a step was dropped unread)
+        host.done.synchronize()  # its last copies are done (long since, unless a step was dropped unread)
+        host.owner = None  # launch() names the new owner
         self.ints_host, self.floats_host = host.ints, host.floats
         last_rows = self._fill(steps)
         self._pad(n, bucket)
         self.ints.copy_(self.ints_host, non_blocking=True)
         self.floats.copy_(self.floats_host, non_blocking=True)
+        host.done.record()  # past the copies out of `host` (launch() records it again later)
         if feed is not None:
             source, rows = feed
             assert n == len(rows) == len(steps), "a fed step has one position a sequence"
@@ -310,7 +315,9 @@ class _HostBuffers:
         self.ints = torch.zeros((len(_INTS), n), dtype=torch.int64).pin_memory()
         self.floats = torch.zeros((len(_FLOATS), n), dtype=torch.float32).pin_memory()
         self.out: torch.Tensor | None = None  # [max_batch, 1 + extras], made at the first launch
-        self.done: torch.cuda.Event | None = None
+        self.done = torch.cuda.Event()  # recorded after the copies in and out of these buffers
+        self.done.record()
+        self.owner: PendingReplay | None = None  # the launch whose outputs `out` holds
 
 
 class PendingReplay:
