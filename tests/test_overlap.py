@@ -64,6 +64,30 @@ def _tokens(md: Moondream, n: int, seed: int) -> Request:
     return Request(skill=Tokens(n, seed), pending=items, bidir_len=bidir)
 
 
+def _tokens_without_overlap(golden_md, n: int, seeds: range) -> list[Request]:
+    """Tokens requests of n tokens, one per seed, run to the end with overlap off."""
+    off = Moondream(golden_md.model, golden_md.tokenizer, EngineConfig(trace_logits=True, overlap=False))
+    want = [_tokens(off, n, seed) for seed in seeds]
+    for r in want:
+        off.engine.add_request(r)
+    while off.engine.has_work():
+        off.engine.step()
+    off.close()
+    return want
+
+
+def _started_with_overlap(golden_md, n: int, seeds: range, outputs: int) -> tuple[Moondream, list[Request]]:
+    """The same requests on an engine with overlap forced on, stepped until a
+    step runs ahead and the first request has `outputs` outputs."""
+    md = Moondream(golden_md.model, golden_md.tokenizer, EngineConfig(trace_logits=True, overlap=True))
+    reqs = [_tokens(md, n, seed) for seed in seeds]
+    for r in reqs:
+        md.engine.add_request(r)
+    while md.engine._ahead is None or len(reqs[0].trace) < outputs:
+        md.engine.step()
+    return md, reqs
+
+
 def _run(golden_md, overlap: bool, cases: list[dict]) -> tuple[Moondream, list[Request]]:
     md = Moondream(golden_md.model, golden_md.tokenizer, EngineConfig(trace_logits=True, overlap=overlap))
     reqs = [Request(skill=skill, pending=items, bidir_len=bidir) for skill, items, bidir in (prepare_case(md, c) for c in cases)]
@@ -109,20 +133,9 @@ def test_a_request_aborted_or_preempted_while_ahead_leaks_nothing(golden_md):
     """One request aborted and one preempted while a step launched ahead holds
     them: the step's results for them are dropped, their slots come back, the
     preempted one recomputes, and the third request's outputs are unchanged."""
-    off = Moondream(golden_md.model, golden_md.tokenizer, EngineConfig(trace_logits=True, overlap=False))
-    want = [_tokens(off, 12, seed) for seed in range(3)]
-    for r in want:
-        off.engine.add_request(r)
-    while off.engine.has_work():
-        off.engine.step()
-    off.close()
-    md = Moondream(golden_md.model, golden_md.tokenizer, EngineConfig(trace_logits=True, overlap=True))
+    want = _tokens_without_overlap(golden_md, 12, range(3))
+    md, reqs = _started_with_overlap(golden_md, 12, range(3), outputs=3)
     try:
-        reqs = [_tokens(md, 12, seed) for seed in range(3)]
-        for r in reqs:
-            md.engine.add_request(r)
-        while md.engine._ahead is None or len(reqs[0].trace) < 3:
-            md.engine.step()
         assert all(r.ahead == 1 for r in reqs)  # each holds one slot of the step launched ahead
         md.engine.abort(reqs[0])
         md.engine.scheduler.preempt(reqs[1])
@@ -162,20 +175,9 @@ def test_a_failed_read_of_results_reruns_the_step_and_changes_no_output(golden_m
     """Reading a step's results fails once (while a step launched ahead is fed
     from them): that step is dropped, the sequences run again one by one, and
     every output is what an undisturbed run gives."""
-    off = Moondream(golden_md.model, golden_md.tokenizer, EngineConfig(trace_logits=True, overlap=False))
-    want = [_tokens(off, 10, seed) for seed in range(2)]
-    for r in want:
-        off.engine.add_request(r)
-    while off.engine.has_work():
-        off.engine.step()
-    off.close()
-    md = Moondream(golden_md.model, golden_md.tokenizer, EngineConfig(trace_logits=True, overlap=True))
+    want = _tokens_without_overlap(golden_md, 10, range(2))
+    md, reqs = _started_with_overlap(golden_md, 10, range(2), outputs=4)
     try:
-        reqs = [_tokens(md, 10, seed) for seed in range(2)]
-        for r in reqs:
-            md.engine.add_request(r)
-        while md.engine._ahead is None or len(reqs[0].trace) < 4:
-            md.engine.step()
         collect, calls = md.engine.runner.collect, []
 
         def fails_once(launched):
