@@ -21,14 +21,15 @@ from tidal.core import (
     items_len,
     rope_delta,
 )
+from tidal.engine.ahead import LaunchedStep, confirm, drop, launch_ahead, overlap_on
+from tidal.engine.config import EngineConfig
 from tidal.engine.prefix_keys import position_keys
 from tidal.engine.request import Request, RequestStatus
 from tidal.engine.scheduler import CacheFullError, Chunk, Scheduler
 from tidal.kernels import triton_available
 from tidal.layers.attention import kernels_support, make_backend
-from tidal.layers.linear import SKINNY_MODES, use_skinny
+from tidal.layers.linear import use_skinny
 from tidal.runner.model_runner import Launched, ModelRunner
-from tidal.validation import as_float, as_int
 
 logger = logging.getLogger(__name__)
 
@@ -61,82 +62,6 @@ _FAILED = object()  # a step result: the request failed and has been finished
 
 
 @dataclass
-class EngineConfig:
-    """max_running: requests batched at once. kv_pages: KV cache size in
-    one-token pages (None: sized from free device memory, or a CPU default).
-    token_budget: positions fed per step (a whole image prefix may exceed it).
-    prefix_cache: share the KV of common prompt prefixes (images by content).
-    trace_logits: keep every output's raw logits on its request (`Request.trace`),
-    for tests and debugging.
-    kernels: the Triton fast path (fused kernels, paged-attention kernels);
-    None: on where the device is CUDA. It is a setting of the model, so the
-    last engine made on a model decides for all engines sharing it.
-    cuda_graphs: with kernels on CUDA, capture decode steps as CUDA graphs at
-    start-up (one per batch-size bucket up to max_running) and replay them.
-    prefill_graphs: with cuda_graphs, also capture extend steps (prefills,
-    image prefixes, mixed steps) per token-count bucket up to
-    prefill_graph_tokens (tidal.runner.extend_graphs); eager, such a step pays
-    host time per launch (measured on an H100, Moondream 3's mixed workload at
-    concurrency 64: 56.0 requests/s against 36.9, 1.4 s more warm-up).
-    warm_prefill: with kernels on CUDA, run a ladder of text prompts through
-    the engine at start-up (prefill_warm_sizes) so Triton compiles the prefill
-    kernels then, not inside the first requests' steps (measured: 4 s of
-    compiles in the first 32 requests of a fresh H100 machine).
-    overlap: while a decode step's graph runs, queue the next one behind it
-    (each sequence feeding the token the running step samples, read on the
-    device) before reading the running step's results, so the host's work
-    between steps (reading results, the skills, scheduling, filling inputs)
-    hides behind the GPU's. Only where every running request's skill says
-    its next input is the token it samples (Skill.spec_after_token) and no
-    waiting request could be admitted (a free table row); a guess the
-    results prove wrong (a stop, a grounding coordinate) is dropped, its
-    slot given back, and the request goes on in the step after (one step
-    later than without). The same steps with the same inputs: the same
-    outputs. None (default): on where decode steps replay CUDA graphs, the
-    only place it pays (elsewhere the step ahead runs to its end at once);
-    True: everywhere (the CPU path too: for tests); False: off.
-    encode_ahead: run the vision encoder for the images that admitted
-    requests will prefill next (held back by the token budget), up to a token
-    budget of positions, while the current step runs: on CUDA on a stream of
-    its own, so the encoder (compute-bound) overlaps the step's forward; the
-    next step waits for it. The same encodes, earlier. Off until measured.
-    skinny_gemm: with kernels on CUDA, which decode-sized projections (up to
-    16 rows) run the Triton skinny product instead of cuBLAS: "auto" those
-    shapes where it measured faster (routers, lm_heads, both sides >= 4096), "all",
-    or "off" (True / False read as "all" / "off"). tidal.layers.linear; a
-    process-wide switch: the last engine made decides."""
-
-    max_running: int = 64
-    kv_pages: int | None = None
-    token_budget: int = 2048
-    kv_memory_fraction: float = 0.85  # of free GPU memory after weights, when kv_pages is None
-    cpu_kv_pages: int = 65536
-    prefix_cache: bool = True
-    trace_logits: bool = False
-    kernels: bool | None = None
-    cuda_graphs: bool = True
-    prefill_graphs: bool = True
-    skinny_gemm: str = "auto"
-    warm_prefill: bool = True
-    overlap: bool | None = None
-    encode_ahead: bool = False
-
-    def __post_init__(self) -> None:
-        self.max_running = as_int(self.max_running, "max_running", 1, 1 << 16)
-        if self.kv_pages is not None:
-            self.kv_pages = as_int(self.kv_pages, "kv_pages", 2, 1 << 40)
-        self.token_budget = as_int(self.token_budget, "token_budget", 1, 1 << 30)
-        self.kv_memory_fraction = as_float(self.kv_memory_fraction, "kv_memory_fraction", 0.0, 1.0, lo_open=True)
-        self.cpu_kv_pages = as_int(self.cpu_kv_pages, "cpu_kv_pages", 2, 1 << 40)
-        if self.overlap not in (None, True, False):
-            raise ValueError(f"overlap must be None, True or False, got {self.overlap!r}")
-        if isinstance(self.skinny_gemm, bool):
-            self.skinny_gemm = "all" if self.skinny_gemm else "off"
-        if self.skinny_gemm not in SKINNY_MODES:
-            raise ValueError(f"skinny_gemm must be one of {', '.join(SKINNY_MODES)}, got {self.skinny_gemm!r}")
-
-
-@dataclass
 class EngineStats:
     """Running totals for the engine snapshot, and for tests."""
 
@@ -145,18 +70,6 @@ class EngineStats:
     last_chunks: list[tuple[Request, int]] = field(default_factory=list)  # (request, positions) of the last step
     ahead_steps: int = 0  # steps queued ahead of their predecessor's results (EngineConfig.overlap)
     ahead_dropped: int = 0  # sequences of those whose guessed input proved wrong
-
-
-@dataclass
-class _Step:
-    """A launched step: its chunks, their SeqSteps, the runner's handle, and
-    which chunks still count (a guessed one proved wrong is dropped)."""
-
-    chunks: list[Chunk]
-    steps: list[SeqStep]
-    launched: Launched
-    live: list[bool]
-    ahead: bool = False  # launched before its predecessor's results were read
 
 
 class Engine:
@@ -202,7 +115,7 @@ class Engine:
                 self.warmup_s += self.runner.extend_graphs.capture()
         # EngineConfig.encode_ahead's stream: every encode runs there, so the encoder's graphs stay in one order
         self._encode_stream = torch.cuda.Stream(model.device) if self.config.encode_ahead and model.device.type == "cuda" else None
-        self._ahead: _Step | None = None  # a step launched before its predecessor's results (EngineConfig.overlap)
+        self._ahead: LaunchedStep | None = None  # a step launched before its predecessor's results (EngineConfig.overlap)
         self.prefix_cache = RadixCache(self.allocator) if self.config.prefix_cache else None
         self.scheduler = Scheduler(self.allocator, self.req_to_token, self.config.token_budget, self.prefix_cache)
         self.stats = EngineStats()
@@ -271,7 +184,7 @@ class Engine:
             self._finish(req)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or (self._ahead is not None and self._live(self._ahead))
+        return self.scheduler.has_work() or (self._ahead is not None and self._ahead.any_live())
 
     # -- one step --------------------------------------------------------------
     def step(self) -> list[Request]:
@@ -280,7 +193,7 @@ class Engine:
         previous call, and the next one is launched before this one's results
         are read."""
         current, self._ahead = self._ahead, None
-        if current is not None and not self._live(current):
+        if current is not None and not current.any_live():
             current = None  # everyone in it was aborted meanwhile: nothing to read
         if current is None:
             try:
@@ -294,14 +207,14 @@ class Engine:
             if not chunks:
                 return []
             current = self._launch(chunks)
-        self._ahead = self._launch_ahead(current) if self._overlap() else None
+        self._ahead = launch_ahead(self, current) if overlap_on(self) else None
         results = self._collect(current)
         touched = self._apply(current, results)
         if self._ahead is not None:
-            self._ahead = self._confirm(self._ahead, current, results)
+            self._ahead = confirm(self, self._ahead, current, results)
         return touched
 
-    def _apply(self, current: _Step, results: list) -> list[Request]:
+    def _apply(self, current: LaunchedStep, results: list) -> list[Request]:
         """Hand each live chunk's result to its request's skill; -> the requests touched."""
         chunks = [c for c, live in zip(current.chunks, current.live) if live and c.req.status is RequestStatus.RUNNING]
         st = self.stats
@@ -383,18 +296,18 @@ class Engine:
         """Drop every cached prefix no running request uses. -> pages freed."""
         return self.prefix_cache.clear() if self.prefix_cache else 0
 
-    def _launch(self, chunks: list[Chunk]) -> _Step:
+    def _launch(self, chunks: list[Chunk]) -> LaunchedStep:
         """Launch the scheduled step. If that fails, run its sequences one by
         one so that only the request at fault fails (re-feeding a position
         rewrites the same KV slot, so the retry is exact); the results are
         then a StepResult, None or _FAILED per chunk."""
         try:
             steps, launched = self._forward(chunks)
-            return _Step(chunks, steps, launched, [True] * len(chunks))
+            return LaunchedStep(chunks, steps, launched, [True] * len(chunks))
         except Exception:
             if len(chunks) > 1:
                 logger.exception("engine step of %d sequences failed; retrying them one by one", len(chunks))
-        return _Step(chunks, [], Launched(results=self._one_by_one(chunks)), [True] * len(chunks))
+        return LaunchedStep(chunks, [], Launched(results=self._one_by_one(chunks)), [True] * len(chunks))
 
     def _one_by_one(self, chunks: list[Chunk], live: list[bool] | None = None) -> list:
         """Run each (live) chunk as a step of its own; a request whose step
@@ -423,7 +336,7 @@ class Engine:
             self._encode_ahead()  # after the wait: beside this step's forward
         return steps, self.runner.launch(steps, trace=self.config.trace_logits)
 
-    def _collect(self, current: _Step) -> list:
+    def _collect(self, current: LaunchedStep) -> list:
         """The launched step's results (waiting for its replay). If reading
         them fails, the step launched ahead of them (fed from them) is
         dropped and the step's sequences run again one by one, as a failed
@@ -433,99 +346,9 @@ class Engine:
         except Exception:
             logger.exception("reading a step's results failed; running its sequences one by one")
         if self._ahead is not None:
-            for c, live in zip(self._ahead.chunks, self._ahead.live):
-                if live and c.req.status is RequestStatus.RUNNING:
-                    self._take_back(c.req)
+            drop(self, self._ahead)
             self._ahead = None
         return self._one_by_one(current.chunks, current.live)
-
-    # -- overlap: the next decode step queued behind the running one -------------
-    def _overlap(self) -> bool:
-        """EngineConfig.overlap: None means where the step ahead replays a graph."""
-        on = self.config.overlap
-        return on if on is not None else self.runner.graphs is not None and not self.config.trace_logits
-
-    def _live(self, step: _Step) -> bool:
-        return any(live and c.req.status is RequestStatus.RUNNING for c, live in zip(step.chunks, step.live))
-
-    def _launch_ahead(self, current: _Step) -> _Step | None:
-        """Queue the step after `current` before its results are read, when
-        that step is certain to be asked for unless a guess fails: every
-        running request is in `current`, finishing its inputs there, and its
-        skill says it will feed back the token it samples (with the
-        OutputSpec it names); no request waits that a free table row would
-        admit; a free slot each. -> the
-        launched step, its chunks feeding placeholders the device fills."""
-        if self.scheduler.waiting and self.req_to_token.available:
-            return None  # it would be admitted by the next schedule: let it (with no free row it waits anyway)
-        chunks = [c for c, live in zip(current.chunks, current.live) if live and c.req.status is RequestStatus.RUNNING]
-        if not chunks or len(chunks) != len(self.scheduler.running) or self.allocator.available < len(chunks):
-            return None
-        specs = []
-        for c in chunks:
-            req = c.req
-            if not c.completes or req.num_cached >= self.max_context or req.cancelled:
-                return None
-            try:
-                spec = req.skill.spec_after_token()
-            except Exception:  # a skill bug: its request fails where the step is scheduled as usual
-                logger.exception("skill %s failed naming its next output on %s", req.skill.name, req.id)
-                return None
-            if spec is None:
-                return None
-            specs.append(spec)
-        index = {id(c): i for i, c in enumerate(current.chunks)}
-        steps, source = [], []
-        for c, spec in zip(chunks, specs):
-            req = c.req
-            slot = self.allocator.alloc(1)
-            assert slot is not None
-            start = req.num_cached
-            self.req_to_token.write(req.row, start, slot)  # type: ignore[arg-type]
-            req.slots.extend(slot)
-            req.ahead += 1
-            steps.append(SeqStep(req.row, start, [0], req.bidir_len, spec, req.rope_delta + rope_delta(req.pending[: c.n_items])))  # type: ignore[arg-type]
-            source.append(index[id(c)])
-        try:
-            launched = self.runner.launch(steps, trace=self.config.trace_logits, feed=(current.launched, source))
-        except Exception:
-            logger.exception("launching a step ahead failed; the step is scheduled as usual")
-            for c in chunks:
-                self._take_back(c.req)
-            return None
-        self.stats.ahead_steps += 1
-        return _Step([Chunk(c.req, 1, 1) for c in chunks], steps, launched, [True] * len(chunks), ahead=True)
-
-    def _confirm(self, ahead: _Step, current: _Step, results: list) -> _Step | None:
-        """With `current`'s results applied: keep the step launched ahead for
-        each request whose skill asked for what it guessed (the sampled token
-        as its one input, the OutputSpec named); give back the slot of any
-        other still running. -> the step, or None if nothing in it counts."""
-        by_req = {id(c.req): r for c, r in zip(current.chunks, results)}
-        for i, (chunk, step) in enumerate(zip(ahead.chunks, ahead.steps)):
-            req = chunk.req
-            if req.status is not RequestStatus.RUNNING:
-                ahead.live[i] = False  # its slots went back with it
-                continue
-            result = by_req.get(id(req))
-            token = getattr(result, "token", None)
-            try:
-                same = token is not None and len(req.pending) == 1 and type(req.pending[0]) is int and req.pending[0] == token and req.skill.next_output() == step.output
-            except Exception:  # a skill bug: dropped here, its request fails in the step scheduled as usual
-                same = False
-            if not same:
-                ahead.live[i] = False
-                self._take_back(req)
-                self.stats.ahead_dropped += 1
-        return ahead if any(ahead.live) else None
-
-    def _take_back(self, req: Request) -> None:
-        """Return the slot a step launched ahead took for req (its K/V written
-        there, if the step runs, is never read: the slot's next owner writes
-        it first, later on the same stream)."""
-        slot = req.slots.pop()
-        self.allocator.free([slot])
-        req.ahead -= 1
 
     def _encode_images(self, chunks: list[Chunk]) -> None:
         """Run the vision encoder for this step's new images, once per distinct image."""

@@ -1,0 +1,133 @@
+"""EngineConfig.overlap: the next decode step queued behind the running one.
+
+While a decode step's graph runs, the engine launches the step after it, each
+sequence feeding the token the running step samples (the runner copies it on
+the device), before it reads the running step's results. Once they are read
+and applied, each guessed row is kept if its request's skill asked for exactly
+that input and OutputSpec, else dropped and its KV slot given back.
+Functions of the engine (its scheduler, allocator, table, runner, stats)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from tidal.core import SeqStep, rope_delta
+from tidal.engine.request import Request, RequestStatus
+from tidal.engine.scheduler import Chunk
+from tidal.runner.model_runner import Launched
+
+if TYPE_CHECKING:
+    from tidal.engine.engine import Engine
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LaunchedStep:
+    """A launched step: its chunks, their SeqSteps, the runner's handle, and
+    which chunks still count (a guessed one proved wrong is dropped)."""
+
+    chunks: list[Chunk]
+    steps: list[SeqStep]
+    launched: Launched
+    live: list[bool]
+    ahead: bool = False  # launched before its predecessor's results were read
+
+    def any_live(self) -> bool:
+        """Whether some chunk still counts for a running request."""
+        return any(live and c.req.status is RequestStatus.RUNNING for c, live in zip(self.chunks, self.live))
+
+
+def overlap_on(engine: "Engine") -> bool:
+    """EngineConfig.overlap: None means where the step ahead replays a graph."""
+    on = engine.config.overlap
+    return on if on is not None else engine.runner.graphs is not None and not engine.config.trace_logits
+
+
+def launch_ahead(engine: "Engine", current: LaunchedStep) -> LaunchedStep | None:
+    """Queue the step after `current` before its results are read, when that
+    step is certain to be asked for unless a guess fails: every running
+    request is in `current`, finishing its inputs there, and its skill says it
+    will feed back the token it samples (with the OutputSpec it names); no
+    request waits that a free table row would admit; a free slot each. -> the
+    launched step, its chunks feeding placeholders the device fills."""
+    sched = engine.scheduler
+    if sched.waiting and engine.req_to_token.available:
+        return None  # it would be admitted by the next schedule: let it (with no free row it waits anyway)
+    chunks = [c for c, live in zip(current.chunks, current.live) if live and c.req.status is RequestStatus.RUNNING]
+    if not chunks or len(chunks) != len(sched.running) or engine.allocator.available < len(chunks):
+        return None
+    specs = []
+    for c in chunks:
+        req = c.req
+        if not c.completes or req.num_cached >= engine.max_context or req.cancelled:
+            return None
+        try:
+            spec = req.skill.spec_after_token()
+        except Exception:  # a skill bug: its request fails where the step is scheduled as usual
+            logger.exception("skill %s failed naming its next output on %s", req.skill.name, req.id)
+            return None
+        if spec is None:
+            return None
+        specs.append(spec)
+    index = {id(c): i for i, c in enumerate(current.chunks)}
+    steps, source = [], []
+    for c, spec in zip(chunks, specs):
+        req = c.req
+        slot = engine.allocator.alloc(1)
+        assert slot is not None
+        start = req.num_cached
+        engine.req_to_token.write(req.row, start, slot)  # type: ignore[arg-type]
+        req.slots.extend(slot)
+        req.ahead += 1
+        steps.append(SeqStep(req.row, start, [0], req.bidir_len, spec, req.rope_delta + rope_delta(req.pending[: c.n_items])))  # type: ignore[arg-type]
+        source.append(index[id(c)])
+    try:
+        launched = engine.runner.launch(steps, trace=engine.config.trace_logits, feed=(current.launched, source))
+    except Exception:
+        logger.exception("launching a step ahead failed; the step is scheduled as usual")
+        for c in chunks:
+            take_back(engine, c.req)
+        return None
+    engine.stats.ahead_steps += 1
+    return LaunchedStep([Chunk(c.req, 1, 1) for c in chunks], steps, launched, [True] * len(chunks), ahead=True)
+
+
+def confirm(engine: "Engine", ahead: LaunchedStep, current: LaunchedStep, results: list) -> LaunchedStep | None:
+    """With `current`'s results applied: keep the step launched ahead for each
+    request whose skill asked for what it guessed (the sampled token as its
+    one input, the OutputSpec named); give back the slot of any other still
+    running. -> the step, or None if nothing in it counts."""
+    by_req = {id(c.req): r for c, r in zip(current.chunks, results)}
+    for i, (chunk, step) in enumerate(zip(ahead.chunks, ahead.steps)):
+        req = chunk.req
+        if req.status is not RequestStatus.RUNNING:
+            ahead.live[i] = False  # its slots went back with it
+            continue
+        token = getattr(by_req.get(id(req)), "token", None)
+        try:
+            same = token is not None and len(req.pending) == 1 and type(req.pending[0]) is int and req.pending[0] == token and req.skill.next_output() == step.output
+        except Exception:  # a skill bug: dropped here, its request fails in the step scheduled as usual
+            same = False
+        if not same:
+            ahead.live[i] = False
+            take_back(engine, req)
+            engine.stats.ahead_dropped += 1
+    return ahead if any(ahead.live) else None
+
+
+def drop(engine: "Engine", ahead: LaunchedStep) -> None:
+    """Give back the slots of every live row of a step launched ahead that will not be read."""
+    for c, live in zip(ahead.chunks, ahead.live):
+        if live and c.req.status is RequestStatus.RUNNING:
+            take_back(engine, c.req)
+
+
+def take_back(engine: "Engine", req: Request) -> None:
+    """Return the slot a step launched ahead took for req (its K/V written
+    there, if the step runs, is never read: the slot's next owner writes it
+    first, later on the same stream)."""
+    engine.allocator.free([req.slots.pop()])
+    req.ahead -= 1
