@@ -168,6 +168,7 @@ class DecodeGraphs(StepGraphs):
             return self._results(self._launch(bucket, sampled, replay), n, last_rows, trace)
         return self.results(self.launch(steps))
 
+    @torch.inference_mode()  # its buffers are inference tensors (made in the engine's steps); callers may not be
     def launch(self, steps: list[SeqStep], feed: tuple["PendingReplay", list[int]] | None = None) -> "PendingReplay":
         """Replay the step's graph and queue its outputs' copy to the host;
         return at once (results() waits for them).
