@@ -19,7 +19,9 @@
 # Run from the repository root with the wheels the device image lacks in .whl/
 # (fastapi, uvicorn, pydantic and their dependencies, Pillow 13; see
 # docs/PERFORMANCE.md) and, for md-rest, the authors' reference in peers/.
-# Results land in $OUT; TIDAL_COMMIT names the commit in them.
+# Results land in $OUT; TIDAL_COMMIT names the commit in them: pass it from the local
+# checkout (TIDAL_COMMIT=abc1234 bash ...): the device's copy of .git has been seen to lag
+# the working tree it carries, so `git rev-parse` there can name an older commit.
 set -uo pipefail
 part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card, check, timeline}"
 out="${OUT:-.}"
