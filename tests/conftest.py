@@ -173,6 +173,23 @@ def assert_matches_golden(result: dict, case: dict) -> None:
         assert got == want
 
 
+def rel(a, b) -> float:
+    """max |a - b| / max |b|, in float64."""
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
+
+
+def assert_same_traces(got, want, tol: float = 1e-6) -> None:
+    """Two requests' outputs agree: every output's raw logits (text, coordinate,
+    size) within tol relative, and the same final result; neither failed."""
+    assert got.error is None and want.error is None
+    assert len(got.trace) == len(want.trace) > 0
+    for step, (g, w) in enumerate(zip(got.trace, want.trace)):
+        for name in ("logits", "coord", "size"):
+            err = rel(getattr(g, name), getattr(w, name))
+            assert err <= tol, f"{got.skill.name} step {step}: {name} differ by {err:.2e} relative"
+    assert got.skill.result() == want.skill.result()
+
+
 def cuda_available() -> bool:
     return torch.cuda.is_available()
 

@@ -11,14 +11,18 @@ Aborting or preempting a request while a step holds it ahead leaks nothing.
 
 from __future__ import annotations
 
-from conftest import assert_engine_idle, golden_cases, golden_image, prepare_case
+from conftest import (
+    assert_engine_idle,
+    assert_same_traces,
+    golden_cases,
+    golden_image,
+    prepare_case,
+)
 
 from tidal import EngineConfig, Moondream
 from tidal.core import InputItem, OutputSpec, StepResult
 from tidal.engine.request import Request
 from tidal.engine.skill import Skill
-
-TOL = 1e-6
 
 
 def _case(kind: str, image: str | None, **match) -> dict:
@@ -96,20 +100,6 @@ def _run(golden_md, overlap: bool, cases: list[dict]) -> tuple[Moondream, list[R
     while md.engine.has_work():
         md.engine.step()
     return md, reqs
-
-
-def rel(a, b) -> float:
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
-
-
-def assert_same_traces(got: Request, want: Request) -> None:
-    assert got.error is None and want.error is None
-    assert len(got.trace) == len(want.trace) > 0
-    for step, (g, w) in enumerate(zip(got.trace, want.trace)):
-        for name in ("logits", "coord", "size"):
-            err = rel(getattr(g, name), getattr(w, name))
-            assert err <= TOL, f"{got.skill.name} step {step}: {name} differ by {err:.2e} relative"
-    assert got.skill.result() == want.skill.result()
 
 
 def test_steps_launched_ahead_change_no_output(golden_md):
