@@ -55,7 +55,7 @@ class Request:
     preemptions: int = 0  # times this request was preempted (and later recomputed)
     submitted: bool = False  # given to an engine (a Request runs once, in one engine)
     trace: list = field(default_factory=list)  # OutputTrace per output, with EngineConfig.trace_logits
-    ahead: int = 0  # slots (at the end of `slots`) of steps launched ahead, their inputs not yet in pending (EngineConfig.overlap)
+    ahead: int = 0  # slots (at the end of `slots`) of steps launched ahead whose positions are not yet in `history` (EngineConfig.overlap)
 
     def __post_init__(self) -> None:
         self.prompt_tokens = items_len(self.pending)
