@@ -168,6 +168,40 @@ def test_steps_queued_ahead_feed_on_the_device_and_change_nothing():
         assert torch.equal(g, w)
 
 
+def test_detect_and_point_queued_ahead_feed_coordinates_and_sizes_on_the_device():
+    """Detect and point with overlap: each step queued behind the running one
+    feeds the coordinate or size read on the device off the running step's
+    outputs (Model.fed_back_values), equal to the last bit to what the skills
+    feed with overlap off; so are the boxes and points."""
+    from conftest import prepare_case
+
+    from tidal import EngineConfig, Moondream
+    from tidal.core import CoordInput, SizeInput
+    from tidal.engine.request import Request
+
+    cases = [c for c in golden_cases() if c["kind"] in ("detect", "point") and c["settings"].get("max_objects") == 8]
+    runs = {}
+    for overlap in (False, True):
+        md = Moondream.from_pretrained(GOLDEN, device="cuda", dtype="float32", engine_config=EngineConfig(max_running=16, overlap=overlap, prefix_cache=False))
+        try:
+            engine = md.engine
+            reqs = [Request(skill=skill, pending=items, bidir_len=bidir) for skill, items, bidir in (prepare_case(md, c) for c in cases)]
+            for r in reqs:
+                engine.add_request(r)
+            while engine.has_work():
+                engine.step()
+            torch.cuda.synchronize()
+            fed = [[i for i in r.history if isinstance(i, (int, CoordInput, SizeInput))] for r in reqs]
+            runs[overlap] = (fed, [r.skill.result() for r in reqs], engine.stats.ahead_steps, engine.stats.ahead_dropped, engine.runner.graph_replays)
+        finally:
+            md.close()
+    (want_fed, want_results, *_), (got_fed, got_results, ahead, dropped, replays) = runs[False], runs[True]
+    assert any(isinstance(i, SizeInput) for f in got_fed for i in f) and any(isinstance(i, CoordInput) for f in got_fed for i in f)
+    assert ahead >= 10 and replays >= ahead and dropped == 0  # steps ran ahead as graph replays, every guess right
+    assert got_fed == want_fed
+    assert got_results == want_results
+
+
 def test_decode_graph_replays_are_bit_identical_to_eager_runs():
     """The same batch-32 decode step, replayed ten times from its CUDA graph and
     run eagerly through the same function: the same logits, bit for bit."""

@@ -4,8 +4,9 @@ are read changes no output.
 Each request's raw logits (text, coordinate, size) at every output equal, to
 1e-6 relative, those of the same requests run with overlap off, for a batch
 that mixes skills whose next input is the sampled token (steps launched
-ahead), skills whose next input is not (detect: never ahead), and a reasoning
-query whose grounding coordinates and answer id prove a guess wrong (dropped).
+ahead), detect and point (their next input a coordinate or size read off the
+output: ahead too), and a reasoning query whose grounding coordinates and
+answer id prove a guess wrong (dropped).
 Aborting or preempting a request while a step holds it ahead leaks nothing.
 """
 
@@ -20,7 +21,7 @@ from conftest import (
 )
 
 from tidal import EngineConfig, Moondream
-from tidal.core import InputItem, OutputSpec, StepResult
+from tidal.core import CoordInput, InputItem, OutputSpec, SizeInput, StepResult
 from tidal.engine.request import Request
 from tidal.engine.skill import Skill
 
@@ -112,6 +113,57 @@ def test_steps_launched_ahead_change_no_output(golden_md):
         assert off.engine.stats.ahead_steps == 0
         assert stats.steps < off.engine.stats.steps + stats.ahead_steps  # ahead steps are steps, not extra ones
         for g, w in zip(got, want):
+            assert_same_traces(g, w)
+        assert_engine_idle(on.engine)
+    finally:
+        on.close()
+        off.close()
+
+
+def test_fed_back_values_equal_what_the_skills_feed(golden_md):
+    """The values a step queued ahead reads off packed outputs on the device
+    (fed_back_values) equal the host's fed_back, and the skills' own
+    coordinate and size arithmetic, for every bin."""
+    import torch
+
+    from tidal.core import FEED_COORD, FEED_SIZE
+    from tidal.models.moondream3.region import size_from_bins
+
+    model = golden_md.model
+    bins = torch.arange(1024)
+    packed = torch.stack([bins, bins, bins, bins.flip(0), bins % 2], dim=1)  # token, coord, width, height, over eos
+    kinds = torch.tensor([FEED_COORD, FEED_SIZE]).repeat(512)
+    values = model.fed_back_values(packed, kinds).tolist()
+    for b, (kind, (v0, v1)) in enumerate(zip(kinds.tolist(), values)):
+        result = StepResult(b, coord_bin=b, size_bins=(b, 1023 - b), coord_over_eos=bool(b % 2))
+        if kind == FEED_COORD:
+            assert model.fed_back(CoordInput(0.0), result) == CoordInput(v0) == CoordInput(b / 1024)
+        else:
+            w, h = size_from_bins(torch.tensor([b, 1023 - b])).tolist()  # as LocateSkill computes a size
+            assert model.fed_back(SizeInput(0.0, 0.0), result) == SizeInput(v0, v1) == SizeInput(w, h)
+
+
+def _fed(req: Request) -> list[InputItem]:
+    """What a request fed but images (ImageInput compares by identity)."""
+    return [item for item in req.history if isinstance(item, (int, CoordInput, SizeInput))]
+
+
+def test_detect_and_point_run_ahead_feeding_coordinates_and_sizes(golden_md):
+    """Every golden detect and point case in one batch: their steps are
+    launched ahead (coordinates and sizes fed from the running step's output),
+    the inputs fed are those of overlap off to the last bit, and so are every
+    output's raw heads and the boxes and points found."""
+    cases = golden_cases("detect") + golden_cases("point")
+    on, got = _run(golden_md, True, cases)
+    off, want = _run(golden_md, False, cases)
+    try:
+        stats = on.engine.stats
+        assert stats.ahead_steps >= stats.steps // 2  # most steps ran ahead of their predecessor's results
+        assert stats.ahead_dropped == 0  # and every guess was what the skill then fed (a stop ends a request, drops nothing)
+        fed = {type(item) for r in got for item in r.history}
+        assert CoordInput in fed and SizeInput in fed
+        for g, w in zip(got, want):
+            assert _fed(g) == _fed(w)  # the same items, coordinates and sizes equal as floats
             assert_same_traces(g, w)
         assert_engine_idle(on.engine)
     finally:

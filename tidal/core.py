@@ -146,6 +146,17 @@ class OutputSpec:
     banned: tuple[int, ...] = ()
 
 
+@dataclass(frozen=True)
+class Guess:
+    """What a skill will feed back after its next output unless it finishes
+    (Skill.guess_next): that output's sampled token (FEED_TOKEN), its
+    coordinate (FEED_COORD) or its size (FEED_SIZE), as the model reads them
+    off the output (Model.fed_back), and the OutputSpec it will then ask for."""
+
+    feed: int
+    spec: OutputSpec
+
+
 @dataclass
 class SeqStep:
     """One sequence's share of a step: feed `items` from position `start_pos`.
@@ -281,6 +292,10 @@ class Model(Protocol):
     encode_images (optional): several payloads through one vision-encoder run.
     capture_graphs (optional): capture the model's own fixed-shape parts (a
         vision encoder) as CUDA graphs; the engine calls it with its decode graphs.
+    fed_back / fed_back_values (optional, models whose skills feed back
+        coordinates or sizes): the CoordInput or SizeInput a skill feeds back
+        after an output (host), and the same values read off packed outputs
+        on the device, equal to the last bit (a step queued ahead feeds them).
     """
 
     device: torch.device

@@ -1,9 +1,10 @@
 """EngineConfig.overlap: the next decode step queued behind the running one.
 
 While a decode step's graph runs, the engine launches the step after it, each
-sequence feeding the token the running step samples (the runner copies it on
-the device), before it reads the running step's results. Once they are read
-and applied, each guessed row is kept if its request's skill asked for exactly
+sequence feeding what the running step outputs for it (the sampled token, or
+for detect and point the coordinate or size; the runner reads it on the
+device), before it reads the running step's results. Once they are read and
+applied, each guessed row is kept if its request's skill asked for exactly
 that input and OutputSpec, else dropped and its KV slot given back.
 Functions of the engine (its scheduler, allocator, table, runner, stats)."""
 
@@ -13,7 +14,18 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from tidal.core import SeqStep, rope_delta
+from tidal.core import (
+    FEED_COORD,
+    FEED_SIZE,
+    FEED_TOKEN,
+    CoordInput,
+    Guess,
+    InputItem,
+    SeqStep,
+    SizeInput,
+    StepResult,
+    rope_delta,
+)
 from tidal.engine.request import Request, RequestStatus
 from tidal.engine.scheduler import Chunk
 from tidal.runner.model_runner import Launched
@@ -49,32 +61,33 @@ def overlap_on(engine: "Engine") -> bool:
 def launch_ahead(engine: "Engine", current: LaunchedStep) -> LaunchedStep | None:
     """Queue the step after `current` before its results are read, when that
     step is certain to be asked for unless a guess fails: every running
-    request is in `current`, finishing its inputs there, and its skill says it
-    will feed back the token it samples (with the OutputSpec it names); no
-    request waits that a free table row would admit; a free slot each. -> the
-    launched step, its chunks feeding placeholders the device fills."""
+    request is in `current`, finishing its inputs there, and its skill says
+    what of that output it will feed back (Skill.guess_next: the token, a
+    coordinate or a size, with the OutputSpec it names); no request waits
+    that a free table row would admit; a free slot each. -> the launched
+    step, its chunks feeding placeholders the device fills."""
     sched = engine.scheduler
     if sched.waiting and engine.req_to_token.available:
         return None  # it would be admitted by the next schedule: let it (with no free row it waits anyway)
     chunks = [c for c, live in zip(current.chunks, current.live) if live and c.req.status is RequestStatus.RUNNING]
     if not chunks or len(chunks) != len(sched.running) or engine.allocator.available < len(chunks):
         return None
-    specs = []
+    guesses: list[Guess] = []
     for c in chunks:
         req = c.req
         if not c.completes or req.num_cached >= engine.max_context or req.cancelled:
             return None
         try:
-            spec = req.skill.spec_after_token()
+            guess = req.skill.guess_next()
         except Exception:  # a skill bug: its request fails where the step is scheduled as usual
             logger.exception("skill %s failed naming its next output on %s", req.skill.name, req.id)
             return None
-        if spec is None:
+        if guess is None or guess.feed not in _PLACEHOLDER:
             return None
-        specs.append(spec)
+        guesses.append(guess)
     index = {id(c): i for i, c in enumerate(current.chunks)}
     steps, source = [], []
-    for c, spec in zip(chunks, specs):
+    for c, guess in zip(chunks, guesses):
         req = c.req
         slot = engine.allocator.alloc(1)
         assert slot is not None
@@ -82,7 +95,8 @@ def launch_ahead(engine: "Engine", current: LaunchedStep) -> LaunchedStep | None
         engine.req_to_token.write(req.row, start, slot)  # type: ignore[arg-type]
         req.slots.extend(slot)
         req.ahead += 1
-        steps.append(SeqStep(req.row, start, [0], req.bidir_len, spec, req.rope_delta + rope_delta(req.pending[: c.n_items])))  # type: ignore[arg-type]
+        item = _PLACEHOLDER[guess.feed]
+        steps.append(SeqStep(req.row, start, [item], req.bidir_len, guess.spec, req.rope_delta + rope_delta(req.pending[: c.n_items])))  # type: ignore[arg-type]
         source.append(index[id(c)])
     try:
         launched = engine.runner.launch(steps, trace=engine.config.trace_logits, feed=(current.launched, source))
@@ -98,17 +112,19 @@ def launch_ahead(engine: "Engine", current: LaunchedStep) -> LaunchedStep | None
 def confirm(engine: "Engine", ahead: LaunchedStep, current: LaunchedStep, results: list) -> LaunchedStep | None:
     """With `current`'s results applied: keep the step launched ahead for each
     request whose skill asked for what it guessed (the sampled token as its
-    one input, the OutputSpec named); give back the slot of any other still
-    running. -> the step, or None if nothing in it counts."""
+    one input, the OutputSpec named: what the device fed, to the last bit);
+    give back the slot of any other still running. -> the step, or None if
+    nothing in it counts."""
     by_req = {id(c.req): r for c, r in zip(current.chunks, results)}
     for i, (chunk, step) in enumerate(zip(ahead.chunks, ahead.steps)):
         req = chunk.req
         if req.status is not RequestStatus.RUNNING:
             ahead.live[i] = False  # its slots went back with it
             continue
-        token = getattr(by_req.get(id(req)), "token", None)
+        result = by_req.get(id(req))
         try:
-            same = token is not None and len(req.pending) == 1 and type(req.pending[0]) is int and req.pending[0] == token and req.skill.next_output() == step.output
+            fed = engine.runner.fed_item(step.items[0], result) if isinstance(result, StepResult) else None
+            same = fed is not None and len(req.pending) == 1 and type(req.pending[0]) is type(fed) and req.pending[0] == fed and req.skill.next_output() == step.output
         except Exception:  # a skill bug: dropped here, its request fails in the step scheduled as usual
             same = False
         if not same:
@@ -116,6 +132,10 @@ def confirm(engine: "Engine", ahead: LaunchedStep, current: LaunchedStep, result
             take_back(engine, req)
             engine.stats.ahead_dropped += 1
     return ahead if any(ahead.live) else None
+
+
+# the item a guessed row carries until the device writes what it feeds
+_PLACEHOLDER: dict[int, InputItem] = {FEED_TOKEN: 0, FEED_COORD: CoordInput(0.0), FEED_SIZE: SizeInput(0.0, 0.0)}
 
 
 def drop(engine: "Engine", ahead: LaunchedStep) -> None:

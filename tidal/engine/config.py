@@ -31,13 +31,14 @@ class EngineConfig:
     kernels then, not inside the first requests' steps (measured: 4 s of
     compiles in the first 32 requests of a fresh H100 machine).
     overlap: while a decode step's graph runs, queue the next one behind it
-    (each sequence feeding the token the running step samples, read on the
+    (each sequence feeding what the running step outputs for it: the token
+    it samples, or for detect and point the coordinate or size, read on the
     device) before reading the running step's results, so the host's work
     between steps (reading results, the skills, scheduling, filling inputs)
     hides behind the GPU's. Only where every running request's skill says
-    its next input is the token it samples (Skill.spec_after_token) and no
-    waiting request could be admitted (a free table row); a guess the
-    results prove wrong (a stop, a grounding coordinate) is dropped, its
+    what it will feed back (Skill.guess_next) and no waiting request could
+    be admitted (a free table row); a guess the results prove wrong (a stop,
+    a reasoning query's grounding coordinate) is dropped, its
     slot given back, and the request goes on in the step after (one step
     later than without). The same steps with the same inputs: the same
     outputs. None (default): on where decode steps replay CUDA graphs, the

@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
-from tidal.core import InputItem, OutputSpec, StepResult
+from tidal.core import FEED_TOKEN, Guess, InputItem, OutputSpec, StepResult
 
 
 class Skill(ABC):
@@ -40,6 +40,15 @@ class Skill(ABC):
         is read (EngineConfig.overlap); a wrong answer costs a wasted row,
         never a wrong result. None by default."""
         return None
+
+    def guess_next(self) -> Guess | None:
+        """What this skill will feed back after its next output unless it
+        finishes (its token, coordinate or size), and the OutputSpec it will
+        then ask for; None where that depends on more than the output. By
+        default the token, as spec_after_token says. Skills that feed back
+        coordinates or sizes (detect, point) override this."""
+        spec = self.spec_after_token()
+        return None if spec is None else Guess(FEED_TOKEN, spec)
 
     def on_context_full(self) -> None:
         """The sequence reached the model's context; the engine stops it."""

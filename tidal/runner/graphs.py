@@ -173,10 +173,12 @@ class DecodeGraphs(StepGraphs):
         """Replay the step's graph and queue its outputs' copy to the host;
         return at once (results() waits for them).
 
-        feed (source, rows): every step feeds one token, the one the source
-        replay sampled in its output row rows[i], read on the device (the
-        source may still be running): the step after the source, queued
-        before its results are back. The steps' own items are placeholders."""
+        feed (source, rows): every step feeds one input read on the device off
+        the source replay's output row rows[i] (the source may still be
+        running): the sampled token, or where a step's placeholder item is a
+        CoordInput or SizeInput the values the model feeds back
+        (Model.fed_back_values). The step after the source, queued before its
+        results are back."""
         n, bucket, sampled, last_rows, host = self._prepare(steps, feed)
         out = self._launch(bucket, sampled, True)
         if host.out is None or host.out.shape[1] != out.shape[1] or host.out.dtype != out.dtype:
@@ -217,13 +219,21 @@ class DecodeGraphs(StepGraphs):
         self.floats.copy_(self.floats_host, non_blocking=True)
         host.done.record()  # past the copies out of `host` (launch() records it again later)
         if feed is not None:
-            source, rows = feed
-            assert n == len(rows) == len(steps), "a fed step has one position a sequence"
-            tokens = source.out[:, 0]
-            if rows != list(range(n)):
-                tokens = tokens[h2d(rows, torch.int64, self.ints.device)]
-            self.ints[_I["input_ids"], :n].copy_(tokens[:n])
+            self._feed(steps, *feed)
         return n, bucket, sampled, last_rows, host
+
+    def _feed(self, steps: list[SeqStep], source: "PendingReplay", rows: list[int]) -> None:
+        """Write into the static inputs, on the device, what each step feeds
+        from the source's output row rows[i]: its token and, where the step's
+        placeholder is a coordinate or size (kinds already copied), the
+        model's fed-back values."""
+        n = len(steps)
+        assert n == len(rows) == sum(len(s.items) for s in steps), "a fed step has one position a sequence"
+        packed = source.out[:n] if rows == list(range(n)) else source.out[h2d(rows, torch.int64, self.ints.device)]
+        self.ints[_I["input_ids"], :n].copy_(packed[:, 0])
+        if any(not isinstance(s.items[0], int) for s in steps):
+            values = self.runner.model.fed_back_values(packed, self.ints[_I["kinds"], :n])  # [n, 2]
+            self.floats[_F["value0"] : _F["value1"] + 1, :n].copy_(values.T)
 
     def _fill(self, steps: list[SeqStep]) -> list[int | None]:
         """Write the steps' rows into the host buffers; -> each step's output row (None: no output)."""

@@ -19,6 +19,7 @@ from tidal.core import (
     ForwardBatch,
     ForwardMode,
     ImageInput,
+    InputItem,
     Model,
     OutputSpec,
     OutputTrace,
@@ -75,9 +76,10 @@ class ModelRunner:
         """Start the step; collect() gives its results. A decode-graph step
         returns while its replay runs; any other step runs to its end here.
 
-        feed (source, idx): step i feeds one token, the one `source` sampled
-        for its step idx[i] (the steps' items are placeholders). A replay in
-        flight feeds it on the device, before its results are back."""
+        feed (source, idx): step i feeds one input read off `source`'s output
+        for its step idx[i]: the sampled token, or the coordinate or size the
+        model feeds back, as its placeholder item's type says (fed_item). A
+        replay in flight feeds it on the device, before its results are back."""
         graphs = self.graphs
         fast = not trace and graphs is not None and graphs.can_run(steps)
         if feed is not None:
@@ -86,10 +88,18 @@ class ModelRunner:
                 rows = [source.pending.index[j] for j in idx]
                 return Launched(pending=graphs.launch(steps, (source.pending, rows)))
             done = source.results if source.results is not None else self.collect(source)
-            steps = [replace(s, items=[done[j].token]) for s, j in zip(steps, idx)]  # type: ignore[union-attr]
+            steps = [replace(s, items=[self.fed_item(s.items[0], done[j])]) for s, j in zip(steps, idx)]  # type: ignore[arg-type]
         if fast:
             return Launched(pending=graphs.launch(steps))
         return Launched(results=self.run(steps, trace=trace))
+
+    def fed_item(self, placeholder: InputItem, result: StepResult) -> InputItem:
+        """What a step fed from `result` feeds in place of `placeholder`: the
+        sampled token (an int placeholder), else the CoordInput or SizeInput
+        the model reads off the output (Model.fed_back)."""
+        if isinstance(placeholder, int):
+            return result.token
+        return self.model.fed_back(placeholder, result)  # type: ignore[attr-defined]
 
     def collect(self, launched: "Launched") -> list[StepResult | None]:
         """A launched step's results, waiting for its replay if it runs still."""

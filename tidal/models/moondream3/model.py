@@ -10,7 +10,16 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from tidal.core import FEED_COORD, FEED_SIZE, ForwardBatch, KVLayout
+from tidal.core import (
+    FEED_COORD,
+    FEED_SIZE,
+    CoordInput,
+    ForwardBatch,
+    InputItem,
+    KVLayout,
+    SizeInput,
+    StepResult,
+)
 from tidal.models.checkpoint import raise_weight_problems
 
 from .config import MoondreamConfig
@@ -21,7 +30,7 @@ from .processor import (
     overlap_crops,
     overlap_crops_tensor,
 )
-from .region import RegionHead
+from .region import RegionHead, coord_from_bin, size_values
 from .text import TextModel
 from .vision import VisionModel
 
@@ -47,6 +56,7 @@ class Moondream3Model(nn.Module):
         self._coord_id, self._eos_id = config.tokenizer.coord_id, config.tokenizer.eos_id
         self.encoder_graphs = None  # a ShapeGraphs of the vision encoder once captured (capture_graphs)
         self.fast = False  # see use_kernels
+        self._size_table: torch.Tensor | None = None  # size_values on the device (fed_back_values)
 
     @property
     def hidden_size(self) -> int:
@@ -95,6 +105,29 @@ class Moondream3Model(nn.Module):
     def extras_to_result(self, extras: list[int]) -> dict[str, Any]:
         coord_bin, width_bin, height_bin, coord_over_eos = extras
         return {"coord_bin": coord_bin, "size_bins": (width_bin, height_bin), "coord_over_eos": bool(coord_over_eos)}
+
+    def fed_back(self, placeholder: InputItem, result: StepResult) -> InputItem:
+        """The coordinate (a CoordInput placeholder) or size (a SizeInput one)
+        a skill feeds back after `result`, as detect, point and reasoning make it."""
+        if isinstance(placeholder, CoordInput):
+            return CoordInput(coord_from_bin(result.coord_bin))
+        if isinstance(placeholder, SizeInput) and result.size_bins is not None:
+            sizes = size_values()
+            return SizeInput(sizes[result.size_bins[0]], sizes[result.size_bins[1]])
+        raise TypeError(f"nothing of an output is fed back as {placeholder!r}")
+
+    def fed_back_values(self, packed: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
+        """fed_back on the device: packed outputs [n, 5] (token, then heads'
+        extras) and feedback kinds [n] -> float32 [n, 2]: (coordinate, 0) on
+        FEED_COORD rows, (width, height) on FEED_SIZE rows, as the model's
+        embedding reads feedback_values; other rows' values are unread."""
+        table = self._size_table
+        if table is None or table.device != packed.device:
+            table = self._size_table = torch.tensor(size_values(), dtype=torch.float32, device=packed.device)
+        coord = coord_from_bin(packed[:, 1].to(torch.float32))
+        width, height = table[packed[:, 2]], table[packed[:, 3]]
+        size = kinds == FEED_SIZE
+        return torch.stack([torch.where(size, width, coord), torch.where(size, height, torch.zeros_like(height))], dim=1)
 
     def use_kernels(self, enabled: bool) -> None:
         """The Triton fast path (fused tau/rotary/KV write, fused MoE, on CUDA

@@ -3,6 +3,7 @@ coordinates (1024 bins over [0, 1]) and sizes (1024 log-scale bins per axis)."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -20,6 +21,19 @@ def fourier_features(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 def size_from_bins(bins: torch.Tensor) -> torch.Tensor:
     """Size bins (0..1023) -> sizes 2 ** (bin / 1023 * 10 - 10), in float32."""
     return torch.pow(2.0, bins.float() / 1023.0 * 10.0 - 10.0)
+
+
+def coord_from_bin(b, n_bins: int = 1024):
+    """A coordinate bin (int, or int tensor as float32) -> its value in [0, 1]: b / n_bins, exact in float32."""
+    return b / n_bins
+
+
+@functools.cache
+def size_values() -> tuple[float, ...]:
+    """size_from_bins of every bin, computed as the skills compute a size (a
+    (width, height) pair at a time, on the CPU), so a size looked up here
+    equals theirs to the last bit (pow on another device may differ in it)."""
+    return tuple(size_from_bins(torch.tensor([b, b]))[0].item() for b in range(1024))
 
 
 class RegionHead(nn.Module):

@@ -8,17 +8,22 @@ from __future__ import annotations
 import torch
 from tokenizers import Tokenizer
 
-from tidal.core import CoordInput, InputItem, OutputSpec, SizeInput, StepResult
+from tidal.core import (
+    FEED_COORD,
+    FEED_SIZE,
+    CoordInput,
+    Guess,
+    InputItem,
+    OutputSpec,
+    SizeInput,
+    StepResult,
+)
 from tidal.engine.sampling import SamplingParams
 from tidal.engine.skill import Skill
 from tidal.engine.text_output import TextOutput
 
 from .config import TokenizerConfig
-from .region import size_from_bins
-
-
-def coord_from_bin(b: int, n_bins: int = 1024) -> float:
-    return b / n_bins
+from .region import coord_from_bin, size_from_bins
 
 
 class TextAnswer:
@@ -195,6 +200,18 @@ class LocateSkill(Skill):
 
     def _done(self) -> None:
         self.finish_reason = "stop"
+
+    def guess_next(self) -> Guess | None:
+        """The coordinate of the next output is fed back (x, then y), then for
+        boxes its size, unless the object is the last wanted or the model says
+        eos (then the guess is dropped)."""
+        greedy = OutputSpec(temperature=0.0)
+        last = len(self.objects) + 1 >= self.max_objects  # the object being read is the last wanted
+        if self._state in ("first", "decide") or self._state == "y" and self.with_size:
+            return Guess(FEED_COORD, greedy)
+        if self._state == "y":  # a point's y ends its object
+            return None if last else Guess(FEED_COORD, greedy)
+        return None if last else Guess(FEED_SIZE, greedy)
 
     def on_output(self, out: StepResult) -> list[InputItem] | None:
         self.completion_tokens += 1  # each output is one generated position
