@@ -323,9 +323,10 @@ def main() -> None:
             decode_sweep(md, (1, 8, 16), 740, 16 if args.quick else 32, results, f"skinny_{mode}", bandwidth)
             md = close_model(md)
 
-    if "overlap" in parts:  # the decode sweep to batch 32 with EngineConfig.overlap off (decode ran it on)
+    if "overlap" in parts:  # the decode sweep to batch 32 and detect/point with EngineConfig.overlap off (decode and latency run it on)
         md = Moondream(model, tok, EngineConfig(max_running=32, prefix_cache=False, kernels=kernels, overlap=False))
         decode_sweep(md, (1, 8, 32), 740, 16 if args.quick else 32, results, "no_overlap", bandwidth)
+        locate(md, results, reps, "no_overlap")
         md = close_model(md)
     if "branches" in parts:  # each block's two branches on the other number of streams than the default (text.PARALLEL_BRANCHES)
         from tidal.models.moondream3 import text as text_model
