@@ -17,7 +17,8 @@ whole steps, each ending in its one device-to-host read; medians):
   its own image), output tokens/s from the first submission to the last token;
 - Qwen3-VL: time to first token for one image (new, and cached);
 - transformers' generate() per-token time (N and 1 new tokens, the difference).
-Prints a table last; writes DIR/bench-qwen3-moe.json or bench-qwen3-vl.json.
+Prints a table last; writes DIR/bench-qwen3-moe.json or bench-qwen3-vl.json
+(-nooverlap, -skinny-MODE before .json for those variants).
 """
 
 from __future__ import annotations
@@ -332,7 +333,8 @@ def main() -> None:
             ms = hf_decode(hf, b, args.context, args.hf_tokens)
             results[f"hf_decode_b{b}_ms"], results[f"hf_decode_b{b}_tok_s"] = ms, b * 1000 / ms
             print(f"transformers generate batch {b}: {ms:.2f} ms/token, {b * 1000 / ms:.0f} tok/s", flush=True)
-    report(results, args.out, f"bench-qwen3-{args.model}.json")
+    variant = "".join(f"-{flag}" for flag, on in (("nooverlap", args.no_overlap), (f"skinny-{args.skinny}", args.skinny != "auto")) if on)
+    report(results, args.out, f"bench-qwen3-{args.model}{variant}.json")  # a variant's run does not overwrite the default's
 
 
 if __name__ == "__main__":
