@@ -19,6 +19,7 @@ from tidal.core import (
     KVLayout,
     SizeInput,
     StepResult,
+    h2d,
 )
 from tidal.models.checkpoint import raise_weight_problems
 
@@ -123,7 +124,7 @@ class Moondream3Model(nn.Module):
         embedding reads feedback_values; other rows' values are unread."""
         table = self._size_table
         if table is None or table.device != packed.device:
-            table = self._size_table = torch.tensor(size_values(), dtype=torch.float32, device=packed.device)
+            table = self._size_table = h2d(size_values(), torch.float32, packed.device)  # no wait on the running step
         coord = coord_from_bin(packed[:, 1].to(torch.float32))
         width, height = table[packed[:, 2]], table[packed[:, 3]]
         size = kinds == FEED_SIZE
