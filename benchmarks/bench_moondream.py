@@ -74,6 +74,9 @@ class FixedLength(Skill):
     def next_output(self) -> OutputSpec:
         return OutputSpec(temperature=self.temperature, top_p=0.9, seed=7, step=self.steps)
 
+    def last_output_next(self) -> bool:
+        return self.steps + 1 >= self.n
+
     def spec_after_token(self) -> OutputSpec | None:
         return None if self.steps + 1 >= self.n else OutputSpec(temperature=self.temperature, top_p=0.9, seed=7, step=self.steps + 1)
 

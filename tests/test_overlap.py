@@ -52,6 +52,9 @@ class Tokens(Skill):
     def next_output(self) -> OutputSpec:
         return OutputSpec(temperature=0.7, top_p=0.9, seed=self.seed, step=len(self.tokens))
 
+    def last_output_next(self) -> bool:
+        return len(self.tokens) + 1 >= self.n
+
     def spec_after_token(self) -> OutputSpec | None:
         return None if len(self.tokens) + 1 >= self.n else OutputSpec(temperature=0.7, top_p=0.9, seed=self.seed, step=len(self.tokens) + 1)
 
@@ -239,6 +242,38 @@ def test_a_failed_read_of_results_reruns_the_step_and_changes_no_output(golden_m
         assert_engine_idle(md.engine)
     finally:
         md.close()
+
+
+def test_a_request_at_its_last_output_leaves_the_step_ahead_to_the_others(golden_md):
+    """Requests of different lengths: once all decode, every step is queued
+    ahead of its predecessor's results, those where a request reads its last
+    output too (the step ahead leaves it out); outputs as with overlap off."""
+    lengths = (4, 7, 11)
+    off = Moondream(golden_md.model, golden_md.tokenizer, EngineConfig(trace_logits=True, overlap=False))
+    md = Moondream(golden_md.model, golden_md.tokenizer, EngineConfig(trace_logits=True, overlap=True))
+    try:
+        want = [_tokens(off, n, seed) for seed, n in enumerate(lengths)]
+        got = [_tokens(md, n, seed) for seed, n in enumerate(lengths)]
+        for w, g in zip(want, got):
+            off.engine.add_request(w)
+            md.engine.add_request(g)
+        while off.engine.has_work():
+            off.engine.step()
+        not_ahead = 0  # steps read while all requests run and decode, not launched ahead
+        while md.engine.has_work():
+            sched = md.engine.scheduler
+            decoding = bool(sched.running) and not sched.waiting and all(r.history for r in sched.running)
+            not_ahead += decoding and md.engine._ahead is None
+            md.engine.step()
+        assert not_ahead == 0
+        assert md.engine.stats.ahead_dropped == 0
+        for g, w in zip(got, want):
+            assert_same_traces(g, w)
+            assert len(g.trace) == g.skill.n
+        assert_engine_idle(md.engine)
+    finally:
+        md.close()
+        off.close()
 
 
 def test_a_request_waiting_for_a_table_row_does_not_stop_steps_ahead(golden_md):

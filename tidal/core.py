@@ -151,10 +151,16 @@ class Guess:
     """What a skill will feed back after its next output unless it finishes
     (Skill.guess_next): that output's sampled token (FEED_TOKEN), its
     coordinate (FEED_COORD) or its size (FEED_SIZE), as the model reads them
-    off the output (Model.fed_back), and the OutputSpec it will then ask for."""
+    off the output (Model.fed_back), and the OutputSpec it will then ask for.
+    FINISHES (feed FEED_NOTHING, no spec): that output is certainly the
+    skill's last (its length limit), so its request needs no step after it."""
 
     feed: int
-    spec: OutputSpec
+    spec: OutputSpec | None
+
+
+FEED_NOTHING = -1  # Guess.feed of FINISHES (never a ForwardBatch feedback kind)
+FINISHES = Guess(FEED_NOTHING, None)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from tidal.core import (
     FEED_COORD,
+    FEED_NOTHING,
     FEED_SIZE,
     FEED_TOKEN,
     CoordInput,
@@ -63,9 +64,10 @@ def launch_ahead(engine: "Engine", current: LaunchedStep) -> LaunchedStep | None
     step is certain to be asked for unless a guess fails: every running
     request is in `current`, finishing its inputs there, and its skill says
     what of that output it will feed back (Skill.guess_next: the token, a
-    coordinate or a size, with the OutputSpec it names); no request waits
-    that a free table row would admit; a free slot each. -> the launched
-    step, its chunks feeding placeholders the device fills."""
+    coordinate or a size, with the OutputSpec it names) or that the output is
+    its last (left out); no request waits that a free table row would admit;
+    a free slot each. -> the launched step, its chunks feeding placeholders
+    the device fills."""
     sched = engine.scheduler
     if sched.waiting and engine.req_to_token.available:
         return None  # it would be admitted by the next schedule: let it (with no free row it waits anyway)
@@ -82,12 +84,16 @@ def launch_ahead(engine: "Engine", current: LaunchedStep) -> LaunchedStep | None
         except Exception:  # a skill bug: its request fails where the step is scheduled as usual
             logger.exception("skill %s failed naming its next output on %s", req.skill.name, req.id)
             return None
-        if guess is None or guess.feed not in _PLACEHOLDER:
+        if guess is None or guess.feed not in _PLACEHOLDER and guess.feed != FEED_NOTHING:
             return None
         guesses.append(guess)
+    guessed = [(c, g) for c, g in zip(chunks, guesses) if g.feed != FEED_NOTHING]  # the rest finish with this output
+    if not guessed:
+        return None
+    chunks = [c for c, _ in guessed]
     index = {id(c): i for i, c in enumerate(current.chunks)}
     steps, source = [], []
-    for c, guess in zip(chunks, guesses):
+    for c, guess in guessed:
         req = c.req
         slot = engine.allocator.alloc(1)
         assert slot is not None

@@ -36,8 +36,9 @@ class EngineConfig:
     device) before reading the running step's results, so the host's work
     between steps (reading results, the skills, scheduling, filling inputs)
     hides behind the GPU's. Only where every running request's skill says
-    what it will feed back (Skill.guess_next) and no waiting request could
-    be admitted (a free table row); a guess the results prove wrong (a stop,
+    what it will feed back, or that its next output is its last (left out
+    of the step ahead) (Skill.guess_next), and no waiting request could be
+    admitted (a free table row); a guess the results prove wrong (a stop,
     a reasoning query's grounding coordinate) is dropped, its
     slot given back, and the request goes on in the step after (one step
     later than without). The same steps with the same inputs: the same

@@ -27,6 +27,9 @@ class GenerateSkill(Skill):
         p = self.params
         return OutputSpec(p.temperature, p.top_p, p.top_k, self.seed, len(self.tokens))
 
+    def last_output_next(self) -> bool:
+        return len(self.tokens) + 1 >= self.params.max_tokens
+
     def spec_after_token(self) -> OutputSpec | None:
         p = self.params
         if len(self.tokens) + 1 >= p.max_tokens:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
-from tidal.core import FEED_TOKEN, Guess, InputItem, OutputSpec, StepResult
+from tidal.core import FEED_TOKEN, FINISHES, Guess, InputItem, OutputSpec, StepResult
 
 
 class Skill(ABC):
@@ -41,12 +41,21 @@ class Skill(ABC):
         never a wrong result. None by default."""
         return None
 
+    def last_output_next(self) -> bool:
+        """Whether the next output is certainly this skill's last (it reaches
+        its length limit): a step queued ahead leaves its request out. False
+        by default."""
+        return False
+
     def guess_next(self) -> Guess | None:
         """What this skill will feed back after its next output unless it
         finishes (its token, coordinate or size), and the OutputSpec it will
-        then ask for; None where that depends on more than the output. By
-        default the token, as spec_after_token says. Skills that feed back
-        coordinates or sizes (detect, point) override this."""
+        then ask for; FINISHES if that output is certainly its last; None
+        where that depends on more than the output. By default
+        last_output_next, then the token as spec_after_token says. Skills
+        that feed back coordinates or sizes (detect, point) override this."""
+        if self.last_output_next():
+            return FINISHES
         spec = self.spec_after_token()
         return None if spec is None else Guess(FEED_TOKEN, spec)
 

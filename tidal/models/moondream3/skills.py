@@ -11,6 +11,7 @@ from tokenizers import Tokenizer
 from tidal.core import (
     FEED_COORD,
     FEED_SIZE,
+    FINISHES,
     CoordInput,
     Guess,
     InputItem,
@@ -56,6 +57,10 @@ class TextAnswer:
         p = self.params
         return OutputSpec(p.temperature, p.top_p, p.top_k, self.seed, step, (self.ids.answer_id,))
 
+    def last(self) -> bool:
+        """Whether the next answer token is certainly the last (max_tokens)."""
+        return len(self.tokens) + 1 >= self.params.max_tokens
+
     def on_token(self, token: int) -> list[InputItem] | None:
         if token == self.ids.eos_id:
             self.skill.finish_reason = "stop"
@@ -98,6 +103,9 @@ class QuerySkill(Skill):
             banned = (self.ids.eos_id, self.ids.size_id) if self._reason_steps else ()
             return OutputSpec(p.temperature, p.top_p, p.top_k, self.seed, self._steps, banned)
         return self.answer.spec(self._steps)
+
+    def last_output_next(self) -> bool:
+        return not self.thinking and self.answer.last()
 
     def spec_after_token(self) -> OutputSpec | None:
         if not self.thinking:
@@ -169,6 +177,9 @@ class CaptionSkill(Skill):
     def next_output(self) -> OutputSpec:
         return self.answer.spec(self._steps)
 
+    def last_output_next(self) -> bool:
+        return self.answer.last()
+
     def spec_after_token(self) -> OutputSpec | None:
         return self.answer.spec_after_token(self._steps + 1)
 
@@ -203,15 +214,15 @@ class LocateSkill(Skill):
 
     def guess_next(self) -> Guess | None:
         """The coordinate of the next output is fed back (x, then y), then for
-        boxes its size, unless the object is the last wanted or the model says
-        eos (then the guess is dropped)."""
+        boxes its size, unless the model says eos (then the guess is dropped);
+        the output that completes the last object wanted is the last."""
         greedy = OutputSpec(temperature=0.0)
         last = len(self.objects) + 1 >= self.max_objects  # the object being read is the last wanted
         if self._state in ("first", "decide") or self._state == "y" and self.with_size:
             return Guess(FEED_COORD, greedy)
         if self._state == "y":  # a point's y ends its object
-            return None if last else Guess(FEED_COORD, greedy)
-        return None if last else Guess(FEED_SIZE, greedy)
+            return FINISHES if last else Guess(FEED_COORD, greedy)
+        return FINISHES if last else Guess(FEED_SIZE, greedy)
 
     def on_output(self, out: StepResult) -> list[InputItem] | None:
         self.completion_tokens += 1  # each output is one generated position
