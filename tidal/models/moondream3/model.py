@@ -126,7 +126,8 @@ class Moondream3Model(nn.Module):
         if table is None or table.device != packed.device:
             table = self._size_table = h2d(size_values(), torch.float32, packed.device)  # no wait on the running step
         coord = coord_from_bin(packed[:, 1].to(torch.float32))
-        width, height = table[packed[:, 2]], table[packed[:, 3]]
+        last = table.shape[0] - 1  # a head of more bins than the table (no such checkpoint) must not read past it: its guess is dropped
+        width, height = table[packed[:, 2].clamp(0, last)], table[packed[:, 3].clamp(0, last)]
         size = kinds == FEED_SIZE
         return torch.stack([torch.where(size, width, coord), torch.where(size, height, torch.zeros_like(height))], dim=1)
 
