@@ -176,8 +176,18 @@ def test_detect_and_point_queued_ahead_feed_coordinates_and_sizes_on_the_device(
     from conftest import prepare_case
 
     from tidal import EngineConfig, Moondream
-    from tidal.core import CoordInput, SizeInput
+    from tidal.core import CoordInput, SizeInput, item_len
     from tidal.engine.request import Request
+    from tidal.runner.graphs import _F
+
+    def item_at(req, pos):
+        """The item req fed at position pos (None past its history)."""
+        at = 0
+        for item in req.history:
+            if pos < at + item_len(item):
+                return item
+            at += item_len(item)
+        return None
 
     cases = [c for c in golden_cases() if c["kind"] in ("detect", "point") and c["settings"].get("max_objects") == 8]
     runs = {}
@@ -185,6 +195,17 @@ def test_detect_and_point_queued_ahead_feed_coordinates_and_sizes_on_the_device(
         md = Moondream.from_pretrained(GOLDEN, device="cuda", dtype="float32", engine_config=EngineConfig(max_running=16, overlap=overlap, prefix_cache=False))
         try:
             engine = md.engine
+            graphs, on_device = engine.runner.graphs, []
+            feed = graphs._feed
+
+            def recording(steps, source, rows, feed=feed, graphs=graphs, engine=engine, on_device=on_device):
+                """What each guessed row is fed on the device (read back: a sync, for the test only)."""
+                feed(steps, source, rows)
+                values = graphs.floats[_F["value0"] : _F["value1"] + 1, : len(steps)].T.cpu().tolist()
+                by_row = {r.row: r for r in engine.scheduler.running}
+                on_device.extend((by_row[s.row], s.start_pos, type(s.items[0]), v) for s, v in zip(steps, values))
+
+            graphs._feed = recording
             reqs = [Request(skill=skill, pending=items, bidir_len=bidir) for skill, items, bidir in (prepare_case(md, c) for c in cases)]
             for r in reqs:
                 engine.add_request(r)
@@ -193,6 +214,13 @@ def test_detect_and_point_queued_ahead_feed_coordinates_and_sizes_on_the_device(
             torch.cuda.synchronize()
             fed = [[i for i in r.history if isinstance(i, (int, CoordInput, SizeInput))] for r in reqs]
             runs[overlap] = (fed, [r.skill.result() for r in reqs], engine.stats.ahead_steps, engine.stats.ahead_dropped, engine.runner.graph_replays)
+            checked = 0
+            for req, pos, kind, (v0, v1) in on_device:  # each value fed on the device is the item the skill then fed, bit for bit
+                item = item_at(req, pos)
+                if item is not None and kind is not int:
+                    assert item == (CoordInput(v0) if kind is CoordInput else SizeInput(v0, v1)), (req.skill.name, pos, item, v0, v1)
+                    checked += 1
+            assert overlap is False or checked >= 10
         finally:
             md.close()
     (want_fed, want_results, *_), (got_fed, got_results, ahead, dropped, replays) = runs[False], runs[True]

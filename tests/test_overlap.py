@@ -276,6 +276,30 @@ def test_a_request_at_its_last_output_leaves_the_step_ahead_to_the_others(golden
         off.close()
 
 
+def test_a_row_freed_by_a_request_at_its_last_output_admits_a_waiting_one_at_once(golden_md):
+    """Every table row taken (max_running=2), one request at its last output:
+    no step is queued ahead without the waiting request, which gets its first
+    output at the same step() call as with overlap off."""
+    first_output_at = {}
+    for overlap in (False, True):
+        md = Moondream(golden_md.model, golden_md.tokenizer, EngineConfig(max_running=2, overlap=overlap, prefix_cache=False))
+        try:
+            reqs = [_tokens(md, n, seed) for seed, n in enumerate((3, 12, 4))]
+            for r in reqs:
+                md.engine.add_request(r)
+            calls = 0
+            while reqs[2].first_output_at is None:
+                md.engine.step()
+                calls += 1
+            first_output_at[overlap] = calls
+            while md.engine.has_work():
+                md.engine.step()
+            assert_engine_idle(md.engine)
+        finally:
+            md.close()
+    assert first_output_at[True] == first_output_at[False]
+
+
 def test_a_request_waiting_for_a_table_row_does_not_stop_steps_ahead(golden_md):
     """With every table row taken (max_running=1) a waiting request cannot be
     admitted anyway: steps go on being launched ahead, and it runs once the

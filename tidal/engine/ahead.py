@@ -88,8 +88,8 @@ def launch_ahead(engine: "Engine", current: LaunchedStep) -> LaunchedStep | None
             return None
         guesses.append(guess)
     guessed = [(c, g) for c, g in zip(chunks, guesses) if g.feed != FEED_NOTHING]  # the rest finish with this output
-    if not guessed:
-        return None
+    if not guessed or sched.waiting and len(guessed) < len(chunks):
+        return None  # (a request finishing frees a table row: the next schedule admits a waiting one)
     chunks = [c for c, _ in guessed]
     index = {id(c): i for i, c in enumerate(current.chunks)}
     steps, source = [], []
