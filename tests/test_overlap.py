@@ -276,6 +276,37 @@ def test_a_request_at_its_last_output_leaves_the_step_ahead_to_the_others(golden
         off.close()
 
 
+def test_a_request_at_the_context_limit_leaves_the_step_ahead_to_the_others(golden_md):
+    """max_context cut to 6 positions past the longest prompt: the request
+    that reaches it stops ("length") and the step queued ahead carries the
+    other (none read without one once all decode); outputs as with overlap off."""
+    from tidal.core import items_len
+
+    traces = {}
+    for overlap in (False, True):
+        md = Moondream(golden_md.model, golden_md.tokenizer, EngineConfig(trace_logits=True, overlap=overlap))
+        try:
+            reqs = [_tokens(md, 30, 0), _tokens(md, 30, 1)]
+            reqs[1].pending = reqs[1].pending[:-3]  # a shorter prompt: it reaches the limit 3 steps later
+            md.engine.max_context = max(items_len(r.pending) for r in reqs) + 6
+            for r in reqs:
+                md.engine.add_request(r)
+            not_ahead = 0
+            while md.engine.has_work():
+                sched = md.engine.scheduler
+                not_ahead += bool(sched.running) and not sched.waiting and all(r.history for r in sched.running) and md.engine._ahead is None
+                md.engine.step()
+            assert [r.skill.finish_reason for r in reqs] == ["length", "length"]
+            assert len(reqs[1].trace) == len(reqs[0].trace) + 3
+            assert not overlap or not_ahead == 0
+            traces[overlap] = reqs
+            assert_engine_idle(md.engine)
+        finally:
+            md.close()
+    for g, w in zip(traces[True], traces[False]):
+        assert_same_traces(g, w)
+
+
 def test_a_row_freed_by_a_request_at_its_last_output_admits_a_waiting_one_at_once(golden_md):
     """Every table row taken (max_running=2), one request at its last output:
     no step is queued ahead without the waiting request, which gets its first

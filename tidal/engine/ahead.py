@@ -19,6 +19,7 @@ from tidal.core import (
     FEED_NOTHING,
     FEED_SIZE,
     FEED_TOKEN,
+    FINISHES,
     CoordInput,
     Guess,
     InputItem,
@@ -77,8 +78,11 @@ def launch_ahead(engine: "Engine", current: LaunchedStep) -> LaunchedStep | None
     guesses: list[Guess] = []
     for c in chunks:
         req = c.req
-        if not c.completes or req.num_cached >= engine.max_context or req.cancelled:
+        if not c.completes or req.cancelled:
             return None
+        if req.num_cached >= engine.max_context:  # no position left: it stops with this output
+            guesses.append(FINISHES)
+            continue
         try:
             guess = req.skill.guess_next()
         except Exception:  # a skill bug: its request fails where the step is scheduled as usual
