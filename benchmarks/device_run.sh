@@ -14,6 +14,7 @@
 #   bash benchmarks/device_run.sh tune-prefill  # fused-MoE block sizes at 512-4096 tokens (8 warps too), merged into the table
 #   bash benchmarks/device_run.sh small-card  # the full model in bf16 in 24 GB (memory capped), every skill
 #   bash benchmarks/device_run.sh timeline    # batch-1 graph replays over time (busy, overlapping, idle) and the host's phases of a step: Moondream 3 and Qwen3-30B-A3B
+#   bash benchmarks/device_run.sh overlap     # Moondream 3 decode and detect/point with EngineConfig.overlap on and off, first output (quick)
 #   bash benchmarks/device_run.sh check       # after a kernel change, in ~5 minutes: kernel + fast-path tests, bench_kernels, quick decode of both MoE models
 #
 # Run from the repository root with the wheels the device image lacks in .whl/
@@ -23,7 +24,7 @@
 # checkout (TIDAL_COMMIT=abc1234 bash ...): the device's copy of .git has been seen to lag
 # the working tree it carries, so `git rev-parse` there can name an older commit.
 set -uo pipefail
-part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card, check, timeline}"
+part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card, overlap, check, timeline}"
 out="${OUT:-.}"
 if [ -d .whl ]; then
   pip install -q --no-deps --target /tmp/deps .whl/*.whl 2>&1 | grep -v -i "warning" | tail -2
@@ -70,6 +71,7 @@ case "$part" in
     timeout 150 python benchmarks/profile_step.py --batch 1 --mixed --out "$out" 2>&1 | grep -A28 "=== mixed"
     timeout 240 python benchmarks/bench_moondream.py --quick --only mixed --host-profile --out "$out" 2>&1 | grep -v "capturing" | tail -80 ;;
   small-card) timeout 300 python benchmarks/small_card.py --memory-gb 24 2>&1 | grep -v "capturing" | tail -20 ;;
+  overlap) timeout 540 python benchmarks/bench_moondream.py --quick --only decode,overlap,latency --out "$out" 2>&1 | grep -E "decode batch|ttft|objects|copy|Error|error" ;;
   check)
     for f in tests/test_fast_path.py tests/test_qwen3_moe.py; do
       tests_in 100 "$f" "$f"
