@@ -146,6 +146,39 @@ def test_fed_back_values_equal_what_the_skills_feed(golden_md):
             assert model.fed_back(SizeInput(0.0, 0.0), result) == SizeInput(v0, v1) == SizeInput(w, h)
 
 
+def test_decode_graphs_feed_writes_tokens_coordinates_and_sizes_into_their_rows(golden_md):
+    """DecodeGraphs._feed (what a step queued ahead is fed on the device), run
+    on CPU tensors: each row gets the token, coordinate or size of the source
+    output row it names, in the static inputs' fields, as fed_item says."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from tidal.core import SeqStep
+    from tidal.runner.graphs import _F, _FLOATS, _I, _INTS, DecodeGraphs
+
+    model = golden_md.model
+    packed = torch.tensor([[11, 100, 5, 900, 1], [12, 300, 17, 40, 0], [13, 1023, 1023, 0, 1]])  # token, coord, width, height, over eos
+    placeholders = [0, CoordInput(0.0), SizeInput(0.0, 0.0), CoordInput(0.0)]
+    rows = [2, 0, 1, 1]  # source output row of each step
+    fake = SimpleNamespace(ints=torch.zeros((len(_INTS), 8), dtype=torch.int64), floats=torch.zeros((len(_FLOATS), 8)), runner=SimpleNamespace(model=model))
+    kinds = {int: 0, CoordInput: 1, SizeInput: 2}
+    fake.ints[_I["kinds"], :4] = torch.tensor([kinds[type(p)] for p in placeholders])  # as _fill writes them from the placeholders
+    steps = [SeqStep(i, 10, [p], 0, OutputSpec()) for i, p in enumerate(placeholders)]
+    source = SimpleNamespace(out=packed)
+    DecodeGraphs._feed(fake, steps, source, rows)  # type: ignore[arg-type]
+    runner = golden_md.engine.runner
+    for i, (p, r) in enumerate(zip(placeholders, rows)):
+        result = runner.to_result(packed[r].tolist())
+        want = runner.fed_item(p, result)
+        assert int(fake.ints[_I["input_ids"], i]) == result.token
+        v0, v1 = fake.floats[_F["value0"], i].item(), fake.floats[_F["value1"], i].item()
+        if isinstance(want, CoordInput):
+            assert want == CoordInput(v0)
+        elif isinstance(want, SizeInput):
+            assert want == SizeInput(v0, v1)
+
+
 def _fed(req: Request) -> list[InputItem]:
     """What a request fed but images (ImageInput compares by identity)."""
     return [item for item in req.history if isinstance(item, (int, CoordInput, SizeInput))]
