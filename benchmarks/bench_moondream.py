@@ -78,7 +78,7 @@ class FixedLength(Skill):
         return self.steps + 1 >= self.n
 
     def spec_after_token(self) -> OutputSpec | None:
-        return None if self.steps + 1 >= self.n else OutputSpec(temperature=self.temperature, top_p=0.9, seed=7, step=self.steps + 1)
+        return None if self.last_output_next() else OutputSpec(temperature=self.temperature, top_p=0.9, seed=7, step=self.steps + 1)
 
     def on_output(self, out: StepResult) -> list | None:
         self.steps += 1

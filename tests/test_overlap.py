@@ -56,7 +56,7 @@ class Tokens(Skill):
         return len(self.tokens) + 1 >= self.n
 
     def spec_after_token(self) -> OutputSpec | None:
-        return None if len(self.tokens) + 1 >= self.n else OutputSpec(temperature=0.7, top_p=0.9, seed=self.seed, step=len(self.tokens) + 1)
+        return None if self.last_output_next() else OutputSpec(temperature=0.7, top_p=0.9, seed=self.seed, step=len(self.tokens) + 1)
 
     def on_output(self, out: StepResult) -> list[InputItem] | None:
         self.tokens.append(out.token)

@@ -31,9 +31,9 @@ class GenerateSkill(Skill):
         return len(self.tokens) + 1 >= self.params.max_tokens
 
     def spec_after_token(self) -> OutputSpec | None:
+        if self.last_output_next():
+            return None
         p = self.params
-        if len(self.tokens) + 1 >= p.max_tokens:
-            return None  # the next output is the last
         return OutputSpec(p.temperature, p.top_p, p.top_k, self.seed, len(self.tokens) + 1)
 
     def on_output(self, out: StepResult) -> list[InputItem] | None:

@@ -52,7 +52,7 @@ class TextAnswer:
         """The spec of output `step` if the output before it is a token that
         continues the answer (then the answer id is banned); None if that
         output is the last."""
-        if len(self.tokens) + 1 >= self.params.max_tokens:
+        if self.last():
             return None
         p = self.params
         return OutputSpec(p.temperature, p.top_p, p.top_k, self.seed, step, (self.ids.answer_id,))
