@@ -122,14 +122,19 @@ class Moondream3Model(nn.Module):
         extras) and feedback kinds [n] -> float32 [n, 2]: (coordinate, 0) on
         FEED_COORD rows, (width, height) on FEED_SIZE rows, as the model's
         embedding reads feedback_values; other rows' values are unread."""
-        table = self._size_table
-        if table is None or table.device != packed.device:
-            table = self._size_table = h2d(size_values(), torch.float32, packed.device)  # no wait on the running step
+        table = self._size_table_on(packed.device)
         coord = coord_from_bin(packed[:, 1].to(torch.float32))
         last = table.shape[0] - 1  # a head of more bins than the table (no such checkpoint) must not read past it: its guess is dropped
         width, height = table[packed[:, 2].clamp(0, last)], table[packed[:, 3].clamp(0, last)]
         size = kinds == FEED_SIZE
         return torch.stack([torch.where(size, width, coord), torch.where(size, height, torch.zeros_like(height))], dim=1)
+
+    def _size_table_on(self, device: torch.device) -> torch.Tensor:
+        """size_values as a float32 device tensor, made once (~20 ms of CPU:
+        capture_graphs makes it at start-up, not in the first detect's step)."""
+        if self._size_table is None or self._size_table.device != device:
+            self._size_table = h2d(size_values(), torch.float32, device)  # no wait on a running step
+        return self._size_table
 
     def use_kernels(self, enabled: bool) -> None:
         """The Triton fast path (fused tau/rotary/KV write, fused MoE, on CUDA
@@ -166,8 +171,11 @@ class Moondream3Model(nn.Module):
     def capture_graphs(self) -> None:
         """CUDA graphs of the vision encoder, one per crop count (a global
         crop and 0 to max_crops local ones): an image's encoder run becomes one
-        replay instead of ~15 launches per layer."""
+        replay instead of ~15 launches per layer. Also makes the size table a
+        decode step queued ahead reads (fed_back_values)."""
         from tidal.runner.shape_graphs import ShapeGraphs
+
+        self._size_table_on(self.device)
 
         v = self.config.vision
         graphs = ShapeGraphs(self.vision.encode_crops)
