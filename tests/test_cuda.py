@@ -169,16 +169,25 @@ def test_steps_queued_ahead_feed_on_the_device_and_change_nothing():
 
 
 def test_detect_and_point_queued_ahead_feed_coordinates_and_sizes_on_the_device():
-    """Detect and point with overlap: each step queued behind the running one
-    feeds the coordinate or size read on the device off the running step's
-    outputs (Model.fed_back_values), equal to the last bit to what the skills
-    feed with overlap off; so are the boxes and points."""
+    """Detect, point and reasoning queries with overlap: each step queued
+    behind the running one feeds the coordinate, size or token read on the
+    device off the running step's outputs (Model.fed_back_on_device; for
+    reasoning, a coordinate where the coordinate token was sampled), equal to
+    the last bit to what the skills feed with overlap off; so are the boxes,
+    points and answers."""
     from conftest import prepare_case
 
     from tidal import EngineConfig, Moondream
-    from tidal.core import CoordInput, SizeInput, item_len
+    from tidal.core import (
+        FEED_COORD,
+        FEED_SIZE,
+        FEED_TOKEN,
+        CoordInput,
+        SizeInput,
+        item_len,
+    )
     from tidal.engine.request import Request
-    from tidal.runner.graphs import _F
+    from tidal.runner.graphs import _F, _I
 
     def item_at(req, pos):
         """The item req fed at position pos (None past its history)."""
@@ -189,7 +198,7 @@ def test_detect_and_point_queued_ahead_feed_coordinates_and_sizes_on_the_device(
             at += item_len(item)
         return None
 
-    cases = [c for c in golden_cases() if c["kind"] in ("detect", "point") and c["settings"].get("max_objects") == 8]
+    cases = [c for c in golden_cases() if c["kind"] in ("detect", "point") and c["settings"].get("max_objects") == 8 or c.get("reasoning")]
     runs = {}
     for overlap in (False, True):
         md = Moondream.from_pretrained(GOLDEN, device="cuda", dtype="float32", engine_config=EngineConfig(max_running=16, overlap=overlap, prefix_cache=False))
@@ -198,12 +207,15 @@ def test_detect_and_point_queued_ahead_feed_coordinates_and_sizes_on_the_device(
             graphs, on_device = engine.runner.graphs, []
             feed = graphs._feed
 
-            def recording(steps, source, rows, feed=feed, graphs=graphs, engine=engine, on_device=on_device):
+            def recording(steps, source, rows, kinds, feed=feed, graphs=graphs, engine=engine, on_device=on_device):
                 """What each guessed row is fed on the device (read back: a sync, for the test only)."""
-                feed(steps, source, rows)
-                values = graphs.floats[_F["value0"] : _F["value1"] + 1, : len(steps)].T.cpu().tolist()
+                feed(steps, source, rows, kinds)
+                n = len(steps)
+                values = graphs.floats[_F["value0"] : _F["value1"] + 1, :n].T.cpu().tolist()
+                fed_kinds = graphs.ints[_I["kinds"], :n].cpu().tolist()
+                tokens = graphs.ints[_I["input_ids"], :n].cpu().tolist()
                 by_row = {r.row: r for r in engine.scheduler.running}
-                on_device.extend((by_row[s.row], s.start_pos, type(s.items[0]), v) for s, v in zip(steps, values))
+                on_device.extend((by_row[s.row], s.start_pos, k, t, v) for s, k, t, v in zip(steps, fed_kinds, tokens, values))
 
             graphs._feed = recording
             reqs = [Request(skill=skill, pending=items, bidir_len=bidir) for skill, items, bidir in (prepare_case(md, c) for c in cases)]
@@ -214,13 +226,16 @@ def test_detect_and_point_queued_ahead_feed_coordinates_and_sizes_on_the_device(
             torch.cuda.synchronize()
             fed = [[i for i in r.history if isinstance(i, (int, CoordInput, SizeInput))] for r in reqs]
             runs[overlap] = (fed, [r.skill.result() for r in reqs], engine.stats.ahead_steps, engine.stats.ahead_dropped, engine.runner.graph_replays)
-            checked = 0
-            for req, pos, kind, (v0, v1) in on_device:  # each value fed on the device is the item the skill then fed, bit for bit
+            checked = {FEED_TOKEN: 0, FEED_COORD: 0, FEED_SIZE: 0}
+            for req, pos, kind, token, (v0, v1) in on_device:  # each input fed on the device is the item the skill then fed, bit for bit
                 item = item_at(req, pos)
-                if item is not None and kind is not int:
-                    assert item == (CoordInput(v0) if kind is CoordInput else SizeInput(v0, v1)), (req.skill.name, pos, item, v0, v1)
-                    checked += 1
-            assert overlap is False or checked >= 10
+                if item is None or req.skill.name == "query" and token == req.skill.ids.answer_id:
+                    continue  # the request stopped there; or its reasoning ended there (the suffix fed instead: the guess dropped)
+                want = {FEED_TOKEN: token, FEED_COORD: CoordInput(v0), FEED_SIZE: SizeInput(v0, v1)}[kind]
+                assert type(item) is type(want) and item == want, (req.skill.name, pos, item, kind, token, v0, v1)
+                checked[kind] += 1
+            reasoning_coords = sum(isinstance(i, CoordInput) for r in reqs if r.skill.name == "query" for i in r.history)
+            assert overlap is False or checked[FEED_COORD] >= 10 and checked[FEED_SIZE] >= 1 and checked[FEED_TOKEN] >= 1 and reasoning_coords >= 4
         finally:
             md.close()
     (want_fed, want_results, *_), (got_fed, got_results, ahead, dropped, replays) = runs[False], runs[True]

@@ -5,8 +5,10 @@ Each request's raw logits (text, coordinate, size) at every output equal, to
 1e-6 relative, those of the same requests run with overlap off, for a batch
 that mixes skills whose next input is the sampled token (steps launched
 ahead), detect and point (their next input a coordinate or size read off the
-output: ahead too), and a reasoning query whose grounding coordinates and
-answer id prove a guess wrong (dropped).
+output: ahead too), a reasoning query (its grounding coordinates fed ahead:
+the model reads off the sampled token whether it feeds the token or its
+coordinate), and a skill that sometimes feeds its token twice, proving the
+guess of one wrong (dropped).
 Aborting or preempting a request while a step holds it ahead leaks nothing.
 """
 
@@ -66,6 +68,17 @@ class Tokens(Skill):
         return {"tokens": list(self.tokens)}
 
 
+class Doubles(Tokens):
+    """Tokens, but feeds every third token twice: a step launched ahead,
+    which guessed one input, is dropped there."""
+
+    name = "doubles"
+
+    def on_output(self, out: StepResult) -> list[InputItem] | None:
+        fed = super().on_output(out)
+        return fed * 2 if fed is not None and len(self.tokens) % 3 == 0 else fed
+
+
 def _tokens(md: Moondream, n: int, seed: int) -> Request:
     """A Tokens request on a question about the golden 'tall' image."""
     _, items, bidir = md._prepare_query(golden_image("tall"), f"question {seed}", False, None, None)
@@ -96,9 +109,14 @@ def _started_with_overlap(golden_md, n: int, seeds: range, outputs: int) -> tupl
     return md, reqs
 
 
-def _run(golden_md, overlap: bool, cases: list[dict]) -> tuple[Moondream, list[Request]]:
+def _run(golden_md, overlap: bool, cases: list[dict], doubles: int = 0) -> tuple[Moondream, list[Request]]:
+    """The golden cases (and `doubles` Doubles requests of 10 tokens), in one batch, run to the end."""
     md = Moondream(golden_md.model, golden_md.tokenizer, EngineConfig(trace_logits=True, overlap=overlap))
     reqs = [Request(skill=skill, pending=items, bidir_len=bidir) for skill, items, bidir in (prepare_case(md, c) for c in cases)]
+    for seed in range(doubles):
+        req = _tokens(md, 10, seed)
+        req.skill = Doubles(10, seed)
+        reqs.append(req)
     for r in reqs:
         md.engine.add_request(r)
     while md.engine.has_work():
@@ -107,12 +125,13 @@ def _run(golden_md, overlap: bool, cases: list[dict]) -> tuple[Moondream, list[R
 
 
 def test_steps_launched_ahead_change_no_output(golden_md):
-    on, got = _run(golden_md, True, MIX)
-    off, want = _run(golden_md, False, MIX)
+    on, got = _run(golden_md, True, MIX, doubles=1)
+    off, want = _run(golden_md, False, MIX, doubles=1)
     try:
         stats = on.engine.stats
         assert stats.ahead_steps > 0  # steps were queued ahead of their predecessor's results
-        assert stats.ahead_dropped > 0  # and the reasoning query proved some guess wrong
+        assert stats.ahead_dropped > 0  # and the doubled tokens proved some guess wrong
+        assert any(isinstance(i, CoordInput) for i in got[2].history)  # the reasoning query grounded (fed coordinates)
         assert off.engine.stats.ahead_steps == 0
         assert stats.steps < off.engine.stats.steps + stats.ahead_steps  # ahead steps are steps, not extra ones
         for g, w in zip(got, want):
@@ -123,60 +142,106 @@ def test_steps_launched_ahead_change_no_output(golden_md):
         off.close()
 
 
-def test_fed_back_values_equal_what_the_skills_feed(golden_md):
-    """The values a step queued ahead reads off packed outputs on the device
-    (fed_back_values) equal the host's fed_back, and the skills' own
-    coordinate and size arithmetic, for every bin."""
+def test_reasoning_grounding_coordinates_run_ahead(golden_md):
+    """The golden reasoning queries in one batch: a step is launched ahead
+    even where the output will be a grounding coordinate (fed as a
+    coordinate, the model tells off the sampled token), no guess is dropped,
+    and every output's raw heads and every fed input equal overlap off's."""
+    cases = [c for c in golden_cases("query") if c.get("reasoning")]
+    on, got = _run(golden_md, True, cases)
+    off, want = _run(golden_md, False, cases)
+    try:
+        stats = on.engine.stats
+        coords = sum(isinstance(i, CoordInput) for r in got for i in r.history)
+        assert coords >= 4  # the cases ground (coordinates fed back)
+        assert stats.ahead_dropped == 0
+        assert stats.ahead_steps >= stats.steps - 3  # all but the prefill and first decode steps (and one after a reasoning ends)
+        for g, w in zip(got, want):
+            assert _fed(g) == _fed(w)
+            assert_same_traces(g, w)
+        assert_engine_idle(on.engine)
+    finally:
+        on.close()
+        off.close()
+
+
+def test_fed_back_on_device_equals_what_the_skills_feed(golden_md):
+    """The kinds and values a step queued ahead reads off packed outputs on
+    the device (fed_back_on_device) equal the host's fed_back, and the
+    skills' own coordinate and size arithmetic, for every bin; a
+    FEED_SAMPLED row feeds the coordinate where the coordinate token was
+    sampled, else the token."""
     import torch
 
-    from tidal.core import FEED_COORD, FEED_SIZE
+    from tidal.core import FEED_COORD, FEED_SAMPLED, FEED_SIZE, FEED_TOKEN
     from tidal.models.moondream3.region import size_from_bins
 
     model = golden_md.model
+    coord_id = model.config.tokenizer.coord_id
     bins = torch.arange(1024)
-    packed = torch.stack([bins, bins, bins, bins.flip(0), bins % 2], dim=1)  # token, coord, width, height, over eos
-    kinds = torch.tensor([FEED_COORD, FEED_SIZE]).repeat(512)
-    values = model.fed_back_values(packed, kinds).tolist()
-    for b, (kind, (v0, v1)) in enumerate(zip(kinds.tolist(), values)):
-        result = StepResult(b, coord_bin=b, size_bins=(b, 1023 - b), coord_over_eos=bool(b % 2))
-        if kind == FEED_COORD:
-            assert model.fed_back(CoordInput(0.0), result) == CoordInput(v0) == CoordInput(b / 1024)
+    tokens = torch.where(bins % 3 == 0, coord_id, bins)  # FEED_SAMPLED rows: the coordinate token on every third
+    packed = torch.stack([tokens, bins, bins, bins.flip(0), bins % 2], dim=1)  # token, coord, width, height, over eos
+    asked = torch.tensor([FEED_COORD, FEED_SIZE, FEED_SAMPLED, FEED_TOKEN]).repeat(256)
+    kinds, values = model.fed_back_on_device(packed, asked)
+    seen = set()
+    for b, (a, kind, (v0, v1)) in enumerate(zip(asked.tolist(), kinds.tolist(), values.tolist())):
+        token = int(tokens[b])
+        result = StepResult(token, coord_bin=b, size_bins=(b, 1023 - b), coord_over_eos=bool(b % 2))
+        fed = model.fed_back(a, result)
+        if a == FEED_SAMPLED:
+            assert kind == (FEED_COORD if token == coord_id else FEED_TOKEN)
+            seen.add(kind)
         else:
+            assert kind == a
+        if kind == FEED_COORD:
+            assert fed == CoordInput(v0) == CoordInput(b / 1024)
+        elif kind == FEED_SIZE:
             w, h = size_from_bins(torch.tensor([b, 1023 - b])).tolist()  # as LocateSkill computes a size
-            assert model.fed_back(SizeInput(0.0, 0.0), result) == SizeInput(v0, v1) == SizeInput(w, h)
+            assert fed == SizeInput(v0, v1) == SizeInput(w, h)
+        else:
+            assert type(fed) is int and fed == token
+    assert seen == {FEED_COORD, FEED_TOKEN}
 
 
 def test_decode_graphs_feed_writes_tokens_coordinates_and_sizes_into_their_rows(golden_md):
     """DecodeGraphs._feed (what a step queued ahead is fed on the device), run
     on CPU tensors: each row gets the token, coordinate or size of the source
-    output row it names, in the static inputs' fields, as fed_item says."""
+    output row it names, in the static inputs' fields, with the feedback kind
+    fed_item says (a FEED_SAMPLED row: a coordinate for the coordinate token)."""
     from types import SimpleNamespace
 
     import torch
 
-    from tidal.core import SeqStep
+    from tidal.core import FEED_COORD, FEED_SAMPLED, FEED_SIZE, FEED_TOKEN, SeqStep
     from tidal.runner.graphs import _F, _FLOATS, _I, _INTS, DecodeGraphs
 
     model = golden_md.model
-    packed = torch.tensor([[11, 100, 5, 900, 1], [12, 300, 17, 40, 0], [13, 1023, 1023, 0, 1]])  # token, coord, width, height, over eos
-    placeholders = [0, CoordInput(0.0), SizeInput(0.0, 0.0), CoordInput(0.0)]
-    rows = [2, 0, 1, 1]  # source output row of each step
+    coord_id = model.config.tokenizer.coord_id
+    packed = torch.tensor([[11, 100, 5, 900, 1], [12, 300, 17, 40, 0], [13, 1023, 1023, 0, 1], [coord_id, 517, 3, 3, 1]])  # token, coord, width, height, over eos
+    feeds = [FEED_TOKEN, FEED_COORD, FEED_SIZE, FEED_COORD, FEED_SAMPLED, FEED_SAMPLED]
+    placeholders = [0, CoordInput(0.0), SizeInput(0.0, 0.0), CoordInput(0.0), 0, 0]
+    rows = [2, 0, 1, 1, 3, 0]  # source output row of each step
+    n = len(rows)
     fake = SimpleNamespace(ints=torch.zeros((len(_INTS), 8), dtype=torch.int64), floats=torch.zeros((len(_FLOATS), 8)), runner=SimpleNamespace(model=model))
-    kinds = {int: 0, CoordInput: 1, SizeInput: 2}
-    fake.ints[_I["kinds"], :4] = torch.tensor([kinds[type(p)] for p in placeholders])  # as _fill writes them from the placeholders
+    type_kind = {int: FEED_TOKEN, CoordInput: FEED_COORD, SizeInput: FEED_SIZE}
+    fake.ints[_I["kinds"], :n] = torch.tensor([type_kind[type(p)] for p in placeholders])  # as _fill writes them from the placeholders
     steps = [SeqStep(i, 10, [p], 0, OutputSpec()) for i, p in enumerate(placeholders)]
     source = SimpleNamespace(out=packed)
-    DecodeGraphs._feed(fake, steps, source, rows)  # type: ignore[arg-type]
+    DecodeGraphs._feed(fake, steps, source, rows, feeds)  # type: ignore[arg-type]
     runner = golden_md.engine.runner
-    for i, (p, r) in enumerate(zip(placeholders, rows)):
+    got = []
+    for i, (k, r) in enumerate(zip(feeds, rows)):
         result = runner.to_result(packed[r].tolist())
-        want = runner.fed_item(p, result)
+        want = runner.fed_item(k, result)
+        got.append(type(want))
         assert int(fake.ints[_I["input_ids"], i]) == result.token
+        assert int(fake.ints[_I["kinds"], i]) == type_kind[type(want)]
         v0, v1 = fake.floats[_F["value0"], i].item(), fake.floats[_F["value1"], i].item()
         if isinstance(want, CoordInput):
             assert want == CoordInput(v0)
         elif isinstance(want, SizeInput):
             assert want == SizeInput(v0, v1)
+    assert got[4:] == [CoordInput, int]  # the sampled coordinate token fed its coordinate, the other token itself
 
 
 def _fed(req: Request) -> list[InputItem]:

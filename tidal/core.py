@@ -150,8 +150,11 @@ class OutputSpec:
 class Guess:
     """What a skill will feed back after its next output unless it finishes
     (Skill.guess_next): that output's sampled token (FEED_TOKEN), its
-    coordinate (FEED_COORD) or its size (FEED_SIZE), as the model reads them
-    off the output (Model.fed_back), and the OutputSpec it will then ask for.
+    coordinate (FEED_COORD), its size (FEED_SIZE), or the token unless the
+    model feeds something else for the token sampled (FEED_SAMPLED: a
+    Moondream reasoning coordinate token feeds its coordinate), as the model
+    reads them off the output (Model.fed_back), and the OutputSpec it will
+    then ask for (the same whichever FEED_SAMPLED turns out to feed).
     FINISHES (feed FEED_NOTHING, no spec): that output is certainly the
     skill's last (its length limit), so its request needs no step after it."""
 
@@ -159,7 +162,10 @@ class Guess:
     spec: OutputSpec | None
 
 
-FEED_NOTHING = -1  # Guess.feed of FINISHES (never a ForwardBatch feedback kind)
+# Guess.feed values that are never a ForwardBatch feedback kind: the model
+# resolves FEED_SAMPLED to one (Model.fed_back); FINISHES feeds nothing.
+FEED_SAMPLED = 3
+FEED_NOTHING = -1
 FINISHES = Guess(FEED_NOTHING, None)
 
 
@@ -298,10 +304,11 @@ class Model(Protocol):
     encode_images (optional): several payloads through one vision-encoder run.
     capture_graphs (optional): capture the model's own fixed-shape parts (a
         vision encoder) as CUDA graphs; the engine calls it with its decode graphs.
-    fed_back / fed_back_values (optional, models whose skills feed back
-        coordinates or sizes): the CoordInput or SizeInput a skill feeds back
-        after an output (host), and the same values read off packed outputs
-        on the device, equal to the last bit (a step queued ahead feeds them).
+    fed_back / fed_back_on_device (optional, models whose skills feed back
+        coordinates or sizes): the item a skill feeds back after an output
+        for a Guess.feed kind (host), and the same kinds and values read off
+        packed outputs on the device, equal to the last bit (a step queued
+        ahead feeds them).
     """
 
     device: torch.device

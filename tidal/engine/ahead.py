@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from tidal.core import (
     FEED_COORD,
     FEED_NOTHING,
+    FEED_SAMPLED,
     FEED_SIZE,
     FEED_TOKEN,
     FINISHES,
@@ -48,6 +49,7 @@ class LaunchedStep:
     launched: Launched
     live: list[bool]
     ahead: bool = False  # launched before its predecessor's results were read
+    feeds: list[int] | None = None  # a step launched ahead: each row's Guess.feed
 
     def any_live(self) -> bool:
         """Whether some chunk still counts for a running request."""
@@ -96,7 +98,7 @@ def launch_ahead(engine: "Engine", current: LaunchedStep) -> LaunchedStep | None
         return None  # (a request finishing frees a table row: the next schedule admits a waiting one)
     chunks = [c for c, _ in guessed]
     index = {id(c): i for i, c in enumerate(current.chunks)}
-    steps, source = [], []
+    steps, source, feeds = [], [], []
     for c, guess in guessed:
         req = c.req
         slot = engine.allocator.alloc(1)
@@ -106,17 +108,18 @@ def launch_ahead(engine: "Engine", current: LaunchedStep) -> LaunchedStep | None
         req.slots.extend(slot)
         req.ahead += 1
         item = _PLACEHOLDER[guess.feed]
+        feeds.append(guess.feed)
         steps.append(SeqStep(req.row, start, [item], req.bidir_len, guess.spec, req.rope_delta + rope_delta(req.pending[: c.n_items])))  # type: ignore[arg-type]
         source.append(index[id(c)])
     try:
-        launched = engine.runner.launch(steps, trace=engine.config.trace_logits, feed=(current.launched, source))
+        launched = engine.runner.launch(steps, trace=engine.config.trace_logits, feed=(current.launched, source, feeds))
     except Exception:
         logger.exception("launching a step ahead failed; the step is scheduled as usual")
         for c in chunks:
             take_back(engine, c.req)
         return None
     engine.stats.ahead_steps += 1
-    return LaunchedStep([Chunk(c.req, 1, 1) for c in chunks], steps, launched, [True] * len(chunks), ahead=True)
+    return LaunchedStep([Chunk(c.req, 1, 1) for c in chunks], steps, launched, [True] * len(chunks), ahead=True, feeds=feeds)
 
 
 def confirm(engine: "Engine", ahead: LaunchedStep, current: LaunchedStep, results: list) -> LaunchedStep | None:
@@ -126,14 +129,15 @@ def confirm(engine: "Engine", ahead: LaunchedStep, current: LaunchedStep, result
     give back the slot of any other still running. -> the step, or None if
     nothing in it counts."""
     by_req = {id(c.req): r for c, r in zip(current.chunks, results)}
-    for i, (chunk, step) in enumerate(zip(ahead.chunks, ahead.steps)):
+    assert ahead.feeds is not None
+    for i, (chunk, step, kind) in enumerate(zip(ahead.chunks, ahead.steps, ahead.feeds)):
         req = chunk.req
         if req.status is not RequestStatus.RUNNING:
             ahead.live[i] = False  # its slots went back with it
             continue
         result = by_req.get(id(req))
         try:
-            fed = engine.runner.fed_item(step.items[0], result) if isinstance(result, StepResult) else None
+            fed = engine.runner.fed_item(kind, result) if isinstance(result, StepResult) else None
             same = fed is not None and len(req.pending) == 1 and type(req.pending[0]) is type(fed) and req.pending[0] == fed and req.skill.next_output() == step.output
         except Exception:  # a skill bug: dropped here, its request fails in the step scheduled as usual
             same = False
@@ -144,8 +148,9 @@ def confirm(engine: "Engine", ahead: LaunchedStep, current: LaunchedStep, result
     return ahead if any(ahead.live) else None
 
 
-# the item a guessed row carries until the device writes what it feeds
-_PLACEHOLDER: dict[int, InputItem] = {FEED_TOKEN: 0, FEED_COORD: CoordInput(0.0), FEED_SIZE: SizeInput(0.0, 0.0)}
+# the item a guessed row carries until the device writes what it feeds (FEED_SAMPLED: a token,
+# unless the device finds the model feeds something else for the one sampled)
+_PLACEHOLDER: dict[int, InputItem] = {FEED_TOKEN: 0, FEED_COORD: CoordInput(0.0), FEED_SIZE: SizeInput(0.0, 0.0), FEED_SAMPLED: 0}
 
 
 def drop(engine: "Engine", ahead: LaunchedStep) -> None:

@@ -28,6 +28,7 @@ import torch
 from tidal.core import (
     FEED_COORD,
     FEED_SIZE,
+    FEED_TOKEN,
     CoordInput,
     ForwardBatch,
     ForwardMode,
@@ -169,16 +170,15 @@ class DecodeGraphs(StepGraphs):
         return self.results(self.launch(steps))
 
     @torch.inference_mode()  # its buffers are inference tensors (made in the engine's steps); callers may not be
-    def launch(self, steps: list[SeqStep], feed: tuple["PendingReplay", list[int]] | None = None) -> "PendingReplay":
+    def launch(self, steps: list[SeqStep], feed: tuple["PendingReplay", list[int], list[int]] | None = None) -> "PendingReplay":
         """Replay the step's graph and queue its outputs' copy to the host;
         return at once (results() waits for them).
 
-        feed (source, rows): every step feeds one input read on the device off
-        the source replay's output row rows[i] (the source may still be
-        running): the sampled token, or where a step's placeholder item is a
-        CoordInput or SizeInput the values the model feeds back
-        (Model.fed_back_values). The step after the source, queued before its
-        results are back."""
+        feed (source, rows, kinds): every step feeds one input read on the
+        device off the source replay's output row rows[i] (the source may
+        still be running), as Guess.feed kinds[i] says: the sampled token, or
+        the values the model feeds back (Model.fed_back_on_device). The step
+        after the source, queued before its results are back."""
         n, bucket, sampled, last_rows, host = self._prepare(steps, feed)
         out = self._launch(bucket, sampled, True)
         if host.out is None or host.out.shape[1] != out.shape[1] or host.out.dtype != out.dtype:
@@ -200,7 +200,7 @@ class DecodeGraphs(StepGraphs):
             pending.results = [None if j is None else self.runner.to_result(packed[j]) for j in pending.index]
         return pending.results
 
-    def _prepare(self, steps: list[SeqStep], feed: tuple["PendingReplay", list[int]] | None) -> tuple[int, int, bool, list[int | None], "_HostBuffers"]:
+    def _prepare(self, steps: list[SeqStep], feed: tuple["PendingReplay", list[int], list[int]] | None) -> tuple[int, int, bool, list[int | None], "_HostBuffers"]:
         """Flush the table, fill the next host buffers and copy them to the
         static inputs (then the fed tokens, device to device); -> (rows,
         bucket, sampled, each step's output row, the host buffers used)."""
@@ -222,17 +222,18 @@ class DecodeGraphs(StepGraphs):
             self._feed(steps, *feed)
         return n, bucket, sampled, last_rows, host
 
-    def _feed(self, steps: list[SeqStep], source: "PendingReplay", rows: list[int]) -> None:
+    def _feed(self, steps: list[SeqStep], source: "PendingReplay", rows: list[int], kinds: list[int]) -> None:
         """Write into the static inputs, on the device, what each step feeds
-        from the source's output row rows[i]: its token and, where the step's
-        placeholder is a coordinate or size (kinds already copied), the
-        model's fed-back values."""
+        from the source's output row rows[i]: its token and, where kinds[i]
+        (a Guess.feed) is not FEED_TOKEN, the feedback kind and values the
+        model reads off that row (Model.fed_back_on_device)."""
         n = len(steps)
-        assert n == len(rows) == sum(len(s.items) for s in steps), "a fed step has one position a sequence"
+        assert n == len(rows) == len(kinds) == sum(len(s.items) for s in steps), "a fed step has one position a sequence"
         packed = source.out[:n] if rows == list(range(n)) else source.out[h2d(rows, torch.int64, self.ints.device)]
         self.ints[_I["input_ids"], :n].copy_(packed[:, 0])
-        if any(not isinstance(s.items[0], int) for s in steps):
-            values = self.runner.model.fed_back_values(packed, self.ints[_I["kinds"], :n])  # [n, 2]
+        if any(k != FEED_TOKEN for k in kinds):
+            fed_kinds, values = self.runner.model.fed_back_on_device(packed, h2d(kinds, torch.int64, self.ints.device))  # [n], [n, 2]
+            self.ints[_I["kinds"], :n].copy_(fed_kinds)
             self.floats[_F["value0"] : _F["value1"] + 1, :n].copy_(values.T)
 
     def _fill(self, steps: list[SeqStep]) -> list[int | None]:

@@ -15,6 +15,7 @@ import torch
 from tidal.core import (
     FEED_COORD,
     FEED_SIZE,
+    FEED_TOKEN,
     CoordInput,
     ForwardBatch,
     ForwardMode,
@@ -72,34 +73,36 @@ class ModelRunner:
 
     # -- one step -----------------------------------------------------------------
     @torch.inference_mode()
-    def launch(self, steps: list[SeqStep], trace: bool = False, feed: tuple["Launched", list[int]] | None = None) -> "Launched":
+    def launch(self, steps: list[SeqStep], trace: bool = False, feed: tuple["Launched", list[int], list[int]] | None = None) -> "Launched":
         """Start the step; collect() gives its results. A decode-graph step
         returns while its replay runs; any other step runs to its end here.
 
-        feed (source, idx): step i feeds one input read off `source`'s output
-        for its step idx[i]: the sampled token, or the coordinate or size the
-        model feeds back, as its placeholder item's type says (fed_item). A
+        feed (source, idx, kinds): step i feeds one input read off `source`'s
+        output for its step idx[i], as Guess.feed kinds[i] says (fed_item):
+        the sampled token, or the coordinate or size the model feeds back
+        (its placeholder item is of that type; FEED_SAMPLED's is a token). A
         replay in flight feeds it on the device, before its results are back."""
         graphs = self.graphs
         fast = not trace and graphs is not None and graphs.can_run(steps)
         if feed is not None:
-            source, idx = feed
+            source, idx, kinds = feed
             if fast and source.pending is not None:
                 rows = [source.pending.index[j] for j in idx]
-                return Launched(pending=graphs.launch(steps, (source.pending, rows)))
+                return Launched(pending=graphs.launch(steps, (source.pending, rows, kinds)))
             done = source.results if source.results is not None else self.collect(source)
-            steps = [replace(s, items=[self.fed_item(s.items[0], done[j])]) for s, j in zip(steps, idx)]  # type: ignore[arg-type]
+            steps = [replace(s, items=[self.fed_item(k, done[j])]) for s, j, k in zip(steps, idx, kinds)]  # type: ignore[arg-type]
         if fast:
             return Launched(pending=graphs.launch(steps))
         return Launched(results=self.run(steps, trace=trace))
 
-    def fed_item(self, placeholder: InputItem, result: StepResult) -> InputItem:
-        """What a step fed from `result` feeds in place of `placeholder`: the
-        sampled token (an int placeholder), else the CoordInput or SizeInput
-        the model reads off the output (Model.fed_back)."""
-        if isinstance(placeholder, int):
+    def fed_item(self, kind: int, result: StepResult) -> InputItem:
+        """What a step fed from `result` feeds for Guess.feed `kind`: the
+        sampled token (FEED_TOKEN), else what the model reads off the output
+        (Model.fed_back: a CoordInput, a SizeInput, or for FEED_SAMPLED the
+        token or what the model feeds for it)."""
+        if kind == FEED_TOKEN:
             return result.token
-        return self.model.fed_back(placeholder, result)  # type: ignore[attr-defined]
+        return self.model.fed_back(kind, result)  # type: ignore[attr-defined]
 
     def collect(self, launched: "Launched") -> list[StepResult | None]:
         """A launched step's results, waiting for its replay if it runs still."""

@@ -12,7 +12,9 @@ from PIL import Image
 
 from tidal.core import (
     FEED_COORD,
+    FEED_SAMPLED,
     FEED_SIZE,
+    FEED_TOKEN,
     CoordInput,
     ForwardBatch,
     InputItem,
@@ -57,7 +59,7 @@ class Moondream3Model(nn.Module):
         self._coord_id, self._eos_id = config.tokenizer.coord_id, config.tokenizer.eos_id
         self.encoder_graphs = None  # a ShapeGraphs of the vision encoder once captured (capture_graphs)
         self.fast = False  # see use_kernels
-        self._size_table: torch.Tensor | None = None  # size_values on the device (fed_back_values)
+        self._size_table: torch.Tensor | None = None  # size_values on the device (fed_back_on_device)
 
     @property
     def hidden_size(self) -> int:
@@ -107,27 +109,37 @@ class Moondream3Model(nn.Module):
         coord_bin, width_bin, height_bin, coord_over_eos = extras
         return {"coord_bin": coord_bin, "size_bins": (width_bin, height_bin), "coord_over_eos": bool(coord_over_eos)}
 
-    def fed_back(self, placeholder: InputItem, result: StepResult) -> InputItem:
-        """The coordinate (a CoordInput placeholder) or size (a SizeInput one)
-        a skill feeds back after `result`, as detect, point and reasoning make it."""
-        if isinstance(placeholder, CoordInput):
+    def fed_back(self, kind: int, result: StepResult) -> InputItem:
+        """What a skill feeds back after `result` for a Guess.feed kind, as
+        detect, point and reasoning make it: the coordinate (FEED_COORD), the
+        size (FEED_SIZE), or for FEED_SAMPLED the token, unless it is the
+        coordinate token (reasoning's grounding): then its coordinate."""
+        if kind == FEED_SAMPLED:
+            kind = FEED_COORD if result.token == self._coord_id else FEED_TOKEN
+        if kind == FEED_TOKEN:
+            return result.token
+        if kind == FEED_COORD:
             return CoordInput(coord_from_bin(result.coord_bin))
-        if isinstance(placeholder, SizeInput) and result.size_bins is not None:
+        if kind == FEED_SIZE and result.size_bins is not None:
             sizes = size_values()
             return SizeInput(sizes[result.size_bins[0]], sizes[result.size_bins[1]])
-        raise TypeError(f"nothing of an output is fed back as {placeholder!r}")
+        raise ValueError(f"nothing of an output is fed back as kind {kind}")
 
-    def fed_back_values(self, packed: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
+    def fed_back_on_device(self, packed: torch.Tensor, kinds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """fed_back on the device: packed outputs [n, 5] (token, then heads'
-        extras) and feedback kinds [n] -> float32 [n, 2]: (coordinate, 0) on
-        FEED_COORD rows, (width, height) on FEED_SIZE rows, as the model's
-        embedding reads feedback_values; other rows' values are unread."""
+        extras) and Guess.feed kinds [n] -> (the ForwardBatch feedback kinds
+        [n] int64, FEED_SAMPLED resolved by the token; float32 values [n, 2]:
+        (coordinate, 0) on FEED_COORD rows, (width, height) on FEED_SIZE
+        rows, as the model's embedding reads feedback_values; other rows'
+        values are unread)."""
         table = self._size_table_on(packed.device)
+        sampled = kinds == FEED_SAMPLED
+        kinds = torch.where(sampled & (packed[:, 0] == self._coord_id), FEED_COORD, torch.where(sampled, FEED_TOKEN, kinds))
         coord = coord_from_bin(packed[:, 1].to(torch.float32))
         last = table.shape[0] - 1  # a head of more bins than the table (no such checkpoint) must not read past it: its guess is dropped
         width, height = table[packed[:, 2].clamp(0, last)], table[packed[:, 3].clamp(0, last)]
         size = kinds == FEED_SIZE
-        return torch.stack([torch.where(size, width, coord), torch.where(size, height, torch.zeros_like(height))], dim=1)
+        return kinds, torch.stack([torch.where(size, width, coord), torch.where(size, height, torch.zeros_like(height))], dim=1)
 
     def _size_table_on(self, device: torch.device) -> torch.Tensor:
         """size_values as a float32 device tensor, made once (~20 ms of CPU:
@@ -172,7 +184,7 @@ class Moondream3Model(nn.Module):
         """CUDA graphs of the vision encoder, one per crop count (a global
         crop and 0 to max_crops local ones): an image's encoder run becomes one
         replay instead of ~15 launches per layer. Also makes the size table a
-        decode step queued ahead reads (fed_back_values)."""
+        decode step queued ahead reads (fed_back_on_device)."""
         from tidal.runner.shape_graphs import ShapeGraphs
 
         self._size_table_on(self.device)

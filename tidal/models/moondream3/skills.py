@@ -10,7 +10,9 @@ from tokenizers import Tokenizer
 
 from tidal.core import (
     FEED_COORD,
+    FEED_SAMPLED,
     FEED_SIZE,
+    FEED_TOKEN,
     FINISHES,
     CoordInput,
     Guess,
@@ -114,6 +116,15 @@ class QuerySkill(Skill):
             return None  # the next output ends the reasoning
         p = self.params  # a plain reasoning token (not the answer id, not a coordinate)
         return OutputSpec(p.temperature, p.top_p, p.top_k, self.seed, self._steps + 1, (self.ids.eos_id, self.ids.size_id))
+
+    def guess_next(self) -> Guess | None:
+        """While thinking, a coordinate token feeds its coordinate and any
+        other token itself, and either asks next for the same spec: the
+        model tells which off the sampled token (FEED_SAMPLED)."""
+        guess = super().guess_next()
+        if self.thinking and guess is not None and guess.feed == FEED_TOKEN:
+            return Guess(FEED_SAMPLED, guess.spec)
+        return guess
 
     def on_output(self, out: StepResult) -> list[InputItem] | None:
         self._steps += 1
