@@ -218,35 +218,41 @@ def router(bandwidth: float, results: dict, lines: list[str]) -> None:
 
 
 def routing(results: dict, lines: list[str]) -> None:
-    """The routing and alignment alone (router logits given) at batch sizes
-    around moe_route.one_launch_fits's limit: one program for everything
-    against the top-k grid plus the parallel placement; the same layout is
-    checked first. Block size as the fused MoE runs at that many tokens."""
+    """The routing and alignment alone (router logits given) at decode and
+    small-prefill batch sizes, in each of moe_route.FORMS (one program for
+    everything; the top-k grid plus the alignment over chunks or with one
+    program an expert); the same layout is checked first. Block size as the
+    fused MoE runs at that many tokens."""
     from tidal.kernels import moe_route
     from tidal.kernels.fused_moe import moe_config
 
-    lines.append("\n| routing + alignment | tokens | one program us | two launches us | default |")
-    lines.append("| --- | --- | --- | --- | --- |")
+    forms = moe_route.FORMS
+    lines.append("\n| routing + alignment | tokens | " + " | ".join(f"{f} us" for f in forms) + " | default |")
+    lines.append("| --- | --- |" + " --- |" * len(forms) + " --- |")
     gen = torch.Generator(device=DEV).manual_seed(4)
     for label, shape in (("moondream", (64, 2048, 1024, 8)), ("qwen3-30b", (128, 2048, 768, 8))):
         experts, top_k = shape[0], shape[3]
-        for tokens in (16, 32, 64, 128):
+        for tokens in (16, 32, 64, 128, 256, 1024):
             block_m = moe_config(tokens, shape, torch.bfloat16, DEV)[0]
             logits = [torch.randn(tokens, experts, device=DEV, generator=gen).to(torch.bfloat16) for _ in range(CALLS)]
-            one = moe_route.route_and_align(logits[0], top_k, block_m, torch.bfloat16, one_launch=True)
-            two = moe_route.route_and_align(logits[0], top_k, block_m, torch.bfloat16, one_launch=False)
-            assert all(torch.equal(a, b) for a, b in zip(one, two)), f"{label} at {tokens} tokens: the two forms differ"
-            us = {form: graph_us([lambda x=x, form=form: moe_route.route_and_align(x, top_k, block_m, torch.bfloat16, one_launch=form) for x in logits]) for form in (True, False)}
-            results[f"routing {label} t{tokens}"] = {"one_program_us": us[True], "two_launches_us": us[False], "block_m": block_m}
-            default = "one program" if moe_route.one_launch_fits(tokens, experts) else "two launches"
-            lines.append(f"| {label} (E {experts}, k {top_k}, BM {block_m}) | {tokens} | {us[True]:.1f} | {us[False]:.1f} | {default} |")
+            outs = [moe_route.route_and_align(logits[0], top_k, block_m, torch.bfloat16, form=f) for f in forms]
+            assert all(torch.equal(a, b) for out in outs[1:] for a, b in zip(out, outs[0])), f"{label} at {tokens} tokens: the forms differ"
+            us = {f: graph_us([lambda x=x, f=f: moe_route.route_and_align(x, top_k, block_m, torch.bfloat16, form=f) for x in logits]) for f in forms}
+            default = moe_route.default_form(tokens, experts, top_k)
+            results[f"routing {label} t{tokens}"] = {"us": us, "block_m": block_m, "default": default}
+            lines.append(f"| {label} (E {experts}, k {top_k}, BM {block_m}) | {tokens} | " + " | ".join(f"{us[f]:.1f}" for f in forms) + f" | {default} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8])
+    sections = ("projections", "tau", "attention", "router", "routing")
+    ap.add_argument("--only", default=",".join(sections), help=f"comma-separated sections of {', '.join(sections)}")
     args = ap.parse_args()
+    only = args.only.split(",")
+    if unknown := set(only) - set(sections):
+        ap.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(sections)}")
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA device")
     bandwidth = copy_bandwidth()
@@ -257,11 +263,16 @@ def main() -> None:
         "copy_bandwidth_tb_s": bandwidth / 1e12,
     }
     lines: list[str] = []
-    projections(args.rows, bandwidth, results, lines)
-    tau(bandwidth, results, lines)
-    attention(bandwidth, results, lines)
-    router(bandwidth, results, lines)
-    routing(results, lines)
+    if "projections" in only:
+        projections(args.rows, bandwidth, results, lines)
+    if "tau" in only:
+        tau(bandwidth, results, lines)
+    if "attention" in only:
+        attention(bandwidth, results, lines)
+    if "router" in only:
+        router(bandwidth, results, lines)
+    if "routing" in only:
+        routing(results, lines)
     with open(os.path.join(args.out, "bench-kernels.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(f"{results['gpu']}, commit {results['commit']}, copy bandwidth {bandwidth / 1e12:.2f} TB/s\n")

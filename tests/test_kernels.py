@@ -274,20 +274,23 @@ def test_tau_rope_kv(case, dtype):
 
 
 # -- MoE routing + alignment in one kernel -----------------------------------------------------
-# past one_launch_fits (64 tokens, fewer with many experts): the top-k on a grid, the alignment in parallel over chunks; each case runs both forms
+# past one_launch_fits (64 tokens, fewer with many experts): the top-k on a grid, the alignment in parallel (over chunks, or one program an expert); each case runs every form
 @pytest.mark.parametrize("tokens, experts, top_k, block_m", [(1, 8, 2, 16), (13, 16, 4, 16), (40, 64, 8, 16), (65, 8, 2, 16), (100, 16, 4, 16), (300, 64, 8, 64), (3, 128, 8, 16), (90, 128, 8, 32)] + ([(1, 64, 8, 16), (256, 64, 8, 32), (512, 64, 8, 64), (737, 64, 8, 64), (4096, 64, 8, 64), (9000, 128, 8, 64)] if CUDA else []))
-def test_route_and_align(tokens, experts, top_k, block_m):
+def test_route_and_align(tokens, experts, top_k, block_m, monkeypatch):
+    from tidal.kernels import moe_route
     from tidal.kernels.fused_moe import align_by_expert
-    from tidal.kernels.moe_route import route_and_align
+    from tidal.kernels.moe_route import FORMS, route_and_align
     from tidal.layers.moe import route
+
+    monkeypatch.setattr(moe_route, "EXPERT_ALIGN_CHUNK", 64)  # the expert programs read the pairs in several chunks
 
     gen = torch.Generator().manual_seed(tokens)
     logits = torch.randn(tokens, experts, generator=gen)  # float32: no ties
     # the torch reference: route() on the same logits (identity router), then align_by_expert
     want_w, want_ids = route(logits, torch.eye(experts), None, top_k)
     want_pairs, want_blocks = align_by_expert(want_ids, experts, block_m)
-    for one_launch in (None, True, False):  # the default, then each of the two forms
-        w, ids, pairs, blocks = route_and_align(logits.to(DEV), top_k, block_m, torch.float32, one_launch=one_launch)
+    for form in (None, *FORMS):  # the default, then each form
+        w, ids, pairs, blocks = route_and_align(logits.to(DEV), top_k, block_m, torch.float32, form=form)
         assert torch.equal(ids.cpu(), want_ids)
         assert rel(w.cpu(), want_w) <= 1e-6
         assert torch.equal(pairs.cpu(), want_pairs) and torch.equal(blocks.cpu(), want_blocks)
@@ -319,6 +322,30 @@ def test_router_route_and_align_in_one_launch(tokens, experts, dim, top_k, bias)
             got = router_route_and_align(x, w, b, top_k, 16, renorm, block_k=block_k)
             assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2]) and torch.equal(got[3], want[3])
             assert rel(got[0].cpu(), want[0].cpu()) <= 1e-5
+
+
+def test_route_and_align_forms_agree_on_a_nan_router_row(monkeypatch):
+    """A NaN row of router logits (a broken activation) must not move another
+    token's pairs: every form gives the same layout, in which each pair of
+    every finite row appears exactly once, in its expert's run."""
+    from tidal.kernels import moe_route
+    from tidal.kernels.moe_route import FORMS, route_and_align
+
+    monkeypatch.setattr(moe_route, "EXPERT_ALIGN_CHUNK", 64)
+    tokens, experts, top_k, block_m = 70, 16, 4, 16
+    logits = torch.randn(tokens, experts, generator=torch.Generator().manual_seed(3))
+    logits[7] = float("nan")
+    outs = [route_and_align(logits.to(DEV), top_k, block_m, torch.float32, form=form) for form in FORMS]
+    for out in outs[1:]:
+        assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(out[1:], outs[0][1:]))
+    _, ids, pairs, blocks = (t.cpu() for t in outs[0])
+    finite = [t * top_k + j for t in range(tokens) if t != 7 for j in range(top_k)]
+    placed = pairs[pairs < tokens * top_k].tolist()
+    assert sorted(p for p in placed if p // top_k != 7) == finite  # each once
+    expert_of = blocks.repeat_interleave(block_m)[: len(pairs)]
+    for i, p in enumerate(pairs.tolist()):
+        if p < tokens * top_k and p // top_k != 7:
+            assert expert_of[i] == ids.view(-1)[p]  # in its expert's run
 
 
 def test_route_ties_go_to_the_lower_expert():

@@ -157,6 +157,49 @@ def _place_kernel(Ids, Counts, Pairs, BlockExpert, num_pairs, nchunks, nblocks, 
         tl.store(BlockExpert + b, expert, mask=b < nblocks)
 
 
+@triton.jit
+def _align_expert_kernel(Ids, Pairs, BlockExpert, num_pairs, nblocks, E: tl.constexpr, BM: tl.constexpr, CH: tl.constexpr, FILL: tl.constexpr):
+    """The alignment with one program an expert: every program counts all
+    pairs per expert (a histogram, CH pairs at a time) for its run's start,
+    then places its own pairs in pair order (stable), pads its run, names
+    its blocks, and takes a strided share of the entries past the last run.
+    Each program's work is a few vector passes over the pairs, where the
+    chunked form's programs each scan a [pairs, E] one-hot tile."""
+    me = tl.program_id(0)
+    e = tl.arange(0, E)
+    counts = tl.zeros([E], tl.int32)
+    for p0 in range(0, num_pairs, CH):
+        p = p0 + tl.arange(0, CH)
+        ids = tl.load(Ids + p, mask=p < num_pairs, other=E).to(tl.int32)
+        valid = ids < E  # (past the end, and a NaN router row's pairs, name no expert)
+        invalid = CH - tl.sum(valid.to(tl.int32))
+        counts += tl.histogram(tl.where(valid, ids, 0), E) - tl.where(e == 0, invalid, 0)
+    padded = (counts + BM - 1) // BM * BM
+    pad_end = tl.cumsum(padded, axis=0)
+    start = tl.sum(tl.where(e == me, pad_end - padded, 0))
+    end = tl.sum(tl.where(e == me, pad_end, 0))
+    used = start + tl.sum(tl.where(e == me, counts, 0))
+    runs_end = tl.sum(padded)
+    at = start
+    for p0 in range(0, num_pairs, CH):
+        p = p0 + tl.arange(0, CH)
+        mine = tl.load(Ids + p, mask=p < num_pairs, other=E).to(tl.int32) == me
+        rank = tl.cumsum(mine.to(tl.int32), axis=0) - 1
+        tl.store(Pairs + at + rank, p.to(Pairs.dtype.element_ty), mask=mine)
+        at += tl.sum(mine.to(tl.int32))
+    pad = used + tl.arange(0, BM)  # fewer than BM entries end a run
+    tl.store(Pairs + pad, num_pairs, mask=pad < end)
+    for b0 in range(start // BM, end // BM, FILL):
+        blk = b0 + tl.arange(0, FILL)
+        tl.store(BlockExpert + blk, me, mask=blk < end // BM)
+    for i0 in range(runs_end + me * FILL, nblocks * BM, E * FILL):  # past the last run: no pair
+        tail = i0 + tl.arange(0, FILL)
+        tl.store(Pairs + tail, num_pairs, mask=tail < nblocks * BM)
+    for b0 in range(runs_end // BM + me * FILL, nblocks, E * FILL):  # and no expert (E)
+        blk = b0 + tl.arange(0, FILL)
+        tl.store(BlockExpert + blk, E, mask=blk < nblocks)
+
+
 ROUTER_MAX_TOKENS = 16  # the fused router's rows: one [16, E] tile
 # The router's product inside the routing launch at decode sizes (one launch
 # instead of two); numerically the same routing up to the product's summation
@@ -280,39 +323,67 @@ def router_route_and_align(
     return weights, ids, pairs, block_expert
 
 
+FORMS = ("one program", "chunks", "experts")
+# Past one program, the alignment as chunks (each program a [pairs, E] one-hot
+# scan of its chunk) or one program an expert (EXPERT_ALIGN_MAX_PAIRS pairs at
+# most: every program counts them all). Which is faster at which size is the
+# device's to say (bench_kernels.py's routing table times all three); until
+# then the chunked form stays the default.
+EXPERT_ALIGN = False
+EXPERT_ALIGN_MAX_PAIRS = 8192
+EXPERT_ALIGN_CHUNK = 4096  # pairs an expert program reads at once (a power of two)
+
+
 def one_launch_fits(tokens: int, experts: int) -> bool:
     """Whether route_and_align runs as one program by default."""
     return tokens <= ONE_LAUNCH_MAX_TOKENS and tokens * experts <= ONE_LAUNCH_MAX_ELEMENTS
 
 
+def default_form(tokens: int, experts: int, top_k: int) -> str:
+    """The form route_and_align takes when none is named (see FORMS)."""
+    if one_launch_fits(tokens, experts):
+        return "one program"
+    return "experts" if EXPERT_ALIGN and tokens * top_k <= EXPERT_ALIGN_MAX_PAIRS else "chunks"
+
+
 def route_and_align(
-    router_logits: torch.Tensor, top_k: int, block_m: int, dtype: torch.dtype, renormalize: bool = True, one_launch: bool | None = None,
+    router_logits: torch.Tensor, top_k: int, block_m: int, dtype: torch.dtype, renormalize: bool = True, form: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """router_logits [T, E] -> (weights [T, k] in dtype, ids [T, k] int64,
     pairs [NB * block_m] int32, block_expert [NB] int32); see align_by_expert.
-    one_launch: one program for everything (default: see one_launch_fits)
-    or the two parallel launches; the same result either way."""
+    form (default: default_form's): "one program" for everything; "chunks":
+    the top-k on a grid whose programs also count their pairs per expert,
+    then the alignment in parallel over the same chunks; "experts": the
+    top-k on a grid, then the alignment with one program an expert. The same
+    result in every form."""
     tokens, experts = router_logits.shape
+    form = form or default_form(tokens, experts, top_k)
+    if form not in FORMS:
+        raise ValueError(f"unknown routing form {form!r}; one of {FORMS}")
     dev = router_logits.device
     nblocks, weights, ids, pairs, block_expert = _routing_outputs(tokens, experts, top_k, block_m, dtype, dev)
     wide, pairs_chunk, block_chunk = _tiles(tokens, top_k, experts, nblocks)
-    if one_launch_fits(tokens, experts) if one_launch is None else one_launch:
+    if form == "one program":
         block_t = 16 if tokens <= 16 else 32
         _route_align_kernel[(1,)](
             router_logits, weights, ids, pairs, block_expert, block_expert, tokens, router_logits.stride(0), nblocks, tokens,
             E=experts, K=top_k, BLOCK_T=block_t, BM=block_m, CH=pairs_chunk, FILL=256, BFILL=block_chunk,
             TOPK=True, ALIGN=True, RENORM=renormalize, COUNT=False, num_warps=8,
         )
-    else:
-        # the top-k on a grid (each program also counts its pairs per expert),
-        # then the alignment in parallel over the same chunks: one program
-        # walking ~6k pairs of a 737-position prefill took 112 us a layer
-        block_t = max(1, min(32, wide // top_k))  # a chunk's pairs, block_t * top_k, in one [pairs, E] tile
-        nchunks = triton.cdiv(tokens, block_t)
-        counts = torch.empty((nchunks, experts), dtype=torch.int32, device=dev)
-        _route_align_kernel[(nchunks,)](
-            router_logits, weights, ids, pairs, block_expert, counts, tokens, router_logits.stride(0), nblocks, block_t,
-            E=experts, K=top_k, BLOCK_T=block_t, BM=block_m, CH=block_t * top_k, FILL=256, BFILL=wide, TOPK=True, ALIGN=False, RENORM=renormalize, COUNT=True, num_warps=8,
-        )
+        return weights, ids, pairs, block_expert
+    # the top-k on a grid (for "chunks" each program also counts its pairs per
+    # expert): one program walking ~6k pairs of a 737-position prefill took 112 us a layer
+    block_t = max(1, min(32, wide // top_k))  # a chunk's pairs, block_t * top_k, in one [pairs, E] tile
+    nchunks = triton.cdiv(tokens, block_t)
+    chunks = form == "chunks"
+    counts = torch.empty((nchunks, experts), dtype=torch.int32, device=dev) if chunks else block_expert
+    _route_align_kernel[(nchunks,)](
+        router_logits, weights, ids, pairs, block_expert, counts, tokens, router_logits.stride(0), nblocks, block_t,
+        E=experts, K=top_k, BLOCK_T=block_t, BM=block_m, CH=block_t * top_k, FILL=256, BFILL=wide, TOPK=True, ALIGN=False, RENORM=renormalize, COUNT=chunks, num_warps=8,
+    )
+    if chunks:
         _place_kernel[(nchunks,)](ids, counts, pairs, block_expert, tokens * top_k, nchunks, nblocks, E=experts, K=top_k, BLOCK_T=block_t, BM=block_m, FILL=wide, num_warps=8)
+    else:
+        ch = min(EXPERT_ALIGN_CHUNK, max(16, triton.next_power_of_2(tokens * top_k)))
+        _align_expert_kernel[(experts,)](ids, pairs, block_expert, tokens * top_k, nblocks, E=experts, BM=block_m, CH=ch, FILL=128, num_warps=4)
     return weights, ids, pairs, block_expert
