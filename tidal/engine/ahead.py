@@ -2,8 +2,8 @@
 
 While a decode step's graph runs, the engine launches the step after it, each
 sequence feeding what the running step outputs for it (the sampled token, or
-for detect and point the coordinate or size; the runner reads it on the
-device), before it reads the running step's results. Once they are read and
+for detect, point and reasoning's grounding the coordinate or size; the
+runner reads it on the device), before it reads the running step's results. Once they are read and
 applied, each guessed row is kept if its request's skill asked for exactly
 that input and OutputSpec, else dropped and its KV slot given back.
 Functions of the engine (its scheduler, allocator, table, runner, stats)."""

@@ -32,14 +32,14 @@ class EngineConfig:
     compiles in the first 32 requests of a fresh H100 machine).
     overlap: while a decode step's graph runs, queue the next one behind it
     (each sequence feeding what the running step outputs for it: the token
-    it samples, or for detect and point the coordinate or size, read on the
-    device) before reading the running step's results, so the host's work
+    it samples, or for detect, point and a reasoning query's grounding the
+    coordinate or size, read on the device) before reading the running step's results, so the host's work
     between steps (reading results, the skills, scheduling, filling inputs)
     hides behind the GPU's. Only where every running request's skill says
     what it will feed back, or that its next output is its last (left out
     of the step ahead) (Skill.guess_next), and no waiting request could be
-    admitted (a free table row); a guess the results prove wrong (a stop,
-    a reasoning query's grounding coordinate) is dropped, its
+    admitted (a free table row); a guess the results prove wrong (a stop
+    string, the answer id that ends a reasoning query's thinking) is dropped, its
     slot given back, and the request goes on in the step after (one step
     later than without). The same steps with the same inputs: the same
     outputs. None (default): on where decode steps replay CUDA graphs, the

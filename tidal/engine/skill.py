@@ -53,7 +53,8 @@ class Skill(ABC):
         then ask for; FINISHES if that output is certainly its last; None
         where that depends on more than the output. By default
         last_output_next, then the token as spec_after_token says. Skills
-        that feed back coordinates or sizes (detect, point) override this."""
+        that feed back coordinates or sizes (detect, point, reasoning's
+        grounding) override this."""
         if self.last_output_next():
             return FINISHES
         spec = self.spec_after_token()

@@ -7,9 +7,11 @@ activation dtype (the reference's rounding); then the layout fused_moe's GEMMs r
 (t * k + j) sorted by expert, stably, each expert's run padded to BLOCK_M,
 and each block's expert (E past the end). At decode sizes one program does it
 all (a launch costs more than the work; the torch version is ~25 launches);
-for more tokens the top-k runs on a grid of programs that also count their
-pairs per expert, and a second grid places each program's pairs (both
-launches parallel; the same two launches as a one-program alignment).
+for more tokens the top-k runs on a grid of programs, then the alignment in a
+second launch: over the same chunks (the top-k programs also count their
+pairs per expert; each chunk's program places its pairs) or with one program
+an expert (each counts all pairs, then places its own); route_and_align's
+`form` names one, the same layout in each.
 """
 
 from __future__ import annotations
