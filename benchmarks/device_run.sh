@@ -15,6 +15,7 @@
 #   bash benchmarks/device_run.sh small-card  # the full model in bf16 in 24 GB (memory capped), every skill
 #   bash benchmarks/device_run.sh timeline    # batch-1 graph replays over time (busy, overlapping, idle) and the host's phases of a step: Moondream 3 and Qwen3-30B-A3B
 #   bash benchmarks/device_run.sh overlap     # Moondream 3 decode and detect/point with EngineConfig.overlap on and off, first output (quick)
+#   bash benchmarks/device_run.sh routing     # MoE routing + alignment: its kernel tests, then each form timed at 16-1024 tokens
 #   bash benchmarks/device_run.sh check       # after a kernel change, in ~5 minutes: kernel + fast-path tests, bench_kernels, quick decode of both MoE models
 #
 # Run from the repository root with the wheels the device image lacks in .whl/
@@ -24,7 +25,7 @@
 # checkout (TIDAL_COMMIT=abc1234 bash ...): the device's copy of .git has been seen to lag
 # the working tree it carries, so `git rev-parse` there can name an older commit.
 set -uo pipefail
-part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card, overlap, check, timeline}"
+part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card, overlap, routing, check, timeline}"
 out="${OUT:-.}"
 if [ -d .whl ]; then
   pip install -q --no-deps --target /tmp/deps .whl/*.whl 2>&1 | grep -v -i "warning" | tail -2
@@ -72,6 +73,9 @@ case "$part" in
     timeout 240 python benchmarks/bench_moondream.py --quick --only mixed --host-profile --out "$out" 2>&1 | grep -v "capturing" | tail -80 ;;
   small-card) timeout 300 python benchmarks/small_card.py --memory-gb 24 2>&1 | grep -v "capturing" | tail -20 ;;
   overlap) timeout 540 python benchmarks/bench_moondream.py --quick --only decode,overlap,latency --out "$out" 2>&1 | grep -E "decode batch|ttft|objects|copy|Error|error" ;;
+  routing)
+    tests_in 120 "test_kernels (routing)" tests/test_kernels.py -k "route"
+    timeout 150 python benchmarks/bench_kernels.py --only routing --out "$out" 2>&1 | tail -16 ;;
   check)
     for f in tests/test_fast_path.py tests/test_qwen3_moe.py; do
       tests_in 100 "$f" "$f"
