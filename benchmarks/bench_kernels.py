@@ -184,7 +184,36 @@ def attention(bandwidth: float, results: dict, lines: list[str]) -> None:
                 mark = " (default)" if splits == default else ""
                 fused_us = f"{timed[True]:.1f}" if True in timed else "-"
                 lines.append(f"| {label} ({heads}/{kv_heads} heads) | {batch} | {ctx} | {splits}{mark} | {timed[False]:.1f} | {fused_us} | {same} | {floor:.1f} |")
+            if kv_heads < heads:
+                gqa_tiles(label, batch, (q, caches, table, rows, lens), default, floor, results, lines)
             del caches
+
+
+GQA_TILES = ((64, 4, 3), (128, 4, 3), (64, 8, 3), (128, 8, 3), (32, 4, 4), (64, 4, 4), (128, 4, 2))
+
+
+def gqa_tiles(label: str, batch: int, inputs: tuple, splits: int, floor: float, results: dict, lines: list[str]) -> None:
+    """The grouped decode kernel at its default splits with other (BLOCK_N,
+    warps, stages) tiles (paged_attention.GQA_TILE), each checked against the
+    default tile's output first (bf16 resolution)."""
+    from tidal.kernels import paged_attention as pa
+
+    q, caches, table, rows, lens = inputs
+    default_tile = pa.GQA_TILE
+    want = pa.decode_attention(q, caches[0][0], caches[0][1], table, rows, lens, splits)
+    cells = []
+    try:
+        for tile in GQA_TILES:
+            pa.GQA_TILE = tile
+            got = pa.decode_attention(q, caches[0][0], caches[0][1], table, rows, lens, splits)
+            diff = float((got.float() - want.float()).abs().max() / want.float().abs().max())
+            assert diff < 1e-2, f"{label} b{batch} tile {tile}: off by {diff:.2e}"
+            us = graph_us([lambda kv=caches[i % len(caches)]: pa.decode_attention(q, kv[0], kv[1], table, rows, lens, splits) for i in range(CALLS)])
+            results[f"attention {label} b{batch} splits{splits} tile{tile}"] = us
+            cells.append(f"{tile}: {us:.1f}")
+    finally:
+        pa.GQA_TILE = default_tile
+    lines.append(f"| {label} GQA tiles (BLOCK_N, warps, stages) | {batch} | | {splits} | {'; '.join(cells)} | | | {floor:.1f} |")
 
 
 def router(bandwidth: float, results: dict, lines: list[str]) -> None:

@@ -101,6 +101,28 @@ def test_decode_attention(case, dtype):
     assert rel(got.cpu(), want) <= tol(dtype)
 
 
+@pytest.mark.parametrize("tile", [(32, 4, 4), (128, 8, 2)], ids=str)
+@pytest.mark.parametrize("splits", [1, 3])
+def test_grouped_decode_attention_with_other_tiles(tile, splits, monkeypatch):
+    """The grouped (GQA) kernel with another (BLOCK_N, warps, stages) than the
+    default (bench_kernels.py sweeps them): still the reference attention,
+    the reduce cutting the keys by the same BLOCK_N."""
+    from tidal.kernels import paged_attention as pa
+
+    monkeypatch.setattr(pa, "GQA_TILE", tile)
+    kv_lens = [731, 5, 300, 129]
+    gen = torch.Generator().manual_seed(splits)
+    seqs = [(1, n, 0) for n in kv_lens]
+    k, v, table, rows = _paged_cache(seqs, 2, 64, torch.float32, gen)
+    q = torch.randn(len(seqs), 8, 64, generator=gen)
+    want = _reference_attention(q, k, v, table, rows, seqs)
+    got = pa.decode_attention(
+        q.to(DEV), k.to(DEV), v.to(DEV), table.to(DEV), torch.tensor(rows, device=DEV), torch.tensor(kv_lens, dtype=torch.int32, device=DEV), num_splits=splits,
+        out=torch.full_like(q, float("nan"), device=DEV),
+    )
+    assert rel(got.cpu(), want) <= tol(torch.float32)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", [c for c in DECODE_CASES if c[3] is not None and c[3] > 1], ids=lambda c: f"B{len(c[0])}-H{c[1]}/{c[2]}-splits{c[3]}")
 def test_decode_attention_fused_reduce_matches_the_second_launch(case, dtype):

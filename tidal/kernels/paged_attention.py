@@ -230,6 +230,11 @@ def decode_splits(batch: int, kv_heads: int, group: int = 1) -> int:
 # benchmarks/bench_kernels.py shows the saved launch on the device.
 FUSED_REDUCE = False
 
+# The grouped (GQA) split kernel's (BLOCK_N, warps, stages). Qwen3-30B at batch
+# 64 (one split, 600 keys) reads its K/V at ~40% of the copy bandwidth with
+# (64, 4, 3); bench_kernels.py's attention table sweeps other tiles beside it.
+GQA_TILE = (DECODE_BLOCK_N, 4, 3)
+
 
 def decode_attention(
     q: torch.Tensor,
@@ -271,12 +276,14 @@ def decode_attention(
         dim**-0.5, num_splits,
     )
     ns = triton.next_power_of_2(num_splits)
+    block_n = DECODE_BLOCK_N  # the split kernel's and the reduce's (both cut the keys by it)
     if group == 1:
-        _decode_split_kernel[(bsz, heads, num_splits)](*args, GROUP=1, D=dim, BLOCK_N=DECODE_BLOCK_N, NS=ns, DIRECT=direct, FUSED=fused, num_warps=4, num_stages=3)
+        _decode_split_kernel[(bsz, heads, num_splits)](*args, GROUP=1, D=dim, BLOCK_N=block_n, NS=ns, DIRECT=direct, FUSED=fused, num_warps=4, num_stages=3)
     else:
+        block_n, warps, stages = GQA_TILE
         _decode_group_split_kernel[(bsz, heads // group, num_splits)](
-            *args, GROUP=group, GP=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_N=DECODE_BLOCK_N, IEEE=q.dtype == torch.float32,
-            NS=ns, DIRECT=direct, FUSED=fused, num_warps=4, num_stages=3,
+            *args, GROUP=group, GP=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
+            NS=ns, DIRECT=direct, FUSED=fused, num_warps=warps, num_stages=stages,
         )
     if not direct and not fused:
         _decode_reduce_kernel[(bsz, heads)](
@@ -284,7 +291,7 @@ def decode_attention(
             part_o.stride(0), part_o.stride(1), part_o.stride(2),
             part_lse.stride(0), part_lse.stride(1),
             out.stride(0), out.stride(1),
-            num_splits, BLOCK_N=DECODE_BLOCK_N, NS=ns, D=dim,
+            num_splits, BLOCK_N=block_n, NS=ns, D=dim,
             num_warps=4,
         )
     return out
