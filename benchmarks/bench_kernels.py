@@ -63,6 +63,11 @@ PROJECTIONS = {
 SKINNY_SWEEP = ((16, 512, 4, 3), (32, 256, 4, 4), (16, 128, 4, 6), (32, 128, 8, 5), (64, 128, 8, 4), (16, 256, 4, 4, 2), (16, 256, 4, 3, 4), (32, 128, 4, 4, 4), (16, 128, 4, 4, 8))
 
 
+def max_rel_diff(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest absolute difference over want's largest magnitude (float32)."""
+    return float((got.float() - want.float()).abs().max() / want.float().abs().max())
+
+
 def graph_us(calls: list[Callable[[], object]], reps: int = 10) -> float:
     """Median GPU time of one call: all calls captured in one graph, replayed reps times."""
     for fn in calls:
@@ -175,7 +180,7 @@ def attention(bandwidth: float, results: dict, lines: list[str]) -> None:
                     want = decode_attention(q, caches[0][0], caches[0][1], table, rows, lens, splits, fused_reduce=False)
                     got = decode_attention(q, caches[0][0], caches[0][1], table, rows, lens, splits, fused_reduce=fused)
                     if fused:
-                        diff = float((got.float() - want.float()).abs().max() / want.float().abs().max())
+                        diff = max_rel_diff(got, want)
                         assert diff < 1e-2, f"{label} b{batch} splits {splits}: the fused reduce is off by {diff:.2e}"
                         same = "bit for bit" if torch.equal(got, want) else f"no, {diff:.1e} max rel"
                         results[f"attention {label} b{batch} splits{splits} fused max rel diff"] = diff
@@ -206,7 +211,7 @@ def gqa_tiles(label: str, batch: int, inputs: tuple, splits: int, floor: float, 
         for tile in GQA_TILES:
             pa.GQA_TILE = tile
             got = pa.decode_attention(q, caches[0][0], caches[0][1], table, rows, lens, splits)
-            diff = float((got.float() - want.float()).abs().max() / want.float().abs().max())
+            diff = max_rel_diff(got, want)
             assert diff < 1e-2, f"{label} b{batch} tile {tile}: off by {diff:.2e}"
             us = graph_us([lambda kv=caches[i % len(caches)]: pa.decode_attention(q, kv[0], kv[1], table, rows, lens, splits) for i in range(CALLS)])
             results[f"attention {label} b{batch} splits{splits} tile{tile}"] = us
