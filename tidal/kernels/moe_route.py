@@ -331,7 +331,7 @@ FORMS = ("one program", "chunks", "experts")
 # most: every program counts them all). Which is faster at which size is the
 # device's to say (bench_kernels.py's routing table times all three); until
 # then the chunked form stays the default.
-EXPERT_ALIGN = False
+EXPERT_ALIGN = True
 EXPERT_ALIGN_MAX_PAIRS = 8192
 EXPERT_ALIGN_CHUNK = 4096  # pairs an expert program reads at once (a power of two)
 
@@ -343,9 +343,9 @@ def one_launch_fits(tokens: int, experts: int) -> bool:
 
 def default_form(tokens: int, experts: int, top_k: int) -> str:
     """The form route_and_align takes when none is named (see FORMS)."""
-    if one_launch_fits(tokens, experts):
-        return "one program"
-    return "experts" if EXPERT_ALIGN and tokens * top_k <= EXPERT_ALIGN_MAX_PAIRS else "chunks"
+    if EXPERT_ALIGN and tokens * top_k <= EXPERT_ALIGN_MAX_PAIRS:
+        return "experts"
+    return "one program" if one_launch_fits(tokens, experts) else "chunks"
 
 
 def route_and_align(
