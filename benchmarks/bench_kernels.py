@@ -242,7 +242,7 @@ def router(bandwidth: float, results: dict, lines: list[str]) -> None:
             got = router_route_and_align(x, ws[0], b, top_k, 16)
             same = torch.equal(got[1], want[1])
             two = graph_us([lambda w=ws[i % len(ws)]: route_and_align(linear(x, w, b), top_k, 16, torch.bfloat16) for i in range(CALLS)])
-            one = {bk: graph_us([lambda w=ws[i % len(ws)], bk=bk: router_route_and_align(x, w, b, top_k, 16, block_k=bk) for i in range(CALLS)]) for bk in (64, 128, 256)}
+            one = {bk: graph_us([lambda w=ws[i % len(ws)], bk=bk: router_route_and_align(x, w, b, top_k, 16, block_k=bk) for i in range(CALLS)]) for bk in (32, 64, 128, 256)}
             floor = experts * dim * 2 / bandwidth * 1e6
             results[f"router {label} t{tokens}"] = {"floor_us": floor, "two_launches_us": two, "one_launch_us": one, "same_experts": same}
             cells = ", ".join(f"{us:.1f} ({bk})" for bk, us in one.items())
