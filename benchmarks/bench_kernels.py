@@ -230,7 +230,7 @@ def router(bandwidth: float, results: dict, lines: list[str]) -> None:
     from tidal.layers.linear import linear, use_skinny
 
     use_skinny("auto")
-    lines.append("\n| router + routing | tokens | floor us | two launches us | one launch us (K per program) |")
+    lines.append("\n| router + routing | tokens | floor us | two launches us | one launch us (K per program; warps at the default K) |")
     lines.append("| --- | --- | --- | --- | --- |")
     gen = torch.Generator(device=DEV).manual_seed(3)
     for label, experts, dim, top_k, bias in (("moondream", 64, 2048, 8, True), ("qwen3-30b", 128, 2048, 8, False)):
@@ -243,6 +243,9 @@ def router(bandwidth: float, results: dict, lines: list[str]) -> None:
             same = torch.equal(got[1], want[1])
             two = graph_us([lambda w=ws[i % len(ws)]: route_and_align(linear(x, w, b), top_k, 16, torch.bfloat16) for i in range(CALLS)])
             one = {bk: graph_us([lambda w=ws[i % len(ws)], bk=bk: router_route_and_align(x, w, b, top_k, 16, block_k=bk) for i in range(CALLS)]) for bk in (32, 64, 128, 256)}
+            for warps in (2, 4):  # beside ROUTER_WARPS (8) at the default K slice; a layout unlike 8 warps' is marked
+                equal = all(torch.equal(a, c) for a, c in zip(router_route_and_align(x, ws[0], b, top_k, 16, num_warps=warps), got))
+                one[f"{warps} warps{'' if equal else ', differs'}"] = graph_us([lambda w=ws[i % len(ws)], nw=warps: router_route_and_align(x, w, b, top_k, 16, num_warps=nw) for i in range(CALLS)])
             floor = experts * dim * 2 / bandwidth * 1e6
             results[f"router {label} t{tokens}"] = {"floor_us": floor, "two_launches_us": two, "one_launch_us": one, "same_experts": same}
             cells = ", ".join(f"{us:.1f} ({bk})" for bk, us in one.items())

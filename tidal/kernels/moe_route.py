@@ -286,6 +286,11 @@ def _tiles(tokens: int, top_k: int, experts: int, nblocks: int) -> tuple[int, in
 # Half the card's shared memory keeps clear of that; in bf16 128 and 256
 # measured the same (bench_kernels.py, H100: 6.8 / 6.9 us at one token).
 ROUTER_SMEM_BUDGET = 110 << 10
+# Warps of the fused router's programs. Its ticket program's tail (top-k,
+# softmax, alignment) is a chain of cross-warp reductions over [16, E] tiles,
+# each a shared-memory round trip whose cost grows with the warps taking part;
+# bench_kernels.py's router table times 2, 4 and 8.
+ROUTER_WARPS = 8
 
 
 def router_block_k(experts: int, itemsize: int) -> int:
@@ -298,11 +303,12 @@ def router_block_k(experts: int, itemsize: int) -> int:
 
 def router_route_and_align(
     x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor | None, top_k: int, block_m: int, renormalize: bool = True, block_k: int | None = None,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """route_and_align(linear(x, router_w, router_b), ...) in one launch, for at
     most ROUTER_MAX_TOKENS rows: x [T, D], router_w [E, D] -> (weights [T, k]
     in x's dtype, ids [T, k] int64, pairs, block_expert). block_k: the K
-    slice a program (default router_block_k's)."""
+    slice a program (default router_block_k's); num_warps: default ROUTER_WARPS."""
     tokens, dim = x.shape
     experts = router_w.shape[0]
     block_k = block_k or router_block_k(experts, x.element_size())
@@ -320,7 +326,7 @@ def router_route_and_align(
         x, router_w, router_b if router_b is not None else router_w, partial, logits, weights, ids, pairs, block_expert, ticket,
         tokens, dim, block_k, x.stride(0), router_w.stride(0), nblocks,
         E=experts, K=top_k, BLOCK_T=ROUTER_MAX_TOKENS, BLOCK_K=block_k, BM=block_m, CH=pairs_chunk, BFILL=block_chunk,
-        HAS_BIAS=router_b is not None, RENORM=renormalize, IEEE=x.dtype == torch.float32, num_warps=8,
+        HAS_BIAS=router_b is not None, RENORM=renormalize, IEEE=x.dtype == torch.float32, num_warps=num_warps or ROUTER_WARPS,
     )
     return weights, ids, pairs, block_expert
 
