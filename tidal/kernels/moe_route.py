@@ -288,9 +288,18 @@ def _tiles(tokens: int, top_k: int, experts: int, nblocks: int) -> tuple[int, in
 ROUTER_SMEM_BUDGET = 110 << 10
 # Warps of the fused router's programs. Its ticket program's tail (top-k,
 # softmax, alignment) is a chain of cross-warp reductions over [16, E] tiles,
-# each a shared-memory round trip whose cost grows with the warps taking part;
-# bench_kernels.py's router table times 2, 4 and 8.
+# each a shared-memory round trip whose cost grows with the warps taking part.
+# bench_kernels.py's router table, H100 (2aefbeb), us at 8 / 4 / 2 warps:
+# Qwen3-30B (E 128) one token 8.5 / 8.0 / 10.0, eight 12.7 / 14.4 / 15.9;
+# Moondream (E 64) one token 6.9 / 7.2 / 7.6. Qwen3-30B decode at batch 1 with
+# 4 warps: 3.98 against 4.02 ms a step, twice each in one call.
 ROUTER_WARPS = 8
+ROUTER_WARPS_ONE_TOKEN_WIDE = 4  # one token, 128 experts or more
+
+
+def router_warps(tokens: int, experts: int) -> int:
+    """The fused router's warps a program for this many tokens and experts."""
+    return ROUTER_WARPS_ONE_TOKEN_WIDE if tokens == 1 and experts >= 128 else ROUTER_WARPS
 
 
 def router_block_k(experts: int, itemsize: int) -> int:
@@ -308,7 +317,7 @@ def router_route_and_align(
     """route_and_align(linear(x, router_w, router_b), ...) in one launch, for at
     most ROUTER_MAX_TOKENS rows: x [T, D], router_w [E, D] -> (weights [T, k]
     in x's dtype, ids [T, k] int64, pairs, block_expert). block_k: the K
-    slice a program (default router_block_k's); num_warps: default ROUTER_WARPS."""
+    slice a program (default router_block_k's); num_warps: default router_warps's."""
     tokens, dim = x.shape
     experts = router_w.shape[0]
     block_k = block_k or router_block_k(experts, x.element_size())
@@ -326,7 +335,7 @@ def router_route_and_align(
         x, router_w, router_b if router_b is not None else router_w, partial, logits, weights, ids, pairs, block_expert, ticket,
         tokens, dim, block_k, x.stride(0), router_w.stride(0), nblocks,
         E=experts, K=top_k, BLOCK_T=ROUTER_MAX_TOKENS, BLOCK_K=block_k, BM=block_m, CH=pairs_chunk, BFILL=block_chunk,
-        HAS_BIAS=router_b is not None, RENORM=renormalize, IEEE=x.dtype == torch.float32, num_warps=num_warps or ROUTER_WARPS,
+        HAS_BIAS=router_b is not None, RENORM=renormalize, IEEE=x.dtype == torch.float32, num_warps=num_warps or router_warps(tokens, experts),
     )
     return weights, ids, pairs, block_expert
 
