@@ -16,6 +16,7 @@ from tidal.images import animation_frames
 from tidal.llm import LLM
 from tidal.server.errors import APIError
 from tidal.server.images import image_bytes, image_source
+from tidal.server.json_body import FastJSONRoute
 from tidal.server.schemas import ChatBody, CompletionBody, ImagePart, VideoPart
 from tidal.server.state import ServerState, sse
 
@@ -58,7 +59,7 @@ def _usage(handle: RequestHandle) -> dict[str, int]:
 
 
 def llm_router(state: ServerState, llm: LLM) -> APIRouter:
-    router = APIRouter(prefix="/v1")
+    router = APIRouter(prefix="/v1", route_class=FastJSONRoute)
     config = state.config
 
     @router.get("/models")

@@ -10,12 +10,13 @@ from fastapi.responses import StreamingResponse
 
 from tidal.server.errors import APIError
 from tidal.server.images import image_source
+from tidal.server.json_body import FastJSONRoute
 from tidal.server.schemas import CaptionBody, LocateBody, QueryBody
 from tidal.server.state import ServerState, sse
 
 
 def moondream_router(state: ServerState) -> APIRouter:
-    router = APIRouter(prefix="/v1")
+    router = APIRouter(prefix="/v1", route_class=FastJSONRoute)
     md, config = state.md, state.config
 
     def image(url: str | None):

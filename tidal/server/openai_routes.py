@@ -12,6 +12,7 @@ from tidal.engine.loop import RequestHandle
 from tidal.server.chat import ChatTask, route
 from tidal.server.errors import APIError
 from tidal.server.images import image_source
+from tidal.server.json_body import FastJSONRoute
 from tidal.server.schemas import ChatBody
 from tidal.server.state import ServerState, sse
 
@@ -34,7 +35,7 @@ def _content(task: ChatTask, result: dict[str, Any]) -> str:
 
 
 def openai_router(state: ServerState) -> APIRouter:
-    router = APIRouter(prefix="/v1")
+    router = APIRouter(prefix="/v1", route_class=FastJSONRoute)
     md, config = state.md, state.config
 
     def submit_fn(task: ChatTask, settings: dict[str, Any] | None):
