@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script or imported as benchmarks.bench_moondream
+import targets  # noqa: E402
 from measure import (  # noqa: E402
     DEV,
     back_to_back_ms,
@@ -402,6 +403,7 @@ def main() -> None:
             md = close_model(md)
 
     report(results, args.out)
+    print("\n" + targets.write_targets(results, targets.MOONDREAM, args.out, "targets.md"), flush=True)
 
 
 def same_model_check(model, tok, ref, images: dict, results: dict, kernels: bool) -> None:

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import targets  # noqa: E402
 from measure import back_to_back_ms, close_model, copy_bandwidth, report, sync  # noqa: E402
 from qwen_peers import (  # noqa: E402
     ASSISTANT,
@@ -335,6 +336,7 @@ def main() -> None:
             print(f"transformers generate batch {b}: {ms:.2f} ms/token, {b * 1000 / ms:.0f} tok/s", flush=True)
     variant = "".join(f"-{flag}" for flag, on in (("nooverlap", args.no_overlap), (f"skinny-{args.skinny}", args.skinny != "auto")) if on)
     report(results, args.out, f"bench-qwen3-{args.model}{variant}.json")  # a variant's run does not overwrite the default's
+    print("\n" + targets.write_targets(results, targets.QWEN3_VL if vl else targets.QWEN3_MOE, args.out, f"targets-qwen3-{args.model}{variant}.md"), flush=True)
 
 
 if __name__ == "__main__":
