@@ -244,7 +244,7 @@ def router(bandwidth: float, results: dict, lines: list[str]) -> None:
             two = graph_us([lambda w=ws[i % len(ws)]: route_and_align(linear(x, w, b), top_k, 16, torch.bfloat16) for i in range(CALLS)])
             one = {bk: graph_us([lambda w=ws[i % len(ws)], bk=bk: router_route_and_align(x, w, b, top_k, 16, block_k=bk) for i in range(CALLS)]) for bk in (32, 64, 128, 256)}
             eight = router_route_and_align(x, ws[0], b, top_k, 16, num_warps=8)
-            for warps in (2, 4, 8):  # at the default K slice (the K sweep runs at moe_route.router_warps's); a layout unlike 8 warps' is marked
+            for warps in (2, 4, 8):  # at the default K slice (the K sweep runs at moe_route.ROUTER_WARPS); a layout unlike 8 warps' is marked
                 equal = all(torch.equal(a, c) for a, c in zip(router_route_and_align(x, ws[0], b, top_k, 16, num_warps=warps), eight))
                 one[f"{warps} warps{'' if equal else ', differs'}"] = graph_us([lambda w=ws[i % len(ws)], nw=warps: router_route_and_align(x, w, b, top_k, 16, num_warps=nw) for i in range(CALLS)])
             floor = experts * dim * 2 / bandwidth * 1e6

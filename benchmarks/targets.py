@@ -73,10 +73,17 @@ def _floor(t: Target, results: dict) -> float | None:
     return ms if t.per_step is None else t.per_step * 1000 / ms
 
 
+def _ratio(t: Target, value: float, ref: float) -> float:
+    """How many times the peer's figure tidal's is (faster: above 1)."""
+    num, den = (ref, value) if t.at_most else (value, ref)
+    return num / den if den > 0 else float("inf")
+
+
 def verdict(t: Target, results: dict) -> str:
     """MET / MISS for the bound and, where the issue asks for one, the ratio
-    to the reference; "not run" without the figure, "no reference" where the
-    ratio is asked for and the peer did not run."""
+    to the reference (a MISS by the ratio alone says so); "not run" without
+    the figure; where the ratio is asked for and the peer did not run, the
+    bound's verdict and that the ratio is not known."""
     value = _get(results, t.key)
     if value is None:
         return "not run"
@@ -85,22 +92,28 @@ def verdict(t: Target, results: dict) -> str:
         return "MET" if met else "MISS"
     ref = _get(results, t.reference)
     if ref is None:
-        return ("MET" if met else "MISS") + "; no reference"
-    fast = ref / value if t.at_most else value / ref
-    return "MET" if met and fast >= t.speedup else "MISS"
+        return f"{'MET' if met else 'MISS'} the bound; the {t.speedup:g}x not measured (no peer)"
+    if _ratio(t, value, ref) >= t.speedup:
+        return "MET" if met else "MISS"
+    return f"MISS (the {t.speedup:g}x)" if met else "MISS"
 
 
 def target_table(results: dict, targets: list[Target]) -> str:
     """Markdown: the run's card, commit, date and copy bandwidth, then a row a target."""
     head = f"{results.get('gpu', '?')}, torch {results.get('torch', '?')}, commit {results.get('commit', '?')}, {results.get('date', '?')}"
+    for key in ("shapes", "run"):
+        if key in results:
+            head += f", {key}: {results[key]}"
+    if "memory_cap_gb" in results:
+        head += f", device memory capped at {results['memory_cap_gb']} GB"
     if _get(results, "copy_bandwidth_tb_s") is not None:
         head += f", copy bandwidth {results['copy_bandwidth_tb_s']:.2f} TB/s"
-    lines = [head, "", "| figure | tidal | floor | peer (same run) | ratio to peer | target | |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [head, "", "| figure | tidal | floor (of a rate: its ceiling) | peer (same run) | ratio to peer | target | |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for t in targets:
         value = _get(results, t.key)
         floor = _floor(t, results)
         ref = _get(results, t.reference)
-        ratio = "" if value is None or ref is None else f"{(ref / value if t.at_most else value / ref):.2f}x" + (f" (target {t.speedup:g}x)" if t.speedup else "")
+        ratio = "" if value is None or ref is None else f"{_ratio(t, value, ref):.2f}x" + (f" (target {t.speedup:g}x)" if t.speedup else "")
         cells = [
             t.figure,
             "-" if value is None else f"{_num(value)} {t.unit}",

@@ -44,7 +44,7 @@ def router(itemsize, experts, block_k):
     dt = DT[itemsize]
     types = {"X": "*" + dt, "W": "*" + dt, "Bias": "*" + dt, "Partial": "*fp32", "Logits": "*" + dt, "Weights": "*" + dt, "Ids": "*i64", "Pairs": "*i32", "BlockExpert": "*i32", "Counter": "*i32"}
     consts = dict(E=experts, K=8, BLOCK_T=moe_route.ROUTER_MAX_TOKENS, BLOCK_K=block_k, BM=16, CH=16, BFILL=16, HAS_BIAS=True, RENORM=True, IEEE=itemsize == 4)
-    return compile_report(moe_route._router_route_kernel, types, consts, 8)
+    return compile_report(moe_route._router_route_kernel, types, consts, moe_route.ROUTER_WARPS)
 
 results = {}
 for itemsize in (2, 4):
@@ -66,8 +66,8 @@ def _compile_reports() -> dict[str, dict[str, int]]:
 
 
 def test_router_launches_fit_an_h100():
-    """The fused router at router_block_k's slices (bf16 and float32, 64 and
-    128 experts) fits an H100's shared memory and spills no registers; the
+    """The fused router at router_block_k's slices and ROUTER_WARPS (bf16 and
+    float32, 64 and 128 experts) fits an H100's shared memory and spills no registers; the
     float32 256-wide router slice that failed on the device does not fit."""
     reports = _compile_reports()
     bad = reports.pop("router fp32 E128 at 256 (known bad)")

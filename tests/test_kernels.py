@@ -296,7 +296,7 @@ def test_tau_rope_kv(case, dtype):
 
 
 # -- MoE routing + alignment in one kernel -----------------------------------------------------
-# past one_launch_fits (64 tokens, fewer with many experts): the top-k on a grid, the alignment in parallel (over chunks, or one program an expert); each case runs every form
+# sizes on both sides of one_launch_fits (64 tokens, fewer with many experts); each case runs every form: one program, the top-k on a grid with the alignment over chunks, or one program an expert
 @pytest.mark.parametrize("tokens, experts, top_k, block_m", [(1, 8, 2, 16), (13, 16, 4, 16), (40, 64, 8, 16), (65, 8, 2, 16), (100, 16, 4, 16), (300, 64, 8, 64), (3, 128, 8, 16), (90, 128, 8, 32)] + ([(1, 64, 8, 16), (256, 64, 8, 32), (512, 64, 8, 64), (737, 64, 8, 64), (4096, 64, 8, 64), (9000, 128, 8, 64)] if CUDA else []))
 def test_route_and_align(tokens, experts, top_k, block_m, monkeypatch):
     from tidal.kernels import moe_route
@@ -613,4 +613,3 @@ def test_skinny_linear_split_k(rows, n, k, split, dtype):
     for _ in range(2):
         assert torch.equal(skinny_linear(*args, config=(16, 64, 4, 2, split)), first)
     assert int(scratch_zeros("skinny tickets", 1, torch.int32, first.device).abs().sum()) == 0
-

@@ -23,10 +23,12 @@ RATE = Target("throughput", "rate_key", "tok/s", 8000, False, "floor_key", per_s
     "results, want",
     [
         ({"ms_key": 1.5, "ref_key": 4.6}, "MET"),  # under the bound, 3.07x the reference
-        ({"ms_key": 1.5, "ref_key": 4.4}, "MISS"),  # under the bound, 2.9x
+        ({"ms_key": 1.5, "ref_key": 4.4}, "MISS (the 3x)"),  # under the bound, 2.9x
         ({"ms_key": 1.7, "ref_key": 9.0}, "MISS"),  # over the bound
-        ({"ms_key": 1.5}, "MET; no reference"),
-        ({"ms_key": 1.5, "ref_key": float("nan")}, "MET; no reference"),
+        ({"ms_key": 1.7, "ref_key": 4.0}, "MISS"),  # both
+        ({"ms_key": 1.5}, "MET the bound; the 3x not measured (no peer)"),
+        ({"ms_key": 1.5, "ref_key": float("nan")}, "MET the bound; the 3x not measured (no peer)"),
+        ({"ms_key": 0.0, "ref_key": 4.0}, "MET"),  # no division by zero
         ({"ref_key": 4.0}, "not run"),
     ],
 )
@@ -37,8 +39,9 @@ def test_latency_verdicts(results, want):
 def test_rate_verdicts_and_the_floor_in_the_figures_unit():
     assert verdict(RATE, {"rate_key": 8000.0}) == "MET"
     assert verdict(RATE, {"rate_key": 7999.0}) == "MISS"
-    table = target_table({"gpu": "card", "commit": "abc1234", "rate_key": 7000.0, "floor_key": 25.6, "copy_bandwidth_tb_s": 2.98}, [RATE])
-    assert table.splitlines()[0].startswith("card, torch ?, commit abc1234") and "2.98 TB/s" in table
+    table = target_table({"gpu": "card", "commit": "abc1234", "run": "quick", "rate_key": 7000.0, "floor_key": 25.6, "copy_bandwidth_tb_s": 2.98}, [RATE])
+    head = table.splitlines()[0]
+    assert head.startswith("card, torch ?, commit abc1234") and "run: quick" in head and "2.98 TB/s" in head
     row = table.splitlines()[-1]
     assert "| 7,000 tok/s | 10,000 tok/s |" in row and row.endswith("| MISS |")  # 256 sequences a step over 25.6 ms
 
@@ -60,6 +63,7 @@ def test_the_moondream_benchmark_names_its_results_as_the_table_reads_them(tmp_p
     target those parts measure has its figure (a renamed key would read "not
     run"), and the table is written beside the JSON."""
     _run("bench_moondream.py", "--tiny", "--quick", "--only", "decode,latency", out=tmp_path)
+    assert "run: tiny shapes (a dry run), quick" in (tmp_path / "targets.md").read_text().splitlines()[0]
     rows = {line.split(" | ")[0].lstrip("| "): line for line in (tmp_path / "targets.md").read_text().splitlines() if line.startswith("| ")}
     measured = [t for t in targets.MOONDREAM if t.key.startswith(("fast_decode_b1_", "fast_ttft_", "fast_detect_", "fast_warmup"))]
     assert len(measured) == 7

@@ -5,13 +5,15 @@ a tie, which bf16 logits make common; torch.topk leaves tie order open), softmax
 the softmax over all E at those k: Qwen3's norm_topk_prob=False), cast to the
 activation dtype (the reference's rounding); then the layout fused_moe's GEMMs read: pairs
 (t * k + j) sorted by expert, stably, each expert's run padded to BLOCK_M,
-and each block's expert (E past the end). At decode sizes one program does it
-all (a launch costs more than the work; the torch version is ~25 launches);
-for more tokens the top-k runs on a grid of programs, then the alignment in a
-second launch: over the same chunks (the top-k programs also count their
-pairs per expert; each chunk's program places its pairs) or with one program
-an expert (each counts all pairs, then places its own); route_and_align's
-`form` names one, the same layout in each.
+and each block's expert (E past the end). Forms: one program for everything
+(the torch version is ~25 launches); or the top-k on a grid of programs, then
+the alignment in a second launch, over the same chunks (the top-k programs
+also count their pairs per expert; each chunk's program places its pairs) or
+with one program an expert (each counts all pairs, then places its own: the
+default up to EXPERT_ALIGN_MAX_PAIRS pairs, the fastest form measured at every
+size). route_and_align's `form` names one, the same layout in each. At decode
+sizes the router's product can run in the routing launch too
+(router_route_and_align).
 """
 
 from __future__ import annotations
@@ -287,19 +289,14 @@ def _tiles(tokens: int, top_k: int, experts: int, nblocks: int) -> tuple[int, in
 # measured the same (bench_kernels.py, H100: 6.8 / 6.9 us at one token).
 ROUTER_SMEM_BUDGET = 110 << 10
 # Warps of the fused router's programs. Its ticket program's tail (top-k,
-# softmax, alignment) is a chain of cross-warp reductions over [16, E] tiles,
-# each a shared-memory round trip whose cost grows with the warps taking part.
+# softmax, alignment) is a chain of cross-warp reductions over [16, E] tiles.
 # bench_kernels.py's router table, H100 (2aefbeb), us at 8 / 4 / 2 warps:
 # Qwen3-30B (E 128) one token 8.5 / 8.0 / 10.0, eight 12.7 / 14.4 / 15.9;
-# Moondream (E 64) one token 6.9 / 7.2 / 7.6. Qwen3-30B decode at batch 1 with
-# 4 warps: 3.98 against 4.02 ms a step, twice each in one call.
+# Moondream (E 64) one token 6.9 / 7.2 / 7.6 (Qwen3-30B decode at batch 1:
+# 3.98 ms with 4 warps at one token against 4.02). Four warps are not used:
+# their [16, E] tiles spill registers (ptxas, sm_90a: 212 bytes at bf16 and
+# E 128), which tests/test_kernel_resources.py forbids.
 ROUTER_WARPS = 8
-ROUTER_WARPS_ONE_TOKEN_WIDE = 4  # one token, 128 experts or more
-
-
-def router_warps(tokens: int, experts: int) -> int:
-    """The fused router's warps a program for this many tokens and experts."""
-    return ROUTER_WARPS_ONE_TOKEN_WIDE if tokens == 1 and experts >= 128 else ROUTER_WARPS
 
 
 def router_block_k(experts: int, itemsize: int) -> int:
@@ -317,7 +314,7 @@ def router_route_and_align(
     """route_and_align(linear(x, router_w, router_b), ...) in one launch, for at
     most ROUTER_MAX_TOKENS rows: x [T, D], router_w [E, D] -> (weights [T, k]
     in x's dtype, ids [T, k] int64, pairs, block_expert). block_k: the K
-    slice a program (default router_block_k's); num_warps: default router_warps's."""
+    slice a program (default router_block_k's); num_warps: default ROUTER_WARPS."""
     tokens, dim = x.shape
     experts = router_w.shape[0]
     block_k = block_k or router_block_k(experts, x.element_size())
@@ -335,7 +332,7 @@ def router_route_and_align(
         x, router_w, router_b if router_b is not None else router_w, partial, logits, weights, ids, pairs, block_expert, ticket,
         tokens, dim, block_k, x.stride(0), router_w.stride(0), nblocks,
         E=experts, K=top_k, BLOCK_T=ROUTER_MAX_TOKENS, BLOCK_K=block_k, BM=block_m, CH=pairs_chunk, BFILL=block_chunk,
-        HAS_BIAS=router_b is not None, RENORM=renormalize, IEEE=x.dtype == torch.float32, num_warps=num_warps or router_warps(tokens, experts),
+        HAS_BIAS=router_b is not None, RENORM=renormalize, IEEE=x.dtype == torch.float32, num_warps=num_warps or ROUTER_WARPS,
     )
     return weights, ids, pairs, block_expert
 
@@ -354,7 +351,8 @@ EXPERT_ALIGN_CHUNK = 4096  # pairs an expert program reads at once (a power of t
 
 
 def one_launch_fits(tokens: int, experts: int) -> bool:
-    """Whether route_and_align runs as one program by default."""
+    """Whether route_and_align's one-program form suits this size (the default
+    where the expert-per-program alignment is off)."""
     return tokens <= ONE_LAUNCH_MAX_TOKENS and tokens * experts <= ONE_LAUNCH_MAX_ELEMENTS
 
 
