@@ -47,11 +47,18 @@ def _post(app: FastAPI, content: bytes, path: str = "/echo") -> httpx.Response:
     return asyncio.run(go())
 
 
-@pytest.mark.parametrize("raw", BODIES, ids=range(len(BODIES)))
-def test_bodies_read_as_the_standard_library_reads_them(raw, monkeypatch):
-    calls = []
+@pytest.fixture()
+def parsed_lengths(monkeypatch) -> list[int]:
+    """The length of each body pydantic-core's parser is handed, in order."""
+    calls: list[int] = []
     real = json_body.from_json
     monkeypatch.setattr(json_body, "from_json", lambda data: calls.append(len(data)) or real(data))
+    return calls
+
+
+@pytest.mark.parametrize("raw", BODIES, ids=range(len(BODIES)))
+def test_bodies_read_as_the_standard_library_reads_them(raw, parsed_lengths):
+    calls = parsed_lengths
     app = _echo_app()
     r = _post(app, raw)
     assert r.status_code == 200, r.text
@@ -71,7 +78,7 @@ def test_malformed_json_gets_the_standard_librarys_message():
     assert r.json()["error"]["message"] == f"malformed JSON body: {want}"
 
 
-def test_every_body_route_of_both_apps_parses_with_it(golden_md, monkeypatch):
+def test_every_body_route_of_both_apps_parses_with_it(golden_md, parsed_lengths):
     """The Moondream app's routes parse with pydantic-core (requests that fail
     validation, so no model runs), and every POST route of the Moondream, OpenAI
     and text-model routers is a FastJSONRoute."""
@@ -82,9 +89,7 @@ def test_every_body_route_of_both_apps_parses_with_it(golden_md, monkeypatch):
     from tidal.server.openai_routes import openai_router
     from tidal.server.state import ServerState
 
-    calls = []
-    real = json_body.from_json
-    monkeypatch.setattr(json_body, "from_json", lambda data: calls.append(len(data)) or real(data))
+    calls = parsed_lengths
     app = create_app(golden_md)
     sent = (("/v1/query", b'{"image_url": "data:image/png;base64,QUJD"}'), ("/v1/chat/completions", b'{"max_tokens": 4}'))
     for path, body in sent:
