@@ -243,9 +243,8 @@ def router(bandwidth: float, results: dict, lines: list[str]) -> None:
             same = torch.equal(got[1], want[1])
             two = graph_us([lambda w=ws[i % len(ws)]: route_and_align(linear(x, w, b), top_k, 16, torch.bfloat16) for i in range(CALLS)])
             one = {bk: graph_us([lambda w=ws[i % len(ws)], bk=bk: router_route_and_align(x, w, b, top_k, 16, block_k=bk) for i in range(CALLS)]) for bk in (32, 64, 128, 256)}
-            eight = router_route_and_align(x, ws[0], b, top_k, 16, num_warps=8)
-            for warps in (2, 4, 8):  # at the default K slice (the K sweep runs at moe_route.ROUTER_WARPS); a layout unlike 8 warps' is marked
-                equal = all(torch.equal(a, c) for a, c in zip(router_route_and_align(x, ws[0], b, top_k, 16, num_warps=warps), eight))
+            for warps in (2, 4, 8):  # at the default K slice (the K sweep runs at moe_route.ROUTER_WARPS); a layout unlike the default launch's is marked
+                equal = all(torch.equal(a, c) for a, c in zip(router_route_and_align(x, ws[0], b, top_k, 16, num_warps=warps), got))
                 one[f"{warps} warps{'' if equal else ', differs'}"] = graph_us([lambda w=ws[i % len(ws)], nw=warps: router_route_and_align(x, w, b, top_k, 16, num_warps=nw) for i in range(CALLS)])
             for row_sum in (False, True):  # the ticket's sum of the partials in program order, or a row at a time (moe_route.ROUTER_ROW_SUM)
                 same_ids = torch.equal(router_route_and_align(x, ws[0], b, top_k, 16, row_sum=row_sum)[1], want[1])
