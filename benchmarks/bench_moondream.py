@@ -59,7 +59,7 @@ from tidal.models.moondream3.tiny import build_tokenizer, init_random_
 
 FULL = MoondreamConfig()  # --tiny swaps in the embedded tiny shapes for a CPU dry run
 KV_BYTES_PER_POSITION = 0  # set in main: all layers' K and V of one position
-PARTS = ("decode", "skinny", "branches", "priority", "overlap", "latency", "eager_extend", "torch", "reference", "mixed")
+PARTS = ("decode", "skinny", "branches", "overlap", "latency", "eager_extend", "torch", "reference", "mixed")
 
 
 # -- helpers ---------------------------------------------------------------------
@@ -337,22 +337,6 @@ def main() -> None:
         from tidal.models.moondream3 import text as text_model
 
         flipped_sweep(text_model, "PARALLEL_BRANCHES", ("branches", "one_stream"), lambda: Moondream(model, tok, EngineConfig(max_running=32, prefix_cache=False, kernels=kernels)), 16 if args.quick else 32, results, bandwidth)
-
-    if "priority" in parts:  # each text.BRANCH_PRIORITY setting, twice in turn: decode to batch 32, detect and point
-        from tidal.models.moondream3 import text as text_model
-
-        default = text_model.BRANCH_PRIORITY
-        try:
-            for rnd in range(2):
-                for setting in text_model.BRANCH_PRIORITIES:
-                    text_model.BRANCH_PRIORITY = setting
-                    md = Moondream(model, tok, EngineConfig(max_running=32, prefix_cache=False, kernels=kernels))
-                    label = f"priority_{setting or 'none'}_{rnd + 1}"
-                    decode_sweep(md, (1, 8, 32), 740, 16 if args.quick else 32, results, label, bandwidth)
-                    locate(md, results, reps, label)
-                    md = close_model(md)
-        finally:
-            text_model.BRANCH_PRIORITY = default
 
     if "latency" in parts:
         md = Moondream(model, tok, EngineConfig(max_running=64, kernels=kernels))  # prefix cache on

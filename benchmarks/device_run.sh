@@ -17,7 +17,6 @@
 #   bash benchmarks/device_run.sh overlap     # Moondream 3 decode and detect/point with EngineConfig.overlap on and off, first output (quick)
 #   bash benchmarks/device_run.sh routing     # MoE routing + alignment: its kernel tests, then each form timed at 16-1024 tokens
 #   bash benchmarks/device_run.sh router-sum  # the fused router's partials summed a row at a time (ROUTER_ROW_SUM) against program order: its tests, the router table, both MoE models' batch-1 decode each way
-#   bash benchmarks/device_run.sh priority    # Moondream 3: each block's attention or MLP branch on a high-priority stream (text.BRANCH_PRIORITY), decode and detect/point each way, twice
 #   bash benchmarks/device_run.sh check       # after a kernel change, in ~5 minutes: kernel + fast-path tests, bench_kernels, quick decode of both MoE models
 #
 # Run from the repository root with the wheels the device image lacks in .whl/
@@ -27,7 +26,7 @@
 # checkout (TIDAL_COMMIT=abc1234 bash ...): the device's copy of .git has been seen to lag
 # the working tree it carries, so `git rev-parse` there can name an older commit.
 set -uo pipefail
-part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card, overlap, routing, router-sum, priority, check, timeline}"
+part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card, overlap, routing, router-sum, check, timeline}"
 out="${OUT:-.}"
 if [ -d .whl ]; then
   pip install -q --no-deps --target /tmp/deps .whl/*.whl 2>&1 | grep -v -i "warning" | tail -2
@@ -88,7 +87,6 @@ case "$part" in
     for sum in False True; do
       timeout 70 python benchmarks/with_setting.py tidal.kernels.moe_route.ROUTER_ROW_SUM=$sum -- benchmarks/bench_moondream.py --quick --only decode --out /tmp 2>&1 | grep -E "^with|^fast decode batch (1|8):"
     done ;;
-  priority) timeout 400 python benchmarks/bench_moondream.py --quick --only priority --out "$out" 2>&1 | grep -E "^priority_|copy|Error|error" ;;
   check)
     for f in tests/test_fast_path.py tests/test_qwen3_moe.py; do
       tests_in 100 "$f" "$f"

@@ -280,22 +280,3 @@ def test_linear_gelu_tanh_is_the_tanh_gelu_of_the_product_on_any_device_path():
         assert got.shape == (2, 5, 24) and torch.equal(got, want)
     erf = torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b))
     assert not torch.allclose(want, erf, rtol=0, atol=1e-5)  # the two forms are told apart at this size
-
-
-def test_branch_priority_settings_name_the_branch_put_first():
-    """text.BRANCH_PRIORITY: the branch it names gets a stream of a higher
-    priority (a lower number) than the other's; None keeps one priority;
-    anything else is refused before a stream is made."""
-    from tidal.models.moondream3.text import branch_stream_priorities
-
-    def level(p: int | None) -> int:
-        return 0 if p is None else p  # None: the current stream, priority 0
-
-    mlp, attn = branch_stream_priorities("attention")
-    assert level(attn) < level(mlp)
-    mlp, attn = branch_stream_priorities("mlp")
-    assert level(mlp) < level(attn)
-    mlp, attn = branch_stream_priorities(None)
-    assert level(mlp) == level(attn) and (mlp is None) != (attn is None)  # still two streams
-    with pytest.raises(ValueError, match="BRANCH_PRIORITY"):
-        branch_stream_priorities("moe")

@@ -111,25 +111,6 @@ class TextAttention(nn.Module):
 # 2.64 -> 2.40 ms at batch 1, 4.90 -> 4.35 at 8, 8.98 -> 6.96 at 32.
 PARALLEL_BRANCHES = True
 
-# Which branch's kernels the GPU schedules first when both have blocks waiting:
-# None (one priority), "attention" or "mlp" (that branch on a high-priority
-# stream). At batch 1 the attention branch is a chain of small kernels that
-# waits for SMs behind the MoE's wide ones (34 us alone, ~52 beside them on an
-# H200). CUDA graphs keep each kernel's capture-time stream priority (torch
-# instantiates them with cudaGraphInstantiateFlagUseNodePriority). Off until timed.
-BRANCH_PRIORITY: str | None = None
-BRANCH_PRIORITIES = (None, "attention", "mlp")
-
-
-def branch_stream_priorities(setting: str | None) -> tuple[int | None, int | None]:
-    """(MLP branch, attention branch) stream priorities for a BRANCH_PRIORITY
-    setting: None runs that branch on the current stream; lower is sooner."""
-    if setting not in BRANCH_PRIORITIES:
-        raise ValueError(f"BRANCH_PRIORITY must be one of {BRANCH_PRIORITIES}, not {setting!r}")
-    if setting == "attention":
-        return None, -1  # the MLP on the capturing stream (priority 0)
-    return (-1 if setting == "mlp" else 0), None
-
 
 class TextBlock(nn.Module):
     def __init__(self, cfg: TextConfig, layer: int) -> None:
@@ -156,9 +137,7 @@ class TextModel(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size)
         self.rotary: PartialRotary | None = None
         self.fused = False  # the Triton fast path; see use_kernels
-        # PARALLEL_BRANCHES's side streams (MLP, attention; None: the current one) by
-        # BRANCH_PRIORITY setting, made outside graph capture
-        self.branch_streams: dict[str | None, tuple[torch.cuda.Stream | None, torch.cuda.Stream | None]] = {}
+        self.side_stream: torch.cuda.Stream | None = None  # PARALLEL_BRANCHES's, made outside graph capture
 
     def setup_runtime(self, device: torch.device | str) -> None:
         """Build the non-weight state (rotary tables) once weights are on `device`,
@@ -168,20 +147,11 @@ class TextModel(nn.Module):
     def use_kernels(self, enabled: bool) -> None:
         """Fused Triton kernels (tau + rotary + KV write, MoE, residual + LayerNorm) or the torch reference."""
         self.fused = enabled
-        if enabled and self.wte.device.type == "cuda":
-            self._streams_for_branches()
+        if enabled and self.wte.device.type == "cuda" and self.side_stream is None:
+            self.side_stream = torch.cuda.Stream(self.wte.device)
         for block in self.blocks:
             attn = block.attn
             attn.fused_tau = torch.cat([attn.tau["wq"], attn.tau["wv"]]).float() if enabled else None
-
-    def _streams_for_branches(self) -> tuple[torch.cuda.Stream | None, torch.cuda.Stream | None]:
-        """The (MLP, attention) branch streams for BRANCH_PRIORITY as set now
-        (made on first use: use_kernels makes the current setting's)."""
-        if BRANCH_PRIORITY not in self.branch_streams:
-            self.branch_streams[BRANCH_PRIORITY] = tuple(  # type: ignore[assignment]
-                None if p is None else torch.cuda.Stream(self.wte.device, priority=p) for p in branch_stream_priorities(BRANCH_PRIORITY)
-            )
-        return self.branch_streams[BRANCH_PRIORITY]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.wte)
@@ -193,27 +163,21 @@ class TextModel(nn.Module):
             # the same arithmetic; each block ends in one kernel: the MoE's sum
             # over its k experts, both residual adds and the next block's LayerNorm
             blocks = self.blocks
-            streams = self._streams_for_branches() if PARALLEL_BRANCHES and x.is_cuda else None
+            side = self.side_stream if PARALLEL_BRANCHES and x.is_cuda else None
             h = blocks[0].ln(x)
             for i, block in enumerate(blocks):
-                if streams is None:
+                if side is None:
                     attn = block.attn(h, positions, batch, i, self.rotary)
                     parts = _mlp_parts(block, h)
                 else:
-                    # fork, then join before anything a side branch read or
+                    # fork, then join before anything the side branch read or
                     # made is released: the allocator's per-stream reuse stays safe
-                    mlp_stream, attn_stream = streams
                     main = torch.cuda.current_stream()
-                    for side in streams:
-                        if side is not None:
-                            side.wait_stream(main)
-                    with torch.cuda.stream(mlp_stream):  # None: stays on main
+                    side.wait_stream(main)
+                    with torch.cuda.stream(side):
                         parts = _mlp_parts(block, h)
-                    with torch.cuda.stream(attn_stream):
-                        attn = block.attn(h, positions, batch, i, self.rotary)
-                    for side in streams:
-                        if side is not None:
-                            main.wait_stream(side)
+                    attn = block.attn(h, positions, batch, i, self.rotary)
+                    main.wait_stream(side)
                 x, h = residual_norm(x, attn, parts, blocks[i + 1].ln if i + 1 < len(blocks) else None)
             return x
         for i, block in enumerate(self.blocks):
