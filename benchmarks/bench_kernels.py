@@ -246,9 +246,6 @@ def router(bandwidth: float, results: dict, lines: list[str]) -> None:
             for warps in (2, 4, 8):  # at the default K slice (the K sweep runs at moe_route.ROUTER_WARPS); a layout unlike the default launch's is marked
                 equal = all(torch.equal(a, c) for a, c in zip(router_route_and_align(x, ws[0], b, top_k, 16, num_warps=warps), got))
                 one[f"{warps} warps{'' if equal else ', differs'}"] = graph_us([lambda w=ws[i % len(ws)], nw=warps: router_route_and_align(x, w, b, top_k, 16, num_warps=nw) for i in range(CALLS)])
-            for row_sum in (False, True):  # the ticket's sum of the partials in program order, or a row at a time (moe_route.ROUTER_ROW_SUM)
-                same_ids = torch.equal(router_route_and_align(x, ws[0], b, top_k, 16, row_sum=row_sum)[1], want[1])
-                one[f"{'row' if row_sum else 'program-order'} sum{'' if same_ids else ', other experts (bf16 ties)'}"] = graph_us([lambda w=ws[i % len(ws)], rs=row_sum: router_route_and_align(x, w, b, top_k, 16, row_sum=rs) for i in range(CALLS)])
             floor = experts * dim * 2 / bandwidth * 1e6
             results[f"router {label} t{tokens}"] = {"floor_us": floor, "two_launches_us": two, "one_launch_us": one, "same_experts": same}
             cells = ", ".join(f"{us:.1f} ({bk})" for bk, us in one.items())

@@ -16,7 +16,6 @@
 #   bash benchmarks/device_run.sh timeline    # batch-1 graph replays over time (busy, overlapping, idle) and the host's phases of a step: Moondream 3 and Qwen3-30B-A3B
 #   bash benchmarks/device_run.sh overlap     # Moondream 3 decode and detect/point with EngineConfig.overlap on and off, first output (quick)
 #   bash benchmarks/device_run.sh routing     # MoE routing + alignment: its kernel tests, then each form timed at 16-1024 tokens
-#   bash benchmarks/device_run.sh router-sum  # the fused router's partials summed a row at a time (ROUTER_ROW_SUM) against program order: its tests, the router table, both MoE models' batch-1 decode each way
 #   bash benchmarks/device_run.sh check       # after a kernel change, in ~5 minutes: kernel + fast-path tests, bench_kernels, quick decode of both MoE models
 #
 # Run from the repository root with the wheels the device image lacks in .whl/
@@ -26,7 +25,7 @@
 # checkout (TIDAL_COMMIT=abc1234 bash ...): the device's copy of .git has been seen to lag
 # the working tree it carries, so `git rev-parse` there can name an older commit.
 set -uo pipefail
-part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card, overlap, routing, router-sum, check, timeline}"
+part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card, overlap, routing, check, timeline}"
 out="${OUT:-.}"
 if [ -d .whl ]; then
   pip install -q --no-deps --target /tmp/deps .whl/*.whl 2>&1 | grep -v -i "warning" | tail -2
@@ -77,16 +76,6 @@ case "$part" in
   routing)
     tests_in 120 "test_kernels (routing)" tests/test_kernels.py -k "route"
     timeout 150 python benchmarks/bench_kernels.py --only routing --out "$out" 2>&1 | tail -16 ;;
-  router-sum)
-    tests_in 120 "test_kernels (router)" tests/test_kernels.py -k "router"
-    tests_in 200 "test_kernel_resources" tests/test_kernel_resources.py
-    timeout 100 python benchmarks/bench_kernels.py --only router --out "$out" 2>&1 | grep -E "^\| (router|moondream|qwen)"
-    for sum in False True False True; do
-      timeout 70 python benchmarks/with_setting.py tidal.kernels.moe_route.ROUTER_ROW_SUM=$sum -- benchmarks/bench_qwen.py --model moe --batches 1 --no-hf --no-concurrent --out /tmp 2>&1 | grep -E "^with|tidal decode batch"
-    done
-    for sum in False True; do
-      timeout 70 python benchmarks/with_setting.py tidal.kernels.moe_route.ROUTER_ROW_SUM=$sum -- benchmarks/bench_moondream.py --quick --only decode --out /tmp 2>&1 | grep -E "^with|^fast decode batch (1|8):"
-    done ;;
   check)
     for f in tests/test_fast_path.py tests/test_qwen3_moe.py; do
       tests_in 100 "$f" "$f"

@@ -1,7 +1,7 @@
 """Run a benchmark script with module settings changed first, for an A/B of a
 knob in one device call (the knob read at call time, as tidal's kernel flags are):
 
-    PYTHONPATH=. python3 benchmarks/with_setting.py tidal.kernels.moe_route.ROUTER_ROW_SUM=True -- \\
+    PYTHONPATH=. python3 benchmarks/with_setting.py tidal.kernels.moe_route.ROUTER_WARPS=4 -- \\
         benchmarks/bench_qwen.py --model moe --batches 1 --no-hf --no-concurrent
 
 Each SETTING is MODULE.NAME=VALUE with VALUE a Python literal; the script's

@@ -84,10 +84,10 @@ def test_with_setting_changes_a_knob_before_the_script_runs(tmp_path):
     """benchmarks/with_setting.py: the script sees the module's new value; a
     name the module lacks, or no script, is refused."""
     script = tmp_path / "show.py"
-    script.write_text("import sys\nfrom tidal.kernels import moe_route\nprint('value', moe_route.ROUTER_ROW_SUM, sys.argv[1:])\n")
+    script.write_text("import sys\nfrom tidal.kernels import moe_route\nprint('value', moe_route.ROUTER_WARPS, sys.argv[1:])\n")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     helper = str(ROOT / "benchmarks" / "with_setting.py")
-    out = subprocess.run([sys.executable, helper, "tidal.kernels.moe_route.ROUTER_ROW_SUM=True", "--", str(script), "--flag"], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and "value True ['--flag']" in out.stdout, out.stderr
+    out = subprocess.run([sys.executable, helper, "tidal.kernels.moe_route.ROUTER_WARPS=4", "--", str(script), "--flag"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "value 4 ['--flag']" in out.stdout, out.stderr
     bad = subprocess.run([sys.executable, helper, "tidal.kernels.moe_route.NO_SUCH_KNOB=1", "--", str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "has no NO_SUCH_KNOB" in bad.stderr

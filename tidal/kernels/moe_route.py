@@ -218,17 +218,14 @@ def _router_route_kernel(
     X, W, Bias, Partial, Logits, Weights, Ids, Pairs, BlockExpert, Counter,
     tokens, dim, k_per_program, stride_x, stride_w, nblocks,
     E: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BM: tl.constexpr, CH: tl.constexpr, BFILL: tl.constexpr,
-    HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, IEEE: tl.constexpr, NP: tl.constexpr, ROW_SUM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, IEEE: tl.constexpr,
 ):
     """The router product and the routing in one launch: program p takes the
     slice [p * k_per_program, +k_per_program) of the hidden size for all rows
     ([BLOCK_T, E] float32 partial); the last program to finish (a ticket)
-    sums the partials, adds the bias, rounds to the activation dtype as the
-    router's linear does, then routes and aligns as the one-program routing
-    kernel. The sum: in program order, one [BLOCK_T, E] load a program; or
-    (ROW_SUM) a row at a time, NP programs' partials of the row in one [NP, E]
-    load and a tree sum (at one token and 16 programs: one load in flight
-    instead of one program's after another)."""
+    sums the partials in program order, adds the bias, rounds to the
+    activation dtype as the router's linear does, then routes and aligns as
+    the one-program routing kernel."""
     p = tl.program_id(0)
     t = tl.arange(0, BLOCK_T)
     tm = t < tokens
@@ -247,22 +244,12 @@ def _router_route_kernel(
     tl.store(Partial + p * BLOCK_T * E + t[:, None] * E + e[None, :], acc, mask=tm[:, None])  # the rows there are: 1 of 16 at batch 1
     tl.debug_barrier()  # every thread's partial stored before the ticket
     if tl.atomic_add(Counter, 1, sem="acq_rel") == tl.num_programs(0) - 1:
-        if ROW_SUM:
-            for r in range(0, tokens):
-                row = tl.zeros([E], tl.float32)
-                for q0 in range(0, tl.num_programs(0), NP):  # NP programs' partials at once
-                    qs = q0 + tl.arange(0, NP)
-                    row += tl.sum(tl.load(Partial + qs[:, None] * BLOCK_T * E + r * E + e[None, :], mask=(qs < tl.num_programs(0))[:, None], other=0.0, cache_modifier=".cg"), axis=0)
-                if HAS_BIAS:
-                    row += tl.load(Bias + e).to(tl.float32)
-                tl.store(Logits + r * E + e, row.to(Logits.dtype.element_ty))
-        else:
-            total = tl.zeros([BLOCK_T, E], tl.float32)
-            for q in range(0, tl.num_programs(0)):
-                total += tl.load(Partial + q * BLOCK_T * E + t[:, None] * E + e[None, :], mask=tm[:, None], other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                total += tl.load(Bias + e).to(tl.float32)[None, :]
-            tl.store(Logits + t[:, None] * E + e[None, :], total.to(Logits.dtype.element_ty), mask=tm[:, None])
+        total = tl.zeros([BLOCK_T, E], tl.float32)
+        for q in range(0, tl.num_programs(0)):
+            total += tl.load(Partial + q * BLOCK_T * E + t[:, None] * E + e[None, :], mask=tm[:, None], other=0.0, cache_modifier=".cg")
+        if HAS_BIAS:
+            total += tl.load(Bias + e).to(tl.float32)[None, :]
+        tl.store(Logits + t[:, None] * E + e[None, :], total.to(Logits.dtype.element_ty), mask=tm[:, None])
         tl.debug_barrier()  # the logits visible to every thread of this program
         kk = tl.arange(0, K)
         _topk_softmax(Logits, Weights, Ids, tokens, E, 0, tokens, e, kk, E, K, BLOCK_T, RENORM)
@@ -310,10 +297,6 @@ ROUTER_SMEM_BUDGET = 110 << 10
 # their [16, E] tiles spill registers (ptxas, sm_90a: 212 bytes at bf16 and
 # E 128), which tests/test_kernel_resources.py forbids.
 ROUTER_WARPS = 8
-# The ticket program's sum of the partials a row at a time (see
-# _router_route_kernel): off until bench_kernels.py's router table times it.
-ROUTER_ROW_SUM = False
-ROUTER_ROW_SUM_PROGRAMS = 16  # partials a load: 32 float32 [E 128] rows spilled registers (ptxas, sm_90a)
 
 
 def router_block_k(experts: int, itemsize: int) -> int:
@@ -326,13 +309,12 @@ def router_block_k(experts: int, itemsize: int) -> int:
 
 def router_route_and_align(
     x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor | None, top_k: int, block_m: int, renormalize: bool = True, block_k: int | None = None,
-    num_warps: int | None = None, row_sum: bool | None = None,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """route_and_align(linear(x, router_w, router_b), ...) in one launch, for at
     most ROUTER_MAX_TOKENS rows: x [T, D], router_w [E, D] -> (weights [T, k]
     in x's dtype, ids [T, k] int64, pairs, block_expert). block_k: the K
-    slice a program (default router_block_k's); num_warps: default ROUTER_WARPS;
-    row_sum: the ticket's sum a row at a time (default ROUTER_ROW_SUM)."""
+    slice a program (default router_block_k's); num_warps: default ROUTER_WARPS."""
     tokens, dim = x.shape
     experts = router_w.shape[0]
     block_k = block_k or router_block_k(experts, x.element_size())
@@ -350,8 +332,7 @@ def router_route_and_align(
         x, router_w, router_b if router_b is not None else router_w, partial, logits, weights, ids, pairs, block_expert, ticket,
         tokens, dim, block_k, x.stride(0), router_w.stride(0), nblocks,
         E=experts, K=top_k, BLOCK_T=ROUTER_MAX_TOKENS, BLOCK_K=block_k, BM=block_m, CH=pairs_chunk, BFILL=block_chunk,
-        HAS_BIAS=router_b is not None, RENORM=renormalize, IEEE=x.dtype == torch.float32,
-        NP=min(ROUTER_ROW_SUM_PROGRAMS, triton.next_power_of_2(programs)), ROW_SUM=ROUTER_ROW_SUM if row_sum is None else row_sum, num_warps=num_warps or ROUTER_WARPS,
+        HAS_BIAS=router_b is not None, RENORM=renormalize, IEEE=x.dtype == torch.float32, num_warps=num_warps or ROUTER_WARPS,
     )
     return weights, ids, pairs, block_expert
 
