@@ -143,20 +143,23 @@ def _free_port() -> int:
 
 
 @contextmanager
-def http_server(md):
-    """tidal's app on a localhost port, in a thread of this process."""
+def http_server(md, config=None, **uvicorn_options):
+    """tidal's app on a localhost port, in a thread of this process; yields
+    (base URL, the app's ServerState). config: a ServerConfig;
+    uvicorn_options: e.g. http="httptools", loop="uvloop"."""
     import uvicorn
 
     from tidal.server.app import create_app
 
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(md), host="127.0.0.1", port=port, log_level="warning"))
+    app = create_app(md, config)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **uvicorn_options))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", app.state.tidal
     finally:
         server.should_exit = True
         thread.join(10)
@@ -203,16 +206,36 @@ def _http_clients(base: str, jobs: list[tuple[str, dict]], concurrency: int) -> 
     return asyncio.run(main())
 
 
-def run_http(md, jobs: list[Job], images: list[Image.Image], concurrency: int) -> dict:
+def run_http(md, jobs: list[Job], images: list[Image.Image], concurrency: int, config=None, **uvicorn_options) -> dict:
     """Through the HTTP server (in this process, as `tidal serve` runs it), driven
-    by clients in another process: JPEG data URLs, JSON bodies, keep-alive connections."""
+    by clients in another process: JPEG data URLs, JSON bodies, keep-alive connections.
+    Beside the clients' figures, the server's own means (ms): preparing a request
+    (validation, image decoding and hashing: `prepare_ms`) and the engine's
+    arrival to finish (`engine_ms`); the rest of a client's latency is HTTP
+    (bodies sent and read, JSON, the response). config, uvicorn_options: http_server's."""
     import multiprocessing
 
     urls = _jpeg_urls(images)
     work = [(job.skill, _body(job, urls[job.image])) for job in jobs]
-    with http_server(md) as base, multiprocessing.get_context("spawn").Pool(1) as pool:
+    with http_server(md, config, **uvicorn_options) as (base, state), multiprocessing.get_context("spawn").Pool(1) as pool:
         latencies, wall = pool.apply(_http_clients, (base, work, concurrency))
-    return _summary(latencies, wall)
+    r = _summary(latencies, wall)
+    r["prepare_ms"] = _histogram_mean(state.metrics.prepare) * 1e3
+    r["engine_ms"] = _histogram_mean(state.metrics.latency) * 1e3
+    r["mean_ms"] = statistics.mean(latencies) * 1e3
+    return r
+
+
+def _histogram_mean(histogram) -> float:
+    """Mean of a labelled prometheus Histogram's observations over all its labels."""
+    total = count = 0.0
+    for metric in histogram.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_sum"):
+                total += sample.value
+            elif sample.name.endswith("_count"):
+                count += sample.value
+    return total / count if count else float("nan")
 
 
 @contextmanager

@@ -16,6 +16,7 @@ from conftest import LiveServer, golden_cases, golden_image, wait_engine_idle
 from PIL import Image, ImageFile
 
 from tidal import EngineConfig, Moondream
+from tidal.server.app import create_app
 from tidal.server.config import ServerConfig
 from tidal.validation import MAX_TEXT_CHARS
 
@@ -258,6 +259,44 @@ def test_the_queue_bound_holds_for_a_burst(golden_md):
         gate.set()
         srv.stop()
         md.close()
+
+
+def test_request_threads_bound_the_requests_prepared_at_once(golden_md):
+    """ServerConfig(request_threads=2): of six requests sent together, at most
+    two are being prepared (validated, image decoded) at any moment, all six
+    answer, and /metrics counts each one's preparing time."""
+    md = Moondream(golden_md.model, golden_md.tokenizer, EngineConfig())
+    srv = LiveServer(md, ServerConfig(request_threads=2))
+    lock, busy, most = threading.Lock(), [0], [0]
+    submit = md.submit_query
+
+    def slow_submit(*args, **kwargs):
+        with lock:
+            busy[0] += 1
+            most[0] = max(most[0], busy[0])
+        time.sleep(0.2)  # long enough for the others to pile up
+        with lock:
+            busy[0] -= 1
+        return submit(*args, **kwargs)
+
+    md.submit_query = slow_submit
+    statuses: list[int] = []
+    try:
+        threads = [threading.Thread(target=lambda: statuses.append(_post(srv, "/v1/query", GOOD).status_code)) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert statuses == [200] * 6
+        assert most[0] == 2
+        metrics = httpx.get(srv.url + "/metrics").text
+        assert 'tidal_request_prepare_seconds_count{skill="query"} 6.0' in metrics
+        wait_engine_idle(md)
+    finally:
+        srv.stop()
+        md.close()
+    with pytest.raises(ValueError, match="request_threads"):
+        create_app(golden_md, ServerConfig(request_threads=0))
 
 
 # -- local files --------------------------------------------------------------------------------------

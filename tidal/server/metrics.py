@@ -49,6 +49,9 @@ class Metrics:
         self.generated_tokens = Counter("tidal_generated_tokens", "Tokens generated (objects for detect/point)", registry=r)
         self.ttft = Histogram("tidal_time_to_first_token_seconds", "Arrival to first output", ["skill"], buckets=_LATENCY_BUCKETS, registry=r)
         self.latency = Histogram("tidal_request_latency_seconds", "Arrival to finish", ["skill"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.prepare = Histogram(
+            "tidal_request_prepare_seconds", "Accepted to in the engine's queue: validation, image decoding and hashing, prompt", ["skill"], buckets=_LATENCY_BUCKETS, registry=r
+        )
         r.register(_EngineCollector(loop))
 
     def rejected(self, skill: str, status: str) -> None:

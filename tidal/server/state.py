@@ -11,6 +11,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import anyio
+import anyio.to_thread
 from fastapi import Request as HTTPRequest
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -37,6 +39,9 @@ class ServerState:
         self.metrics = Metrics(md.loop)
         self.started = time.time()
         self._accepting = 0  # accepted, not yet in the engine's queue (event-loop thread only)
+        if config.request_threads is not None and config.request_threads < 1:
+            raise ValueError(f"request_threads must be at least 1, not {config.request_threads}")
+        self._limiter = None if config.request_threads is None else anyio.CapacityLimiter(config.request_threads)
         if isinstance(md, Moondream):
             md.max_image_pixels = config.max_image_pixels
         # Request threads (decoding, hashing) and the event loop share the GIL with the
@@ -59,13 +64,17 @@ class ServerState:
                 headers={"Retry-After": str(self.config.retry_after_s)},
             )
         self._accepting += 1
+        t0 = time.perf_counter()
         try:
-            return await run_in_threadpool(submit)
+            if self._limiter is None:
+                return await run_in_threadpool(submit)
+            return await anyio.to_thread.run_sync(submit, limiter=self._limiter)
         except ValueError:
             self.metrics.rejected(skill, "invalid")
             raise
         finally:
             self._accepting -= 1  # submitted requests are in the engine's queue by now
+            self.metrics.prepare.labels(skill).observe(time.perf_counter() - t0)
 
     async def wait(self, handle: RequestHandle, skill: str, http: HTTPRequest) -> dict[str, Any]:
         """The request's result; a client that goes away cancels it."""
