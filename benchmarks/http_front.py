@@ -54,8 +54,9 @@ def main() -> None:
     c = args.concurrency
     jobs, images = mixed_workload.make_jobs(max(32, c * args.requests_per_client), seed=c)
     print(f"{os.cpu_count()} CPU cores; {len(jobs)} requests at {c} clients")
-    print("| via | round | req/s | p50 ms | client mean ms | prepare ms | engine ms | rest (HTTP) ms | prefill s | decode s | outside steps s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("CPU shares are CPU seconds over the clients' wall seconds: the clients' process, the server's event-loop thread, the engine's thread, and the server process in all (cores)")
+    print("| via | round | req/s | p50 ms | client mean ms | prepare ms | engine ms | rest (HTTP) ms | prefill s | decode s | outside steps s | CPU: clients / event loop / engine thread / server |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     runs = [("engine (PIL images)", None)] + [(name, v) for _ in range(args.rounds) for name, v in variants().items()]
     seen: dict[str, int] = {}
     with mixed_workload.no_early_stop(md.model, md.config.tokenizer.eos_id):
@@ -65,14 +66,15 @@ def main() -> None:
             with mixed_workload.step_log(md.engine) as log:
                 if v is None:
                     r = mixed_workload.run_engine(md, jobs, images, c)
-                    r |= {"prepare_ms": float("nan"), "engine_ms": float("nan"), "mean_ms": float("nan")}
+                    r |= dict.fromkeys(("prepare_ms", "engine_ms", "mean_ms", "client_cpu_share", "event_loop_cpu_share", "engine_thread_cpu_share", "server_cpu_cores"), float("nan"))
                 else:
                     r = mixed_workload.run_http(md, jobs, images, c, v[0], **v[1])
             r |= mixed_workload.where_it_went(log, r["requests"] / r["req_s"])
             rest = r["mean_ms"] - r["prepare_ms"] - r["engine_ms"]
             print(
                 f"| {name} | {seen[name]} | {r['req_s']:.1f} | {r['p50_ms']:.0f} | {r['mean_ms']:.0f} | {r['prepare_ms']:.1f} | {r['engine_ms']:.0f} | {rest:.0f} | "
-                f"{r['prefill_s']:.2f} | {r['decode_s']:.2f} | {r['outside_steps_s']:.2f} |",
+                f"{r['prefill_s']:.2f} | {r['decode_s']:.2f} | {r['outside_steps_s']:.2f} | "
+                f"{r['client_cpu_share']:.2f} / {r['event_loop_cpu_share']:.2f} / {r['engine_thread_cpu_share']:.2f} / {r['server_cpu_cores']:.1f} |",
                 flush=True,
             )
     md.close()

@@ -145,7 +145,7 @@ def _free_port() -> int:
 @contextmanager
 def http_server(md, config=None, **uvicorn_options):
     """tidal's app on a localhost port, in a thread of this process; yields
-    (base URL, the app's ServerState). config: a ServerConfig;
+    (base URL, the app's ServerState, the thread running its event loop). config: a ServerConfig;
     uvicorn_options: e.g. http="httptools", loop="uvloop"."""
     import uvicorn
 
@@ -159,7 +159,7 @@ def http_server(md, config=None, **uvicorn_options):
     while not server.started:
         time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{port}", app.state.tidal
+        yield f"http://127.0.0.1:{port}", app.state.tidal, thread
     finally:
         server.should_exit = True
         thread.join(10)
@@ -184,7 +184,7 @@ def _http_clients(base: str, jobs: list[tuple[str, dict]], concurrency: int) -> 
 
     import httpx
 
-    async def main() -> tuple[list[float], float]:
+    async def main() -> tuple[list[float], float, float]:
         queue = list(reversed(jobs))
         latencies: list[float] = []
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -199,11 +199,21 @@ def _http_clients(base: str, jobs: list[tuple[str, dict]], concurrency: int) -> 
                         raise RuntimeError(f"{skill}: HTTP {r.status_code}: {r.text[:200]}")
                     latencies.append(time.perf_counter() - t0)
 
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             await asyncio.gather(*(worker() for _ in range(concurrency)))
-            return latencies, time.perf_counter() - t0
+            return latencies, time.perf_counter() - t0, time.process_time() - cpu0
 
     return asyncio.run(main())
+
+
+def thread_cpu_s(thread: threading.Thread | None) -> float:
+    """CPU seconds a live thread of this process has run (nan where unknown)."""
+    if thread is None or thread.ident is None or not thread.is_alive():
+        return float("nan")
+    try:
+        return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+    except (AttributeError, OSError):
+        return float("nan")
 
 
 def run_http(md, jobs: list[Job], images: list[Image.Image], concurrency: int, config=None, **uvicorn_options) -> dict:
@@ -217,9 +227,20 @@ def run_http(md, jobs: list[Job], images: list[Image.Image], concurrency: int, c
 
     urls = _jpeg_urls(images)
     work = [(job.skill, _body(job, urls[job.image])) for job in jobs]
-    with http_server(md, config, **uvicorn_options) as (base, state), multiprocessing.get_context("spawn").Pool(1) as pool:
-        latencies, wall = pool.apply(_http_clients, (base, work, concurrency))
+    with http_server(md, config, **uvicorn_options) as (base, state, loop_thread), multiprocessing.get_context("spawn").Pool(1) as pool:
+        threads = {"event_loop": loop_thread, "engine_thread": md.loop._thread}
+        cpu0 = {k: thread_cpu_s(t) for k, t in threads.items()}
+        process0 = time.process_time()
+        latencies, wall, client_cpu = pool.apply(_http_clients, (base, work, concurrency))
+        cpu = {k: thread_cpu_s(t) - cpu0[k] for k, t in threads.items()}
+        process = time.process_time() - process0
     r = _summary(latencies, wall)
+    # CPU over the clients' wall (a share near 1 is a thread at its limit; the server's
+    # window is a little wider than the clients': it spans the pool hand-off)
+    r["client_cpu_share"] = client_cpu / wall
+    r["event_loop_cpu_share"] = cpu["event_loop"] / wall
+    r["engine_thread_cpu_share"] = cpu["engine_thread"] / wall
+    r["server_cpu_cores"] = process / wall
     r["prepare_ms"] = _histogram_mean(state.metrics.prepare) * 1e3
     r["engine_ms"] = _histogram_mean(state.metrics.latency) * 1e3
     r["mean_ms"] = statistics.mean(latencies) * 1e3
