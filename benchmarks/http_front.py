@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--requests-per-client", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--tiny", action="store_true", help="the tiny shapes on any device (a dry run)")
+    ap.add_argument("--variants", default=None, help="comma-separated labels of the server variants to run (default: all)")
     args = ap.parse_args()
     config = MoondreamConfig.from_dict(TINY_OVERRIDES) if args.tiny else MoondreamConfig()
     dev = bench_moondream.DEV
@@ -57,7 +58,8 @@ def main() -> None:
     print("CPU shares are CPU seconds over the clients' wall seconds: the clients' process, the server's event-loop thread, the engine's thread, and the server process in all (cores)")
     print("| via | round | req/s | p50 ms | client mean ms | prepare ms | engine ms | rest (HTTP) ms | prefill s | decode s | outside steps s | CPU: clients / event loop / engine thread / server |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    runs = [("engine (PIL images)", None)] + [(name, v) for _ in range(args.rounds) for name, v in variants().items()]
+    chosen = variants() if args.variants is None else {k: v for k, v in variants().items() if k in args.variants.split(",")}
+    runs = [("engine (PIL images)", None)] + [(name, v) for _ in range(args.rounds) for name, v in chosen.items()]
     seen: dict[str, int] = {}
     with mixed_workload.no_early_stop(md.model, md.config.tokenizer.eos_id):
         for name, v in runs:

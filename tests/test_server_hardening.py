@@ -421,26 +421,29 @@ def test_error_bodies_are_json(live):
     assert json.loads(r.text)["error"]["type"] == "invalid_request_error"
 
 
-def test_base64_is_decoded_in_pieces_exactly():
-    """The server decodes image data URLs in pieces (the GIL is handed over
-    between them): the bytes equal one decode's; bad data is refused as before."""
+def test_base64_bodies_decode_exactly():
+    """The server decodes image data URLs with numpy's loops past
+    NUMPY_MIN_CHARS (the GIL free for the engine's thread), with binascii
+    below: the bytes equal one binascii decode's either side of the
+    threshold; bad data is refused as before, in either form."""
     import base64
     import os
 
     import pytest
 
+    from tidal.base64_decode import NUMPY_MIN_CHARS
     from tidal.errors import ImageError
-    from tidal.images import _B64_CHUNK
     from tidal.server import images
     from tidal.server.config import ServerConfig
 
     config = ServerConfig()
-    for n in (0, 1, 2, 3, _B64_CHUNK, 3 * _B64_CHUNK // 4 + 1, 700_001):
+    edge = 3 * NUMPY_MIN_CHARS // 4
+    for n in (0, 1, 2, 3, edge - 1, edge, edge + 1, edge + 2, 700_001):
         raw = os.urandom(n)
         text = base64.b64encode(raw).decode()
         assert images._base64(text, config).decode() == raw
         assert images._base64("\n".join(text[i : i + 76] for i in range(0, len(text), 76)), config).decode() == raw  # MIME line breaks
-    good = base64.b64encode(os.urandom(_B64_CHUNK)).decode()
-    for bad in (good[:100] + "!" + good[101:], good + "A", good[: _B64_CHUNK + 8] + "*" + good[_B64_CHUNK + 9 :]):
+    good = base64.b64encode(os.urandom(4 * NUMPY_MIN_CHARS)).decode()
+    for bad in (good[:100] + "!" + good[101:], good + "A", good[:-8] + "=" + good[-7:], good[:5000] + "é" + good[5001:], "=" + good[1:]):
         with pytest.raises(ImageError, match="not valid base64"):
             images._base64(bad, config).decode()
