@@ -162,6 +162,18 @@ def test_serve_options_reach_the_engine_config():
         parser.parse_args(["serve", "--skinny-gemm", "sometimes"])
 
 
+def test_serve_options_reach_the_server_config():
+    from tidal.cli import build_parser, server_config
+
+    parser = build_parser()
+    default = server_config(parser.parse_args(["serve"]), "m")
+    assert default.request_threads is None and default.max_queue == 256 and default.model_name == "m"
+    cfg = server_config(parser.parse_args(["serve", "--request-threads", "8", "--max-queue", "9", "--max-body-mb", "2"]), "m")
+    assert cfg.request_threads == 8 and cfg.max_queue == 9 and cfg.max_body_bytes == 2 * 1024 * 1024
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--request-threads", "0"])
+
+
 def test_serve_refuses_a_kv_fraction_past_one():
     out = subprocess.run([sys.executable, "-m", "tidal", "serve", "--kv-memory-fraction", "1.5"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "kv_memory_fraction must be a number in (0, 1]" in out.stderr

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from tidal.engine.engine import EngineConfig
+    from tidal.server.config import ServerConfig
 
 
 def _positive_int(text: str) -> int:
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-overlap", action="store_true", help="read each decode step's results before launching the next (by default the next is queued behind the running one)")
     serve.add_argument("--no-warm-prefill", action="store_true", help="skip compiling the prefill kernels at start-up (the first requests compile them)")
     serve.add_argument("--max-queue", type=_positive_int, default=256, help="waiting requests before 503")
+    serve.add_argument("--request-threads", type=_positive_int, default=None, help="requests validated and their images decoded at once (default: the server's shared pool of 40 threads)")
     serve.add_argument("--max-body-mb", type=float, default=32, help="largest request body")
     serve.add_argument("--max-image-pixels", type=_positive_int, default=50_000_000)
     serve.add_argument("--allow-local-files", metavar="DIR", default=None, help="let image_url name files under this folder (absolute paths or file:// URLs)")
@@ -91,6 +93,20 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     )
 
 
+def server_config(args: argparse.Namespace, name: str) -> ServerConfig:
+    """`tidal serve`'s server options -> ServerConfig, served under `name`."""
+    from tidal.server.config import ServerConfig
+
+    return ServerConfig(
+        model_name=name,
+        max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        max_image_pixels=args.max_image_pixels,
+        max_queue=args.max_queue,
+        request_threads=args.request_threads,
+        local_files_root=_local_root(args.allow_local_files),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -103,7 +119,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         from pathlib import Path
 
-        from tidal.server.config import ServerConfig
         from tidal.server.serve import serve
 
         name = args.served_model_name or (Path(args.model).name if args.model else "moondream3-tiny")
@@ -111,14 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             engine = engine_config(args)
         except ValueError as exc:
             parser.error(str(exc))
-        server = ServerConfig(
-            model_name=name,
-            max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-            max_image_pixels=args.max_image_pixels,
-            max_queue=args.max_queue,
-            local_files_root=_local_root(args.allow_local_files),
-        )
-        serve(args.model, args.host, args.port, args.device, args.dtype, engine, server)
+        serve(args.model, args.host, args.port, args.device, args.dtype, engine, server_config(args, name))
         return 0
     return 2
 
