@@ -16,6 +16,7 @@
 #   bash benchmarks/device_run.sh timeline    # batch-1 graph replays over time (busy, overlapping, idle) and the host's phases of a step: Moondream 3 and Qwen3-30B-A3B
 #   bash benchmarks/device_run.sh overlap     # Moondream 3 decode and detect/point with EngineConfig.overlap on and off, first output (quick)
 #   bash benchmarks/device_run.sh routing     # MoE routing + alignment: its kernel tests, then each form timed at 16-1024 tokens
+#   bash benchmarks/device_run.sh http        # the HTTP path: the front end alone, an HTTP request's time split with server variants (twice each), then at a 0.2 ms GIL switch interval
 #   bash benchmarks/device_run.sh check       # after a kernel change, in ~5 minutes: kernel + fast-path tests, bench_kernels, quick decode of both MoE models
 #
 # Run from the repository root with the wheels the device image lacks in .whl/
@@ -25,7 +26,7 @@
 # checkout (TIDAL_COMMIT=abc1234 bash ...): the device's copy of .git has been seen to lag
 # the working tree it carries, so `git rev-parse` there can name an older commit.
 set -uo pipefail
-part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card, overlap, routing, check, timeline}"
+part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card, overlap, routing, http, check, timeline}"
 out="${OUT:-.}"
 if [ -d .whl ]; then
   pip install -q --no-deps --target /tmp/deps .whl/*.whl 2>&1 | grep -v -i "warning" | tail -2
@@ -76,6 +77,10 @@ case "$part" in
   routing)
     tests_in 120 "test_kernels (routing)" tests/test_kernels.py -k "route"
     timeout 150 python benchmarks/bench_kernels.py --only routing --out "$out" 2>&1 | tail -16 ;;
+  http)
+    timeout 60 python benchmarks/front_end.py --requests 256 --rounds 1 2>&1 | tail -3
+    timeout 260 python benchmarks/http_front.py --rounds 2 2>&1 | grep -E "^\||cores|CPU shares|Error|error"
+    timeout 150 python benchmarks/with_setting.py tidal.server.state.SWITCH_INTERVAL_S=0.0002 -- benchmarks/http_front.py --rounds 1 --variants default 2>&1 | grep -E "^with|^\| (engine|default)|Error|error" ;;
   check)
     for f in tests/test_fast_path.py tests/test_qwen3_moe.py; do
       tests_in 100 "$f" "$f"
