@@ -209,7 +209,7 @@ def _client_process(base: str, jobs: list[tuple[str, bytes]], concurrency: int, 
                         raise RuntimeError(f"{skill}: HTTP {r.status_code}: {r.text[:200]}")
                     latencies.append(time.perf_counter() - t0)
 
-            barrier.wait()  # before any request: the processes start together
+            barrier.wait(timeout=300)  # before any request: the processes start together (a process that died breaks it)
             t0, cpu0 = time.time(), time.process_time()
             await asyncio.gather(*(worker() for _ in range(concurrency)))
             return latencies, t0, time.time(), time.process_time() - cpu0

@@ -91,3 +91,20 @@ def test_with_setting_changes_a_knob_before_the_script_runs(tmp_path):
     assert out.returncode == 0 and "value 4 ['--flag']" in out.stdout, out.stderr
     bad = subprocess.run([sys.executable, helper, "tidal.kernels.moe_route.NO_SUCH_KNOB=1", "--", str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "has no NO_SUCH_KNOB" in bad.stderr
+
+
+def test_the_http_benchmark_splits_each_request_s_time(tmp_path):
+    """A tiny dry run of benchmarks/http_front.py: clients in several
+    processes get every request answered (a non-200 fails the run), and the
+    HTTP row has the server's preparing and engine times, each measured and
+    within the clients' mean latency, and the CPU shares."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    args = ["--tiny", "--requests-per-client", "1", "--concurrency", "4", "--rounds", "1", "--variants", "default"]
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "http_front.py"), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| default |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    req_s, mean_ms, prepare_ms, engine_ms = (float(cells[i]) for i in (2, 4, 5, 6))
+    assert req_s > 0 and 0 < prepare_ms < mean_ms and 0 < engine_ms < mean_ms  # server-side parts within the clients' latency
+    shares = [float(x) for x in cells[11].split("/")]
+    assert all(0 <= s < 1.5 for s in shares[:3]) and shares[3] > 0
