@@ -15,7 +15,6 @@ import anyio
 import anyio.to_thread
 from fastapi import Request as HTTPRequest
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from tidal.api import Moondream
 from tidal.engine.loop import RequestError, RequestHandle
@@ -69,9 +68,7 @@ class ServerState:
         self._accepting += 1
         t0 = time.perf_counter()
         try:
-            if self._limiter is None:
-                return await run_in_threadpool(submit)
-            return await anyio.to_thread.run_sync(submit, limiter=self._limiter)
+            return await anyio.to_thread.run_sync(submit, limiter=self._limiter)  # None: anyio's default pool
         except ValueError:
             self.metrics.rejected(skill, "invalid")
             raise
