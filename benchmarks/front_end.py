@@ -8,10 +8,10 @@ and building the prompt. The stub engine caches nothing, so every image is
 decoded: an upper bound on the decoding the real server does. Beside it a
 thread stands in for the engine's: it sleeps 2 ms (a GPU step, GIL released)
 and then needs the GIL, and its wake-up delay is what the server's threads
-would add to each step (over the whole run: the HTTP runs' start-up, a
-client process spawned and the server started, adds about a second of
-quiet samples; the server CPU figure includes handing the bodies to that
-process). Runs anywhere (the embedded tiny Moondream 3 on the
+would add to each step (over the whole run: the HTTP runs' start-up, the
+client processes spawned and the server started, adds about a second of
+quiet samples; the server CPU figure includes handing the bodies to those
+processes). Runs anywhere (the embedded tiny Moondream 3 on the
 CPU by default).
 
     PYTHONPATH=. python3 benchmarks/front_end.py [--concurrency 64] [--requests 256]
