@@ -17,7 +17,7 @@
 #   bash benchmarks/device_run.sh overlap     # Moondream 3 decode and detect/point with EngineConfig.overlap on and off, first output (quick)
 #   bash benchmarks/device_run.sh routing     # MoE routing + alignment: its kernel tests, then each form timed at 16-1024 tokens
 #   bash benchmarks/device_run.sh http        # the HTTP path: the front end alone, an HTTP request's time split with server variants (twice each), then at a 0.2 ms GIL switch interval
-#   bash benchmarks/device_run.sh extend      # the extend kernel's one-query blocks: its tests, a mixed step's profile with them on and off, test_fast_path, the quick mixed workload
+#   bash benchmarks/device_run.sh extend      # the extend kernel's one-query blocks: its tests, a mixed step's profile with them on and off, test_fast_path, the mixed workload through the engine and HTTP (one round)
 #   bash benchmarks/device_run.sh check       # after a kernel change, in ~5 minutes: kernel + fast-path tests, bench_kernels, quick decode of both MoE models
 #
 # Run from the repository root with the wheels the device image lacks in .whl/
@@ -89,7 +89,8 @@ case "$part" in
         | grep -E -A40 "=== mixed" | grep -E "=== mixed|_extend_kernel|^total" | sed "s|^|one-query $v: |"
     done
     tests_in 150 tests/test_fast_path.py tests/test_fast_path.py
-    timeout 130 python benchmarks/bench_moondream.py --quick --only mixed --mixed-only-default --out "$out" 2>&1 | grep -E "mixed via|Error|error" ;;
+    # the mixed workload at 64 clients (256 requests) through the engine and through HTTP, one round
+    timeout 150 python benchmarks/http_front.py --rounds 1 --variants default 2>&1 | grep -E "^\||cores|CPU shares|Error|error" ;;
   check)
     for f in tests/test_fast_path.py tests/test_qwen3_moe.py; do
       tests_in 100 "$f" "$f"
