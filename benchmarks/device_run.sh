@@ -17,7 +17,7 @@
 #   bash benchmarks/device_run.sh overlap     # Moondream 3 decode and detect/point with EngineConfig.overlap on and off, first output (quick)
 #   bash benchmarks/device_run.sh routing     # MoE routing + alignment: its kernel tests, then each form timed at 16-1024 tokens
 #   bash benchmarks/device_run.sh http        # the HTTP path: the front end alone, an HTTP request's time split with server variants (twice each), then at a 0.2 ms GIL switch interval
-#   bash benchmarks/device_run.sh extend      # the extend kernel's one-query blocks: its tests, a mixed step's profile with them on and off, test_fast_path, the mixed workload through the engine and HTTP (one round)
+#   bash benchmarks/device_run.sh mixed       # test_fast_path, then the mixed workload at 64 clients through the engine and through HTTP (http_front, one round)
 #   bash benchmarks/device_run.sh check       # after a kernel change, in ~5 minutes: kernel + fast-path tests, bench_kernels, quick decode of both MoE models
 #
 # Run from the repository root with the wheels the device image lacks in .whl/
@@ -27,7 +27,7 @@
 # checkout (TIDAL_COMMIT=abc1234 bash ...): the device's copy of .git has been seen to lag
 # the working tree it carries, so `git rev-parse` there can name an older commit.
 set -uo pipefail
-part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card, overlap, routing, http, extend, check, timeline}"
+part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card, overlap, routing, http, mixed, check, timeline}"
 out="${OUT:-.}"
 if [ -d .whl ]; then
   pip install -q --no-deps --target /tmp/deps .whl/*.whl 2>&1 | grep -v -i "warning" | tail -2
@@ -82,14 +82,9 @@ case "$part" in
     timeout 60 python benchmarks/front_end.py --requests 256 --rounds 1 2>&1 | tail -3
     timeout 260 python benchmarks/http_front.py --rounds 2 2>&1 | grep -E "^\||cores|CPU shares|Error|error"
     timeout 150 python benchmarks/with_setting.py tidal.server.state.SWITCH_INTERVAL_S=0.0002 -- benchmarks/http_front.py --rounds 1 --variants default 2>&1 | grep -E "^with|^\| (engine|default)|Error|error" ;;
-  extend)
-    tests_in 120 "test_kernels (extend)" tests/test_kernels.py -k "extend"
-    for v in True False; do
-      timeout 110 python benchmarks/with_setting.py tidal.kernels.paged_attention.EXTEND_ONE_QUERY=$v -- benchmarks/profile_step.py --batch 1 --mixed --no-micro --out "$out/one-query-$v" 2>&1 \
-        | grep -E -A40 "=== mixed" | grep -E "=== mixed|_extend_kernel|^total" | sed "s|^|one-query $v: |"
-    done
+  mixed)
     tests_in 150 tests/test_fast_path.py tests/test_fast_path.py
-    # the mixed workload at 64 clients (256 requests) through the engine and through HTTP, one round
+    # 256 requests at 64 clients through the engine and through HTTP, one round
     timeout 150 python benchmarks/http_front.py --rounds 1 --variants default 2>&1 | grep -E "^\||cores|CPU shares|Error|error" ;;
   check)
     for f in tests/test_fast_path.py tests/test_qwen3_moe.py; do

@@ -227,6 +227,7 @@ def main() -> None:
         report += ["", *microbench(model, bandwidth)]
     md.close()
     text = "\n".join(report)
+    os.makedirs(args.out, exist_ok=True)  # (a missing folder lost a whole device run's report)
     with open(os.path.join(args.out, "profile.txt"), "w") as f:
         f.write(text)
     print(text)

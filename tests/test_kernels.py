@@ -182,40 +182,6 @@ def test_extend_attention(seqs, heads, heads_kv, dtype):
     assert rel(got.cpu(), want) <= tol(dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_extend_one_query_blocks_match_decode_attention(dtype):
-    """A mixed step's decode rows (one-query blocks of the extend kernel) give
-    the decode kernel's outputs at one split, bit for bit (the same vector
-    arithmetic over the same key tiles; MHA, as Moondream 3's); the
-    prefill rows beside them are untouched by that path (the same bits with it
-    off), and with it off the decode rows agree within the dtype's tolerance."""
-    from tidal.kernels import paged_attention as pa
-
-    prefill, decode = [(70, 70, 50), (9, 739 if CUDA else 139, 130)], [(1, 130, 0), (1, 70, 70), (1, 64, 0), (1, 5, 0)]
-    seqs = prefill + decode
-    heads = 4
-    gen = torch.Generator().manual_seed(7)
-    k, v, table, rows = _paged_cache(seqs, heads, 64, dtype, gen)
-    q = torch.randn(sum(s[0] for s in seqs), heads, 64, generator=gen).to(dtype)
-    args = (q.to(DEV), k.to(DEV), v.to(DEV), table.to(DEV))
-    blocks = torch.tensor(pa.extend_blocks([s[0] for s in seqs], [s[1] for s in seqs], [s[2] for s in seqs], rows, pa.EXTEND_BLOCK_M), dtype=torch.int32, device=DEV)
-    got = pa.extend_attention(*args, blocks, out=torch.full_like(args[0], float("nan")))
-    n_pre = sum(s[0] for s in prefill)
-    dec = pa.decode_attention(
-        args[0][n_pre:], *args[1:], torch.tensor(rows[len(prefill):], device=DEV), torch.tensor([s[1] for s in decode], dtype=torch.int32, device=DEV), num_splits=1,
-    )
-    assert torch.equal(got[n_pre:], dec)
-    old = pa.EXTEND_ONE_QUERY
-    try:
-        pa.EXTEND_ONE_QUERY = False
-        tiles = pa.extend_attention(*args, blocks, out=torch.full_like(args[0], float("nan")))
-    finally:
-        pa.EXTEND_ONE_QUERY = old
-    assert torch.equal(got[:n_pre], tiles[:n_pre])
-    assert rel(got[n_pre:].cpu().float(), tiles[n_pre:].cpu().float()) <= tol(dtype)
-    assert rel(got.cpu(), _reference_attention(q, k, v, table, rows, seqs)) <= tol(dtype)
-
-
 # -- fused MoE ----------------------------------------------------------------------------------
 def _moe_reference(x, weights, ids, fc1, fc2, act="geglu_plus1"):
     """float64, token by token."""

@@ -19,8 +19,7 @@ head; scores and the weighted sum are then small matrix products.
 extend_attention: any number of new queries per sequence (prefill, chunked
 prefill, mixed steps), against cached and new keys, with the bidirectional
 prefix. Work is cut into blocks of up to BLOCK_M queries of one sequence,
-described by a small host-built table; a block of one query (a decode row
-riding in a mixed step) takes the decode kernel's vector arithmetic.
+described by a small host-built table.
 """
 
 from __future__ import annotations
@@ -40,33 +39,6 @@ def _split_len(kv_len, nsplit, BLOCK_N: tl.constexpr):
     splits, whole BLOCK_N tiles each: the grid stays fixed (graph-capturable)
     while each sequence's splits cover its own keys, not the table's width."""
     return tl.cdiv(tl.cdiv(kv_len, nsplit), BLOCK_N) * BLOCK_N
-
-
-@triton.jit
-def _one_query_keys(q, K, V, Table, row, kvh, start, end, stride_ks, stride_kh, stride_vs, stride_vh, stride_tr, D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One query (q [D] float32, already scaled) against keys start .. end-1
-    of table row `row`, all visible, BLOCK_N at a time in vector arithmetic
-    (no matrix-product tile to fill): the running (acc [D], max [1], sum [1])
-    of the online softmax, in float32."""
-    d = tl.arange(0, D)
-    m_i = tl.full([1], float("-inf"), tl.float32)
-    l_i = tl.zeros([1], tl.float32)
-    acc = tl.zeros([D], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        mask = n < end
-        slot = tl.load(Table + row * stride_tr + n, mask=mask, other=0).to(tl.int64)
-        k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
-        sc = tl.sum(k * q[None, :], axis=1)
-        sc = tl.where(mask, sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=0))
-        p = tl.exp(sc - m_new)
-        alpha = tl.exp(m_i - m_new)
-        v = tl.load(V + slot[:, None] * stride_vs + kvh * stride_vh + d[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        m_i = m_new
-    return acc, m_i, l_i
 
 
 @triton.jit
@@ -95,7 +67,23 @@ def _decode_split_kernel(
     kvh = h // GROUP
     d = tl.arange(0, D)
     q = tl.load(Q + b * stride_qb + h * stride_qh + d).to(tl.float32) * sm_scale
-    acc, m_i, l_i = _one_query_keys(q, K, V, Table, row, kvh, start, end, stride_ks, stride_kh, stride_vs, stride_vh, stride_tr, D, BLOCK_N)
+    m_i = tl.full([1], float("-inf"), tl.float32)
+    l_i = tl.zeros([1], tl.float32)
+    acc = tl.zeros([D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        mask = n < end
+        slot = tl.load(Table + row * stride_tr + n, mask=mask, other=0).to(tl.int64)
+        k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
+        sc = tl.sum(k * q[None, :], axis=1)
+        sc = tl.where(mask, sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=0))
+        p = tl.exp(sc - m_new)
+        alpha = tl.exp(m_i - m_new)
+        v = tl.load(V + slot[:, None] * stride_vs + kvh * stride_vh + d[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        m_i = m_new
     has = l_i > 0
     lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
     o = acc / tl.where(has, l_i, 1.0)
@@ -321,7 +309,7 @@ def _extend_kernel(
     stride_ot, stride_oh,
     stride_tr,
     sm_scale,
-    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, ONE_QUERY: tl.constexpr,
+    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -333,23 +321,14 @@ def _extend_kernel(
     kv_len = tl.load(info + 4)
     bidir = tl.load(info + 5)
     kvh = h // GROUP
-    d = tl.arange(0, D)
-    # Keys a query of this block can see: up to its own position, or the whole prefix.
-    hi = tl.maximum(pos0 + q_count, tl.where(pos0 < bidir, bidir, 0))
-    hi = tl.minimum(hi, kv_len)
-    if ONE_QUERY and q_count == 1:
-        # A block of one query (a decode row of a mixed step, a prompt's last
-        # position): it sees every key below hi, and a BLOCK_M-row product tile
-        # would be 1/BLOCK_M used. The decode kernel's vector arithmetic instead.
-        q1 = tl.load(Q + q_start.to(tl.int64) * stride_qt + h * stride_qh + d).to(tl.float32) * sm_scale
-        acc1, m1, l1 = _one_query_keys(q1, K, V, Table, row, kvh, 0, hi, stride_ks, stride_kh, stride_vs, stride_vh, stride_tr, D, BLOCK_N)
-        o1 = acc1 / tl.where(l1 > 0, l1, 1.0)
-        tl.store(Out + q_start.to(tl.int64) * stride_ot + h * stride_oh + d, o1.to(Out.dtype.element_ty))
-        return
     m = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, D)
     mvalid = m < q_count
     qpos = pos0 + m
     q = tl.load(Q + (q_start + m)[:, None].to(tl.int64) * stride_qt + h * stride_qh + d[None, :], mask=mvalid[:, None], other=0.0)
+    # Keys a query of this block can see: up to its own position, or the whole prefix.
+    hi = tl.maximum(pos0 + q_count, tl.where(pos0 < bidir, bidir, 0))
+    hi = tl.minimum(hi, kv_len)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -396,11 +375,6 @@ def extend_blocks(q_lens: list[int], kv_lens: list[int], bidir_lens: list[int], 
 
 
 EXTEND_BLOCK_M = 64
-# Blocks of one query take the decode kernel's vector path inside the extend
-# kernel (a mixed step's decode rows: each was a 64-row product tile with one
-# row used, ~2/3 of the extend kernel's tiles in a step of 48 decode rows and
-# two image prefills). False: every block takes the tile path.
-EXTEND_ONE_QUERY = True
 
 
 def extend_attention(
@@ -427,7 +401,7 @@ def extend_attention(
         out.stride(0), out.stride(1),
         table.stride(0),
         dim**-0.5,
-        GROUP=heads // k_cache.shape[1], D=dim, BLOCK_M=EXTEND_BLOCK_M, BLOCK_N=64, IEEE=q.dtype == torch.float32, ONE_QUERY=EXTEND_ONE_QUERY,
+        GROUP=heads // k_cache.shape[1], D=dim, BLOCK_M=EXTEND_BLOCK_M, BLOCK_N=64, IEEE=q.dtype == torch.float32,
         num_warps=4, num_stages=2,
     )
     return out
