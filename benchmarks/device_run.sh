@@ -18,6 +18,7 @@
 #   bash benchmarks/device_run.sh routing     # MoE routing + alignment: its kernel tests, then each form timed at 16-1024 tokens
 #   bash benchmarks/device_run.sh http        # the HTTP path: the front end alone, an HTTP request's time split with server variants (twice each), then at a 0.2 ms GIL switch interval
 #   bash benchmarks/device_run.sh mixed       # test_fast_path, then the mixed workload at 64 clients through the engine and through HTTP (http_front, one round)
+#   bash benchmarks/device_run.sh tau         # tau's projection kernel (tau_rope.LIN_KERNEL): its tests, then a mixed step's profile with it on and off
 #   bash benchmarks/device_run.sh check       # after a kernel change, in ~5 minutes: kernel + fast-path tests, bench_kernels, quick decode of both MoE models
 #
 # Run from the repository root with the wheels the device image lacks in .whl/
@@ -27,7 +28,7 @@
 # checkout (TIDAL_COMMIT=abc1234 bash ...): the device's copy of .git has been seen to lag
 # the working tree it carries, so `git rev-parse` there can name an older commit.
 set -uo pipefail
-part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card, overlap, routing, http, mixed, check, timeline}"
+part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card, overlap, routing, http, mixed, tau, check, timeline}"
 out="${OUT:-.}"
 if [ -d .whl ]; then
   pip install -q --no-deps --target /tmp/deps .whl/*.whl 2>&1 | grep -v -i "warning" | tail -2
@@ -86,6 +87,12 @@ case "$part" in
     tests_in 150 tests/test_fast_path.py tests/test_fast_path.py
     # 256 requests at 64 clients through the engine and through HTTP, one round
     timeout 150 python benchmarks/http_front.py --rounds 1 --variants default 2>&1 | grep -E "^\||cores|CPU shares|Error|error" ;;
+  tau)
+    tests_in 120 "test_kernels (tau)" tests/test_kernels.py -k "tau or bf16_parts"
+    for v in True False; do
+      timeout 110 python benchmarks/with_setting.py tidal.kernels.tau_rope.LIN_KERNEL=$v -- benchmarks/profile_step.py --batch 1 --mixed --no-micro --out "$out/tau-$v" > /dev/null 2>&1
+      grep -E "=== mixed|_tau_lin_kernel|sm80_xmma_gemm_f32|GeluCUDA|direct_copy|^total" "$out/tau-$v/profile.txt" | tail -8 | sed "s|^|tau kernel $v: |"
+    done ;;
   check)
     for f in tests/test_fast_path.py tests/test_qwen3_moe.py; do
       tests_in 100 "$f" "$f"

@@ -295,6 +295,51 @@ def test_tau_rope_kv(case, dtype):
     assert k_cache[untouched.to(DEV)].isnan().all()  # nothing else written
 
 
+# (bf16 weights only on a GPU: Triton's CPU interpreter gets bf16 matrix products wrong)
+@pytest.mark.parametrize("weights", ["float32"] + (["bfloat16"] if CUDA else []))
+@pytest.mark.parametrize("tokens, width, heads", [(70, 384, 2), (33, 200, 3)] + ([(1500, 6144, 32), (4096, 6144, 32)] if CUDA else []))
+def test_tau_projection_kernel(tokens, width, heads, weights):
+    """The tau projection's kernel, gelu(qkv) @ [wq; wv].T, against float64:
+    float32's accuracy with float32 weights (IEEE products) and with bf16
+    weights (the features cut into three bf16 parts, each product exact), for
+    bf16 and float32 activations, tokens and widths not multiples of a tile.
+    The torch form (kernel off) is the reference path's arithmetic."""
+    from tidal.kernels.tau_rope import tau_projection
+
+    gen = torch.Generator().manual_seed(tokens + width)
+    w32 = torch.randn(2 * heads, width, generator=gen) * 0.05
+    if weights == "bfloat16":
+        w32 = w32.bfloat16().float()  # a bf16 checkpoint's values, held as float32 too
+    w16 = w32.bfloat16() if weights == "bfloat16" else None
+    for act in DTYPES:
+        qkv = (torch.randn(tokens, width, generator=gen) * 2).to(act)
+        want = torch.nn.functional.gelu(qkv.double()) @ w32.double().T
+        out = tau_projection(qkv.to(DEV), w32.to(DEV), None if w16 is None else w16.to(DEV), kernel=True)
+        assert out.dtype == torch.float32 and out.shape == (tokens, 2 * heads)
+        assert rel(out.cpu(), want) <= 1e-6
+        torch_form = tau_projection(qkv.to(DEV), w32.to(DEV), kernel=False)
+        assert rel(torch_form.cpu(), want) <= 1e-6
+
+
+def test_three_bf16_parts_hold_a_float32_exactly():
+    """The split tau_projection's kernel makes with bf16 weights: hi + mid + lo,
+    each the bf16 rounding of what is left, gives back the float32 value
+    (24 bits in three 8-bit mantissas), and products of bf16 parts are exact
+    in float32, so the sum of the three products is the float32 product
+    up to float32 rounding."""
+    gen = torch.Generator().manual_seed(3)
+    f = torch.nn.functional.gelu(torch.randn(100_000, generator=gen) * 3)
+    hi = f.bfloat16()
+    rest = f - hi.float()
+    mid = rest.bfloat16()
+    lo = (rest - mid.float()).bfloat16()
+    back = hi.double() + mid.double() + lo.double()
+    assert ((back - f.double()).abs() <= f.double().abs() * 2.0**-24).all()
+    w = (torch.randn(100_000, generator=gen) * 0.05).bfloat16()
+    for part in (hi, mid, lo):
+        assert torch.equal((part.float() * w.float()).double(), part.double() * w.double())
+
+
 # -- MoE routing + alignment in one kernel -----------------------------------------------------
 # sizes on both sides of one_launch_fits (64 tokens, fewer with many experts); each case runs every form: one program, the top-k on a grid with the alignment over chunks, or one program an expert
 @pytest.mark.parametrize("tokens, experts, top_k, block_m", [(1, 8, 2, 16), (13, 16, 4, 16), (40, 64, 8, 16), (65, 8, 2, 16), (100, 16, 4, 16), (300, 64, 8, 64), (3, 128, 8, 16), (90, 128, 8, 32)] + ([(1, 64, 8, 16), (256, 64, 8, 32), (512, 64, 8, 64), (737, 64, 8, 64), (4096, 64, 8, 64), (9000, 128, 8, 64)] if CUDA else []))

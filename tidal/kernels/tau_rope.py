@@ -88,7 +88,66 @@ def _tau_rope_kv_kernel(
         tl.store(VCache + slot[:, None] * stride_vs + h * stride_vh + d[None, :], v.to(QOut.dtype.element_ty).to(VCache.dtype.element_ty), mask=m2)
 
 
-LIN_HERE_MAX_TOKENS = 64  # above: one float32 GEMM for all heads is cheaper
+LIN_HERE_MAX_TOKENS = 64  # above: one product for all heads is cheaper
+
+# Past LIN_HERE_MAX_TOKENS, tau's projection gelu(qkv) @ [wq; wv].T as one
+# Triton kernel (the GELU on the loaded tile; with bf16 weights the float32
+# features as three bf16 parts on the tensor cores, each part's products exact
+# and summed in float32), instead of torch's float copy, GELU and float32 GEMM
+# (a mixed step of two image prefixes on an H100: ~160 us a layer, 2.3 ms of
+# it the float32 GEMM). Off until timed on the device (bench_kernels.py's tau
+# table; device_run.sh tau).
+LIN_KERNEL = False
+
+
+@triton.jit
+def _tau_lin_kernel(
+    QKV, W, Out, tokens, C, stride_q, stride_w, stride_o,
+    N: tl.constexpr, NP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+):
+    """Out[t, n] = sum_c gelu(QKV[t, c]) * W[n, c] in float32, BLOCK_M tokens a program."""
+    t = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    tm = t < tokens
+    n = tl.arange(0, NP)
+    nm = n < N
+    acc = tl.zeros([BLOCK_M, NP], tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        km = k < C
+        f = _gelu_exact(tl.load(QKV + t[:, None].to(tl.int64) * stride_q + k[None, :], mask=tm[:, None] & km[None, :], other=0.0).to(tl.float32))
+        w = tl.load(W + n[None, :] * stride_w + k[:, None], mask=km[:, None] & nm[None, :], other=0.0)  # [BLOCK_K, NP]
+        if SPLIT:  # bf16 weights: f = hi + mid + lo in bf16 (24 bits), every product exact
+            hi = f.to(tl.bfloat16)
+            rest = f - hi.to(tl.float32)
+            mid = rest.to(tl.bfloat16)
+            lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+            acc = tl.dot(hi, w, acc)
+            acc = tl.dot(mid, w, acc)
+            acc = tl.dot(lo, w, acc)
+        else:
+            acc = tl.dot(f, w.to(tl.float32), acc, input_precision="ieee")
+    tl.store(Out + t[:, None].to(tl.int64) * stride_o + n[None, :], acc, mask=tm[:, None] & nm[None, :])
+
+
+def tau_projection(qkv: torch.Tensor, w_tau: torch.Tensor, w_tau_bf16: torch.Tensor | None = None, kernel: bool | None = None) -> torch.Tensor:
+    """gelu(qkv) @ w_tau.T in float32: qkv [T, C]; w_tau [2H, C] float32 -> [T, 2H].
+    w_tau_bf16: the same weights in bfloat16 when they are exactly that (a
+    bf16 checkpoint): the kernel then runs on the tensor cores. kernel:
+    LIN_KERNEL by default (torch's float32 ops otherwise)."""
+    if not (LIN_KERNEL if kernel is None else kernel):
+        return torch.nn.functional.linear(torch.nn.functional.gelu(qkv.float()), w_tau)
+    tokens, c = qkv.shape
+    n = w_tau.shape[0]
+    w = w_tau_bf16 if w_tau_bf16 is not None else w_tau
+    assert qkv.stride(1) == 1 and w.stride(1) == 1 and w.shape[1] == c
+    out = torch.empty((tokens, n), dtype=torch.float32, device=qkv.device)
+    block_m = 32
+    _tau_lin_kernel[(triton.cdiv(tokens, block_m),)](
+        qkv, w, out, tokens, c, qkv.stride(0), w.stride(0), out.stride(0),
+        N=n, NP=max(16, triton.next_power_of_2(n)), BLOCK_M=block_m, BLOCK_K=64, SPLIT=w_tau_bf16 is not None,
+        num_warps=4, num_stages=3,
+    )
+    return out
 
 
 def tau_rope_kv(
@@ -104,12 +163,13 @@ def tau_rope_kv(
     n_heads: int,
     head_dim: int,
     launch: tuple[int, int] | None = None,
+    w_tau_bf16: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """qkv [T, (H + 2 Hkv) * D]; w_tau [2H, (H + 2 Hkv) * D] float32 ([wq; wv]);
     alpha [H]; positions, out_cache_loc [T]; cos/sin [max_pos, R/2];
     k/v_cache [S, Hkv, D] (one layer's) -> q [T, H, D]. Writes k and v at
     out_cache_loc. launch: (BLOCK_C, num_warps) instead of the defaults, for
-    benchmarks/bench_kernels.py to compare."""
+    benchmarks/bench_kernels.py to compare. w_tau_bf16: see tau_projection."""
     tokens = qkv.shape[0]
     n_kv = k_cache.shape[1]
     assert qkv.stride(1) == 1 and w_tau.stride(1) == 1 and cos.stride(1) == 1
@@ -118,7 +178,7 @@ def tau_rope_kv(
         return q
     half = cos.shape[1]
     lin_here = tokens <= LIN_HERE_MAX_TOKENS
-    lin = w_tau if lin_here else torch.nn.functional.linear(torch.nn.functional.gelu(qkv.float()), w_tau)
+    lin = w_tau if lin_here else tau_projection(qkv, w_tau, w_tau_bf16)
     # with the projection inside, many programs and wide chunks keep loads in
     # flight; at one token 4096-wide chunks over 8 warps measured 4.9 us against
     # 6.8 for 1024 over 4 (bench_kernels.py, H100)

@@ -79,6 +79,7 @@ class TextAttention(nn.Module):
             raise ValueError("Moondream 3 tau scaling of v needs n_kv_heads == n_heads")
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.fused_tau: torch.Tensor | None = None  # [2H, qkv_dim] float32 when the fused kernel is on
+        self.fused_tau_bf16: torch.Tensor | None = None  # the same in bfloat16, for a bf16 model (tau_projection)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch, layer: int, rotary: PartialRotary) -> torch.Tensor:
         """x [T, dim] (already normed) -> [T, dim]."""
@@ -87,7 +88,10 @@ class TextAttention(nn.Module):
         if self.fused_tau is not None:
             # tau, rotary and the K/V write in one kernel (same arithmetic as below)
             pool = batch.kv_pool
-            q = tau_rope_kv(qkv, self.fused_tau, self.tau["alpha"], positions, batch.out_cache_loc, rotary.cos, rotary.sin, pool.k[layer], pool.v[layer], self.n_heads, self.head_dim)
+            q = tau_rope_kv(
+                qkv, self.fused_tau, self.tau["alpha"], positions, batch.out_cache_loc, rotary.cos, rotary.sin, pool.k[layer], pool.v[layer], self.n_heads, self.head_dim,
+                w_tau_bf16=self.fused_tau_bf16,
+            )
             return linear(batch.attn.attend(q, layer, batch).reshape(t, -1), self.proj.weight, self.proj.bias)
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
@@ -151,7 +155,9 @@ class TextModel(nn.Module):
             self.side_stream = torch.cuda.Stream(self.wte.device)
         for block in self.blocks:
             attn = block.attn
-            attn.fused_tau = torch.cat([attn.tau["wq"], attn.tau["wv"]]).float() if enabled else None
+            w = torch.cat([attn.tau["wq"], attn.tau["wv"]])
+            attn.fused_tau = w.float() if enabled else None
+            attn.fused_tau_bf16 = w if enabled and w.dtype == torch.bfloat16 else None
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.wte)
