@@ -95,6 +95,29 @@ def test_the_router_fused_into_the_routing_launch_changes_no_result(runs, monkey
     assert bool(_golden_cases_match_the_default_fast_path(runs, monkeypatch, moe_route, "router_route_and_align")) == fused_router
 
 
+@pytest.mark.parametrize("lin_kernel", [True, False])
+def test_tau_projection_as_one_kernel_changes_no_result(runs, monkeypatch, lin_kernel):
+    """tau_rope.LIN_KERNEL: tau's projection past 64 positions (the image
+    prefix) as one Triton kernel, or (off, the default) torch's float32
+    ops; either way a detect and a query case match the golden results and
+    every logit stays within 1e-5 of the default fast path's, and the
+    kernel runs exactly when it is on."""
+    from tidal.kernels import tau_rope
+
+    monkeypatch.setattr(tau_rope, "LIN_KERNEL", lin_kernel)
+    launches = []
+    real = tau_rope._tau_lin_kernel
+
+    class Counted:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(tau_rope, "_tau_lin_kernel", Counted())
+    _golden_cases_match_the_default_fast_path(runs, monkeypatch, tau_rope, "tau_projection")
+    assert bool(launches) == lin_kernel
+
+
 def _golden_cases_match_the_default_fast_path(runs, monkeypatch, module, kernel: str) -> int:
     """A detect and a query golden case on a fresh fast-path engine (float32)
     match the golden results and stay within 1e-5 of the default fast path's
