@@ -185,6 +185,18 @@ def mixed_report(md: Moondream, decode_rows: int = 48, sizes=((1280, 720), (1920
     return [head, table]
 
 
+def loop_timeline(engine, steps: int = 16) -> str:
+    """The kernels of `steps` engine steps run back to back (with overlap on, each
+    queued behind the running one): the idle stretches between their graph
+    replays are what the host still adds to a step."""
+    engine.step()  # one in flight before the trace, as in a steady stream
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    return timeline_report(profiler_kernels(prof), steps=steps)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
@@ -215,6 +227,7 @@ def main() -> None:
         report.append(phases_report(step_phases(md.engine), f"Moondream 3 decode, batch {batch}, overlap off"))
         md.engine.config.overlap = True  # the next step queued behind the running one
         report.append(phases_report(step_phases(md.engine), f"Moondream 3 decode, batch {batch}, overlap on"))
+        report += ["steps back to back, overlap on:", loop_timeline(md.engine)]
         md.engine.config.overlap = False
         md.engine.step()  # reads the step launched ahead: none is in flight past here
         for r in reqs:
