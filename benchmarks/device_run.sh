@@ -102,7 +102,7 @@ case "$part" in
     timeout 150 python benchmarks/bench_moondream.py --quick --only decode --out "$out" 2>&1 | grep "decode batch"
     timeout 120 python benchmarks/bench_qwen.py --model moe --no-hf --batches 1 64 --out "$out" 2>&1 | grep -E "^tidal|where it went" ;;
   timeline)
-    timeout 100 python benchmarks/profile_step.py --batch 1 --no-micro --out "$out" 2>&1 | grep -E "^copy|^steps back|=== decode|^timeline|per stream|^  idle|^  on stream|^  - |^host phases|^  phase "
+    timeout 100 python benchmarks/profile_step.py --batch 1 --no-micro --out "$out" 2>&1 | grep -E "^copy|^steps back|=== decode|^timeline|per stream|^  idle|^  on stream|^  - |^  host in|^host phases|^  phase "
     timeout 80 python benchmarks/bench_qwen.py --model moe --no-hf --no-concurrent --batches 1 --profile --out "$out" 2>&1 | grep -E "tidal decode|^timeline|per stream|^  idle|^  on stream|^  - |^host phases|^  phase " ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac

@@ -25,7 +25,13 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks.bench_moondream import FixedLength, build
 from benchmarks.measure import copy_bandwidth, timed
 from benchmarks.step_phases import phases_report, step_phases
-from benchmarks.timeline import profiler_kernels, timeline_report
+from benchmarks.timeline import (
+    idle_host_calls,
+    profiler_kernels,
+    profiler_trace,
+    timeline_report,
+    trace_kernels,
+)
 from tidal.api import Moondream
 from tidal.engine.engine import EngineConfig
 from tidal.engine.request import Request
@@ -194,7 +200,11 @@ def loop_timeline(engine, steps: int = 16) -> str:
         for _ in range(steps):
             engine.step()
         torch.cuda.synchronize()
-    return timeline_report(profiler_kernels(prof), steps=steps)
+    trace = profiler_trace(prof)
+    lines = [timeline_report(trace_kernels(trace), steps=steps)]
+    for name, us, gaps in idle_host_calls(trace)[:8]:
+        lines.append(f"  host in {name[:40]:<40} while nothing ran: {us / steps:7.1f} us a step ({gaps} gaps)")
+    return "\n".join(lines)
 
 
 def main() -> None:

@@ -34,13 +34,42 @@ def trace_kernels(trace: dict) -> list[Kernel]:
     return sorted(out, key=lambda k: k.start_us)
 
 
-def profiler_kernels(prof) -> list[Kernel]:
-    """The kernels a finished torch.profiler.profile recorded."""
+def profiler_trace(prof) -> dict:
+    """A finished torch.profiler.profile's Chrome trace, as a dict."""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "trace.json")
         prof.export_chrome_trace(path)
         with open(path) as f:
-            return trace_kernels(json.load(f))
+            return json.load(f)
+
+
+def profiler_kernels(prof) -> list[Kernel]:
+    """The kernels a finished torch.profiler.profile recorded."""
+    return trace_kernels(profiler_trace(prof))
+
+
+def idle_host_calls(trace: dict, min_gap_us: float = 2.0) -> list[tuple[str, float, int]]:
+    """What the host was in while no kernel ran: for each CUDA runtime call
+    (cudaGraphLaunch, cudaMemcpyAsync, cudaEventSynchronize, ...), the idle
+    time of gaps of at least `min_gap_us` it overlapped, and in how many gaps.
+    A graph launch inside a gap means the device waited for the host to launch.
+    -> (name, us, gaps), most time first."""
+    kernels = trace_kernels(trace)
+    tl_gaps = []  # (start, end) of each idle stretch
+    end = None
+    for k in kernels:
+        if end is not None and k.start_us - end >= min_gap_us:
+            tl_gaps.append((end, k.start_us))
+        end = k.end_us if end is None else max(end, k.end_us)
+    calls = [(e["name"], float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))) for e in trace.get("traceEvents", []) if e.get("ph") == "X" and e.get("cat") == "cuda_runtime"]
+    by_name: dict[str, tuple[float, int]] = {}
+    for g0, g1 in tl_gaps:
+        for name, c0, c1 in calls:
+            us = min(g1, c1) - max(g0, c0)
+            if us > 0:
+                t, n = by_name.get(name, (0.0, 0))
+                by_name[name] = (t + us, n + 1)
+    return sorted(((name, t, n) for name, (t, n) in by_name.items()), key=lambda x: -x[1])
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import pytest
 
 from benchmarks.timeline import (
     Kernel,
+    idle_host_calls,
     stream_kernels,
     timeline,
     timeline_report,
@@ -62,3 +63,20 @@ def test_the_busiest_streams_kernels_are_listed_by_time():
     assert "on stream 1, per step:" in text
     assert [line.split()[1] for line in text.splitlines() if line.startswith("  - ")] == ["gemm", "norm"]
     assert "1 x    7.0 us =     7.0 us" in text  # per step: one gemm of 7 us on average
+
+
+def _call(name: str, ts: float, dur: float) -> dict:
+    return {"ph": "X", "cat": "cuda_runtime", "name": name, "ts": ts, "dur": dur}
+
+
+def test_idle_host_calls_names_what_the_host_did_while_no_kernel_ran():
+    # kernels busy [0, 10) and [30, 40) (two streams overlapping in the first), idle [10, 30) and a 1 us gap [40, 41)
+    trace = {"traceEvents": [
+        _event("a", 1, 0.0, 10.0), _event("b", 2, 2.0, 5.0), _event("c", 1, 30.0, 10.0), _event("d", 1, 41.0, 2.0),
+        _call("cudaEventSynchronize", 0.0, 12.0),  # 2 us of the gap
+        _call("cudaGraphLaunch", 20.0, 15.0),  # 10 us of the gap
+        _call("cudaMemcpyAsync", 40.0, 1.0),  # only in the gap under min_gap_us
+        _call("cudaLaunchKernel", 31.0, 2.0),  # while a kernel ran
+    ]}
+    assert idle_host_calls(trace) == [("cudaGraphLaunch", 10.0, 1), ("cudaEventSynchronize", 2.0, 1)]
+    assert ("cudaMemcpyAsync", 1.0, 1) in idle_host_calls(trace, min_gap_us=0.5)
