@@ -5,6 +5,8 @@ interpreter (slow, so a handful of cases)."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from conftest import (
@@ -38,6 +40,30 @@ CASES = [
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@contextmanager
+def _counting_launches():
+    """Count, while open, the launches of the kernels behind process-wide
+    settings (moe_route.FUSED_ROUTER, tau_rope.LIN_KERNEL) -> {name: count}."""
+    from tidal.kernels import moe_route, tau_rope
+
+    counts = {"router_route_and_align": 0, "tau_lin": 0}
+    router, lin = moe_route.router_route_and_align, tau_rope._tau_lin_kernel
+
+    def counted_router(*a, **k):
+        counts["router_route_and_align"] += 1
+        return router(*a, **k)
+
+    class CountedLin:
+        def __getitem__(self, grid):
+            counts["tau_lin"] += 1
+            return lin[grid]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(moe_route, "router_route_and_align", counted_router)
+        mp.setattr(tau_rope, "_tau_lin_kernel", CountedLin())
+        yield counts
+
+
 @pytest.fixture(scope="module")
 def runs():
     """Each case on the torch path and on the fast path, alone; then all of
@@ -47,8 +73,11 @@ def runs():
         md = tidal.Moondream.from_pretrained(GOLDEN, device=DEVICE, dtype="float32", engine_config=EngineConfig(trace_logits=True, kernels=kernels, token_budget=60_000))
         try:
             out[kernels] = []
-            for case in CASES:
-                out[kernels].append(finished_request(md, case))
+            with _counting_launches() as launches:
+                for case in CASES:
+                    out[kernels].append(finished_request(md, case))
+            if kernels:
+                out["launches"] = launches
             if kernels:  # all at once, stepped here so that they surely share steps
                 reqs = [Request(skill=skill, pending=items, bidir_len=bidir) for skill, items, bidir in (prepare_case(md, c) for c in CASES)]
                 for r in reqs:
@@ -82,7 +111,27 @@ def test_fast_path_logits_equal_the_torch_path(runs, i):
             assert _rel(getattr(got_b, name), getattr(want, name)) <= 1e-5, name
 
 
-@pytest.mark.parametrize("fused_router", [True, False])
+def test_the_default_fast_path_launches_what_its_settings_say(runs):
+    """The fixture's fast path (every setting at its default) ran the fused
+    router exactly when moe_route.FUSED_ROUTER is on and tau's projection
+    kernel exactly when tau_rope.LIN_KERNEL is on. The tests below run the
+    other value of each."""
+    from tidal.kernels import moe_route, tau_rope
+
+    assert (runs["launches"]["router_route_and_align"] > 0) == moe_route.FUSED_ROUTER
+    assert (runs["launches"]["tau_lin"] > 0) == tau_rope.LIN_KERNEL
+
+
+def _flipped(module_name: str, setting: str) -> list[bool]:
+    """Both values of a process-wide setting on a GPU; on the CPU (Triton's
+    interpreter: slow) only the one the default fast path does not run."""
+    import importlib
+
+    default = getattr(importlib.import_module(module_name), setting)
+    return [True, False] if torch.cuda.is_available() else [not default]
+
+
+@pytest.mark.parametrize("fused_router", _flipped("tidal.kernels.moe_route", "FUSED_ROUTER"))
 def test_the_router_fused_into_the_routing_launch_changes_no_result(runs, monkeypatch, fused_router):
     """moe_route.FUSED_ROUTER (on by default): decode steps' router product
     runs inside the routing launch, or (off) as a linear before it; either
@@ -95,7 +144,7 @@ def test_the_router_fused_into_the_routing_launch_changes_no_result(runs, monkey
     assert bool(_golden_cases_match_the_default_fast_path(runs, monkeypatch, moe_route, "router_route_and_align")) == fused_router
 
 
-@pytest.mark.parametrize("lin_kernel", [True, False])
+@pytest.mark.parametrize("lin_kernel", _flipped("tidal.kernels.tau_rope", "LIN_KERNEL"))
 def test_tau_projection_as_one_kernel_changes_no_result(runs, monkeypatch, lin_kernel):
     """tau_rope.LIN_KERNEL: tau's projection past 64 positions (the image
     prefix) as one Triton kernel, or (off, the default) torch's float32
