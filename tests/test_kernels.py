@@ -13,6 +13,11 @@ import torch
 
 pytest.importorskip("triton")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from tidal.kernels.kv_store import cache_value  # noqa: E402
+
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
 DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32]
@@ -182,6 +187,72 @@ def test_extend_attention(seqs, heads, heads_kv, dtype):
     assert rel(got.cpu(), want) <= tol(dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads, heads_kv", [(4, 4), (4, 2)])
+def test_attention_reads_a_float8_cache(heads, heads_kv, dtype):
+    """EngineConfig.kv_dtype="fp8": the decode kernels (one split, several,
+    the grouped form) and the extend kernel over a float8 cache give the
+    reference's attention over the same stored values (upcast exactly)."""
+    from tidal.kernels.paged_attention import (
+        EXTEND_BLOCK_M,
+        decode_attention,
+        extend_attention,
+        extend_blocks,
+    )
+
+    gen = torch.Generator().manual_seed(heads * 7 + heads_kv)
+    dim = 64
+    for seqs in ([(1, 9, 0), (1, 130, 0), (1, 64, 0)], EXTEND_CASES[3]):
+        k, v, table, rows = _paged_cache(seqs, heads_kv, dim, torch.float32, gen)
+        k, v = (k * 3).to(torch.float8_e4m3fn), (v * 3).to(torch.float8_e4m3fn)
+        q = torch.randn(sum(s[0] for s in seqs), heads, dim, generator=gen).to(dtype)
+        want = _reference_attention(q, k, v, table, rows, seqs)
+        args = (q.to(DEV), k.to(DEV), v.to(DEV), table.to(DEV))
+        if all(s[0] == 1 for s in seqs):
+            for splits in (1, 3):
+                got = decode_attention(*args, torch.tensor(rows, device=DEV), torch.tensor([s[1] for s in seqs], dtype=torch.int32, device=DEV), num_splits=splits)
+                assert rel(got.cpu(), want) <= tol(dtype), splits
+        blocks = extend_blocks([s[0] for s in seqs], [s[1] for s in seqs], [s[2] for s in seqs], rows, EXTEND_BLOCK_M)
+        got = extend_attention(*args, torch.tensor(blocks, dtype=torch.int32, device=DEV))
+        assert rel(got.cpu(), want) <= tol(dtype)
+
+
+@triton.jit
+def _store_float8(X, Y, n, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(Y + i, cache_value(tl.load(X + i, mask=i < n, other=0.0), Y, True), mask=i < n)
+
+
+def test_cache_value_stores_float8_as_the_torch_path_does():
+    """kv_store.cache_value into a float8 cache: the bytes KVPool.stored gives
+    (clamped to +-448, nearest, ties to even, signed zeros, subnormals),
+    for values across every binade, at the rounding boundaries, and past the
+    range (the interpreter's own float8 cast misrounds near powers of two)."""
+    from tidal.cache.kv_pool import KVPool
+
+    gen = torch.Generator().manual_seed(8)
+    grid = torch.tensor([m * 2.0**e for e in range(-10, 9) for m in (1.0, 1.0625, 1.125, 1.1875, 1.9375, 1.96875, 1.99)])  # ties, near the binade's top
+    x = torch.cat([torch.randn(6000, generator=gen) * s for s in (0.003, 1.0, 40.0)] + [grid, -grid, torch.tensor([0.0, -0.0, 447.0, 449.0, 464.0, 1e9, -1e9, float("inf"), -float("inf")])])
+    y = torch.empty(len(x), dtype=torch.float8_e4m3fn, device=DEV)
+    _store_float8[(1,)](x.to(DEV), y, len(x), triton.next_power_of_2(len(x)))
+    want = KVPool(1, 1, 1, 1, torch.float8_e4m3fn, "cpu").stored(x)
+    assert torch.equal(y.cpu().view(torch.uint8), want.view(torch.uint8))
+
+
+def _assert_stored_as_float8(cache: torch.Tensor, want: torch.Tensor) -> None:
+    """A float8 cache holds want as KVPool.stored makes it (clamped to +-448,
+    rounded to nearest): all but the rare value whose float32 rounding on
+    the other path put it across a float8 rounding boundary, and those one
+    float8 step away."""
+    from tidal.cache.kv_pool import KVPool
+
+    pool = KVPool(1, 1, 1, 1, torch.float8_e4m3fn, "cpu")
+    expect = pool.stored(want.float()).float()
+    got = cache.cpu().float()
+    assert (got == expect).float().mean() >= 0.999
+    assert ((got - expect).abs() <= expect.abs() / 8 + 2.0**-9).all()
+
+
 # -- fused MoE ----------------------------------------------------------------------------------
 def _moe_reference(x, weights, ids, fc1, fc2, act="geglu_plus1"):
     """float64, token by token."""
@@ -262,9 +333,10 @@ def test_fused_moe(case, dtype, act):
 TAU_CASES = [(3, 2, 64, 32), (17, 4, 64, 32), (70, 2, 64, 32)] + ([(1, 32, 64, 32), (64, 32, 64, 32), (256, 32, 64, 32), (1000, 32, 64, 32)] if CUDA else [])
 
 
+@pytest.mark.parametrize("cache", ["model", "fp8"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", TAU_CASES, ids=lambda c: "T{}-H{}-D{}-R{}".format(*c))
-def test_tau_rope_kv(case, dtype):
+def test_tau_rope_kv(case, dtype, cache):
     from tidal.kernels.tau_rope import tau_rope_kv
     from tidal.layers.rotary import PartialRotary
     from tidal.models.moondream3.text import tau_scales
@@ -284,15 +356,21 @@ def test_tau_rope_kv(case, dtype):
     want_k = rotary(k, positions)
     want_v = (v.float() * tau_v[..., None]).to(dtype)
     k_cache = torch.full((tokens + 9, heads, dim), float("nan"), dtype=dtype, device=DEV)
+    if cache == "fp8":  # (NaN has a float8 e4m3 code: the poison survives)
+        k_cache = k_cache.to(torch.float8_e4m3fn)
     v_cache = torch.full_like(k_cache, float("nan"))
     got_q = tau_rope_kv(qkv.to(DEV), torch.cat([wq, wv]).to(DEV), alpha.to(DEV), positions.to(DEV), slots.to(DEV), rotary.cos.to(DEV), rotary.sin.to(DEV), k_cache, v_cache, heads, dim)
     t = tol(dtype) if dtype == torch.float32 else 4e-3
     assert rel(got_q.cpu(), want_q) <= t
-    assert rel(k_cache[slots.to(DEV)].cpu(), want_k) <= t
-    assert rel(v_cache[slots.to(DEV)].cpu(), want_v) <= t
+    if cache == "fp8":
+        _assert_stored_as_float8(k_cache[slots.to(DEV)], want_k)
+        _assert_stored_as_float8(v_cache[slots.to(DEV)], want_v)
+    else:
+        assert rel(k_cache[slots.to(DEV)].cpu(), want_k) <= t
+        assert rel(v_cache[slots.to(DEV)].cpu(), want_v) <= t
     untouched = torch.ones(tokens + 9, dtype=torch.bool)
     untouched[slots] = False
-    assert k_cache[untouched.to(DEV)].isnan().all()  # nothing else written
+    assert k_cache[untouched.to(DEV)].float().isnan().all()  # nothing else written
 
 
 # (bf16 weights only on a GPU: Triton's CPU interpreter gets bf16 matrix products wrong)
@@ -514,15 +592,18 @@ def test_add_rms_norm(tokens, dim, k, add, norm, dtype):
         assert got_h is None
 
 
+@pytest.mark.parametrize("cache", ["model", "fp8"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("tokens, heads, kv_heads, dim", [(1, 4, 2, 16), (9, 4, 1, 32), (5, 6, 6, 8)] + ([(1, 32, 4, 128), (64, 32, 8, 128), (700, 32, 4, 128)] if CUDA else []))
-def test_qk_norm_rope_kv(tokens, heads, kv_heads, dim, dtype):
+def test_qk_norm_rope_kv(tokens, heads, kv_heads, dim, dtype, cache):
     from tidal.kernels.rms_norm import qk_norm_rope_kv
     from tidal.layers.norm import RMSNorm
     from tidal.layers.rotary import rotate_halves
 
     gen = torch.Generator().manual_seed(tokens * heads + dim)
-    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=gen).to(dtype)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=gen)
+    qkv[:, -3:] *= 1000  # v beyond float8's +-448 (clamped there in a float8 cache)
+    qkv = qkv.to(dtype)
     q_norm, k_norm = RMSNorm(dim, 1e-6).to(dtype), RMSNorm(dim, 1e-6).to(dtype)
     with torch.no_grad():
         q_norm.weight.copy_(torch.randn(dim, generator=gen))
@@ -536,15 +617,22 @@ def test_qk_norm_rope_kv(tokens, heads, kv_heads, dim, dtype):
     want_k = rotate_halves(k_norm(k.reshape(tokens, kv_heads, dim)), cos, sin).detach()
     want_v = v.reshape(tokens, kv_heads, dim)
     k_cache = torch.full((tokens + 9, kv_heads, dim), float("nan"), dtype=dtype, device=DEV)
+    if cache == "fp8":
+        k_cache = k_cache.to(torch.float8_e4m3fn)
     v_cache = torch.full_like(k_cache, float("nan"))
     got_q = qk_norm_rope_kv(qkv.to(DEV), q_norm.weight.to(DEV), k_norm.weight.to(DEV), 1e-6, cos.to(DEV), sin.to(DEV), slots.to(DEV), k_cache, v_cache, heads)
     t = 1e-5 if dtype == torch.float32 else 4e-3
     assert rel(got_q.cpu(), want_q) <= t
-    assert rel(k_cache[slots.to(DEV)].cpu(), want_k) <= t
-    assert torch.equal(v_cache[slots.to(DEV)].cpu(), want_v)
+    if cache == "fp8":
+        _assert_stored_as_float8(k_cache[slots.to(DEV)], want_k)
+        _assert_stored_as_float8(v_cache[slots.to(DEV)], want_v)
+        assert float(v_cache[slots.to(DEV)].float().abs().max()) == 448.0
+    else:
+        assert rel(k_cache[slots.to(DEV)].cpu(), want_k) <= t
+        assert torch.equal(v_cache[slots.to(DEV)].cpu(), want_v)
     untouched = torch.ones(tokens + 9, dtype=torch.bool)
     untouched[slots] = False
-    assert k_cache[untouched.to(DEV)].isnan().all() and v_cache[untouched.to(DEV)].isnan().all()  # nothing else written
+    assert k_cache[untouched.to(DEV)].float().isnan().all() and v_cache[untouched.to(DEV)].float().isnan().all()  # nothing else written
 
 
 def test_tuned_moe_configs_apply_to_their_shape_and_card_only(tmp_path, monkeypatch):

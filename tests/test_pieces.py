@@ -244,6 +244,14 @@ def test_skinny_gemm_setting_reads_bools_and_refuses_other_values():
         EngineConfig(skinny_gemm="fast")
 
 
+def test_kv_dtype_setting_refuses_what_the_cache_cannot_store():
+    from tidal.engine.engine import EngineConfig
+
+    assert EngineConfig().kv_dtype == "auto" and EngineConfig(kv_dtype="fp8").kv_dtype == "fp8"
+    with pytest.raises(ValueError, match="kv_dtype must be one of auto, fp8"):
+        EngineConfig(kv_dtype="float8")
+
+
 def test_skinny_auto_takes_the_shapes_measured_faster():
     """The auto rule: routers and products with both sides >= 4096 (where the
     H100 measured the kernel ahead), not Moondream's or Qwen3-30B's K = 2048

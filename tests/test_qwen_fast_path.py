@@ -62,3 +62,29 @@ def test_qwen3_vl_fused_path_gives_the_torch_paths_logits(tmp_path_factory, vari
         assert got.shape == want.shape and vl_tests._rel(got.cpu(), want.cpu()) <= 1e-4
     if DEVICE == "cuda":
         assert out["replaysTrue"] > 0
+
+
+def test_a_float8_kv_cache_gives_the_same_logits_on_both_paths(tmp_path_factory):
+    """EngineConfig.kv_dtype="fp8": the pool holds float8 e4m3; the fused path
+    (its kernels write and read the float8 cache) gives the torch path's
+    tokens and logits (within 1e-4: both store the same rounding of the same
+    values); the prompt's logits differ from an exact cache's by float8's
+    rounding: far more than the paths differ from each other, far less than
+    unrelated logits would."""
+    _, folder = moe_tests._checkpoint(tmp_path_factory, "base")
+    prompts = moe_tests.PROMPTS[:3]
+    out, pools = {}, {}
+    for kernels, kv_dtype in ((False, "fp8"), (True, "fp8"), (False, "auto")):
+        llm = tidal.LLM.from_pretrained(folder, device=DEVICE, dtype="float32", engine_config=EngineConfig(trace_logits=True, max_running=4, kernels=kernels, kv_dtype=kv_dtype))
+        try:
+            out[kernels, kv_dtype] = moe_tests._run(llm, prompts, 6)
+            pools[kernels, kv_dtype] = llm.engine.kv_pool.k.dtype
+        finally:
+            llm.close()
+    assert pools[False, "fp8"] == pools[True, "fp8"] == torch.float8_e4m3fn and pools[False, "auto"] == torch.float32
+    for (want_tokens, want), (tokens, got), (_, exact) in zip(out[False, "fp8"], out[True, "fp8"], out[False, "auto"]):
+        assert tokens == want_tokens
+        assert moe_tests._rel(got.cpu(), want.cpu()) <= 1e-4
+        # against the exact cache, the prompt's output (later ones compound the
+        # rounding through this tiny random model's sharp attention, and part at their first different token)
+        assert 1e-3 <= moe_tests._rel(want[0].cpu(), exact[0].cpu()) <= 0.3

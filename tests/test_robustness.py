@@ -154,12 +154,14 @@ def test_serve_options_reach_the_engine_config():
     parser = build_parser()
     default = engine_config(parser.parse_args(["serve"]))
     assert default.skinny_gemm == "auto" and default.warm_prefill and default.cuda_graphs and default.prefill_graphs and default.prefix_cache
-    assert not default.encode_ahead and default.overlap is None
-    cfg = engine_config(parser.parse_args(["serve", "--skinny-gemm", "off", "--no-warm-prefill", "--no-cuda-graphs", "--no-prefill-graphs", "--encode-ahead", "--no-overlap", "--max-running", "3"]))
+    assert not default.encode_ahead and default.overlap is None and default.kv_dtype == "auto"
+    cfg = engine_config(parser.parse_args(["serve", "--skinny-gemm", "off", "--no-warm-prefill", "--no-cuda-graphs", "--no-prefill-graphs", "--encode-ahead", "--no-overlap", "--max-running", "3", "--kv-dtype", "fp8"]))
     assert cfg.skinny_gemm == "off" and not cfg.warm_prefill and not cfg.cuda_graphs and not cfg.prefill_graphs and cfg.max_running == 3
-    assert cfg.encode_ahead and cfg.overlap is False
+    assert cfg.encode_ahead and cfg.overlap is False and cfg.kv_dtype == "fp8"
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--skinny-gemm", "sometimes"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--kv-dtype", "int4"])
 
 
 def test_serve_options_reach_the_server_config():

@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--skinny-gemm", choices=["auto", "all", "off"], default="auto",
         help="decode-sized projections through tidal's Triton kernel: where it measured faster than cuBLAS (auto), all, or none",
     )
+    serve.add_argument(
+        "--kv-dtype", choices=["auto", "fp8"], default="auto",
+        help="what the KV cache stores: the model's dtype (auto, exact) or float8 e4m3 (half the memory and K/V reads; results differ)",
+    )
     serve.add_argument("--no-prefill-graphs", action="store_true", help="run prefill and mixed steps eagerly instead of replaying them from CUDA graphs")
     serve.add_argument("--encode-ahead", action="store_true", help="encode the images of requests held back by the token budget while the current step runs (CUDA: on a stream of their own)")
     serve.add_argument("--no-overlap", action="store_true", help="read each decode step's results before launching the next (by default the next is queued behind the running one)")
@@ -88,6 +92,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         prefill_graphs=not args.no_prefill_graphs,
         encode_ahead=args.encode_ahead,
         skinny_gemm=args.skinny_gemm,
+        kv_dtype=args.kv_dtype,
         warm_prefill=not args.no_warm_prefill,
         overlap=False if args.no_overlap else None,
     )

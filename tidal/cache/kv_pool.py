@@ -34,9 +34,21 @@ class KVPool:
         self.num_slots = num_slots
 
     def write(self, layer: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store K/V [T, n_kv_heads, head_dim] of T tokens at slots loc [T]."""
-        self.k[layer].index_copy_(0, loc, k.to(self.k.dtype))
-        self.v[layer].index_copy_(0, loc, v.to(self.v.dtype))
+        """Store K/V [T, n_kv_heads, head_dim] of T tokens at slots loc [T]
+        (into a float8 pool clamped to its finite range first: no scale)."""
+        for cache, x in ((self.k[layer], k), (self.v[layer], v)):
+            x = self.stored(x)
+            if x.dtype == torch.float8_e4m3fn:  # (index_copy_ takes no float8: the same bytes as uint8)
+                cache, x = cache.view(torch.uint8), x.view(torch.uint8)
+            cache.index_copy_(0, loc, x)
+
+    def stored(self, x: torch.Tensor) -> torch.Tensor:
+        """x as the pool stores it (its dtype; float8: clamped to +-448 first,
+        as the kernels' cache_value does)."""
+        if self.k.dtype == torch.float8_e4m3fn:
+            fp8_max = torch.finfo(torch.float8_e4m3fn).max
+            x = x.clamp(-fp8_max, fp8_max)
+        return x.to(self.k.dtype)
 
     @staticmethod
     def bytes_per_token(num_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

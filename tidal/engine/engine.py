@@ -77,6 +77,7 @@ class Engine:
         self.model = model
         self.config = config or EngineConfig()
         self.max_context = model.max_context
+        self.kv_dtype = torch.float8_e4m3fn if self.config.kv_dtype == "fp8" else model.dtype  # EngineConfig.kv_dtype
         kernels = self.config.kernels
         head_dim = model.kv_layout.head_dim
         if kernels is None:
@@ -99,7 +100,7 @@ class Engine:
             self.warmup_s += time.perf_counter() - t0
         pages = self.config.kv_pages or self._auto_pages()
         kv = model.kv_layout
-        self.kv_pool = KVPool(kv.n_layers, pages, kv.n_kv_heads, kv.head_dim, model.dtype, model.device)
+        self.kv_pool = KVPool(kv.n_layers, pages, kv.n_kv_heads, kv.head_dim, self.kv_dtype, model.device)
         self.allocator = SlotAllocator(pages)
         self.req_to_token = ReqToTokenPool(self.config.max_running, model.max_context, model.device)
         self.runner = ModelRunner(model, self.kv_pool, self.req_to_token, backend=make_backend(kernels))
@@ -153,7 +154,7 @@ class Engine:
         less a reserve for activations, sampling and CUDA graphs; at most what
         max_running full contexts could use."""
         kv = self.model.kv_layout
-        per_token = KVPool.bytes_per_token(kv.n_layers, kv.n_kv_heads, kv.head_dim, self.model.dtype)
+        per_token = KVPool.bytes_per_token(kv.n_layers, kv.n_kv_heads, kv.head_dim, self.kv_dtype)
         most = self.config.max_running * self.model.max_context + 1
         dev = self.model.device
         if dev.type != "cuda":

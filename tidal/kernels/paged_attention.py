@@ -137,7 +137,7 @@ def _decode_group_split_kernel(
         n = n0 + tl.arange(0, BLOCK_N)
         mask = n < end
         slot = tl.load(Table + row * stride_tr + n, mask=mask, other=0).to(tl.int64)
-        k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=mask[:, None], other=0.0)
+        k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=mask[:, None], other=0.0).to(Q.dtype.element_ty)  # (a float8 cache: upcast)
         if IEEE:
             sc = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -146,7 +146,7 @@ def _decode_group_split_kernel(
         m_new = tl.maximum(m_i, tl.max(sc, axis=1))
         p = tl.exp(sc - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
-        v = tl.load(V + slot[:, None] * stride_vs + kvh * stride_vh + d[None, :], mask=mask[:, None], other=0.0)
+        v = tl.load(V + slot[:, None] * stride_vs + kvh * stride_vh + d[None, :], mask=mask[:, None], other=0.0).to(Q.dtype.element_ty)
         if IEEE:
             pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
         else:
@@ -336,7 +336,7 @@ def _extend_kernel(
         n = n0 + tl.arange(0, BLOCK_N)
         nmask = n < hi
         slot = tl.load(Table + row * stride_tr + n, mask=nmask, other=0).to(tl.int64)
-        k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=nmask[:, None], other=0.0)
+        k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=nmask[:, None], other=0.0).to(Q.dtype.element_ty)  # (a float8 cache: upcast)
         if IEEE:
             sc = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -349,7 +349,7 @@ def _extend_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(sc - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
-        v = tl.load(V + slot[:, None] * stride_vs + kvh * stride_vh + d[None, :], mask=nmask[:, None], other=0.0)
+        v = tl.load(V + slot[:, None] * stride_vs + kvh * stride_vh + d[None, :], mask=nmask[:, None], other=0.0).to(Q.dtype.element_ty)
         if IEEE:
             pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tidal.kernels.kv_store import cache_value, is_fp8
+
 
 @triton.jit
 def _add_rms_norm_kernel(
@@ -71,7 +73,7 @@ def add_rms_norm(x: torch.Tensor, parts: torch.Tensor | None, weight: torch.Tens
 def _qk_norm_rope_kv_kernel(
     QKV, QW, KW, Cos, Sin, Loc, QOut, KCache, VCache,
     stride_qkv, stride_cs, stride_qo_t, stride_qo_h, stride_ks, stride_kh, stride_vs, stride_vh, eps,
-    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, FP8: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)  # q heads, then k heads, then v heads
@@ -83,8 +85,8 @@ def _qk_norm_rope_kv_kernel(
     slot = tl.load(Loc + t).to(tl.int64)
     if h >= H + HKV:  # a v head: copied into the cache
         hv = h - H - HKV
-        tl.store(VCache + slot * stride_vs + hv * stride_vh + d, re.to(VCache.dtype.element_ty))
-        tl.store(VCache + slot * stride_vs + hv * stride_vh + HALF + d, im.to(VCache.dtype.element_ty))
+        tl.store(VCache + slot * stride_vs + hv * stride_vh + d, cache_value(re, VCache, FP8))
+        tl.store(VCache + slot * stride_vs + hv * stride_vh + HALF + d, cache_value(im, VCache, FP8))
     else:
         rstd = 1.0 / tl.sqrt((tl.sum(re * re, axis=0) + tl.sum(im * im, axis=0)) / D + eps)
         if h < H:
@@ -105,8 +107,9 @@ def _qk_norm_rope_kv_kernel(
             tl.store(base + HALF + d, out_im.to(dtype))
         else:
             base = KCache + slot * stride_ks + (h - H) * stride_kh
-            tl.store(base + d, out_re.to(KCache.dtype.element_ty))
-            tl.store(base + HALF + d, out_im.to(KCache.dtype.element_ty))
+            # through the model's dtype, as the torch path's k reaches KVPool.write
+            tl.store(base + d, cache_value(out_re.to(dtype).to(tl.float32), KCache, FP8))
+            tl.store(base + HALF + d, cache_value(out_im.to(dtype).to(tl.float32), KCache, FP8))
 
 
 def qk_norm_rope_kv(
@@ -135,7 +138,7 @@ def qk_norm_rope_kv(
     _qk_norm_rope_kv_kernel[(tokens, n_heads + 2 * n_kv)](
         qkv, q_norm, k_norm, cos, sin, out_cache_loc, q, k_cache, v_cache,
         qkv.stride(0), cos.stride(0), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), eps,
-        H=n_heads, HKV=n_kv, D=head_dim, HALF=head_dim // 2,
+        H=n_heads, HKV=n_kv, D=head_dim, HALF=head_dim // 2, FP8=is_fp8(k_cache),
         num_warps=1,
     )
     return q

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tidal.kernels.kv_store import cache_value, is_fp8
+
 
 @triton.jit
 def _tanh(x):
@@ -42,7 +44,7 @@ def _tau_rope_kv_kernel(
     tokens, stride_qkv, stride_lin, stride_w, stride_qo_t, stride_qo_h, stride_cs,
     stride_ks, stride_kh, stride_vs, stride_vh,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, ROT: tl.constexpr, BLOCK_T: tl.constexpr,
-    LIN_HERE: tl.constexpr, BLOCK_C: tl.constexpr,
+    LIN_HERE: tl.constexpr, BLOCK_C: tl.constexpr, FP8: tl.constexpr,
 ):
     h = tl.program_id(1)
     kv = tl.program_id(2)  # 0: head h's query; 1: its key and value (two programs: half the serial work each at batch 1)
@@ -83,9 +85,10 @@ def _tau_rope_kv_kernel(
         k = tl.load(row + k_off + d[None, :], mask=m2, other=0.0).to(tl.float32)
         kp = tl.load(row + k_off + partner[None, :], mask=m2, other=0.0).to(tl.float32)
         k = _rotate(k, kp, cos, sin, d[None, :], HALF, ROT)
-        tl.store(KCache + slot[:, None] * stride_ks + h * stride_kh + d[None, :], k.to(KCache.dtype.element_ty), mask=m2)
+        # through the model's dtype, as the torch path's k and v reach KVPool.write
+        tl.store(KCache + slot[:, None] * stride_ks + h * stride_kh + d[None, :], cache_value(k.to(QOut.dtype.element_ty).to(tl.float32), KCache, FP8), mask=m2)
         v = tl.load(row + k_off + HKV * D + d[None, :], mask=m2, other=0.0).to(tl.float32) * tau[:, None]
-        tl.store(VCache + slot[:, None] * stride_vs + h * stride_vh + d[None, :], v.to(QOut.dtype.element_ty).to(VCache.dtype.element_ty), mask=m2)
+        tl.store(VCache + slot[:, None] * stride_vs + h * stride_vh + d[None, :], cache_value(v.to(QOut.dtype.element_ty).to(tl.float32), VCache, FP8), mask=m2)
 
 
 LIN_HERE_MAX_TOKENS = 64  # above: one product for all heads is cheaper
@@ -190,6 +193,6 @@ def tau_rope_kv(
         tokens, qkv.stride(0), lin.stride(0), w_tau.stride(0), q.stride(0), q.stride(1), cos.stride(0),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         H=n_heads, HKV=n_kv, D=head_dim, HALF=half, ROT=2 * half, BLOCK_T=block_t,
-        LIN_HERE=lin_here, BLOCK_C=block_c, num_warps=warps,
+        LIN_HERE=lin_here, BLOCK_C=block_c, FP8=is_fp8(k_cache), num_warps=warps,
     )
     return q
