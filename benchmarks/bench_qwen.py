@@ -18,7 +18,7 @@ whole steps, each ending in its one device-to-host read; medians):
 - Qwen3-VL: time to first token for one image (new, and cached);
 - transformers' generate() per-token time (N and 1 new tokens, the difference).
 Prints a table last; writes DIR/bench-qwen3-moe.json or bench-qwen3-vl.json
-(-nooverlap, -skinny-MODE before .json for those variants).
+(-nooverlap, -skinny-MODE, -kv-fp8 before .json for those variants).
 """
 
 from __future__ import annotations
@@ -126,16 +126,17 @@ def step_breakdown(steps: list[tuple[float, int, int]], key: str, results: dict)
 
 
 # -- measurements -----------------------------------------------------------------------
-def decode_floor_ms(model, batch: int, context: int, bandwidth: float) -> float:
+def decode_floor_ms(model, batch: int, context: int, bandwidth: float, kv_bytes: int = 2) -> float:
     """Weights a step reads (dense ones, the lm_head, and the experts batch
-    tokens are expected to pick) plus every sequence's KV, over bandwidth."""
+    tokens are expected to pick) plus every sequence's KV (kv_bytes a value:
+    2 for bf16, 1 for a float8 cache), over bandwidth."""
     lm = model.language_model if isinstance(model, Qwen3VLModel) else model
     cfg = lm.config
     per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 2
     dense = sum(p.numel() * p.element_size() for n, p in lm.named_parameters() if not n.endswith((".fc1", ".fc2")) and n != "embed_tokens")
     sparse = sum(1 for layer in lm.layers if hasattr(layer.mlp, "fc1"))
     used = cfg.num_experts * (1 - (1 - cfg.num_experts_per_tok / cfg.num_experts) ** batch) if cfg.num_experts else 0
-    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * kv_bytes
     return (dense + sparse * used * per_expert + batch * context * kv) / bandwidth * 1000
 
 
@@ -250,6 +251,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print the GPU kernels of a few decode steps at each batch size")
     ap.add_argument("--no-overlap", action="store_true", help="EngineConfig(overlap=False): each decode step launched after the last one's results are read")
     ap.add_argument("--skinny", choices=("off", "auto", "all"), default="auto", help="EngineConfig.skinny_gemm: which decode-sized projections run the Triton skinny product")
+    ap.add_argument("--kv-dtype", choices=("auto", "fp8"), default="auto", help="EngineConfig.kv_dtype: the model's dtype in the KV cache, or float8 (half the K/V bytes; results differ)")
     args = ap.parse_args()
     vl = args.model == "vl"
     global PROFILE_DIR
@@ -266,6 +268,7 @@ def main() -> None:
         "shapes": ("tiny " if args.tiny else "") + ("Qwen3-VL-8B" if vl else "Qwen3-30B-A3B"),
         "skinny_gemm": args.skinny,
         "overlap": not args.no_overlap,
+        "kv_dtype": args.kv_dtype,
     }
     bandwidth = copy_bandwidth()
     results["copy_bandwidth_tb_s"] = bandwidth / 1e12
@@ -280,7 +283,7 @@ def main() -> None:
     results["params_b"] = sum(p.numel() for p in model.parameters()) / 1e9
     most = max(batches + [n_concurrent])
     context_needed = max(args.context, 1200 if vl else 0) + args.out_tokens + 16
-    cfg = EngineConfig(max_running=most, kv_pages=most * context_needed + 4096, token_budget=8192, skinny_gemm=args.skinny, overlap=False if args.no_overlap else None)
+    cfg = EngineConfig(max_running=most, kv_pages=most * context_needed + 4096, token_budget=8192, skinny_gemm=args.skinny, overlap=False if args.no_overlap else None, kv_dtype=args.kv_dtype)
     llm = LLM(model, None, (), cfg)
     results["warmup_s"] = llm.engine.warmup_s
     print(f"built in {time.perf_counter() - t0:.1f} s; warm-up (graph capture) {llm.engine.warmup_s:.1f} s", flush=True)
@@ -292,7 +295,7 @@ def main() -> None:
 
     for b in batches:
         ms = tidal_decode(llm, b, args.context, args.tokens, args.profile)
-        floor = decode_floor_ms(model, b, args.context, bandwidth)
+        floor = decode_floor_ms(model, b, args.context, bandwidth, kv_bytes=llm.engine.kv_pool.k.element_size())
         results[f"tidal_decode_b{b}_ms"], results[f"tidal_decode_b{b}_tok_s"], results[f"floor_decode_b{b}_ms"] = ms, b * 1000 / ms, floor
         print(f"tidal decode batch {b}: {ms:.2f} ms/step, {b * 1000 / ms:.0f} tok/s (floor {floor:.2f} ms)", flush=True)
     if vl:
@@ -334,7 +337,7 @@ def main() -> None:
             ms = hf_decode(hf, b, args.context, args.hf_tokens)
             results[f"hf_decode_b{b}_ms"], results[f"hf_decode_b{b}_tok_s"] = ms, b * 1000 / ms
             print(f"transformers generate batch {b}: {ms:.2f} ms/token, {b * 1000 / ms:.0f} tok/s", flush=True)
-    variant = "".join(f"-{flag}" for flag, on in (("nooverlap", args.no_overlap), (f"skinny-{args.skinny}", args.skinny != "auto")) if on)
+    variant = "".join(f"-{flag}" for flag, on in (("nooverlap", args.no_overlap), (f"skinny-{args.skinny}", args.skinny != "auto"), ("kv-fp8", args.kv_dtype == "fp8")) if on)
     report(results, args.out, f"bench-qwen3-{args.model}{variant}.json")  # a variant's run does not overwrite the default's
     print("\n" + targets.write_targets(results, targets.QWEN3_VL if vl else targets.QWEN3_MOE, args.out, f"targets-qwen3-{args.model}{variant}.md"), flush=True)
 

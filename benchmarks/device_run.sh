@@ -18,6 +18,7 @@
 #   bash benchmarks/device_run.sh routing     # MoE routing + alignment: its kernel tests, then each form timed at 16-1024 tokens
 #   bash benchmarks/device_run.sh http        # the HTTP path: the front end alone, an HTTP request's time split with server variants (twice each), then at a 0.2 ms GIL switch interval
 #   bash benchmarks/device_run.sh mixed       # test_fast_path, then the mixed workload at 64 clients through the engine and through HTTP (http_front, one round)
+#   bash benchmarks/device_run.sh fp8         # EngineConfig.kv_dtype="fp8": its kernel tests, then Qwen3-VL-8B's 128 chats with the float8 cache and the exact one
 #   bash benchmarks/device_run.sh tau         # tau's projection kernel (tau_rope.LIN_KERNEL): its tests, then a mixed step's profile with it on and off
 #   bash benchmarks/device_run.sh check       # after a kernel change, in ~5 minutes: kernel + fast-path tests, bench_kernels, quick decode of both MoE models
 #
@@ -28,7 +29,7 @@
 # checkout (TIDAL_COMMIT=abc1234 bash ...): the device's copy of .git has been seen to lag
 # the working tree it carries, so `git rev-parse` there can name an older commit.
 set -uo pipefail
-part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card, overlap, routing, http, mixed, tau, check, timeline}"
+part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card, overlap, routing, http, mixed, fp8, tau, check, timeline}"
 out="${OUT:-.}"
 if [ -d .whl ]; then
   pip install -q --no-deps --target /tmp/deps .whl/*.whl 2>&1 | grep -v -i "warning" | tail -2
@@ -87,6 +88,12 @@ case "$part" in
     tests_in 150 tests/test_fast_path.py tests/test_fast_path.py
     # 256 requests at 64 clients through the engine and through HTTP, one round
     timeout 150 python benchmarks/http_front.py --rounds 1 --variants default 2>&1 | grep -E "^\||cores|CPU shares|Error|error" ;;
+  fp8)
+    tests_in 150 "test_kernels (float8 cache)" tests/test_kernels.py -k "float8 or cache_value or tau_rope_kv or qk_norm_rope_kv or decode_attention or extend_attention"
+    tests_in 100 "test_qwen_fast_path (float8 cache)" tests/test_qwen_fast_path.py -k float8
+    for kv in fp8 auto; do  # Qwen3-VL-8B's 128 image chats and decode at 128, the float8 cache then the exact one
+      timeout 200 python benchmarks/bench_qwen.py --model vl --no-hf --batches 1 128 --kv-dtype $kv --out "$out" 2>&1 | grep -E "^tidal|where it went|same model" | sed "s|^|kv $kv: |"
+    done ;;
   tau)
     tests_in 120 "test_kernels (tau)" tests/test_kernels.py -k "tau or bf16_parts"
     for v in True False; do

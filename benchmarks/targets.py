@@ -106,6 +106,8 @@ def target_table(results: dict, targets: list[Target]) -> str:
             head += f", {key}: {results[key]}"
     if "memory_cap_gb" in results:
         head += f", device memory capped at {results['memory_cap_gb']} GB"
+    if results.get("kv_dtype", "auto") != "auto":
+        head += f", KV cache in {results['kv_dtype']} (a numerics option: not the exact cache)"
     if _get(results, "copy_bandwidth_tb_s") is not None:
         head += f", copy bandwidth {results['copy_bandwidth_tb_s']:.2f} TB/s"
     lines = [head, "", "| figure | tidal | floor (of a rate: its ceiling) | peer (same run) | ratio to peer | target | |", "| --- | --- | --- | --- | --- | --- | --- |"]

@@ -44,6 +44,9 @@ def test_rate_verdicts_and_the_floor_in_the_figures_unit():
     assert head.startswith("card, torch ?, commit abc1234") and "run: quick" in head and "2.98 TB/s" in head
     row = table.splitlines()[-1]
     assert "| 7,000 tok/s | 10,000 tok/s |" in row and row.endswith("| MISS |")  # 256 sequences a step over 25.6 ms
+    assert "KV cache" not in head
+    fp8 = target_table({"kv_dtype": "fp8", "rate_key": 9000.0}, [RATE]).splitlines()[0]
+    assert "KV cache in fp8 (a numerics option: not the exact cache)" in fp8  # a figure it helps is not the exact cache's
 
 
 def test_ratio_to_the_peer_is_how_many_times_faster():
