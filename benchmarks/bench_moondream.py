@@ -398,6 +398,7 @@ def main() -> None:
             if kernels:  # the busy steps (image prefills with decode rows riding along) run eagerly, as before prefill graphs
                 variants["fast_eager_extend"] = {"prefill_graphs": False}
             variants["fast_encode_ahead"] = {"encode_ahead": True}  # held-back images encoded beside the running step
+            variants["fast_kv_fp8"] = {"kv_dtype": "fp8"}  # the float8 KV cache: the decode rows' K/V reads halved (a numerics option)
         for label, config in variants.items():
             md = Moondream(model, tok, EngineConfig(max_running=64, kernels=kernels, **config))
             mixed_workload.measure(md, results, label, concurrencies=(4,) if args.tiny else (64,), requests_per_client=2 if args.quick else 4, vias=("engine",))
