@@ -89,10 +89,10 @@ case "$part" in
     # 256 requests at 64 clients through the engine and through HTTP, one round
     timeout 150 python benchmarks/http_front.py --rounds 1 --variants default 2>&1 | grep -E "^\||cores|CPU shares|Error|error" ;;
   fp8)
-    tests_in 150 "test_kernels (float8 cache)" tests/test_kernels.py -k "float8 or cache_value or tau_rope_kv or qk_norm_rope_kv or decode_attention or extend_attention"
-    tests_in 100 "test_qwen_fast_path (float8 cache)" tests/test_qwen_fast_path.py -k float8
+    tests_in 120 "test_kernels (float8 cache)" tests/test_kernels.py -k "float8 or cache_value or tau_rope_kv or qk_norm_rope_kv or decode_attention or extend_attention"
+    tests_in 80 "test_qwen_fast_path (float8 cache)" tests/test_qwen_fast_path.py -k float8
     for kv in fp8 auto; do  # Qwen3-VL-8B's 128 image chats and decode at 128, the float8 cache then the exact one
-      timeout 200 python benchmarks/bench_qwen.py --model vl --no-hf --batches 1 128 --kv-dtype $kv --out "$out" 2>&1 | grep -E "^tidal|where it went|same model" | sed "s|^|kv $kv: |"
+      timeout 200 python benchmarks/bench_qwen.py --model vl --no-hf --batches 128 --tokens 8 --kv-dtype $kv --out "$out" 2>&1 | grep -E "^tidal|where it went|same model" | sed "s|^|kv $kv: |"
     done ;;
   tau)
     tests_in 120 "test_kernels (tau)" tests/test_kernels.py -k "tau or bf16_parts"
