@@ -29,7 +29,7 @@
 # checkout (TIDAL_COMMIT=abc1234 bash ...): the device's copy of .git has been seen to lag
 # the working tree it carries, so `git rev-parse` there can name an older commit.
 set -uo pipefail
-part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card, overlap, routing, http, mixed, fp8, tau, check, timeline}"
+part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card, overlap, routing, http, mixed, fp8, tau, check, timeline, md-timeline}"
 out="${OUT:-.}"
 if [ -d .whl ]; then
   pip install -q --no-deps --target /tmp/deps .whl/*.whl 2>&1 | grep -v -i "warning" | tail -2
@@ -89,11 +89,11 @@ case "$part" in
     # 256 requests at 64 clients through the engine and through HTTP, one round
     timeout 150 python benchmarks/http_front.py --rounds 1 --variants default 2>&1 | grep -E "^\||cores|CPU shares|Error|error" ;;
   fp8)
-    tests_in 120 "test_kernels (float8 cache)" tests/test_kernels.py -k "float8 or cache_value or tau_rope_kv or qk_norm_rope_kv or decode_attention or extend_attention"
-    tests_in 80 "test_qwen_fast_path (float8 cache)" tests/test_qwen_fast_path.py -k float8
     for kv in fp8 auto; do  # Qwen3-VL-8B's 128 image chats and decode at 128, the float8 cache then the exact one
-      timeout 200 python benchmarks/bench_qwen.py --model vl --no-hf --batches 128 --tokens 8 --kv-dtype $kv --out "$out" 2>&1 | grep -E "^tidal|where it went|same model" | sed "s|^|kv $kv: |"
-    done ;;
+      timeout 200 python benchmarks/bench_qwen.py --model vl --no-hf --batches 128 --tokens 8 --kv-dtype $kv --out "$out" 2>&1 | grep -E "^tidal|where it went|same model|Error" | sed "s|^|kv $kv: |"
+    done
+    tests_in 120 "test_kernels (float8 cache)" tests/test_kernels.py -k "float8 or cache_value or tau_rope_kv or qk_norm_rope_kv or decode_attention or extend_attention"
+    tests_in 80 "test_qwen_fast_path (float8 cache)" tests/test_qwen_fast_path.py -k float8 ;;
   tau)
     tests_in 120 "test_kernels (tau)" tests/test_kernels.py -k "tau or bf16_parts"
     for v in True False; do
@@ -108,8 +108,8 @@ case "$part" in
     timeout 150 python benchmarks/bench_kernels.py --out "$out" 2>&1 | sed -n '/decode attention/,$p'
     timeout 150 python benchmarks/bench_moondream.py --quick --only decode --out "$out" 2>&1 | grep "decode batch"
     timeout 120 python benchmarks/bench_qwen.py --model moe --no-hf --batches 1 64 --out "$out" 2>&1 | grep -E "^tidal|where it went" ;;
-  timeline)
+  timeline|md-timeline)
     timeout 100 python benchmarks/profile_step.py --batch 1 --no-micro --out "$out" 2>&1 | grep -E "^copy|^steps back|=== decode|^timeline|per stream|^  idle|^  on stream|^  - |^  host in|^host phases|^  phase "
-    timeout 80 python benchmarks/bench_qwen.py --model moe --no-hf --no-concurrent --batches 1 --profile --out "$out" 2>&1 | grep -E "tidal decode|^timeline|per stream|^  idle|^  on stream|^  - |^host phases|^  phase " ;;
+    [ "$part" = md-timeline ] || timeout 80 python benchmarks/bench_qwen.py --model moe --no-hf --no-concurrent --batches 1 --profile --out "$out" 2>&1 | grep -E "tidal decode|^timeline|per stream|^  idle|^  on stream|^  - |^host phases|^  phase " ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
