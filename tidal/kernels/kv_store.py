@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+FP8_MAX = tl.constexpr(448.0)  # torch.finfo(torch.float8_e4m3fn).max (a constexpr: jit code may read no other global)
 
 
 def is_fp8(cache: torch.Tensor) -> bool:

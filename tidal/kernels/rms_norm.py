@@ -102,14 +102,14 @@ def _qk_norm_rope_kv_kernel(
         out_re = re * cos - im * sin
         out_im = re * sin + im * cos
         if h < H:
-            base = QOut + t * stride_qo_t + h * stride_qo_h
-            tl.store(base + d, out_re.to(dtype))
-            tl.store(base + HALF + d, out_im.to(dtype))
-        else:
-            base = KCache + slot * stride_ks + (h - H) * stride_kh
+            q_base = QOut + t * stride_qo_t + h * stride_qo_h
+            tl.store(q_base + d, out_re.to(dtype))
+            tl.store(q_base + HALF + d, out_im.to(dtype))
+        else:  # (its own name: a float8 cache's pointer type differs from q's)
+            k_base = KCache + slot * stride_ks + (h - H) * stride_kh
             # through the model's dtype, as the torch path's k reaches KVPool.write
-            tl.store(base + d, cache_value(out_re.to(dtype).to(tl.float32), KCache, FP8))
-            tl.store(base + HALF + d, cache_value(out_im.to(dtype).to(tl.float32), KCache, FP8))
+            tl.store(k_base + d, cache_value(out_re.to(dtype).to(tl.float32), KCache, FP8))
+            tl.store(k_base + HALF + d, cache_value(out_im.to(dtype).to(tl.float32), KCache, FP8))
 
 
 def qk_norm_rope_kv(
