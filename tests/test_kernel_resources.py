@@ -94,22 +94,25 @@ def compiles(kernel, types, consts, warps=4):
     c = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     return len(c.asm["ptx"]) > 0
 
-f8 = "*fp8e4nv"
-attn = {"Q": "*bf16", "K": f8, "V": f8, "Table": "*i64", "Rows": "*i64", "KvLens": "*i32", "PartO": "*fp32", "PartLse": "*fp32", "Out": "*bf16", "Counter": "*i32", "sm_scale": "fp32"}
-done = {
-    "decode": compiles(pa._decode_split_kernel, attn, dict(GROUP=1, D=64, BLOCK_N=64, NS=4, DIRECT=False, FUSED=False)),
-    "decode grouped": compiles(pa._decode_group_split_kernel, attn, dict(GROUP=4, GP=16, D=128, BLOCK_N=64, IEEE=False, NS=4, DIRECT=False, FUSED=False)),
-    "extend": compiles(pa._extend_kernel, {**attn, "Blocks": "*i32"}, dict(GROUP=4, D=128, BLOCK_M=64, BLOCK_N=64, IEEE=False)),
-    "qk norm + rotary + KV write": compiles(rms_norm._qk_norm_rope_kv_kernel, {"QKV": "*bf16", "QW": "*bf16", "KW": "*bf16", "Cos": "*fp32", "Sin": "*fp32", "Loc": "*i64", "QOut": "*bf16", "KCache": f8, "VCache": f8, "eps": "fp32"}, dict(H=32, HKV=4, D=128, HALF=64, FP8=True), 1),
-    "tau + rotary + KV write": compiles(tau_rope._tau_rope_kv_kernel, {"QKV": "*bf16", "Lin": "*fp32", "WTau": "*fp32", "Alpha": "*bf16", "Pos": "*i64", "Loc": "*i64", "Cos": "*fp32", "Sin": "*fp32", "QOut": "*bf16", "KCache": f8, "VCache": f8}, dict(H=32, HKV=32, D=64, HALF=16, ROT=32, BLOCK_T=1, LIN_HERE=True, BLOCK_C=4096, FP8=True), 8),
-}
+done = {}
+for cache in ("*fp8e4nv", "*bf16"):  # the float8 cache, and the exact one as before
+    fp8 = cache == "*fp8e4nv"
+    attn = {"Q": "*bf16", "K": cache, "V": cache, "Table": "*i64", "Rows": "*i64", "KvLens": "*i32", "PartO": "*fp32", "PartLse": "*fp32", "Out": "*bf16", "Counter": "*i32", "sm_scale": "fp32"}
+    done.update({
+        f"decode {cache}": compiles(pa._decode_split_kernel, attn, dict(GROUP=1, D=64, BLOCK_N=64, NS=4, DIRECT=False, FUSED=False)),
+        f"decode grouped {cache}": compiles(pa._decode_group_split_kernel, attn, dict(GROUP=4, GP=16, D=128, BLOCK_N=64, IEEE=False, NS=4, DIRECT=False, FUSED=False)),
+        f"extend {cache}": compiles(pa._extend_kernel, {**attn, "Blocks": "*i32"}, dict(GROUP=4, D=128, BLOCK_M=64, BLOCK_N=64, IEEE=False)),
+        f"qk norm + rotary + KV write {cache}": compiles(rms_norm._qk_norm_rope_kv_kernel, {"QKV": "*bf16", "QW": "*bf16", "KW": "*bf16", "Cos": "*fp32", "Sin": "*fp32", "Loc": "*i64", "QOut": "*bf16", "KCache": cache, "VCache": cache, "eps": "fp32"}, dict(H=32, HKV=4, D=128, HALF=64, FP8=fp8), 1),
+        f"tau + rotary + KV write {cache}": compiles(tau_rope._tau_rope_kv_kernel, {"QKV": "*bf16", "Lin": "*fp32", "WTau": "*fp32", "Alpha": "*bf16", "Pos": "*i64", "Loc": "*i64", "Cos": "*fp32", "Sin": "*fp32", "QOut": "*bf16", "KCache": cache, "VCache": cache}, dict(H=32, HKV=32, D=64, HALF=16, ROT=32, BLOCK_T=1, LIN_HERE=True, BLOCK_C=4096, FP8=fp8), 8),
+    })
 print(json.dumps(done))
 """
 
 
 def test_the_float8_cache_kernels_compile_for_an_h100():
     """Every kernel that writes or reads the KV cache compiles for sm_90 with
-    float8 caches (the CPU tests run them under the interpreter only)."""
+    float8 caches, and with bf16 ones (the CPU tests run them under the
+    interpreter only)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
     out = subprocess.run([sys.executable, "-c", _COMPILE_FP8], env=env, capture_output=True, text=True, timeout=600)
@@ -117,4 +120,4 @@ def test_the_float8_cache_kernels_compile_for_an_h100():
         pytest.skip("no Triton here")
     assert out.returncode == 0, out.stderr[-3000:]
     done = json.loads(out.stdout.strip().splitlines()[-1])
-    assert len(done) == 5 and all(done.values()), done
+    assert len(done) == 10 and all(done.values()), done
