@@ -105,14 +105,17 @@ for cache in ("*fp8e4nv", "*bf16"):  # the float8 cache, and the exact one as be
         f"qk norm + rotary + KV write {cache}": compiles(rms_norm._qk_norm_rope_kv_kernel, {"QKV": "*bf16", "QW": "*bf16", "KW": "*bf16", "Cos": "*fp32", "Sin": "*fp32", "Loc": "*i64", "QOut": "*bf16", "KCache": cache, "VCache": cache, "eps": "fp32"}, dict(H=32, HKV=4, D=128, HALF=64, FP8=fp8), 1),
         f"tau + rotary + KV write {cache}": compiles(tau_rope._tau_rope_kv_kernel, {"QKV": "*bf16", "Lin": "*fp32", "WTau": "*fp32", "Alpha": "*bf16", "Pos": "*i64", "Loc": "*i64", "Cos": "*fp32", "Sin": "*fp32", "QOut": "*bf16", "KCache": cache, "VCache": cache}, dict(H=32, HKV=32, D=64, HALF=16, ROT=32, BLOCK_T=1, LIN_HERE=True, BLOCK_C=4096, FP8=fp8), 8),
     })
+# tau's projection kernel (tau_rope.LIN_KERNEL, off until timed): Moondream 3's 64 heads' [wq; wv] over 6144 features, both weight types
+for w, split in (("*bf16", True), ("*fp32", False)):
+    done[f"tau projection {w}"] = compiles(tau_rope._tau_lin_kernel, {"QKV": "*bf16", "W": w, "Out": "*fp32"}, dict(N=64, NP=64, BLOCK_M=32, BLOCK_K=64, SPLIT=split))
 print(json.dumps(done))
 """
 
 
-def test_the_float8_cache_kernels_compile_for_an_h100():
+def test_the_kv_cache_and_tau_kernels_compile_for_an_h100():
     """Every kernel that writes or reads the KV cache compiles for sm_90 with
-    float8 caches, and with bf16 ones (the CPU tests run them under the
-    interpreter only)."""
+    float8 caches, and with bf16 ones; so does tau's projection kernel (the
+    CPU tests run them under the interpreter only)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
     out = subprocess.run([sys.executable, "-c", _COMPILE_FP8], env=env, capture_output=True, text=True, timeout=600)
@@ -120,4 +123,4 @@ def test_the_float8_cache_kernels_compile_for_an_h100():
         pytest.skip("no Triton here")
     assert out.returncode == 0, out.stderr[-3000:]
     done = json.loads(out.stdout.strip().splitlines()[-1])
-    assert len(done) == 10 and all(done.values()), done
+    assert len(done) == 12 and all(done.values()), done
