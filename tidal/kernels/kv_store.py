@@ -30,7 +30,7 @@ def _nearest_e4m3(x):
     step = ((binade - 3 + 127) << 23).to(tl.float32, bitcast=True)
     magic = step * 12582912.0  # 1.5 * 2^23
     r = (tl.abs(x) + magic) - magic
-    return tl.where(bits < 0, -r, r)  # the sign kept, -0.0 included
+    return tl.where(bits < 0, r * -1.0, r)  # the sign kept, -0.0 included (compiled, -r is 0 - r: +0.0)
 
 
 @triton.jit
