@@ -453,8 +453,9 @@ def test_router_route_and_align_in_one_launch(tokens, experts, dim, top_k, bias)
     """The router's product summed over K-slice programs, then the routing by
     the last of them, equals the router's linear followed by route_and_align
     (float32: same experts, same layout, weights within 1e-5), twice in a row
-    (the ticket goes back to zero), with the default slices and warps and
-    with 4 and 8 warps a program, with or without renormalization."""
+    (the ticket goes back to zero), with the default slices and warps, with
+    4 and 8 warps a program, with one and three programs sharing the slices,
+    with or without renormalization."""
     from tidal.kernels.moe_route import route_and_align, router_route_and_align
 
     gen = torch.Generator().manual_seed(tokens * 7 + dim)
@@ -463,8 +464,9 @@ def test_router_route_and_align_in_one_launch(tokens, experts, dim, top_k, bias)
     b = torch.randn(experts, generator=gen).to(DEV) if bias else None
     for renorm in (True, False):
         want = route_and_align(torch.nn.functional.linear(x, w, b), top_k, 16, torch.float32, renorm)
-        for block_k, warps in ((64, None), (64, None), (None, None), (None, 4), (None, 8)):  # the same slicing twice (the ticket goes back to zero), the defaults, both warp counts
-            got = router_route_and_align(x, w, b, top_k, 16, renorm, block_k=block_k, num_warps=warps)
+        # the same slicing twice (the ticket goes back to zero), the defaults, both warp counts, then fewer programs than tiles (several tiles each)
+        for block_k, warps, programs in ((64, None, None), (64, None, None), (None, None, None), (None, 4, None), (None, 8, None), (16, None, 1), (16, None, 3)):
+            got = router_route_and_align(x, w, b, top_k, 16, renorm, block_k=block_k, num_warps=warps, programs=programs)
             assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2]) and torch.equal(got[3], want[3])
             assert rel(got[0].cpu(), want[0].cpu()) <= 1e-5
 

@@ -307,14 +307,24 @@ def router_block_k(experts: int, itemsize: int) -> int:
     return max(16, min(256, 1 << (fit.bit_length() - 1)))
 
 
+# Programs of the fused router: None, one a BLOCK_K slice of the hidden size
+# (16 for Moondream 3: many SMs read the weight at once). Fewer take several
+# slices each. Inside a batch-1 step, beside the attention branch's kernels,
+# the 16-program launch took 13.5 us on an H100 against 6.9 alone (Moondream
+# 3, 2026-12-07): each program waits for an SM, and the ticket for the last.
+# A knob to time that trade (benchmarks/with_setting.py); not yet timed.
+ROUTER_PROGRAMS: int | None = None
+
+
 def router_route_and_align(
     x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor | None, top_k: int, block_m: int, renormalize: bool = True, block_k: int | None = None,
-    num_warps: int | None = None,
+    num_warps: int | None = None, programs: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """route_and_align(linear(x, router_w, router_b), ...) in one launch, for at
     most ROUTER_MAX_TOKENS rows: x [T, D], router_w [E, D] -> (weights [T, k]
     in x's dtype, ids [T, k] int64, pairs, block_expert). block_k: the K
-    slice a program (default router_block_k's); num_warps: default ROUTER_WARPS."""
+    tile (default router_block_k's); num_warps: default ROUTER_WARPS;
+    programs: how many share the hidden size (default ROUTER_PROGRAMS, else one a tile)."""
     tokens, dim = x.shape
     experts = router_w.shape[0]
     block_k = block_k or router_block_k(experts, x.element_size())
@@ -323,14 +333,17 @@ def router_route_and_align(
     nblocks, weights, ids, pairs, block_expert = _routing_outputs(tokens, experts, top_k, block_m, x.dtype, dev)
     if tokens == 0:
         return weights, ids, pairs, block_expert
-    programs = triton.cdiv(dim, block_k)  # one K tile each: many SMs read the router's weight at once
+    tiles = triton.cdiv(dim, block_k)
+    programs = min(tiles, programs or ROUTER_PROGRAMS or tiles)  # by default one K tile each: many SMs read the router's weight at once
+    k_per_program = triton.cdiv(tiles, programs) * block_k
+    programs = triton.cdiv(dim, k_per_program)  # (none left without a slice)
     partial = scratch_zeros("router partials", programs * ROUTER_MAX_TOKENS * experts, torch.float32, dev)
     ticket = scratch_zeros("router ticket", 1, torch.int32, dev)
     logits = torch.empty((tokens, experts), dtype=x.dtype, device=dev)
     _, pairs_chunk, block_chunk = _tiles(tokens, top_k, experts, nblocks)
     _router_route_kernel[(programs,)](
         x, router_w, router_b if router_b is not None else router_w, partial, logits, weights, ids, pairs, block_expert, ticket,
-        tokens, dim, block_k, x.stride(0), router_w.stride(0), nblocks,
+        tokens, dim, k_per_program, x.stride(0), router_w.stride(0), nblocks,
         E=experts, K=top_k, BLOCK_T=ROUTER_MAX_TOKENS, BLOCK_K=block_k, BM=block_m, CH=pairs_chunk, BFILL=block_chunk,
         HAS_BIAS=router_b is not None, RENORM=renormalize, IEEE=x.dtype == torch.float32, num_warps=num_warps or ROUTER_WARPS,
     )
