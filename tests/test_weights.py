@@ -100,8 +100,18 @@ def test_checkpoint_folder_errors(tmp_path):
         resolve_checkpoint(tmp_path / "does" / "not" / "exist")
 
 
-def test_offline_repo_id_says_what_to_do(monkeypatch):
+def _offline(monkeypatch) -> None:
+    """The Hub offline for this test: the variable, and huggingface_hub's
+    constant (read when it was first imported: another test may have done
+    that, and a download then tries the network until it times out)."""
+    from huggingface_hub import constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+def test_offline_repo_id_says_what_to_do(monkeypatch):
+    _offline(monkeypatch)
     with pytest.raises(CheckpointError, match="download the repo elsewhere"):
         resolve_checkpoint("moondream/moondream3-preview-not-cached")
 
@@ -110,6 +120,6 @@ def test_tokenizer_sources(tmp_path, monkeypatch):
     explicit = load_tokenizer(None, GOLDEN / "tokenizer.json")
     assert explicit.encode("what color").ids == [23, 29]
     assert load_tokenizer(GOLDEN).encode("dog").ids == [37]
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _offline(monkeypatch)
     with pytest.raises(CheckpointError, match=r"moondream/starmie-v1.*put it at .*tokenizer.json"):
         load_tokenizer(tmp_path)
