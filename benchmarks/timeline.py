@@ -54,13 +54,7 @@ def idle_host_calls(trace: dict, min_gap_us: float = 2.0) -> list[tuple[str, flo
     time of gaps of at least `min_gap_us` it overlapped, and in how many gaps.
     A graph launch inside a gap means the device waited for the host to launch.
     -> (name, us, gaps), most time first."""
-    kernels = trace_kernels(trace)
-    tl_gaps = []  # (start, end) of each idle stretch
-    end = None
-    for k in kernels:
-        if end is not None and k.start_us - end >= min_gap_us:
-            tl_gaps.append((end, k.start_us))
-        end = k.end_us if end is None else max(end, k.end_us)
+    tl_gaps = [(a, b) for a, b in timeline(trace_kernels(trace)).idle_stretches if b - a >= min_gap_us]
     calls = [(e["name"], float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))) for e in trace.get("traceEvents", []) if e.get("ph") == "X" and e.get("cat") == "cuda_runtime"]
     by_name: dict[str, tuple[float, int]] = {}
     for g0, g1 in tl_gaps:
@@ -79,6 +73,7 @@ class Timeline:
     overlap_us: float  # two or more running at once
     per_stream_us: dict[int, float]  # summed kernel time per stream
     gaps: list[tuple[float, str, str]]  # idle stretches: (us, kernel before, kernel after), longest first
+    idle_stretches: list[tuple[float, float]]  # the same stretches as (start, end), in time order
 
     @property
     def idle_us(self) -> float:
@@ -88,10 +83,11 @@ class Timeline:
 def timeline(kernels: list[Kernel]) -> Timeline:
     """Sweep the kernels' start and end points: how many run at each moment."""
     if not kernels:
-        return Timeline(0.0, 0.0, 0.0, {}, [])
+        return Timeline(0.0, 0.0, 0.0, {}, [], [])
     points = sorted([(k.start_us, 1, i) for i, k in enumerate(kernels)] + [(k.end_us, -1, i) for i, k in enumerate(kernels)], key=lambda p: (p[0], p[1]))
     busy = overlap = 0.0
     gaps: list[tuple[float, str, str]] = []
+    stretches: list[tuple[float, float]] = []
     running, last_t, last_ended = 0, points[0][0], ""
     for t, delta, i in points:
         if running >= 1:
@@ -100,6 +96,7 @@ def timeline(kernels: list[Kernel]) -> Timeline:
             overlap += t - last_t
         if running == 0 and delta == 1 and t > last_t and last_ended:
             gaps.append((t - last_t, last_ended, kernels[i].name))
+            stretches.append((last_t, t))
         running += delta
         if delta == -1:
             last_ended = kernels[i].name
@@ -108,7 +105,7 @@ def timeline(kernels: list[Kernel]) -> Timeline:
     for k in kernels:
         per_stream[k.stream] = per_stream.get(k.stream, 0.0) + k.end_us - k.start_us
     span = max(k.end_us for k in kernels) - kernels[0].start_us
-    return Timeline(span, busy, overlap, per_stream, sorted(gaps, key=lambda g: -g[0]))
+    return Timeline(span, busy, overlap, per_stream, sorted(gaps, key=lambda g: -g[0]), stretches)
 
 
 def timeline_report(kernels: list[Kernel], steps: int = 1, top_gaps: int = 6, top_kernels: int = 10) -> str:

@@ -76,9 +76,8 @@ def runs():
             with _counting_launches() as launches:
                 for case in CASES:
                     out[kernels].append(finished_request(md, case))
-            if kernels:
+            if kernels:  # then all at once, stepped here so that they surely share steps
                 out["launches"] = launches
-            if kernels:  # all at once, stepped here so that they surely share steps
                 reqs = [Request(skill=skill, pending=items, bidir_len=bidir) for skill, items, bidir in (prepare_case(md, c) for c in CASES)]
                 for r in reqs:
                     md.engine.add_request(r)
@@ -154,17 +153,9 @@ def test_tau_projection_as_one_kernel_changes_no_result(runs, monkeypatch, lin_k
     from tidal.kernels import tau_rope
 
     monkeypatch.setattr(tau_rope, "LIN_KERNEL", lin_kernel)
-    launches = []
-    real = tau_rope._tau_lin_kernel
-
-    class Counted:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return real[grid]
-
-    monkeypatch.setattr(tau_rope, "_tau_lin_kernel", Counted())
-    _golden_cases_match_the_default_fast_path(runs, monkeypatch, tau_rope, "tau_projection")
-    assert bool(launches) == lin_kernel
+    with _counting_launches() as launches:
+        _golden_cases_match_the_default_fast_path(runs, monkeypatch, tau_rope, "tau_projection")
+    assert bool(launches["tau_lin"]) == lin_kernel
 
 
 def _golden_cases_match_the_default_fast_path(runs, monkeypatch, module, kernel: str) -> int:
