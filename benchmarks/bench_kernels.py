@@ -15,6 +15,8 @@ Parts:
 - tau + rotary + K/V write at batch 1: the projection's tile and warps;
 - decode attention: splits per sequence (Moondream's 32 heads; Qwen's GQA),
   the splits combined by a second launch or by their last program;
+- attention-large: the grouped decode kernel at batch 64 / 128 over bf16 and
+  float8 caches, slots scattered (splits, then tiles);
 - a MoE router's product and routing: two launches, or one (FUSED_ROUTER).
 Prints a table; writes DIR/bench-kernels.json.
 """
@@ -194,22 +196,27 @@ def attention(bandwidth: float, results: dict, lines: list[str]) -> None:
             del caches
 
 
-GQA_TILES = ((64, 4, 3), (128, 4, 3), (64, 8, 3), (128, 8, 3), (32, 4, 4), (64, 4, 4), (128, 4, 2))
+# (BLOCK_N, warps, stages). On sm_90 Triton buffers the K/V tiles (loaded
+# through the slot table) once up to 4 stages and twice from 5.
+GQA_TILES = ((64, 4, 3), (128, 4, 3), (64, 8, 3), (128, 8, 3), (32, 4, 4), (64, 4, 4), (128, 4, 2), (64, 4, 5), (32, 4, 6), (128, 8, 5), (64, 8, 6))
 
 
-def gqa_tiles(label: str, batch: int, inputs: tuple, splits: int, floor: float, results: dict, lines: list[str]) -> None:
-    """The grouped decode kernel at its default splits with other (BLOCK_N,
-    warps, stages) tiles (paged_attention.GQA_TILE), each checked against the
-    default tile's output first (bf16 resolution)."""
+def gqa_tiles(label: str, batch: int, inputs: tuple, splits: int, floor: float, results: dict, lines: list[str], tiles: tuple = GQA_TILES) -> None:
+    """The grouped decode kernel at `splits` with other (BLOCK_N, warps,
+    stages) tiles (paged_attention.GQA_TILE, or GQA_TILE_FP8 over a float8
+    cache), each checked against the default tile's output first (bf16
+    resolution)."""
     from tidal.kernels import paged_attention as pa
+    from tidal.kernels.kv_store import is_fp8
 
     q, caches, table, rows, lens = inputs
-    default_tile = pa.GQA_TILE
+    knob = "GQA_TILE_FP8" if is_fp8(caches[0][0]) else "GQA_TILE"
+    default_tile = getattr(pa, knob)
     want = pa.decode_attention(q, caches[0][0], caches[0][1], table, rows, lens, splits)
     cells = []
     try:
-        for tile in GQA_TILES:
-            pa.GQA_TILE = tile
+        for tile in tiles:
+            setattr(pa, knob, tile)
             got = pa.decode_attention(q, caches[0][0], caches[0][1], table, rows, lens, splits)
             diff = max_rel_diff(got, want)
             assert diff < 1e-2, f"{label} b{batch} tile {tile}: off by {diff:.2e}"
@@ -217,8 +224,46 @@ def gqa_tiles(label: str, batch: int, inputs: tuple, splits: int, floor: float, 
             results[f"attention {label} b{batch} splits{splits} tile{tile}"] = us
             cells.append(f"{tile}: {us:.1f}")
     finally:
-        pa.GQA_TILE = default_tile
-    lines.append(f"| {label} GQA tiles (BLOCK_N, warps, stages) | {batch} | | {splits} | {'; '.join(cells)} | | | {floor:.1f} |")
+        setattr(pa, knob, default_tile)
+    lines.append(f"| {label} {knob} (BLOCK_N, warps, stages) | {batch} | | {splits} | {'; '.join(cells)} | | | {floor:.1f} |")
+
+
+def attention_large(bandwidth: float, results: dict, lines: list[str]) -> None:
+    """Grouped decode attention at the batches of the concurrency targets
+    (Qwen3-VL-8B's 128 image chats at ~1000 positions, Qwen3-30B's 64
+    requests), over the exact bf16 cache and the float8 one
+    (EngineConfig.kv_dtype="fp8"): splits, then tiles. A float8 step's floor
+    is half the bytes; the 128-chat run shows the kernel well short of it."""
+    from tidal.kernels.paged_attention import decode_attention, decode_splits
+
+    lines.append("\n| decode attention, large batch | batch | context | splits | us | | | floor us |")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    gen = torch.Generator(device=DEV).manual_seed(3)
+    for label, heads, kv_heads, dim, ctx, batch in (("qwen3-vl-8b", 32, 8, 128, 1000, 128), ("qwen3-vl-8b", 32, 8, 128, 1000, 64), ("qwen3-30b", 32, 4, 128, 700, 64)):
+        for dtype in (torch.bfloat16, torch.float8_e4m3fn):
+            name = f"{label} {'fp8' if dtype != torch.bfloat16 else 'bf16'}"
+            slots = batch * ctx + 1
+            item = torch.empty((), dtype=dtype).element_size()
+            n_copies = max(2, min(4, 2 * L2_BYTES // (2 * slots * kv_heads * dim * item) + 1))
+            caches = [tuple(torch.randn(slots, kv_heads, dim, device=DEV, generator=gen).to(dtype) for _ in range(2)) for _ in range(n_copies)]
+            table = torch.nn.functional.pad(torch.randperm(slots - 1, device=DEV, generator=gen).add(1).view(batch, ctx).int(), (0, 4096 - ctx))
+            rows = torch.arange(batch, device=DEV)
+            lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
+            q = torch.randn(batch, heads, dim, device=DEV, generator=gen).to(torch.bfloat16)
+            floor = batch * ctx * kv_heads * dim * 2 * item / bandwidth * 1e6
+            default = decode_splits(batch, kv_heads, heads // kv_heads)
+            want = decode_attention(q, caches[0][0], caches[0][1], table, rows, lens, default)
+            cells = []
+            for splits in sorted({default, 1, 2, 4}):
+                got = decode_attention(q, caches[0][0], caches[0][1], table, rows, lens, splits)
+                diff = max_rel_diff(got, want)
+                assert diff < 1e-2, f"{name} b{batch} splits {splits}: off by {diff:.2e}"
+                us = graph_us([lambda kv=caches[i % n_copies], s=splits: decode_attention(q, kv[0], kv[1], table, rows, lens, s) for i in range(CALLS)])
+                results[f"attention large {name} b{batch} splits{splits}"] = us
+                cells.append(f"{splits}{' (default)' if splits == default else ''}: {us:.1f}")
+            lines.append(f"| {name} ({heads}/{kv_heads} heads), splits | {batch} | {ctx} | {'; '.join(cells)} | | | | {floor:.1f} |")
+            gqa_tiles(name, batch, (q, caches, table, rows, lens), default, floor, results, lines)
+            del caches
 
 
 def router(bandwidth: float, results: dict, lines: list[str]) -> None:
@@ -284,7 +329,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8])
-    sections = ("projections", "tau", "attention", "router", "routing")
+    sections = ("projections", "tau", "attention", "attention-large", "router", "routing")
     ap.add_argument("--only", default=",".join(sections), help=f"comma-separated sections of {', '.join(sections)}")
     args = ap.parse_args()
     only = args.only.split(",")
@@ -306,6 +351,8 @@ def main() -> None:
         tau(bandwidth, results, lines)
     if "attention" in only:
         attention(bandwidth, results, lines)
+    if "attention-large" in only:
+        attention_large(bandwidth, results, lines)
     if "router" in only:
         router(bandwidth, results, lines)
     if "routing" in only:

@@ -106,19 +106,22 @@ def test_decode_attention(case, dtype):
     assert rel(got.cpu(), want) <= tol(dtype)
 
 
-@pytest.mark.parametrize("tile", [(32, 4, 4), (128, 8, 2)], ids=str)
+@pytest.mark.parametrize("tile, cache", [((32, 4, 4), "model"), ((128, 8, 2), "model"), ((64, 4, 5), "fp8")], ids=str)
 @pytest.mark.parametrize("splits", [1, 3])
-def test_grouped_decode_attention_with_other_tiles(tile, splits, monkeypatch):
+def test_grouped_decode_attention_with_other_tiles(tile, cache, splits, monkeypatch):
     """The grouped (GQA) kernel with another (BLOCK_N, warps, stages) than the
-    default (bench_kernels.py sweeps them): still the reference attention,
-    the reduce cutting the keys by the same BLOCK_N."""
+    default (bench_kernels.py sweeps them; GQA_TILE_FP8 over a float8 cache):
+    still the reference attention, the reduce cutting the keys by the same
+    BLOCK_N."""
     from tidal.kernels import paged_attention as pa
 
-    monkeypatch.setattr(pa, "GQA_TILE", tile)
+    monkeypatch.setattr(pa, "GQA_TILE_FP8" if cache == "fp8" else "GQA_TILE", tile)
     kv_lens = [731, 5, 300, 129]
     gen = torch.Generator().manual_seed(splits)
     seqs = [(1, n, 0) for n in kv_lens]
     k, v, table, rows = _paged_cache(seqs, 2, 64, torch.float32, gen)
+    if cache == "fp8":
+        k, v = (k * 3).to(torch.float8_e4m3fn), (v * 3).to(torch.float8_e4m3fn)
     q = torch.randn(len(seqs), 8, 64, generator=gen)
     want = _reference_attention(q, k, v, table, rows, seqs)
     got = pa.decode_attention(
