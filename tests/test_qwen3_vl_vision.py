@@ -57,6 +57,22 @@ def test_a_two_frame_grid(towers):
     _compare(hf, ours, patches, grids)
 
 
+def test_runs_of_equal_images_attend_each_within_itself(towers, monkeypatch):
+    """Same-size images (and a video's frames) take one batched attention
+    call a run: still each image attends only within itself, as transformers
+    does image by image."""
+    from tidal.models.qwen3_vl import vision
+
+    hf, ours = towers
+    runs = []
+    real = vision._runs
+    monkeypatch.setattr(vision, "_runs", lambda lengths: runs.append(real(lengths)) or runs[-1])
+    grids = [(1, 4, 6), (1, 4, 6), (2, 4, 6), (1, 2, 2), (1, 4, 6)]
+    patches = torch.randn(sum(t * h * w for t, h, w in grids), 3 * 2 * 8 * 8, generator=torch.Generator().manual_seed(2))
+    _compare(hf, ours, patches, grids)
+    assert runs[0] == [(24, 4), (4, 1), (24, 1)]
+
+
 def test_grid_tables_are_cached_and_follow_new_weights(towers):
     """A grid's resampled position embeddings and rotary tables are made once
     (the same tensors come back), and writing new position weights in place

@@ -79,12 +79,25 @@ class Attention(nn.Module):
         q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]
         out = torch.empty_like(q)
         start = 0
-        for length in lengths:  # attention stays within each image (video frame)
-            s = slice(start, start + length)
-            o = F.scaled_dot_product_attention(q[s].transpose(0, 1)[None], k[s].transpose(0, 1)[None], v[s].transpose(0, 1)[None])
-            out[s] = o[0].transpose(0, 1)
-            start += length
+        for length, count in _runs(lengths):  # attention stays within each image (video frame)
+            # a run of equal-length images (a video's frames, same-size images) in one batched call
+            s = slice(start, start + length * count)
+            view = lambda t: t[s].view(count, length, self.heads, -1).transpose(1, 2)  # noqa: E731  [count, heads, length, head_dim]
+            o = F.scaled_dot_product_attention(view(q), view(k), view(v))
+            out[s] = o.transpose(1, 2).reshape(count * length, self.heads, -1)
+            start += length * count
         return self.proj(out.reshape(n, dim))
+
+
+def _runs(lengths: list[int]) -> list[tuple[int, int]]:
+    """Consecutive equal lengths as (length, count): [4, 4, 9, 4] -> [(4, 2), (9, 1), (4, 1)]."""
+    runs: list[tuple[int, int]] = []
+    for length in lengths:
+        if runs and runs[-1][0] == length:
+            runs[-1] = (length, runs[-1][1] + 1)
+        else:
+            runs.append((length, 1))
+    return runs
 
 
 class MLP(nn.Module):
