@@ -112,10 +112,16 @@ def _decode_group_split_kernel(
     stride_outb, stride_outh,
     sm_scale, nsplit,
     GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-    NS: tl.constexpr, DIRECT: tl.constexpr, FUSED: tl.constexpr,
+    NS: tl.constexpr, DIRECT: tl.constexpr, FUSED: tl.constexpr, F16: tl.constexpr,
 ):
     """One program: the GROUP query heads of one KV head (padded to GP rows,
-    the smallest matrix-product tile), one split of one sequence."""
+    the smallest matrix-product tile), one split of one sequence.
+    F16 (a float8 cache under 16-bit queries): the products take float16
+    operands. Float8 e4m3 widens to float16 in one instruction for two values
+    and exactly; to bfloat16 it takes a second conversion per value, which
+    made conversions, not bytes, the float8 kernel's bound. The queries
+    (bf16 -> f16: exact within f16's range, 3 more mantissa bits) and the
+    softmax weights (in [0, 1]) lose nothing."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     s = tl.program_id(2)
@@ -131,6 +137,10 @@ def _decode_group_split_kernel(
     h = kvh * GROUP + g
     d = tl.arange(0, D)
     q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + d[None, :], mask=gm[:, None], other=0.0)
+    op_ty: tl.constexpr = tl.float16 if F16 else Q.dtype.element_ty  # the products' operand type
+    if F16:  # (a query past float16's range would turn inf: clamp it, as the cache clamps K/V)
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0)
+    q = q.to(op_ty)
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
@@ -138,7 +148,7 @@ def _decode_group_split_kernel(
         n = n0 + tl.arange(0, BLOCK_N)
         mask = n < end
         slot = tl.load(Table + row * stride_tr + n, mask=mask, other=0).to(tl.int64)
-        k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=mask[:, None], other=0.0).to(Q.dtype.element_ty)  # (a float8 cache: upcast)
+        k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=mask[:, None], other=0.0).to(op_ty)  # (a float8 cache: upcast)
         if IEEE:
             sc = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -147,7 +157,7 @@ def _decode_group_split_kernel(
         m_new = tl.maximum(m_i, tl.max(sc, axis=1))
         p = tl.exp(sc - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
-        v = tl.load(V + slot[:, None] * stride_vs + kvh * stride_vh + d[None, :], mask=mask[:, None], other=0.0).to(Q.dtype.element_ty)
+        v = tl.load(V + slot[:, None] * stride_vs + kvh * stride_vh + d[None, :], mask=mask[:, None], other=0.0).to(op_ty)
         if IEEE:
             pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
         else:
@@ -239,6 +249,11 @@ GQA_TILE = (DECODE_BLOCK_N, 4, 3)
 # tile, so a tile in flight hides less latency. Triton pipelines the K/V loads
 # behind the slot load with one buffer up to 4 stages, two from 5 (sm_90).
 GQA_TILE_FP8 = (DECODE_BLOCK_N, 4, 3)
+# Over a float8 cache with bf16 queries, the grouped kernel's products take
+# float16 operands (see _decode_group_split_kernel's F16). Compiled for sm_90
+# its loop converts 3x fewer values a tile (64 e4m3x2 -> f16x2 conversions a
+# thread instead of those plus 128 f16 -> bf16).
+FP8_F16_PRODUCTS = True
 
 
 def decode_attention(
@@ -288,7 +303,8 @@ def decode_attention(
         block_n, warps, stages = GQA_TILE_FP8 if is_fp8(k_cache) else GQA_TILE
         _decode_group_split_kernel[(bsz, heads // group, num_splits)](
             *args, GROUP=group, GP=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
-            NS=ns, DIRECT=direct, FUSED=fused, num_warps=warps, num_stages=stages,
+            NS=ns, DIRECT=direct, FUSED=fused, F16=is_fp8(k_cache) and q.dtype != torch.float32 and FP8_F16_PRODUCTS,
+            num_warps=warps, num_stages=stages,
         )
     if not direct and not fused:
         _decode_reduce_kernel[(bsz, heads)](
