@@ -248,7 +248,10 @@ GQA_TILE = (DECODE_BLOCK_N, 4, 3)
 # The same over a float8 cache (EngineConfig.kv_dtype="fp8"): half the bytes a
 # tile, so a tile in flight hides less latency. Triton pipelines the K/V loads
 # behind the slot load with one buffer up to 4 stages, two from 5 (sm_90).
-GQA_TILE_FP8 = (DECODE_BLOCK_N, 4, 3)
+# bench_kernels attention-large, H200 (895380d), us (64, 4, 3) -> (64, 4, 5):
+# Qwen3-VL-8B batch 128 at 1000 keys 119.2 -> 104.2, batch 64 74.1 -> 66.0;
+# Qwen3-30B batch 64 at 700 keys 29.3 -> 24.5 (floors 63.5, 31.7, 11.1).
+GQA_TILE_FP8 = (DECODE_BLOCK_N, 4, 5)
 # Over a float8 cache with bf16 queries, the grouped kernel's products take
 # float16 operands (see _decode_group_split_kernel's F16). Compiled for sm_90
 # its loop converts 3x fewer values a tile (64 e4m3x2 -> f16x2 conversions a
