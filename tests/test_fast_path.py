@@ -70,23 +70,22 @@ def runs():
     them at once on the fast path (mixed prefill and decode steps)."""
     out = {}
     for kernels in (False, True):
-        md = tidal.Moondream.from_pretrained(GOLDEN, device=DEVICE, dtype="float32", engine_config=EngineConfig(trace_logits=True, kernels=kernels, token_budget=60_000))
-        try:
-            out[kernels] = []
-            with _counting_launches() as launches:
-                for case in CASES:
-                    out[kernels].append(finished_request(md, case))
-            if kernels:  # then all at once, stepped here so that they surely share steps
-                out["launches"] = launches
-                reqs = [Request(skill=skill, pending=items, bidir_len=bidir) for skill, items, bidir in (prepare_case(md, c) for c in CASES)]
-                for r in reqs:
-                    md.engine.add_request(r)
-                while md.engine.has_work():
-                    md.engine.step()
-                out["batched"] = reqs
-                assert md.engine.stats.max_batch == len(CASES)
-        finally:
-            md.close()
+        # counted from the start: on a GPU the decode steps replay graphs captured while loading
+        with _counting_launches() as launches:
+            md = tidal.Moondream.from_pretrained(GOLDEN, device=DEVICE, dtype="float32", engine_config=EngineConfig(trace_logits=True, kernels=kernels, token_budget=60_000))
+            try:
+                out[kernels] = [finished_request(md, case) for case in CASES]
+                if kernels:  # then all at once, stepped here so that they surely share steps
+                    out["launches"] = dict(launches)
+                    reqs = [Request(skill=skill, pending=items, bidir_len=bidir) for skill, items, bidir in (prepare_case(md, c) for c in CASES)]
+                    for r in reqs:
+                        md.engine.add_request(r)
+                    while md.engine.has_work():
+                        md.engine.step()
+                    out["batched"] = reqs
+                    assert md.engine.stats.max_batch == len(CASES)
+            finally:
+                md.close()
     return out
 
 
@@ -111,10 +110,11 @@ def test_fast_path_logits_equal_the_torch_path(runs, i):
 
 
 def test_the_default_fast_path_launches_what_its_settings_say(runs):
-    """The fixture's fast path (every setting at its default) ran the fused
-    router exactly when moe_route.FUSED_ROUTER is on and tau's projection
-    kernel exactly when tau_rope.LIN_KERNEL is on. The tests below run the
-    other value of each."""
+    """The fixture's fast path (every setting at its default; its load, which
+    captures the decode graphs on a GPU, included) ran the fused router
+    exactly when moe_route.FUSED_ROUTER is on and tau's projection kernel
+    exactly when tau_rope.LIN_KERNEL is on. The tests below run the other
+    value of each."""
     from tidal.kernels import moe_route, tau_rope
 
     assert (runs["launches"]["router_route_and_align"] > 0) == moe_route.FUSED_ROUTER
