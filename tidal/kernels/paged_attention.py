@@ -101,6 +101,14 @@ def _decode_split_kernel(
 
 
 @triton.jit
+def _f16_operand(q):
+    """Queries as float16 product operands beside a float8 cache (F16 in the
+    kernels below): clamped to float16's range, where a bf16 query past it
+    would turn inf; within it bf16 -> f16 is exact."""
+    return tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+
+
+@triton.jit
 def _decode_group_split_kernel(
     Q, K, V, Table, Rows, KvLens, PartO, PartLse, Out, Counter,
     stride_qb, stride_qh,
@@ -138,9 +146,8 @@ def _decode_group_split_kernel(
     d = tl.arange(0, D)
     q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + d[None, :], mask=gm[:, None], other=0.0)
     op_ty: tl.constexpr = tl.float16 if F16 else Q.dtype.element_ty  # the products' operand type
-    if F16:  # (a query past float16's range would turn inf: clamp it, as the cache clamps K/V)
-        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0)
-    q = q.to(op_ty)
+    if F16:
+        q = _f16_operand(q)
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
@@ -252,11 +259,18 @@ GQA_TILE = (DECODE_BLOCK_N, 4, 3)
 # Qwen3-VL-8B batch 128 at 1000 keys 119.2 -> 104.2, batch 64 74.1 -> 66.0;
 # Qwen3-30B batch 64 at 700 keys 29.3 -> 24.5 (floors 63.5, 31.7, 11.1).
 GQA_TILE_FP8 = (DECODE_BLOCK_N, 4, 5)
-# Over a float8 cache with bf16 queries, the grouped kernel's products take
-# float16 operands (see _decode_group_split_kernel's F16). Compiled for sm_90
-# its loop converts 3x fewer values a tile (64 e4m3x2 -> f16x2 conversions a
-# thread instead of those plus 128 f16 -> bf16).
+# Over a float8 cache with bf16 queries, the grouped decode kernel's and the
+# extend kernel's products take float16 operands (see their F16). Compiled
+# for sm_90 a loop converts 3x fewer values a tile (64 e4m3x2 -> f16x2
+# conversions a thread instead of those plus 128 f16 -> bf16).
+# bench_kernels attention-large, H200 (895380d), Qwen3-VL-8B batch 128 at
+# 1000 keys: 119.4 us against 132.3 with bf16 operands.
 FP8_F16_PRODUCTS = True
+
+
+def _f16_products(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether the kernels' F16: a float8 cache under 16-bit queries."""
+    return FP8_F16_PRODUCTS and is_fp8(k_cache) and q.dtype != torch.float32
 
 
 def decode_attention(
@@ -306,7 +320,7 @@ def decode_attention(
         block_n, warps, stages = GQA_TILE_FP8 if is_fp8(k_cache) else GQA_TILE
         _decode_group_split_kernel[(bsz, heads // group, num_splits)](
             *args, GROUP=group, GP=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
-            NS=ns, DIRECT=direct, FUSED=fused, F16=is_fp8(k_cache) and q.dtype != torch.float32 and FP8_F16_PRODUCTS,
+            NS=ns, DIRECT=direct, FUSED=fused, F16=_f16_products(q, k_cache),
             num_warps=warps, num_stages=stages,
         )
     if not direct and not fused:
@@ -333,8 +347,11 @@ def _extend_kernel(
     stride_ot, stride_oh,
     stride_tr,
     sm_scale,
-    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, F16: tl.constexpr,
 ):
+    """One program: a block of up to BLOCK_M queries of one sequence, one query
+    head. F16: float16 product operands over a float8 cache (as the grouped
+    decode kernel's)."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     info = Blocks + pid * 6
@@ -350,6 +367,9 @@ def _extend_kernel(
     mvalid = m < q_count
     qpos = pos0 + m
     q = tl.load(Q + (q_start + m)[:, None].to(tl.int64) * stride_qt + h * stride_qh + d[None, :], mask=mvalid[:, None], other=0.0)
+    op_ty: tl.constexpr = tl.float16 if F16 else Q.dtype.element_ty  # the products' operand type
+    if F16:
+        q = _f16_operand(q)
     # Keys a query of this block can see: up to its own position, or the whole prefix.
     hi = tl.maximum(pos0 + q_count, tl.where(pos0 < bidir, bidir, 0))
     hi = tl.minimum(hi, kv_len)
@@ -360,7 +380,7 @@ def _extend_kernel(
         n = n0 + tl.arange(0, BLOCK_N)
         nmask = n < hi
         slot = tl.load(Table + row * stride_tr + n, mask=nmask, other=0).to(tl.int64)
-        k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=nmask[:, None], other=0.0).to(Q.dtype.element_ty)  # (a float8 cache: upcast)
+        k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=nmask[:, None], other=0.0).to(op_ty)  # (a float8 cache: upcast)
         if IEEE:
             sc = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -373,7 +393,7 @@ def _extend_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(sc - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
-        v = tl.load(V + slot[:, None] * stride_vs + kvh * stride_vh + d[None, :], mask=nmask[:, None], other=0.0).to(Q.dtype.element_ty)
+        v = tl.load(V + slot[:, None] * stride_vs + kvh * stride_vh + d[None, :], mask=nmask[:, None], other=0.0).to(op_ty)
         if IEEE:
             pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
@@ -425,7 +445,7 @@ def extend_attention(
         out.stride(0), out.stride(1),
         table.stride(0),
         dim**-0.5,
-        GROUP=heads // k_cache.shape[1], D=dim, BLOCK_M=EXTEND_BLOCK_M, BLOCK_N=64, IEEE=q.dtype == torch.float32,
+        GROUP=heads // k_cache.shape[1], D=dim, BLOCK_M=EXTEND_BLOCK_M, BLOCK_N=64, IEEE=q.dtype == torch.float32, F16=_f16_products(q, k_cache),
         num_warps=4, num_stages=2,
     )
     return out
