@@ -174,6 +174,13 @@ def test_slot_table_writes_apply_together_in_order():
     assert torch.equal(pool.table, want)
     pool.flush()  # nothing pending: no change
     assert torch.equal(pool.table, want)
+    # a decode step's writes (one slot a row, rows distinct), and one row written twice without overlap
+    for writes in ([(r, 15, [100 + r]) for r in range(4)], [(1, 4, [21, 22]), (1, 6, [23])]):
+        for row, start, slots in writes:
+            pool.write(row, start, slots)
+            want[row, start : start + len(slots)] = torch.tensor(slots, dtype=torch.int64)
+        pool.flush()
+        assert torch.equal(pool.table, want)
 
 
 def test_image_keys_follow_the_pixels():

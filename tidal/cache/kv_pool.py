@@ -115,17 +115,21 @@ class ReqToTokenPool:
         Where two writes hit the same entry, the later one wins, as if applied in order."""
         if not self._pending:
             return
-        rows = np.concatenate([np.full(len(s), r, dtype=np.int64) for r, _, s in self._pending])
-        cols = np.concatenate([np.arange(st, st + len(s), dtype=np.int64) for _, st, s in self._pending])
-        vals = np.concatenate([np.asarray(s, dtype=np.int64) for _, _, s in self._pending])
+        width = self.table.shape[1]
+        keys: list[int] = []  # flat entries row * width + col, built in Python: per-write numpy calls cost ~4 us each
+        vals: list[int] = []
+        for row, start, slots in self._pending:
+            base = row * width + start
+            keys.extend(range(base, base + len(slots)))
+            vals.extend(slots)
+        repeated = len({row for row, _, _ in self._pending}) < len(self._pending)  # only one row's writes can collide
         self._pending.clear()
-        keys = rows * self.table.shape[1] + cols
-        if len(np.unique(keys)) < len(keys):  # keep each entry's last write
-            _, last = np.unique(keys[::-1], return_index=True)
-            keep = len(keys) - 1 - last
-            rows, cols, vals = rows[keep], cols[keep], vals[keep]
-        packed = h2d(np.stack([rows, cols, vals]), torch.int64, self.table.device)
-        self.table[packed[0], packed[1]] = packed[2]
+        packed = np.array([keys, vals], dtype=np.int64)
+        if repeated and len(np.unique(packed[0])) < packed.shape[1]:  # keep each entry's last write
+            _, last = np.unique(packed[0, ::-1], return_index=True)
+            packed = packed[:, packed.shape[1] - 1 - last]
+        packed = h2d(packed, torch.int64, self.table.device)
+        self.table.view(-1).index_copy_(0, packed[0], packed[1])
 
     def alloc(self) -> int | None:
         return self._free_rows.pop() if self._free_rows else None
