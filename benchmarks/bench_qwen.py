@@ -248,7 +248,8 @@ def main() -> None:
     ap.add_argument("--hf-tokens", type=int, default=8, help="new tokens per transformers generate() timing")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--no-concurrent", action="store_true", help="skip the end-to-end concurrent run")
-    ap.add_argument("--profile", action="store_true", help="print the GPU kernels of a few decode steps at each batch size")
+    ap.add_argument("--profile", action="store_true", help="print the GPU kernels of a few decode steps at each batch size, and (vl) of a prefill step")
+    ap.add_argument("--prefill-images", type=int, default=8, help="new images in the profiled prefill step (vl, --profile)")
     ap.add_argument("--no-overlap", action="store_true", help="EngineConfig(overlap=False): each decode step launched after the last one's results are read")
     ap.add_argument("--skinny", choices=("off", "auto", "all"), default="auto", help="EngineConfig.skinny_gemm: which decode-sized projections run the Triton skinny product")
     ap.add_argument("--kv-dtype", choices=("auto", "fp8"), default="auto", help="EngineConfig.kv_dtype: the model's dtype in the KV cache, or float8 (half the K/V bytes; results differ)")
@@ -305,8 +306,8 @@ def main() -> None:
         results["tidal_ttft_cached_image_ms"] = statistics.median([ttft_ms(llm, {"prompt_token_ids": chat_ids(question[:-1] + [rep + 5], True), "images": [image(*args.image, seed=202)]}) for rep in range(3)])
         print(f"tidal time to first token, {args.image[1]}x{args.image[0]}: new image {results['tidal_ttft_new_image_ms']:.1f} ms, cached {results['tidal_ttft_cached_image_ms']:.1f} ms", flush=True)
         prompts = [{"prompt_token_ids": chat_ids(question, True), "images": [image(*args.image, seed=1000 + i)]} for i in range(n_concurrent)]
-        if args.profile:  # one step that encodes and prefills eight new images, as the concurrent run's prefill steps do
-            profile_prefill(llm, [{"prompt_token_ids": chat_ids(question, True), "images": [image(*args.image, seed=500 + i)]} for i in range(8)])
+        if args.profile:  # one step that encodes and prefills new images (eight: as the concurrent run's prefill steps do)
+            profile_prefill(llm, [{"prompt_token_ids": chat_ids(question, True), "images": [image(*args.image, seed=500 + i)]} for i in range(args.prefill_images)])
     else:
         prompts = [text_prompt(10_000 + i, args.context) for i in range(n_concurrent)]
     if not args.no_concurrent:

@@ -19,6 +19,7 @@
 #   bash benchmarks/device_run.sh http        # the HTTP path: the front end alone, an HTTP request's time split with server variants (twice each), then at a 0.2 ms GIL switch interval
 #   bash benchmarks/device_run.sh mixed       # test_fast_path, then the mixed workload at 64 clients through the engine and through HTTP (http_front, one round)
 #   bash benchmarks/device_run.sh fp8         # EngineConfig.kv_dtype="fp8": its kernel tests, then Qwen3-VL-8B's 128 chats with the float8 cache and the exact one
+#   bash benchmarks/device_run.sh fp8-ttft    # Qwen3-VL-8B's first token for a new image, float8 cache then exact, with the one-image prefill step's kernels
 #   bash benchmarks/device_run.sh attention-large  # grouped decode attention at batch 64 / 128, bf16 and float8 caches: splits and tiles
 #   bash benchmarks/device_run.sh router-programs  # the fused router's programs (default / 4 / 1) in both models' batch-1 and batch-8 decode
 #   bash benchmarks/device_run.sh tau         # tau's projection kernel (tau_rope.LIN_KERNEL): its tests, then a mixed step's profile with it on and off
@@ -31,7 +32,7 @@
 # checkout (TIDAL_COMMIT=abc1234 bash ...): the device's copy of .git has been seen to lag
 # the working tree it carries, so `git rev-parse` there can name an older commit.
 set -uo pipefail
-part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card, overlap, routing, http, mixed, fp8, router-programs, attention-large, tau, check, timeline, md-timeline}"
+part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card, overlap, routing, http, mixed, fp8, fp8-ttft, router-programs, attention-large, tau, check, timeline, md-timeline}"
 out="${OUT:-.}"
 if [ -d .whl ]; then
   pip install -q --no-deps --target /tmp/deps .whl/*.whl 2>&1 | grep -v -i "warning" | tail -2
@@ -101,6 +102,13 @@ case "$part" in
     for v in None 4 1; do
       timeout 100 python benchmarks/with_setting.py tidal.kernels.moe_route.ROUTER_PROGRAMS=$v -- benchmarks/bench_moondream.py --quick --only decode --out "$out/rp-$v" 2>&1 | grep -E "decode batch (1|8):" | sed "s|^|programs $v: |"
       timeout 90 python benchmarks/with_setting.py tidal.kernels.moe_route.ROUTER_PROGRAMS=$v -- benchmarks/bench_qwen.py --model moe --no-hf --no-concurrent --batches 1 8 --out "$out/rp-$v" 2>&1 | grep -E "^tidal decode" | sed "s|^|programs $v: |"
+    done ;;
+  fp8-ttft)
+    # first token for a new 1280x720 image, float8 cache then exact: the time and the profiled one-image prefill step
+    for kv in fp8 auto; do
+      mkdir -p "$out/$kv"
+      timeout 140 python benchmarks/bench_qwen.py --model vl --no-hf --batches 1 --tokens 4 --no-concurrent --profile --prefill-images 1 --kv-dtype $kv --out "$out/$kv" 2>&1 | grep -E "^prefill step|time to first" | sed "s|^|kv $kv: |"
+      head -16 "$out/$kv/profile-prefill-1-images.txt" | cut -c1-60,132-146,188-203 | sed "s|^|kv $kv: |"
     done ;;
   attention-large)
     # grouped decode attention at batch 64 / 128 over bf16 and float8 caches: splits, then tiles (GQA_TILE, GQA_TILE_FP8)
