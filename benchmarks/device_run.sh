@@ -108,7 +108,7 @@ case "$part" in
     for kv in fp8 auto; do
       mkdir -p "$out/$kv"
       timeout 140 python benchmarks/bench_qwen.py --model vl --no-hf --batches 1 --tokens 4 --no-concurrent --profile --prefill-images 1 --kv-dtype $kv --out "$out/$kv" 2>&1 | grep -E "^prefill step|time to first" | sed "s|^|kv $kv: |"
-      head -16 "$out/$kv/profile-prefill-1-images.txt" | cut -c1-60,132-146,188-203 | sed "s|^|kv $kv: |"
+      head -26 "$out/$kv/profile-prefill-1-images.txt" | cut -c1-60,132-146,188-203 | sed "s|^|kv $kv: |"
     done ;;
   attention-large)
     # grouped decode attention at batch 64 / 128 over bf16 and float8 caches: splits, then tiles (GQA_TILE, GQA_TILE_FP8)
