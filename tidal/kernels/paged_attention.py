@@ -419,6 +419,13 @@ def extend_blocks(q_lens: list[int], kv_lens: list[int], bidir_lens: list[int], 
 
 
 EXTEND_BLOCK_M = 64
+# The extend kernel's pipeline stages over a float8 cache. Compiled for sm_90,
+# its K/V tiles (converted before the products) get one buffer up to 4 stages
+# and two from 5, as the grouped decode kernel's (where two paid 12% at batch
+# 128, GQA_TILE_FP8). Not yet timed here: a first token for a new image was
+# 13 ms slower with the float8 cache (Qwen3-VL-8B, H100 and H200), in the
+# image's prefill. `device_run.sh fp8-ttft` times 2 against 5.
+EXTEND_STAGES_FP8 = 2
 
 
 def extend_attention(
@@ -446,6 +453,6 @@ def extend_attention(
         table.stride(0),
         dim**-0.5,
         GROUP=heads // k_cache.shape[1], D=dim, BLOCK_M=EXTEND_BLOCK_M, BLOCK_N=64, IEEE=q.dtype == torch.float32, F16=_f16_products(q, k_cache),
-        num_warps=4, num_stages=2,
+        num_warps=4, num_stages=EXTEND_STAGES_FP8 if is_fp8(k_cache) else 2,
     )
     return out
