@@ -196,9 +196,14 @@ def attention(bandwidth: float, results: dict, lines: list[str]) -> None:
             del caches
 
 
-# (BLOCK_N, warps, stages). On sm_90 Triton buffers the K/V tiles (loaded
-# through the slot table) once up to 4 stages and twice from 5.
-GQA_TILES = ((64, 4, 3), (128, 4, 3), (64, 8, 3), (128, 8, 3), (32, 4, 4), (64, 4, 4), (128, 4, 2), (64, 4, 5), (32, 4, 6), (128, 8, 5), (64, 8, 6))
+# (BLOCK_N, warps, stages[, "prefetch"]). On sm_90 Triton buffers the K/V
+# tiles (loaded through the slot table) once up to 4 stages and twice from 5;
+# with the slots loaded a tile ahead (GQA_SLOT_PREFETCH) twice at 3, three
+# times at 4.
+GQA_TILES = (
+    (64, 4, 3), (128, 4, 3), (64, 8, 3), (128, 8, 3), (32, 4, 4), (64, 4, 4), (128, 4, 2), (64, 4, 5), (32, 4, 6), (128, 8, 5), (64, 8, 6),
+    (64, 4, 3, "prefetch"), (64, 4, 4, "prefetch"), (32, 4, 4, "prefetch"), (128, 4, 3, "prefetch"),
+)
 
 
 def gqa_tiles(label: str, batch: int, inputs: tuple, splits: int, floor: float, results: dict, lines: list[str], tiles: tuple = GQA_TILES) -> None:
@@ -211,12 +216,13 @@ def gqa_tiles(label: str, batch: int, inputs: tuple, splits: int, floor: float, 
 
     q, caches, table, rows, lens = inputs
     knob = "GQA_TILE_FP8" if is_fp8(caches[0][0]) else "GQA_TILE"
-    default_tile = getattr(pa, knob)
+    default_tile, default_prefetch = getattr(pa, knob), pa.GQA_SLOT_PREFETCH
     want = pa.decode_attention(q, caches[0][0], caches[0][1], table, rows, lens, splits)
     cells = []
     try:
         for tile in tiles:
-            setattr(pa, knob, tile)
+            setattr(pa, knob, tile[:3])
+            pa.GQA_SLOT_PREFETCH = tile[3:] == ("prefetch",)
             got = pa.decode_attention(q, caches[0][0], caches[0][1], table, rows, lens, splits)
             diff = max_rel_diff(got, want)
             assert diff < 1e-2, f"{label} b{batch} tile {tile}: off by {diff:.2e}"
@@ -225,6 +231,7 @@ def gqa_tiles(label: str, batch: int, inputs: tuple, splits: int, floor: float, 
             cells.append(f"{tile}: {us:.1f}")
     finally:
         setattr(pa, knob, default_tile)
+        pa.GQA_SLOT_PREFETCH = default_prefetch
     lines.append(f"| {label} {knob} (BLOCK_N, warps, stages) | {batch} | | {splits} | {'; '.join(cells)} | | | {floor:.1f} |")
 
 

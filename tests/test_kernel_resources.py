@@ -100,7 +100,7 @@ for cache in ("*fp8e4nv", "*bf16"):  # the float8 cache, and the exact one as be
     attn = {"Q": "*bf16", "K": cache, "V": cache, "Table": "*i64", "Rows": "*i64", "KvLens": "*i32", "PartO": "*fp32", "PartLse": "*fp32", "Out": "*bf16", "Counter": "*i32", "sm_scale": "fp32"}
     done.update({
         f"decode {cache}": compiles(pa._decode_split_kernel, attn, dict(GROUP=1, D=64, BLOCK_N=64, NS=4, DIRECT=False, FUSED=False)),
-        f"decode grouped {cache}": compiles(pa._decode_group_split_kernel, attn, dict(GROUP=4, GP=16, D=128, BLOCK_N=64, IEEE=False, NS=4, DIRECT=False, FUSED=False, F16=fp8)),
+        f"decode grouped {cache}": compiles(pa._decode_group_split_kernel, attn, dict(GROUP=4, GP=16, D=128, BLOCK_N=64, IEEE=False, NS=4, DIRECT=False, FUSED=False, F16=fp8, PREFETCH=fp8)),  # (the slot prefetch: compiled with the float8 cache)
         f"extend {cache}": compiles(pa._extend_kernel, {**attn, "Blocks": "*i32"}, dict(GROUP=4, D=128, BLOCK_M=64, BLOCK_N=64, IEEE=False, F16=fp8)),
         f"qk norm + rotary + KV write {cache}": compiles(rms_norm._qk_norm_rope_kv_kernel, {"QKV": "*bf16", "QW": "*bf16", "KW": "*bf16", "Cos": "*fp32", "Sin": "*fp32", "Loc": "*i64", "QOut": "*bf16", "KCache": cache, "VCache": cache, "eps": "fp32"}, dict(H=32, HKV=4, D=128, HALF=64, FP8=fp8), 1),
         f"tau + rotary + KV write {cache}": compiles(tau_rope._tau_rope_kv_kernel, {"QKV": "*bf16", "Lin": "*fp32", "WTau": "*fp32", "Alpha": "*bf16", "Pos": "*i64", "Loc": "*i64", "Cos": "*fp32", "Sin": "*fp32", "QOut": "*bf16", "KCache": cache, "VCache": cache}, dict(H=32, HKV=32, D=64, HALF=16, ROT=32, BLOCK_T=1, LIN_HERE=True, BLOCK_C=4096, FP8=fp8), 8),

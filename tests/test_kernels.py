@@ -106,16 +106,17 @@ def test_decode_attention(case, dtype):
     assert rel(got.cpu(), want) <= tol(dtype)
 
 
-@pytest.mark.parametrize("tile, cache", [((32, 4, 4), "model"), ((128, 8, 2), "model"), ((64, 4, 5), "fp8")], ids=str)
+@pytest.mark.parametrize("tile, cache, prefetch", [((32, 4, 4), "model", False), ((128, 8, 2), "model", False), ((64, 4, 5), "fp8", False), ((64, 4, 3), "model", True), ((32, 4, 4), "fp8", True)], ids=str)
 @pytest.mark.parametrize("splits", [1, 3])
-def test_grouped_decode_attention_with_other_tiles(tile, cache, splits, monkeypatch):
+def test_grouped_decode_attention_with_other_tiles(tile, cache, prefetch, splits, monkeypatch):
     """The grouped (GQA) kernel with another (BLOCK_N, warps, stages) than the
-    default (bench_kernels.py sweeps them; GQA_TILE_FP8 over a float8 cache):
-    still the reference attention, the reduce cutting the keys by the same
-    BLOCK_N."""
+    default (bench_kernels.py sweeps them; GQA_TILE_FP8 over a float8 cache),
+    and with each tile's slots loaded a tile ahead (GQA_SLOT_PREFETCH): still
+    the reference attention, the reduce cutting the keys by the same BLOCK_N."""
     from tidal.kernels import paged_attention as pa
 
     monkeypatch.setattr(pa, "GQA_TILE_FP8" if cache == "fp8" else "GQA_TILE", tile)
+    monkeypatch.setattr(pa, "GQA_SLOT_PREFETCH", prefetch)
     kv_lens = [731, 5, 300, 129]
     gen = torch.Generator().manual_seed(splits)
     seqs = [(1, n, 0) for n in kv_lens]

@@ -120,10 +120,13 @@ def _decode_group_split_kernel(
     stride_outb, stride_outh,
     sm_scale, nsplit,
     GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-    NS: tl.constexpr, DIRECT: tl.constexpr, FUSED: tl.constexpr, F16: tl.constexpr,
+    NS: tl.constexpr, DIRECT: tl.constexpr, FUSED: tl.constexpr, F16: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """One program: the GROUP query heads of one KV head (padded to GP rows,
     the smallest matrix-product tile), one split of one sequence.
+    PREFETCH: each tile's slots are loaded during the tile before it, so the
+    K/V loads depend on no load of their own iteration (compiled for sm_90:
+    two K/V buffers at 3 stages, three at 4; one and one without it).
     F16 (a float8 cache under 16-bit queries): the products take float16
     operands. Float8 e4m3 widens to float16 in one instruction for two values
     and exactly; to bfloat16 it takes a second conversion per value, which
@@ -151,10 +154,14 @@ def _decode_group_split_kernel(
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
+    if PREFETCH:
+        n = start + tl.arange(0, BLOCK_N)
+        slot = tl.load(Table + row * stride_tr + n, mask=n < end, other=0).to(tl.int64)
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         mask = n < end
-        slot = tl.load(Table + row * stride_tr + n, mask=mask, other=0).to(tl.int64)
+        if not PREFETCH:
+            slot = tl.load(Table + row * stride_tr + n, mask=mask, other=0).to(tl.int64)
         k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=mask[:, None], other=0.0).to(op_ty)  # (a float8 cache: upcast)
         if IEEE:
             sc = tl.dot(q, tl.trans(k), input_precision="ieee")
@@ -165,6 +172,8 @@ def _decode_group_split_kernel(
         p = tl.exp(sc - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         v = tl.load(V + slot[:, None] * stride_vs + kvh * stride_vh + d[None, :], mask=mask[:, None], other=0.0).to(op_ty)
+        if PREFETCH:  # the next tile's slots
+            slot = tl.load(Table + row * stride_tr + n + BLOCK_N, mask=n + BLOCK_N < end, other=0).to(tl.int64)
         if IEEE:
             pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
         else:
@@ -259,6 +268,10 @@ GQA_TILE = (DECODE_BLOCK_N, 4, 3)
 # Qwen3-VL-8B batch 128 at 1000 keys 119.2 -> 104.2, batch 64 74.1 -> 66.0;
 # Qwen3-30B batch 64 at 700 keys 29.3 -> 24.5 (floors 63.5, 31.7, 11.1).
 GQA_TILE_FP8 = (DECODE_BLOCK_N, 4, 5)
+# The grouped decode kernel loads each tile's slots one tile ahead (its
+# PREFETCH). Off until timed (bench_kernels attention-large sweeps it).
+GQA_SLOT_PREFETCH = False
+
 # Over a float8 cache with bf16 queries, the grouped decode kernel's and the
 # extend kernel's products take float16 operands (see their F16). Compiled
 # for sm_90 a loop converts 3x fewer values a tile (64 e4m3x2 -> f16x2
@@ -320,7 +333,7 @@ def decode_attention(
         block_n, warps, stages = GQA_TILE_FP8 if is_fp8(k_cache) else GQA_TILE
         _decode_group_split_kernel[(bsz, heads // group, num_splits)](
             *args, GROUP=group, GP=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
-            NS=ns, DIRECT=direct, FUSED=fused, F16=_f16_products(q, k_cache),
+            NS=ns, DIRECT=direct, FUSED=fused, F16=_f16_products(q, k_cache), PREFETCH=GQA_SLOT_PREFETCH,
             num_warps=warps, num_stages=stages,
         )
     if not direct and not fused:
