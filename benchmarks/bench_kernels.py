@@ -274,7 +274,7 @@ def attention_large(bandwidth: float, results: dict, lines: list[str]) -> None:
             item = torch.empty((), dtype=dtype).element_size()
             n_copies = max(2, min(4, 2 * L2_BYTES // (2 * slots * kv_heads * dim * item) + 1))
             caches = [tuple(torch.randn(slots, kv_heads, dim, device=DEV, generator=gen).to(dtype) for _ in range(2)) for _ in range(n_copies)]
-            table = torch.nn.functional.pad(torch.randperm(slots - 1, device=DEV, generator=gen).add(1).view(batch, ctx).int(), (0, 4096 - ctx))
+            table = torch.nn.functional.pad(torch.randperm(slots - 1, device=DEV, generator=gen).add(1).view(batch, ctx), (0, 4096 - ctx))  # int64, as the engine's
             rows = torch.arange(batch, device=DEV)
             lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
             q = torch.randn(batch, heads, dim, device=DEV, generator=gen).to(torch.bfloat16)

@@ -88,20 +88,27 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from tidal.kernels import paged_attention as pa, rms_norm, tau_rope
 
-def compiles(kernel, types, consts, warps=4):
+def compiles(kernel, types, consts, warps=4, stages=3):
+    # -> shared memory bytes of the kernel compiled for sm_90 (pointer and stride
+    # arguments 16-divisible, as the launches specialize them: pipelining needs it)
     sig = {n: types.get(n, "i32") for n in kernel.arg_names}
     sig.update({c: "constexpr" for c in consts})
-    c = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-    return len(c.asm["ptx"]) > 0
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if n.startswith("stride") or types.get(n, "").startswith("*")}
+    c = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    assert len(c.asm["ptx"]) > 0
+    return c.metadata.shared
 
 done = {}
 for cache in ("*fp8e4nv", "*bf16"):  # the float8 cache, and the exact one as before
     fp8 = cache == "*fp8e4nv"
+    tile = pa.GQA_TILE_FP8 if fp8 else pa.GQA_TILE
     attn = {"Q": "*bf16", "K": cache, "V": cache, "Table": "*i64", "Rows": "*i64", "KvLens": "*i32", "PartO": "*fp32", "PartLse": "*fp32", "Out": "*bf16", "Counter": "*i32", "sm_scale": "fp32"}
     done.update({
         f"decode {cache}": compiles(pa._decode_split_kernel, attn, dict(GROUP=1, D=64, BLOCK_N=64, NS=4, DIRECT=False, FUSED=False)),
-        f"decode grouped {cache}": compiles(pa._decode_group_split_kernel, attn, dict(GROUP=4, GP=16, D=128, BLOCK_N=64, IEEE=False, NS=4, DIRECT=False, FUSED=False, F16=fp8, PREFETCH=fp8)),  # (the slot prefetch: compiled with the float8 cache)
-        f"extend {cache}": compiles(pa._extend_kernel, {**attn, "Blocks": "*i32"}, dict(GROUP=4, D=128, BLOCK_M=64, BLOCK_N=64, IEEE=False, F16=fp8)),
+        f"decode grouped {cache}": compiles(pa._decode_group_split_kernel, attn, dict(GROUP=4, GP=16, D=128, BLOCK_N=tile[0], IEEE=False, NS=4, DIRECT=False, FUSED=False, F16=fp8, PREFETCH=False), tile[1], tile[2]),
+        f"decode grouped, slots a tile ahead, {cache}": compiles(pa._decode_group_split_kernel, attn, dict(GROUP=4, GP=16, D=128, BLOCK_N=64, IEEE=False, NS=4, DIRECT=False, FUSED=False, F16=fp8, PREFETCH=True), 4, 4),
+        f"extend {cache}": compiles(pa._extend_kernel, {**attn, "Blocks": "*i32"}, dict(GROUP=4, D=128, BLOCK_M=64, BLOCK_N=64, IEEE=False, F16=fp8), 4, pa.EXTEND_STAGES_FP8 if fp8 else 2),
+        f"extend, 5 stages, {cache}": compiles(pa._extend_kernel, {**attn, "Blocks": "*i32"}, dict(GROUP=4, D=128, BLOCK_M=64, BLOCK_N=64, IEEE=False, F16=fp8), 4, 5),
         f"qk norm + rotary + KV write {cache}": compiles(rms_norm._qk_norm_rope_kv_kernel, {"QKV": "*bf16", "QW": "*bf16", "KW": "*bf16", "Cos": "*fp32", "Sin": "*fp32", "Loc": "*i64", "QOut": "*bf16", "KCache": cache, "VCache": cache, "eps": "fp32"}, dict(H=32, HKV=4, D=128, HALF=64, FP8=fp8), 1),
         f"tau + rotary + KV write {cache}": compiles(tau_rope._tau_rope_kv_kernel, {"QKV": "*bf16", "Lin": "*fp32", "WTau": "*fp32", "Alpha": "*bf16", "Pos": "*i64", "Loc": "*i64", "Cos": "*fp32", "Sin": "*fp32", "QOut": "*bf16", "KCache": cache, "VCache": cache}, dict(H=32, HKV=32, D=64, HALF=16, ROT=32, BLOCK_T=1, LIN_HERE=True, BLOCK_C=4096, FP8=fp8), 8),
     })
@@ -114,8 +121,10 @@ print(json.dumps(done))
 
 def test_the_kv_cache_and_tau_kernels_compile_for_an_h100():
     """Every kernel that writes or reads the KV cache compiles for sm_90 with
-    float8 caches, and with bf16 ones; so does tau's projection kernel (the
-    CPU tests run them under the interpreter only)."""
+    float8 caches, and with bf16 ones, at the tiles and stages the launches
+    use (and the grouped decode's slot prefetch, the extend's 5 stages), within
+    an H100's shared memory; so does tau's projection kernel (the CPU tests
+    run them under the interpreter only)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
     out = subprocess.run([sys.executable, "-c", _COMPILE_FP8], env=env, capture_output=True, text=True, timeout=600)
@@ -123,4 +132,4 @@ def test_the_kv_cache_and_tau_kernels_compile_for_an_h100():
         pytest.skip("no Triton here")
     assert out.returncode == 0, out.stderr[-3000:]
     done = json.loads(out.stdout.strip().splitlines()[-1])
-    assert len(done) == 12 and all(done.values()), done
+    assert len(done) == 16 and all(0 <= shared <= H100_SHARED_BYTES for shared in done.values()), done

@@ -181,6 +181,8 @@ def test_slot_table_writes_apply_together_in_order():
             want[row, start : start + len(slots)] = torch.tensor(slots, dtype=torch.int64)
         pool.flush()
         assert torch.equal(pool.table, want)
+    with pytest.raises(IndexError):  # past the row's end: refused, not written into the next row
+        pool.write(0, 15, [1, 2])
 
 
 def test_image_keys_follow_the_pixels():

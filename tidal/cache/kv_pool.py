@@ -106,6 +106,8 @@ class ReqToTokenPool:
 
     def write(self, row: int, start: int, slots: list[int]) -> None:
         """table[row, start : start + len(slots)] = slots, applied at the next flush()."""
+        if start + len(slots) > self.table.shape[1]:  # (flush's flat keys would run into the next row)
+            raise IndexError(f"positions {start}..{start + len(slots) - 1} past the table's {self.table.shape[1]}")
         if slots:
             self._pending.append((row, start, slots))
 
@@ -122,7 +124,7 @@ class ReqToTokenPool:
             base = row * width + start
             keys.extend(range(base, base + len(slots)))
             vals.extend(slots)
-        repeated = len({row for row, _, _ in self._pending}) < len(self._pending)  # only one row's writes can collide
+        repeated = len({row for row, _, _ in self._pending}) < len(self._pending)  # only writes to one row can collide (each stays in its row)
         self._pending.clear()
         packed = np.array([keys, vals], dtype=np.int64)
         if repeated and len(np.unique(packed[0])) < packed.shape[1]:  # keep each entry's last write

@@ -104,7 +104,7 @@ def _decode_split_kernel(
 def _f16_operand(q):
     """Queries as float16 product operands beside a float8 cache (F16 in the
     kernels below): clamped to float16's range, where a bf16 query past it
-    would turn inf; within it bf16 -> f16 is exact."""
+    would turn inf; bf16 -> f16 is exact from f16's smallest normal (6e-5) up."""
     return tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
 
 
@@ -130,9 +130,9 @@ def _decode_group_split_kernel(
     F16 (a float8 cache under 16-bit queries): the products take float16
     operands. Float8 e4m3 widens to float16 in one instruction for two values
     and exactly; to bfloat16 it takes a second conversion per value, which
-    made conversions, not bytes, the float8 kernel's bound. The queries
-    (bf16 -> f16: exact within f16's range, 3 more mantissa bits) and the
-    softmax weights (in [0, 1]) lose nothing."""
+    made conversions, not bytes, the float8 kernel's bound. Queries and
+    softmax weights keep their bf16 bits down to f16's smallest normal
+    (6e-5; f16 has 3 more mantissa bits); only smaller magnitudes lose any."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     s = tl.program_id(2)
