@@ -237,21 +237,22 @@ def gqa_tiles(label: str, batch: int, inputs: tuple, splits: int, floor: float, 
 
 def bf16_products(name: str, batch: int, inputs: tuple, splits: int, want: torch.Tensor, results: dict, lines: list[str]) -> None:
     """A float8 cache's grouped decode with bf16 product operands
-    (paged_attention.FP8_F16_PRODUCTS off: each value converted twice)
+    (kv_store.FP8_F16_PRODUCTS off: each value converted twice)
     against the default float16 ones, same splits and tile."""
+    from tidal.kernels import kv_store
     from tidal.kernels import paged_attention as pa
 
     q, caches, table, rows, lens = inputs
-    timed, default = {}, pa.FP8_F16_PRODUCTS
+    timed, default = {}, kv_store.FP8_F16_PRODUCTS
     for f16 in (True, False):
-        pa.FP8_F16_PRODUCTS = f16
+        kv_store.FP8_F16_PRODUCTS = f16
         try:
             got = pa.decode_attention(q, caches[0][0], caches[0][1], table, rows, lens, splits)
             diff = max_rel_diff(got, want)
             assert diff < 1e-2, f"{name} b{batch} f16 products {f16}: off by {diff:.2e}"
             timed[f16] = graph_us([lambda kv=caches[i % len(caches)]: pa.decode_attention(q, kv[0], kv[1], table, rows, lens, splits) for i in range(CALLS)])
         finally:
-            pa.FP8_F16_PRODUCTS = default
+            kv_store.FP8_F16_PRODUCTS = default
         results[f"attention large {name} b{batch} splits{splits} f16 products {f16}"] = timed[f16]
     lines.append(f"| {name}, products f16 / bf16 (default {'f16' if default else 'bf16'}) | {batch} | | {splits}: {timed[True]:.1f} / {timed[False]:.1f} | | | | |")
 

@@ -105,10 +105,10 @@ case "$part" in
     done ;;
   fp8-ttft)
     # first token for a new 1280x720 image, float8 cache then exact: the time and the profiled one-image prefill step
-    # (fp8-5: the extend kernel with 5 stages over the float8 cache, paged_attention.EXTEND_STAGES_FP8)
+    # (fp8-5: the extend kernel with 5 stages over the float8 cache, extend_attention.EXTEND_STAGES_FP8)
     for kv in fp8 fp8-5 auto; do
       mkdir -p "$out/$kv"
-      timeout 120 python benchmarks/with_setting.py tidal.kernels.paged_attention.EXTEND_STAGES_FP8=$([ $kv = fp8-5 ] && echo 5 || echo 2) -- \
+      timeout 120 python benchmarks/with_setting.py tidal.kernels.extend_attention.EXTEND_STAGES_FP8=$([ $kv = fp8-5 ] && echo 5 || echo 2) -- \
         benchmarks/bench_qwen.py --model vl --no-hf --batches 1 --tokens 4 --no-concurrent --profile --prefill-images 1 --kv-dtype ${kv%-5} --out "$out/$kv" 2>&1 | grep -E "^prefill step|time to first" | sed "s|^|kv $kv: |"
       grep -E "_extend_kernel|_qk_norm_rope_kv|cudnn|nvjet" "$out/$kv/profile-prefill-1-images.txt" | head -8 | cut -c1-60,132-146,188-203 | sed "s|^|kv $kv: |"
     done ;;

@@ -86,7 +86,7 @@ warnings.filterwarnings("ignore")
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from tidal.kernels import paged_attention as pa, rms_norm, tau_rope
+from tidal.kernels import extend_attention as ea, paged_attention as pa, rms_norm, tau_rope
 
 def compiles(kernel, types, consts, warps=4, stages=3):
     # -> shared memory bytes of the kernel compiled for sm_90 (pointer and stride
@@ -107,8 +107,8 @@ for cache in ("*fp8e4nv", "*bf16"):  # the float8 cache, and the exact one as be
         f"decode {cache}": compiles(pa._decode_split_kernel, attn, dict(GROUP=1, D=64, BLOCK_N=64, NS=4, DIRECT=False, FUSED=False)),
         f"decode grouped {cache}": compiles(pa._decode_group_split_kernel, attn, dict(GROUP=4, GP=16, D=128, BLOCK_N=tile[0], IEEE=False, NS=4, DIRECT=False, FUSED=False, F16=fp8, PREFETCH=False), tile[1], tile[2]),
         f"decode grouped, slots a tile ahead, {cache}": compiles(pa._decode_group_split_kernel, attn, dict(GROUP=4, GP=16, D=128, BLOCK_N=64, IEEE=False, NS=4, DIRECT=False, FUSED=False, F16=fp8, PREFETCH=True), 4, 4),
-        f"extend {cache}": compiles(pa._extend_kernel, {**attn, "Blocks": "*i32"}, dict(GROUP=4, D=128, BLOCK_M=64, BLOCK_N=64, IEEE=False, F16=fp8), 4, pa.EXTEND_STAGES_FP8 if fp8 else 2),
-        f"extend, 5 stages, {cache}": compiles(pa._extend_kernel, {**attn, "Blocks": "*i32"}, dict(GROUP=4, D=128, BLOCK_M=64, BLOCK_N=64, IEEE=False, F16=fp8), 4, 5),
+        f"extend {cache}": compiles(ea._extend_kernel, {**attn, "Blocks": "*i32"}, dict(GROUP=4, D=128, BLOCK_M=64, BLOCK_N=64, IEEE=False, F16=fp8), 4, ea.EXTEND_STAGES_FP8 if fp8 else 2),
+        f"extend, 5 stages, {cache}": compiles(ea._extend_kernel, {**attn, "Blocks": "*i32"}, dict(GROUP=4, D=128, BLOCK_M=64, BLOCK_N=64, IEEE=False, F16=fp8), 4, 5),
         f"qk norm + rotary + KV write {cache}": compiles(rms_norm._qk_norm_rope_kv_kernel, {"QKV": "*bf16", "QW": "*bf16", "KW": "*bf16", "Cos": "*fp32", "Sin": "*fp32", "Loc": "*i64", "QOut": "*bf16", "KCache": cache, "VCache": cache, "eps": "fp32"}, dict(H=32, HKV=4, D=128, HALF=64, FP8=fp8), 1),
         f"tau + rotary + KV write {cache}": compiles(tau_rope._tau_rope_kv_kernel, {"QKV": "*bf16", "Lin": "*fp32", "WTau": "*fp32", "Alpha": "*bf16", "Pos": "*i64", "Loc": "*i64", "Cos": "*fp32", "Sin": "*fp32", "QOut": "*bf16", "KCache": cache, "VCache": cache}, dict(H=32, HKV=32, D=64, HALF=16, ROT=32, BLOCK_T=1, LIN_HERE=True, BLOCK_C=4096, FP8=fp8), 8),
     })

@@ -175,7 +175,7 @@ EXTEND_CASES = [
 @pytest.mark.parametrize("seqs", EXTEND_CASES, ids=lambda s: "-".join(f"{a}/{b}/{c}" for a, b, c in s))
 @pytest.mark.parametrize("heads, heads_kv", [(4, 4), (4, 2)])
 def test_extend_attention(seqs, heads, heads_kv, dtype):
-    from tidal.kernels.paged_attention import (
+    from tidal.kernels.extend_attention import (
         EXTEND_BLOCK_M,
         extend_attention,
         extend_blocks,
@@ -199,12 +199,12 @@ def test_attention_reads_a_float8_cache(heads, heads_kv, dtype):
     """EngineConfig.kv_dtype="fp8": the decode kernels (one split, several,
     the grouped form) and the extend kernel over a float8 cache give the
     reference's attention over the same stored values (upcast exactly)."""
-    from tidal.kernels.paged_attention import (
+    from tidal.kernels.extend_attention import (
         EXTEND_BLOCK_M,
-        decode_attention,
         extend_attention,
         extend_blocks,
     )
+    from tidal.kernels.paged_attention import decode_attention
 
     gen = torch.Generator().manual_seed(heads * 7 + heads_kv)
     dim = 64

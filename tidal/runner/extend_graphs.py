@@ -36,7 +36,7 @@ from tidal.core import (
     StepResult,
     item_len,
 )
-from tidal.kernels.paged_attention import EXTEND_BLOCK_M, extend_blocks
+from tidal.kernels.extend_attention import EXTEND_BLOCK_M, extend_blocks
 from tidal.layers.attention.triton_backend import ExtendMetadata
 from tidal.runner.graphs import MAX_BANNED, StepGraphs, outputs
 

@@ -1,6 +1,7 @@
 """Paged attention, Triton backend (CUDA): the decode kernel for steps where
 every sequence feeds one position, the extend kernel for everything else.
-See tidal/kernels/paged_attention.py for the kernels and the mask rule."""
+See tidal/kernels/paged_attention.py (decode) and extend_attention.py (prefill,
+mixed steps) for the kernels and the mask rule."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ from dataclasses import dataclass
 import torch
 
 from tidal.core import ForwardBatch, ForwardMode, h2d
-from tidal.kernels.paged_attention import (
+from tidal.kernels.extend_attention import (
     EXTEND_BLOCK_M,
-    decode_attention,
     extend_attention,
     extend_blocks,
 )
+from tidal.kernels.paged_attention import decode_attention
 
 
 @dataclass
