@@ -14,6 +14,7 @@ gives the tokens the decoder reads.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Any
 
 import torch
@@ -91,13 +92,7 @@ class Attention(nn.Module):
 
 def _runs(lengths: list[int]) -> list[tuple[int, int]]:
     """Consecutive equal lengths as (length, count): [4, 4, 9, 4] -> [(4, 2), (9, 1), (4, 1)]."""
-    runs: list[tuple[int, int]] = []
-    for length in lengths:
-        if runs and runs[-1][0] == length:
-            runs[-1] = (length, runs[-1][1] + 1)
-        else:
-            runs.append((length, 1))
-    return runs
+    return [(length, len(list(run))) for length, run in groupby(lengths)]
 
 
 class MLP(nn.Module):
