@@ -480,7 +480,8 @@ def test_parallel_branches_on_two_streams_give_the_same_bits(monkeypatch):
     its attention branch, inside the decode and extend graphs too. Golden
     skill cases (one at a time, then all at once: batched steps) match the
     reference, and every output logit of the one-at-a-time runs equals, bit
-    for bit, the one-stream engine's (the same kernels on the same inputs)."""
+    for bit, the one-stream engine's (the same kernels on the same inputs);
+    so does the side stream at a higher priority (text.BRANCH_PRIORITY)."""
     from conftest import prepare_case
 
     from tidal import EngineConfig, Moondream
@@ -488,23 +489,27 @@ def test_parallel_branches_on_two_streams_give_the_same_bits(monkeypatch):
 
     cases = SKILL_CASES[:6]
     traces = {}
-    for parallel in (False, True):
+    for parallel, priority in ((False, 0), (True, 0), (True, -1)):
         monkeypatch.setattr(text, "PARALLEL_BRANCHES", parallel)
+        monkeypatch.setattr(text, "BRANCH_PRIORITY", priority)
         md = Moondream.from_pretrained(GOLDEN, device="cuda", dtype="float32", engine_config=EngineConfig(trace_logits=True, max_running=8))
         try:
+            side = md.model.text.side_stream
+            assert side is not None and side.priority == torch.cuda.Stream(priority=priority).priority  # (clamped to the device's range)
             alone = [finished_request(md, c) for c in cases]
             for c, req in zip(cases, alone):
                 assert_matches_golden(req.skill.result(), c)
-            traces[parallel] = [[t.logits for t in r.trace] for r in alone]
+            traces[parallel, priority] = [[t.logits for t in r.trace] for r in alone]
             handles = [md._submit(*prepare_case(md, c)) for c in cases]  # at once: batched steps (their make-up varies run to run)
             for c, h in zip(cases, handles):
                 assert_matches_golden(h.wait(), c)
             assert md.engine.stats.max_batch > 1 and md.engine.runner.graph_replays > 0
         finally:
             md.close()
-    for a, b in zip(traces[False], traces[True]):
-        assert len(a) == len(b) > 0
-        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    for other in ((True, 0), (True, -1)):
+        for a, b in zip(traces[False, 0], traces[other]):
+            assert len(a) == len(b) > 0
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 def test_images_encoded_ahead_on_their_own_stream_give_the_same_bits():

@@ -114,6 +114,14 @@ class TextAttention(nn.Module):
 # on an H100 (bench_moondream.py's `branches` part beside the default): decode
 # 2.64 -> 2.40 ms at batch 1, 4.90 -> 4.35 at 8, 8.98 -> 6.96 at 32.
 PARALLEL_BRANCHES = True
+# The side stream's priority (CUDA: lower is higher; 0 is the default and the
+# lowest). Graph capture keeps a stream's priority on each kernel node and
+# torch replays graphs with node priorities, so a negative value lets the MoE
+# branch's blocks take SMs first when both branches wait for them. The MoE
+# branch is each layer's longer one, and its fused router waits for the last
+# of its programs (at batch 1 on an H100: 13.5 us a layer beside the attention
+# branch, 6.9 alone). Not yet timed: `device_run.sh priority`.
+BRANCH_PRIORITY = 0
 
 
 class TextBlock(nn.Module):
@@ -152,7 +160,7 @@ class TextModel(nn.Module):
         """Fused Triton kernels (tau + rotary + KV write, MoE, residual + LayerNorm) or the torch reference."""
         self.fused = enabled
         if enabled and self.wte.device.type == "cuda" and self.side_stream is None:
-            self.side_stream = torch.cuda.Stream(self.wte.device)
+            self.side_stream = torch.cuda.Stream(self.wte.device, priority=BRANCH_PRIORITY)
         for block in self.blocks:
             attn = block.attn
             w = torch.cat([attn.tau["wq"], attn.tau["wv"]])
