@@ -22,7 +22,7 @@
 #   bash benchmarks/device_run.sh fp8-ttft    # Qwen3-VL-8B's first token for a new image, float8 cache then exact, with the one-image prefill step's kernels
 #   bash benchmarks/device_run.sh attention-large  # grouped decode attention at batch 64 / 128, bf16 and float8 caches: splits and tiles
 #   bash benchmarks/device_run.sh router-programs  # the fused router's programs (default / 4 / 1) in both models' batch-1 and batch-8 decode
-#   bash benchmarks/device_run.sh priority    # the MoE branch's stream priority (text.BRANCH_PRIORITY) in Moondream decode, with its test
+#   bash benchmarks/device_run.sh priority    # the MoE branch's stream priority (text.BRANCH_PRIORITY) in Moondream decode
 #   bash benchmarks/device_run.sh tau         # tau's projection kernel (tau_rope.LIN_KERNEL): its tests, then a mixed step's profile with it on and off
 #   bash benchmarks/device_run.sh check       # after a kernel change, in ~5 minutes: kernel + fast-path tests, bench_kernels, quick decode of both MoE models
 #
@@ -118,7 +118,7 @@ case "$part" in
     timeout 300 python benchmarks/bench_kernels.py --only attention-large --out "$out" 2>&1 | tail -16 ;;
   priority)
     # the MoE branch's stream priority (text.BRANCH_PRIORITY: 0 default, -1 higher; only the order of the two matters): Moondream decode, each way in one call
-    tests_in 120 "test_cuda (branches)" tests/test_cuda.py -k parallel_branches
+    # (its bits test is test_cuda's parallel_branches, in the tests part)
     for v in 0 -1; do
       timeout 110 python benchmarks/with_setting.py tidal.models.moondream3.text.BRANCH_PRIORITY=$v -- benchmarks/bench_moondream.py --quick --only decode --out "$out/prio$v" 2>&1 | grep -E "decode batch (1|8|32):" | sed "s|^|priority $v: |"
     done ;;
