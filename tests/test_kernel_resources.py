@@ -133,3 +133,45 @@ def test_the_kv_cache_and_tau_kernels_compile_for_an_h100():
     assert out.returncode == 0, out.stderr[-3000:]
     done = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(done) == 16 and all(0 <= shared <= H100_SHARED_BYTES for shared in done.values()), done
+
+
+# benchmarks/bench_pdl.py's chain kernel in each form, compiled for sm_90: where
+# the grid-dependency instructions sit relative to the loads of x and the weights
+_COMPILE_PDL = r"""
+import json, sys, warnings
+warnings.filterwarnings("ignore")
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+sys.path.insert(0, "benchmarks")
+import bench_pdl
+
+out = {}
+for name, (pdl, early) in bench_pdl.FORMS.items():
+    sig = {"X": "*bf16", "W": "*bf16", "Y": "*bf16", "K": "i32", "stride_w": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "PDL": "constexpr", "EARLY": "constexpr"}
+    c = triton.compile(ASTSource(fn=bench_pdl._matvec_kernel, signature=sig, constexprs=dict(BLOCK_N=16, BLOCK_K=256, PDL=pdl, EARLY=early), attrs={(i,): [["tt.divisibility", 16]] for i in range(5)}),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "launch_pdl": pdl})
+    ops = [l.split()[0] for l in c.asm["ptx"].splitlines() if l.strip().startswith(("griddepcontrol", "ld.global"))]
+    out[name] = {"launch_pdl": bool(c.metadata.launch_pdl), "ops": ops}
+print(json.dumps(out))
+"""
+
+
+def test_the_pdl_benchmark_waits_before_it_reads_what_the_previous_kernel_wrote():
+    """bench_pdl's forms compile for sm_90 as they claim: plain has no grid
+    dependency control and no PDL launch; pdl waits before its first load;
+    pdl+early lets the next kernel launch and issues its first weight loads
+    (several 16-byte loads) before the wait, and x's loads come after it."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run([sys.executable, "-c", _COMPILE_PDL], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if out.returncode != 0 and "No module named 'triton" in out.stderr:
+        pytest.skip("no Triton here")
+    assert out.returncode == 0, out.stderr[-3000:]
+    forms = json.loads(out.stdout.strip().splitlines()[-1])
+    plain, pdl, early = forms["plain"], forms["pdl"], forms["pdl+early"]
+    assert not plain["launch_pdl"] and not any(op.startswith("griddepcontrol") for op in plain["ops"])
+    assert pdl["launch_pdl"] and pdl["ops"][0] == "griddepcontrol.wait"
+    assert early["launch_pdl"] and early["ops"][0] == "griddepcontrol.launch_dependents"
+    wait = early["ops"].index("griddepcontrol.wait")
+    assert wait >= 3 and all(op == "ld.global.v4.b32" for op in early["ops"][1:wait])  # the weight tile only
