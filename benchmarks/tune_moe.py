@@ -7,9 +7,11 @@ For each shape (experts, hidden, expert inner size, top-k) and each step size
 (tokens), every candidate (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) runs both
 expert GEMMs (up with the activation, down with the routing weight) on random
 bf16 weights and a random uniform top-k routing; a candidate counts only if
-its output equals the default config's within 1e-2 relative (bf16). The
-fastest per step size is kept (CUDA events around replays of a CUDA graph of ten calls, as decode steps
-run them; median of --reps). Prints a table
+its output equals the default config's within 1e-2 relative (bf16). Each
+kernel is timed on its own (CUDA events around replays of a CUDA graph of ten
+calls, as decode steps run them; median of --reps): the down kernel (N =
+hidden, K = inner) may keep other blocks than the up kernel, under the same
+BLOCK_M (a 9-value config, see tidal.kernels.fused_moe). Prints a table
 (default vs tuned µs, and the share of copy bandwidth the expert weights read
 reach); writes DIR/moe_configs.json (merge it into tidal/kernels/moe_configs.json).
 """
@@ -32,9 +34,12 @@ from measure import copy_bandwidth  # noqa: E402
 from tidal.kernels.fused_moe import (  # noqa: E402
     MOE_CONFIGS,
     TUNED_FILE,
+    MoeConfig,
     align_by_expert,
     device_family,
     expert_pairs,
+    experts_down,
+    experts_up,
     shape_key,
 )
 
@@ -57,7 +62,7 @@ def candidates(tokens: int, top_k: int, experts: int, quick: bool) -> list[tuple
     return out
 
 
-def default_config(tokens: int) -> tuple[int, int, int, int, int]:
+def default_config(tokens: int) -> MoeConfig:
     return next((cfg for limit, cfg in MOE_CONFIGS if tokens <= limit), MOE_CONFIGS[-1][1])
 
 
@@ -68,7 +73,11 @@ def time_us(fn, reps: int, inner: int = 10) -> float:
     return graph_us([fn] * inner, reps)
 
 
-def tune_shape(name: str, tokens_list: tuple[int, ...], reps: int, quick: bool, bandwidth: float, deadline: float, save) -> list[tuple[int, tuple[int, int, int, int, int]]]:
+def tune_shape(name: str, tokens_list: tuple[int, ...], reps: int, quick: bool, bandwidth: float, deadline: float, save) -> list[tuple[int, MoeConfig]]:
+    """Per step size: each candidate's up and down kernels timed on their own;
+    the fastest up and the fastest down of each BLOCK_M (the layout both
+    read), then the BLOCK_M whose pair is fastest; kept where the pair, timed
+    together, beats the default config."""
     experts, dim, inner, top_k, act = SHAPES[name]
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -76,8 +85,8 @@ def tune_shape(name: str, tokens_list: tuple[int, ...], reps: int, quick: bool, 
     fc2 = (torch.randn(experts, dim, inner, device=dev, generator=gen) / inner**0.5).to(torch.bfloat16)
     table = []
     print(f"\n{name}: E={experts} D={dim} I={inner} k={top_k} ({act})")
-    print("| tokens | default µs | tuned µs | tuned config (BM, BN, BK, warps, stages) | expert bytes / bandwidth µs |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| tokens | default µs | tuned µs | up (BM, BN, BK, warps, stages) µs | down (BN, BK, warps, stages) µs | expert bytes / bandwidth µs |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for tokens in tokens_list:
         if time.monotonic() > deadline:
             print(f"  time budget spent: step sizes from {tokens} keep the defaults", file=sys.stderr)
@@ -87,35 +96,53 @@ def tune_shape(name: str, tokens_list: tuple[int, ...], reps: int, quick: bool, 
         weights = torch.softmax(torch.randn(tokens, top_k, device=dev, generator=gen), -1).to(torch.bfloat16)
         used = int(torch.unique(ids).numel())
         floor_us = used * 3 * dim * inner * 2 / bandwidth * 1e6
+        layouts = {m: align_by_expert(ids, experts, m) for m in (16, 32, 64, 128)}
 
         def run(cfg):
-            pairs, blocks = align_by_expert(ids, experts, cfg[0])
-            return lambda: expert_pairs(x, weights, fc1, fc2, top_k, pairs, blocks, cfg, act)
+            return lambda: expert_pairs(x, weights, fc1, fc2, top_k, *layouts[cfg[0]], cfg, act)
+
+        def close(got: torch.Tensor) -> bool:
+            return float((got.float() - want).norm() / want.norm()) <= 1e-2
 
         base_cfg = default_config(tokens)
         want = run(base_cfg)().float()
         base_us = time_us(run(base_cfg), reps)
-        best = (base_us, base_cfg)
+        ups: dict[int, tuple[float, MoeConfig]] = {}  # BLOCK_M -> the fastest up kernel's (us, config)
+        downs: dict[int, tuple[float, MoeConfig]] = {}
         for cfg in candidates(tokens, top_k, experts, quick):
+            pairs, blocks = layouts[cfg[0]]
             try:
-                fn = run(cfg)
-                got = fn().float()
+                hidden = experts_up(x, fc1, top_k, pairs, blocks, cfg, act)
+                got = experts_down(hidden, weights, fc2, pairs, blocks, cfg)
             except Exception as exc:  # a config this card cannot run (shared memory, registers)
                 print(f"  skipped {cfg}: {type(exc).__name__}", file=sys.stderr)
                 continue
-            if float((got - want).norm() / want.norm()) > 1e-2:
+            if not close(got):
                 print(f"  refused {cfg}: output differs from the default's", file=sys.stderr)
                 continue
-            us = time_us(fn, reps)
-            if us < best[0]:
-                best = (us, cfg)
-        table.append((tokens, best[1]))
-        print(f"| {tokens} | {base_us:.1f} | {best[0]:.1f} | {best[1]} | {floor_us:.1f} |", flush=True)
+            up_us = time_us(lambda: experts_up(x, fc1, top_k, pairs, blocks, cfg, act), reps)
+            down_us = time_us(lambda: experts_down(hidden, weights, fc2, pairs, blocks, cfg), reps)
+            m = cfg[0]
+            if m not in ups or up_us < ups[m][0]:
+                ups[m] = (up_us, cfg)
+            if m not in downs or down_us < downs[m][0]:
+                downs[m] = (down_us, cfg)
+        best, best_us, parts = base_cfg, base_us, ""
+        if ups:
+            m = min(ups, key=lambda m: ups[m][0] + downs[m][0])
+            (up_us, up_cfg), (down_us, down_cfg) = ups[m], downs[m]
+            cfg = up_cfg if down_cfg[1:5] == up_cfg[1:5] else up_cfg + down_cfg[1:5]  # five values where one config serves both
+            together = time_us(run(cfg), reps)
+            parts = f"| {up_cfg} {up_us:.1f} | {down_cfg[1:5]} {down_us:.1f} "
+            if together < base_us and close(run(cfg)()):
+                best, best_us = cfg, together
+        table.append((tokens, best))
+        print(f"| {tokens} | {base_us:.1f} | {best_us:.1f} {'(default)' if best == base_cfg else ''} {parts or '| | '}| {floor_us:.1f} |", flush=True)
         save(with_defaults(table))
     return with_defaults(table)
 
 
-def with_defaults(tuned: list[tuple[int, tuple[int, int, int, int, int]]]) -> list[tuple[int, tuple[int, int, int, int, int]]]:
+def with_defaults(tuned: list[tuple[int, MoeConfig]]) -> list[tuple[int, MoeConfig]]:
     """The table tidal reads: a step takes the config tuned at the smallest tuned
     size it fits under; past the largest tuned size, the defaults' rows (so a
     run cut short by its time budget still leaves a whole table)."""

@@ -334,6 +334,40 @@ def test_fused_moe(case, dtype, act):
     assert rel(got.cpu(), want) <= (1e-5 if dtype == torch.float32 else 1.5e-2)
 
 
+def test_the_down_kernel_takes_its_own_blocks():
+    """A 9-value config (the up kernel's five, then the down kernel's BLOCK_N,
+    BLOCK_K, warps, stages) runs the down kernel with its own blocks: each
+    pair's output equals the 5-value config's within float32 rounding and the
+    torch reference's sum; fit_stages fits each kernel's stages to its own
+    tiles; a config of another length is refused."""
+    from tidal.kernels.fused_moe import (
+        align_by_expert,
+        down_config,
+        expert_pairs,
+        fit_stages,
+    )
+
+    tokens, experts, top_k, dim, inner = 5, 8, 2, 64, 48
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(tokens, dim, generator=gen)
+    fc1 = torch.randn(experts, 2 * inner, dim, generator=gen) / dim**0.5
+    fc2 = torch.randn(experts, dim, inner, generator=gen) / inner**0.5
+    top, ids = torch.randn(tokens, experts, generator=gen).topk(top_k, dim=-1)
+    weights = top.softmax(-1)
+    shared, own = (16, 32, 32, 4, 2), (16, 32, 32, 4, 2, 16, 16, 2, 3)
+    assert down_config(shared) == (32, 32, 4, 2) and down_config(own) == (16, 16, 2, 3)
+    pairs, block_expert = align_by_expert(ids.to(DEV), experts, 16)
+    args = (x.to(DEV), weights.to(DEV), fc1.to(DEV), fc2.to(DEV), top_k, pairs, block_expert)
+    a, b = expert_pairs(*args, shared).cpu(), expert_pairs(*args, own).cpu()
+    assert rel(b, a) <= 1e-6 and not torch.equal(b, a)  # the same sums, cut into other K chunks: its own blocks ran
+    assert rel(b.view(tokens, top_k, dim).sum(1), _moe_reference(x, weights, ids, fc1, fc2, "geglu_plus1")) <= 1e-5
+    # float32 on an H100: the up kernel's 3 stages of 80 KiB shrink to 2; the down kernel's 40 KiB stages keep 4
+    assert fit_stages((64, 128, 64, 8, 3, 128, 64, 8, 4), 4, 232448) == (64, 128, 64, 8, 2, 128, 64, 8, 4)
+    assert fit_stages((64, 128, 64, 8, 3, 64, 128, 8, 4), 4, 232448)[8] == 3  # 64 KiB a down stage: 3 fit, not 4
+    with pytest.raises(ValueError, match="5 or 9"):
+        down_config((16, 32, 32, 4))
+
+
 # -- tau + rotary + KV write -----------------------------------------------------------------------
 # up to 64 positions tau's projection runs inside the kernel; past that, as a GEMM
 TAU_CASES = [(3, 2, 64, 32), (17, 4, 64, 32), (70, 2, 64, 32)] + ([(1, 32, 64, 32), (64, 32, 64, 32), (256, 32, 64, 32), (1000, 32, 64, 32)] if CUDA else [])
@@ -645,18 +679,19 @@ def test_qk_norm_rope_kv(tokens, heads, kv_heads, dim, dtype, cache):
 
 def test_tuned_moe_configs_apply_to_their_shape_and_card_only(tmp_path, monkeypatch):
     """benchmarks/tune_moe.py's table: a step takes the first entry whose token
-    limit it fits under, for its own (E, D, I, k, dtype, card); anything else the defaults."""
+    limit it fits under (5 values, or 9 with the down kernel's own), for its
+    own (E, D, I, k, dtype, card); anything else the defaults."""
     from tidal.kernels import fused_moe
 
     shape = (16, 64, 32, 2)
     key = fused_moe.shape_key(*shape, torch.float32, "cpu")
-    (tmp_path / "moe_configs.json").write_text(__import__("json").dumps({key: [[4, [16, 32, 64, 4, 2]], [1 << 30, [32, 64, 32, 8, 3]]]}))
+    (tmp_path / "moe_configs.json").write_text(__import__("json").dumps({key: [[4, [16, 32, 64, 4, 2]], [1 << 30, [32, 64, 32, 8, 3, 64, 128, 4, 2]]]}))
     monkeypatch.setattr(fused_moe, "TUNED_FILE", tmp_path / "moe_configs.json")
     fused_moe._tuned.cache_clear()
     try:
         cpu = torch.device("cpu")
         assert fused_moe.moe_config(3, shape, torch.float32, cpu) == (16, 32, 64, 4, 2)
-        assert fused_moe.moe_config(5, shape, torch.float32, cpu) == (32, 64, 32, 8, 3)
+        assert fused_moe.moe_config(5, shape, torch.float32, cpu) == (32, 64, 32, 8, 3, 64, 128, 4, 2)  # the down kernel's own blocks kept
         assert fused_moe.moe_config(5, shape, torch.bfloat16, cpu) == fused_moe.moe_config(5)  # another dtype: defaults
         assert fused_moe.moe_config(3, (16, 64, 32, 4), torch.float32, cpu) == fused_moe.moe_config(3)  # another top-k
     finally:

@@ -17,7 +17,11 @@ Block sizes: for a tuned (experts, hidden, inner, top-k, dtype, card) the
 table in moe_configs.json (written by benchmarks/tune_moe.py on that card),
 keyed by the number of tokens; for an untuned card, the table of the last
 tuned card of its architecture (an H200 takes the H100's: the same SMs and
-shared memory); otherwise a small default table (MOE_CONFIGS).
+shared memory); otherwise a small default table (MOE_CONFIGS). A config is
+(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for both kernels, or those five
+for the up kernel and four more (BLOCK_N, BLOCK_K, warps, stages) for the
+down kernel, whose shape differs (N = hidden, K = inner: at batch 1 a short
+K loop); BLOCK_M is the layout's, shared by both.
 """
 
 from __future__ import annotations
@@ -30,8 +34,11 @@ import torch
 import triton
 import triton.language as tl
 
-# tokens (upper bound) -> (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
-MOE_CONFIGS: list[tuple[int, tuple[int, int, int, int, int]]] = [
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), optionally + the down kernel's (BLOCK_N, BLOCK_K, num_warps, num_stages)
+MoeConfig = tuple[int, ...]
+
+# tokens (upper bound) -> config
+MOE_CONFIGS: list[tuple[int, MoeConfig]] = [
     (8, (16, 64, 128, 4, 4)),
     (64, (16, 64, 128, 4, 4)),
     (256, (32, 64, 128, 4, 4)),
@@ -51,7 +58,7 @@ def shape_key(experts: int, dim: int, inner: int, top_k: int, dtype: torch.dtype
 
 
 @lru_cache(maxsize=1)
-def _tuned() -> dict[str, list[tuple[int, tuple[int, int, int, int, int]]]]:
+def _tuned() -> dict[str, list[tuple[int, MoeConfig]]]:
     if not TUNED_FILE.is_file():
         return {}
     raw = json.loads(TUNED_FILE.read_text())
@@ -72,10 +79,10 @@ def device_family(device: torch.device) -> str:
     return f"sm{major}{minor}"
 
 
-def moe_config(tokens: int, shape: tuple[int, int, int, int] | None = None, dtype: torch.dtype | None = None, device: torch.device | None = None) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a step of `tokens`;
-    shape = (experts, hidden, inner, top_k) picks the tuned table when there is one
-    for this dtype and card (or, failing that, its architecture)."""
+def moe_config(tokens: int, shape: tuple[int, int, int, int] | None = None, dtype: torch.dtype | None = None, device: torch.device | None = None) -> MoeConfig:
+    """The config (see MoeConfig) for a step of `tokens`; shape = (experts,
+    hidden, inner, top_k) picks the tuned table when there is one for this
+    dtype and card (or, failing that, its architecture)."""
     table = MOE_CONFIGS
     if shape is not None and dtype is not None and device is not None:
         tuned = _tuned()
@@ -86,15 +93,30 @@ def moe_config(tokens: int, shape: tuple[int, int, int, int] | None = None, dtyp
     return cfg
 
 
-def fit_stages(cfg: tuple[int, int, int, int, int], itemsize: int, shared_bytes: int) -> tuple[int, int, int, int, int]:
+def fit_stages(cfg: MoeConfig, itemsize: int, shared_bytes: int) -> MoeConfig:
     """cfg with as many pipeline stages as fit the card's shared memory: the up
     kernel keeps an x tile and gate and up tiles per stage, and a float32 step
     doubles their bytes (a bf16 config of 3 stages asks 240 KiB in float32, past
-    the H100's 227 KiB)."""
-    block_m, block_n, block_k, warps, stages = cfg
-    per_stage = (block_m * block_k + 2 * block_n * block_k) * itemsize
-    fits = max(1, int(shared_bytes * 0.9) // per_stage)  # a margin for the kernel's own scratch
-    return (block_m, block_n, block_k, warps, min(stages, fits))
+    the H100's 227 KiB); the down kernel (where it has its own blocks) an
+    activation tile and a weight tile."""
+
+    def fit(stages: int, per_stage: int) -> int:
+        return min(stages, max(1, int(shared_bytes * 0.9) // per_stage))  # a margin for the kernel's own scratch
+
+    block_m, block_n, block_k, warps, stages = cfg[:5]
+    up = (block_m, block_n, block_k, warps, fit(stages, (block_m * block_k + 2 * block_n * block_k) * itemsize))
+    if len(cfg) == 5:
+        return up
+    d_n, d_k, d_warps, d_stages = cfg[5:]
+    return up + (d_n, d_k, d_warps, fit(d_stages, (block_m * d_k + d_n * d_k) * itemsize))
+
+
+def down_config(cfg: MoeConfig) -> tuple[int, int, int, int]:
+    """The down kernel's (BLOCK_N, BLOCK_K, num_warps, num_stages): its own
+    where the config has them, else the up kernel's."""
+    if len(cfg) not in (5, 9):
+        raise ValueError(f"a fused-MoE config has 5 or 9 values, not {len(cfg)}: {cfg}")
+    return tuple(cfg[5:]) if len(cfg) == 9 else tuple(cfg[1:5])  # type: ignore[return-value]
 
 
 @lru_cache(maxsize=8)
@@ -216,6 +238,46 @@ def _moe_down_kernel(
     tl.store(Out + rows64[:, None] * stride_ot + n[None, :], acc.to(Out.dtype.element_ty), mask=valid[:, None] & nmask[None, :])
 
 
+def experts_up(
+    x: torch.Tensor, fc1: torch.Tensor, top_k: int, pairs: torch.Tensor, block_expert: torch.Tensor, config: MoeConfig, act: str = "geglu_plus1",
+) -> torch.Tensor:
+    """The up kernel: each pair's activation act(x[t] @ fc1[e].T) [T * k, I]
+    (pair t * k + j), over the expert-sorted layout made with config's BLOCK_M."""
+    tokens = x.shape[0]
+    num_experts, two_inner, dim = fc1.shape
+    inner = two_inner // 2
+    block_m, block_n, block_k, warps, stages = config[:5]
+    assert x.stride(1) == fc1.stride(2) == 1
+    num_pairs = tokens * top_k
+    hidden = torch.empty((num_pairs, inner), dtype=x.dtype, device=x.device)
+    _moe_up_kernel[(block_expert.shape[0], triton.cdiv(inner, block_n))](
+        x, fc1, hidden, pairs, block_expert,
+        num_pairs, top_k, num_experts, inner, dim,
+        x.stride(0), fc1.stride(0), fc1.stride(1), hidden.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32, ACT=ACT_CODES[act],
+        num_warps=warps, num_stages=stages,
+    )
+    return hidden
+
+
+def experts_down(hidden: torch.Tensor, weights: torch.Tensor, fc2: torch.Tensor, pairs: torch.Tensor, block_expert: torch.Tensor, config: MoeConfig) -> torch.Tensor:
+    """The down kernel: each pair's output hidden[p] @ fc2[e].T times its
+    routing weight [T * k, D], with down_config(config)'s blocks."""
+    num_experts, dim, inner = fc2.shape
+    block_n, block_k, warps, stages = down_config(config)
+    assert hidden.stride(1) == fc2.stride(2) == 1
+    num_pairs = hidden.shape[0]
+    per_pair = torch.empty((num_pairs, dim), dtype=hidden.dtype, device=hidden.device)
+    _moe_down_kernel[(block_expert.shape[0], triton.cdiv(dim, block_n))](
+        hidden, fc2, per_pair, pairs, block_expert, weights.reshape(-1),
+        num_pairs, num_experts, dim, inner,
+        hidden.stride(0), fc2.stride(0), fc2.stride(1), per_pair.stride(0),
+        BLOCK_M=config[0], BLOCK_N=block_n, BLOCK_K=block_k, IEEE=hidden.dtype == torch.float32,
+        num_warps=warps, num_stages=stages,
+    )
+    return per_pair
+
+
 def expert_pairs(
     x: torch.Tensor,
     weights: torch.Tensor,
@@ -224,37 +286,14 @@ def expert_pairs(
     top_k: int,
     pairs: torch.Tensor,
     block_expert: torch.Tensor,
-    config: tuple[int, int, int, int, int],
+    config: MoeConfig,
     act: str = "geglu_plus1",
 ) -> torch.Tensor:
     """Each (token, expert) pair's weighted output, [T * k, D] (pair t * k + j),
     given the expert-sorted layout of align_by_expert / route_and_align made
     with config's BLOCK_M; act names the expert activation (ACT_CODES)."""
-    tokens = x.shape[0]
-    num_experts, two_inner, dim = fc1.shape
-    inner = two_inner // 2
-    block_m, block_n, block_k, warps, stages = config
-    assert x.stride(1) == fc1.stride(2) == fc2.stride(2) == 1
-    nblocks = block_expert.shape[0]
-    num_pairs = tokens * top_k
-    ieee = x.dtype == torch.float32
-    hidden = torch.empty((num_pairs, inner), dtype=x.dtype, device=x.device)
-    _moe_up_kernel[(nblocks, triton.cdiv(inner, block_n))](
-        x, fc1, hidden, pairs, block_expert,
-        num_pairs, top_k, num_experts, inner, dim,
-        x.stride(0), fc1.stride(0), fc1.stride(1), hidden.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee, ACT=ACT_CODES[act],
-        num_warps=warps, num_stages=stages,
-    )
-    per_pair = torch.empty((num_pairs, dim), dtype=x.dtype, device=x.device)
-    _moe_down_kernel[(nblocks, triton.cdiv(dim, block_n))](
-        hidden, fc2, per_pair, pairs, block_expert, weights.reshape(-1),
-        num_pairs, num_experts, dim, inner,
-        hidden.stride(0), fc2.stride(0), fc2.stride(1), per_pair.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee,
-        num_warps=warps, num_stages=stages,
-    )
-    return per_pair
+    hidden = experts_up(x, fc1, top_k, pairs, block_expert, config, act)
+    return experts_down(hidden, weights, fc2, pairs, block_expert, config)
 
 
 def fused_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor, act: str = "geglu_plus1") -> torch.Tensor:
