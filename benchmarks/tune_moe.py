@@ -66,11 +66,18 @@ def default_config(tokens: int) -> MoeConfig:
     return next((cfg for limit, cfg in MOE_CONFIGS if tokens <= limit), MOE_CONFIGS[-1][1])
 
 
-def time_us(fn, reps: int, inner: int = 10) -> float:
-    """GPU time of one call of fn: `inner` calls captured in a CUDA graph (as
-    decode steps run them), median over reps replays. Timing launches one by
-    one would measure the host at small step sizes (~35 us a Triton launch)."""
-    return graph_us([fn] * inner, reps)
+# Copies of each shape's expert weights the timed calls cycle through: one kernel
+# alone at batch 1 reads 24-64 MiB, under the H100's 50 MiB L2, so calls on one
+# copy would time cached weights. With four, 72+ MiB pass between two reads of a copy.
+COPIES = 4
+
+
+def time_us(make, reps: int, inner: int = 8) -> float:
+    """GPU time of one call: `inner` calls captured in a CUDA graph (as decode
+    steps run them), the i-th made by make(i % COPIES) on that weight copy,
+    median over reps replays. Timing launches one by one would measure the
+    host at small step sizes (~35 us a Triton launch)."""
+    return graph_us([make(i % COPIES) for i in range(inner)], reps)
 
 
 def tune_shape(name: str, tokens_list: tuple[int, ...], reps: int, quick: bool, bandwidth: float, deadline: float, save) -> list[tuple[int, MoeConfig]]:
@@ -83,6 +90,7 @@ def tune_shape(name: str, tokens_list: tuple[int, ...], reps: int, quick: bool, 
     gen = torch.Generator(device=dev).manual_seed(0)
     fc1 = (torch.randn(experts, 2 * inner, dim, device=dev, generator=gen) / dim**0.5).to(torch.bfloat16)
     fc2 = (torch.randn(experts, dim, inner, device=dev, generator=gen) / inner**0.5).to(torch.bfloat16)
+    fc1s, fc2s = [fc1] + [fc1.clone() for _ in range(COPIES - 1)], [fc2] + [fc2.clone() for _ in range(COPIES - 1)]
     table = []
     print(f"\n{name}: E={experts} D={dim} I={inner} k={top_k} ({act})")
     print("| tokens | default µs | tuned µs | up (BM, BN, BK, warps, stages) µs | down (BN, BK, warps, stages) µs | expert bytes / bandwidth µs |")
@@ -98,15 +106,15 @@ def tune_shape(name: str, tokens_list: tuple[int, ...], reps: int, quick: bool, 
         floor_us = used * 3 * dim * inner * 2 / bandwidth * 1e6
         layouts = {m: align_by_expert(ids, experts, m) for m in (16, 32, 64, 128)}
 
-        def run(cfg):
-            return lambda: expert_pairs(x, weights, fc1, fc2, top_k, *layouts[cfg[0]], cfg, act)
+        def run(cfg, c: int = 0):
+            return lambda: expert_pairs(x, weights, fc1s[c], fc2s[c], top_k, *layouts[cfg[0]], cfg, act)
 
         def close(got: torch.Tensor) -> bool:
             return float((got.float() - want).norm() / want.norm()) <= 1e-2
 
         base_cfg = default_config(tokens)
         want = run(base_cfg)().float()
-        base_us = time_us(run(base_cfg), reps)
+        base_us = time_us(lambda c: run(base_cfg, c), reps)
         ups: dict[int, tuple[float, MoeConfig]] = {}  # BLOCK_M -> the fastest up kernel's (us, config)
         downs: dict[int, tuple[float, MoeConfig]] = {}
         for cfg in candidates(tokens, top_k, experts, quick):
@@ -120,8 +128,8 @@ def tune_shape(name: str, tokens_list: tuple[int, ...], reps: int, quick: bool, 
             if not close(got):
                 print(f"  refused {cfg}: output differs from the default's", file=sys.stderr)
                 continue
-            up_us = time_us(lambda: experts_up(x, fc1, top_k, pairs, blocks, cfg, act), reps)
-            down_us = time_us(lambda: experts_down(hidden, weights, fc2, pairs, blocks, cfg), reps)
+            up_us = time_us(lambda c: lambda: experts_up(x, fc1s[c], top_k, pairs, blocks, cfg, act), reps)
+            down_us = time_us(lambda c: lambda: experts_down(hidden, weights, fc2s[c], pairs, blocks, cfg), reps)
             m = cfg[0]
             if m not in ups or up_us < ups[m][0]:
                 ups[m] = (up_us, cfg)
@@ -132,7 +140,7 @@ def tune_shape(name: str, tokens_list: tuple[int, ...], reps: int, quick: bool, 
             m = min(ups, key=lambda m: ups[m][0] + downs[m][0])
             (up_us, up_cfg), (down_us, down_cfg) = ups[m], downs[m]
             cfg = up_cfg if down_cfg[1:5] == up_cfg[1:5] else up_cfg + down_cfg[1:5]  # five values where one config serves both
-            together = time_us(run(cfg), reps)
+            together = time_us(lambda c: run(cfg, c), reps)
             parts = f"| {up_cfg} {up_us:.1f} | {down_cfg[1:5]} {down_us:.1f} "
             if together < base_us and close(run(cfg)()):
                 best, best_us = cfg, together

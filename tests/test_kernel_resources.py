@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 H100_SHARED_BYTES = 227 * 1024  # the most one block may use
@@ -151,7 +152,8 @@ for name, (pdl, early) in bench_pdl.FORMS.items():
     sig = {"X": "*bf16", "W": "*bf16", "Y": "*bf16", "K": "i32", "stride_w": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "PDL": "constexpr", "EARLY": "constexpr"}
     c = triton.compile(ASTSource(fn=bench_pdl._matvec_kernel, signature=sig, constexprs=dict(BLOCK_N=16, BLOCK_K=256, PDL=pdl, EARLY=early), attrs={(i,): [["tt.divisibility", 16]] for i in range(5)}),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "launch_pdl": pdl})
-    ops = [l.split()[0] for l in c.asm["ptx"].splitlines() if l.strip().startswith(("griddepcontrol", "ld.global"))]
+    # (Triton 3.6 writes the gdc ops as inline asm, "griddepcontrol.wait; // dummy ...")
+    ops = [l.split()[0].rstrip(";") for l in c.asm["ptx"].splitlines() if l.strip().startswith(("griddepcontrol", "ld.global"))]
     out[name] = {"launch_pdl": bool(c.metadata.launch_pdl), "ops": ops}
 print(json.dumps(out))
 """
@@ -159,7 +161,8 @@ print(json.dumps(out))
 
 def test_the_pdl_benchmark_waits_before_it_reads_what_the_previous_kernel_wrote():
     """bench_pdl's forms compile for sm_90 as they claim: plain has no grid
-    dependency control and no PDL launch; pdl waits before its first load;
+    dependency control and no PDL launch; pdl waits, then lets the next kernel
+    launch, before its first load;
     pdl+early lets the next kernel launch and issues its first weight loads
     (several 16-byte loads) before the wait, and x's loads come after it."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -171,7 +174,23 @@ def test_the_pdl_benchmark_waits_before_it_reads_what_the_previous_kernel_wrote(
     forms = json.loads(out.stdout.strip().splitlines()[-1])
     plain, pdl, early = forms["plain"], forms["pdl"], forms["pdl+early"]
     assert not plain["launch_pdl"] and not any(op.startswith("griddepcontrol") for op in plain["ops"])
-    assert pdl["launch_pdl"] and pdl["ops"][0] == "griddepcontrol.wait"
+    assert pdl["launch_pdl"] and pdl["ops"][:2] == ["griddepcontrol.wait", "griddepcontrol.launch_dependents"]
     assert early["launch_pdl"] and early["ops"][0] == "griddepcontrol.launch_dependents"
     wait = early["ops"].index("griddepcontrol.wait")
     assert wait >= 3 and all(op == "ld.global.v4.b32" for op in early["ops"][1:wait])  # the weight tile only
+    # and its chain launches each form as compiled above: PDL launches exactly where the kernel waits
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_pdl
+
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append((grid, kw))
+
+    for name, (pdl, early_) in bench_pdl.FORMS.items():
+        launches.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(bench_pdl, "_matvec_kernel", Recorder())
+            bench_pdl.chain([None] * 4, [torch.empty(64, 64)] * 3, 16, pdl, early_)
+        assert [(grid, kw["launch_pdl"], kw["PDL"], kw["EARLY"]) for grid, kw in launches] == [((4,), pdl, pdl, early_)] * 3, name

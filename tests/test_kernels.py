@@ -361,7 +361,7 @@ def test_the_down_kernel_takes_its_own_blocks():
     a, b = expert_pairs(*args, shared).cpu(), expert_pairs(*args, own).cpu()
     assert rel(b, a) <= 1e-6 and not torch.equal(b, a)  # the same sums, cut into other K chunks: its own blocks ran
     assert rel(b.view(tokens, top_k, dim).sum(1), _moe_reference(x, weights, ids, fc1, fc2, "geglu_plus1")) <= 1e-5
-    # float32 on an H100: the up kernel's 3 stages of 80 KiB shrink to 2; the down kernel's 40 KiB stages keep 4
+    # float32 on an H100: the up kernel's 3 stages of 80 KiB shrink to 2; the down kernel's 48 KiB stages keep 4
     assert fit_stages((64, 128, 64, 8, 3, 128, 64, 8, 4), 4, 232448) == (64, 128, 64, 8, 2, 128, 64, 8, 4)
     assert fit_stages((64, 128, 64, 8, 3, 64, 128, 8, 4), 4, 232448)[8] == 3  # 64 KiB a down stage: 3 fit, not 4
     with pytest.raises(ValueError, match="5 or 9"):
