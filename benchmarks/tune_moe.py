@@ -8,8 +8,9 @@ For each shape (experts, hidden, expert inner size, top-k) and each step size
 expert GEMMs (up with the activation, down with the routing weight) on random
 bf16 weights and a random uniform top-k routing; a candidate counts only if
 its output equals the default config's within 1e-2 relative (bf16). Each
-kernel is timed on its own (CUDA events around replays of a CUDA graph of ten
-calls, as decode steps run them; median of --reps): the down kernel (N =
+kernel is timed on its own (CUDA events around replays of a CUDA graph of eight
+calls over four copies of the weights, as decode steps run them, never from
+L2; median of --reps): the down kernel (N =
 hidden, K = inner) may keep other blocks than the up kernel, under the same
 BLOCK_M (a 9-value config, see tidal.kernels.fused_moe). Prints a table
 (default vs tuned µs, and the share of copy bandwidth the expert weights read
