@@ -24,17 +24,15 @@ Prints a table; writes DIR/bench-kernels.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 from collections.abc import Callable
-from datetime import datetime, timezone
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from measure import copy_bandwidth  # noqa: E402
+from measure import card_facts, copy_bandwidth, write_lines  # noqa: E402
 
 DEV = torch.device("cuda")
 L2_BYTES = 50 << 20
@@ -369,12 +367,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA device")
     bandwidth = copy_bandwidth()
-    results: dict = {
-        "gpu": torch.cuda.get_device_name(),
-        "commit": os.environ.get("TIDAL_COMMIT", "unknown"),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "copy_bandwidth_tb_s": bandwidth / 1e12,
-    }
+    results = card_facts(bandwidth)
     lines: list[str] = []
     if "projections" in only:
         projections(args.rows, bandwidth, results, lines)
@@ -388,10 +381,7 @@ def main() -> None:
         router(bandwidth, results, lines)
     if "routing" in only:
         routing(results, lines)
-    with open(os.path.join(args.out, "bench-kernels.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"{results['gpu']}, commit {results['commit']}, copy bandwidth {bandwidth / 1e12:.2f} TB/s\n")
-    print("\n".join(lines))
+    write_lines(results, lines, args.out, "bench-kernels.json")
 
 
 if __name__ == "__main__":

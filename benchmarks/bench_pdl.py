@@ -29,18 +29,16 @@ Prints us per kernel beside the bytes' floor; writes DIR/bench-pdl.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-from datetime import datetime, timezone
 
 import torch
 import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from measure import copy_bandwidth  # noqa: E402
+from measure import card_facts, copy_bandwidth, write_lines  # noqa: E402
 
 try:  # Triton 3.3+ on sm_90
     from triton.language.extra.cuda.gdc import gdc_launch_dependents, gdc_wait
@@ -132,20 +130,11 @@ def main() -> None:
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0) or gdc_wait is None:
         raise SystemExit("this benchmark needs an sm_90+ CUDA device and Triton's gdc ops")
     bandwidth = copy_bandwidth()
-    results: dict = {
-        "gpu": torch.cuda.get_device_name(),
-        "commit": os.environ.get("TIDAL_COMMIT", "unknown"),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "copy_bandwidth_tb_s": bandwidth / 1e12,
-        "calls": CALLS,
-    }
+    results = {**card_facts(bandwidth), "calls": CALLS}
     lines = ["| weight | form | us a kernel | floor us | ratio | bits equal plain's, poisoned |", "| --- | --- | --- | --- | --- | --- |"]
     for n, block_n in SIZES:
         run_size(n, block_n, bandwidth, results, lines)
-    with open(os.path.join(args.out, "bench-pdl.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"{results['gpu']}, commit {results['commit']}, copy bandwidth {bandwidth / 1e12:.2f} TB/s, a chain of {CALLS} in one graph\n")
-    print("\n".join(lines))
+    write_lines(results, lines, args.out, "bench-pdl.json", f", a chain of {CALLS} in one graph")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Timing and reporting shared by the benchmarks: a device sync around
 wall-clock timings, the device's copy bandwidth (every floor's ceiling), an
 engine's memory handed back between parts, and the results written as JSON and
-printed as a table."""
+printed as a table (or, for the kernel benchmarks, beside their own table's lines)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import os
 import statistics
 import time
+from datetime import datetime, timezone
 
 import torch
 
@@ -86,3 +87,24 @@ def report(results: dict, out: str, name: str = "bench.json") -> None:
     print("\n| measure | value |\n| --- | --- |")
     for k, v in results.items():
         print(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
+
+
+def card_facts(bandwidth: float) -> dict:
+    """What a kernel benchmark's results start with: the card, the commit
+    (TIDAL_COMMIT: the device's copy of .git can lag the tree), the date and
+    the copy bandwidth measured in the run."""
+    return {
+        "gpu": torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu",
+        "commit": os.environ.get("TIDAL_COMMIT", "unknown"),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "copy_bandwidth_tb_s": bandwidth / 1e12,
+    }
+
+
+def write_lines(results: dict, lines: list[str], out: str, name: str, note: str = "") -> None:
+    """Write out/name (the results as JSON), then print the card line (with
+    `note` after it) and the benchmark's own table lines."""
+    with open(os.path.join(out, name), "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"{results['gpu']}, commit {results['commit']}, copy bandwidth {results['copy_bandwidth_tb_s']:.2f} TB/s{note}\n")
+    print("\n".join(lines))
