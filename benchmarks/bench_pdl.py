@@ -40,10 +40,7 @@ import triton.language as tl
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from measure import card_facts, copy_bandwidth, write_lines  # noqa: E402
 
-try:  # Triton 3.3+ on sm_90
-    from triton.language.extra.cuda.gdc import gdc_launch_dependents, gdc_wait
-except ImportError:  # pragma: no cover
-    gdc_launch_dependents = gdc_wait = None
+from tidal.kernels.pdl import HAS_GDC, gdc_launch_dependents, gdc_wait  # noqa: E402
 
 CALLS = 48  # kernels in the chain (Qwen3-30B-A3B has 48 layers)
 FORMS = {"plain": (False, False), "pdl": (True, False), "pdl+early": (True, True)}  # name -> (PDL, EARLY)
@@ -127,7 +124,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0) or gdc_wait is None:
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0) or not HAS_GDC:
         raise SystemExit("this benchmark needs an sm_90+ CUDA device and Triton's gdc ops")
     bandwidth = copy_bandwidth()
     results = {**card_facts(bandwidth), "calls": CALLS}

@@ -23,7 +23,8 @@
 #   bash benchmarks/device_run.sh attention-large  # grouped decode attention at batch 64 / 128, bf16 and float8 caches: splits and tiles
 #   bash benchmarks/device_run.sh router-programs  # the fused router's programs (default / 4 / 1) in both models' batch-1 and batch-8 decode
 #   bash benchmarks/device_run.sh priority    # the MoE branch's stream priority (text.BRANCH_PRIORITY) in Moondream decode
-#   bash benchmarks/device_run.sh pdl         # a chain of decode-sized products in one graph, with and without programmatic dependent launch
+#   bash benchmarks/device_run.sh pdl         # a chain of decode-sized products in one graph, with and without programmatic dependent launch; tidal.kernels.pdl's bits tests
+#   bash benchmarks/device_run.sh pdl-decode  # tidal.kernels.pdl off / on in both MoE models' decode
 #   bash benchmarks/device_run.sh tau         # tau's projection kernel (tau_rope.LIN_KERNEL): its tests, then a mixed step's profile with it on and off
 #   bash benchmarks/device_run.sh check       # after a kernel change, in ~5 minutes: kernel + fast-path tests, bench_kernels, quick decode of both MoE models
 #
@@ -34,7 +35,7 @@
 # checkout (TIDAL_COMMIT=abc1234 bash ...): the device's copy of .git has been seen to lag
 # the working tree it carries, so `git rev-parse` there can name an older commit.
 set -uo pipefail
-part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card, overlap, routing, http, mixed, fp8, fp8-ttft, router-programs, attention-large, priority, pdl, tau, check, timeline, md-timeline}"
+part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card, overlap, routing, http, mixed, fp8, fp8-ttft, router-programs, attention-large, priority, pdl, pdl-decode, tau, check, timeline, md-timeline}"
 out="${OUT:-.}"
 if [ -d .whl ]; then
   pip install -q --no-deps --target /tmp/deps .whl/*.whl 2>&1 | grep -v -i "warning" | tail -2
@@ -123,7 +124,16 @@ case "$part" in
     for v in 0 -1; do
       timeout 110 python benchmarks/with_setting.py tidal.models.moondream3.text.BRANCH_PRIORITY=$v -- benchmarks/bench_moondream.py --quick --only decode --out "$out/prio$v" 2>&1 | grep -E "decode batch (1|8|32):" | sed "s|^|priority $v: |"
     done ;;
-  pdl) timeout 200 python benchmarks/bench_pdl.py --out "$out" ;;  # programmatic dependent launch at decode sizes (a question for the device)
+  pdl)
+    # programmatic dependent launch: a chain of products alone, then tidal.kernels.pdl's bits tests (Moondream, Qwen3-MoE)
+    timeout 200 python benchmarks/bench_pdl.py --out "$out"
+    tests_in 150 "pdl tests" tests/test_cuda.py tests/test_qwen_fast_path.py -k programmatic ;;
+  pdl-decode)
+    # tidal.kernels.pdl off / on: both MoE models' decode, each way in one call
+    for v in False True; do
+      timeout 110 python benchmarks/with_setting.py tidal.kernels.pdl.ENABLED=$v -- benchmarks/bench_moondream.py --quick --only decode --out "$out/pdl-$v" 2>&1 | grep -E "decode batch (1|8|32):" | sed "s|^|pdl $v: |"
+      timeout 90 python benchmarks/with_setting.py tidal.kernels.pdl.ENABLED=$v -- benchmarks/bench_qwen.py --model moe --no-hf --no-concurrent --batches 1 8 --out "$out/pdl-$v" 2>&1 | grep -E "^tidal decode" | sed "s|^|pdl $v: |"
+    done ;;
   tau)
     tests_in 120 "test_kernels (tau)" tests/test_kernels.py -k "tau or bf16_parts"
     for v in True False; do

@@ -512,6 +512,34 @@ def test_parallel_branches_on_two_streams_give_the_same_bits(monkeypatch):
             assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def test_programmatic_dependent_launch_gives_the_same_bits(monkeypatch):
+    """tidal.kernels.pdl on: Moondream's decode-chain kernels launch with PDL
+    (on both of a block's streams, in the captured graphs too); golden skill
+    cases match the reference and every output logit equals, bit for bit,
+    the engine's without it."""
+    from tidal import EngineConfig, Moondream
+    from tidal.kernels import pdl
+
+    if not (pdl.HAS_GDC and torch.cuda.get_device_capability() >= (9, 0)):
+        pytest.skip("needs sm_90 and Triton's grid-dependency ops")
+    cases = SKILL_CASES[:6]
+    traces = {}
+    for on in (False, True):
+        monkeypatch.setattr(pdl, "ENABLED", on)
+        md = Moondream.from_pretrained(GOLDEN, device="cuda", dtype="float32", engine_config=EngineConfig(trace_logits=True, max_running=8))
+        try:
+            alone = [finished_request(md, c) for c in cases]
+            for c, req in zip(cases, alone):
+                assert_matches_golden(req.skill.result(), c)
+            traces[on] = [[t.logits for t in r.trace] for r in alone]
+            assert md.engine.runner.graph_replays > 0
+        finally:
+            md.close()
+    for a, b in zip(traces[False], traces[True]):
+        assert len(a) == len(b) > 0
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 def test_images_encoded_ahead_on_their_own_stream_give_the_same_bits():
     """EngineConfig(encode_ahead=True) on CUDA: held-back requests' images are
     encoded on a second stream beside the running step; golden results, and

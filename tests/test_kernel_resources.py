@@ -44,7 +44,7 @@ def compile_report(kernel, types, consts, warps):
 def router(itemsize, experts, block_k):
     dt = DT[itemsize]
     types = {"X": "*" + dt, "W": "*" + dt, "Bias": "*" + dt, "Partial": "*fp32", "Logits": "*" + dt, "Weights": "*" + dt, "Ids": "*i64", "Pairs": "*i32", "BlockExpert": "*i32", "Counter": "*i32"}
-    consts = dict(E=experts, K=8, BLOCK_T=moe_route.ROUTER_MAX_TOKENS, BLOCK_K=block_k, BM=16, CH=16, BFILL=16, HAS_BIAS=True, RENORM=True, IEEE=itemsize == 4)
+    consts = dict(E=experts, K=8, BLOCK_T=moe_route.ROUTER_MAX_TOKENS, BLOCK_K=block_k, BM=16, CH=16, BFILL=16, HAS_BIAS=True, RENORM=True, IEEE=itemsize == 4, PDL=False)
     return compile_report(moe_route._router_route_kernel, types, consts, moe_route.ROUTER_WARPS)
 
 results = {}
@@ -105,13 +105,13 @@ for cache in ("*fp8e4nv", "*bf16"):  # the float8 cache, and the exact one as be
     tile = pa.GQA_TILE_FP8 if fp8 else pa.GQA_TILE
     attn = {"Q": "*bf16", "K": cache, "V": cache, "Table": "*i64", "Rows": "*i64", "KvLens": "*i32", "PartO": "*fp32", "PartLse": "*fp32", "Out": "*bf16", "Counter": "*i32", "sm_scale": "fp32"}
     done.update({
-        f"decode {cache}": compiles(pa._decode_split_kernel, attn, dict(GROUP=1, D=64, BLOCK_N=64, NS=4, DIRECT=False, FUSED=False)),
-        f"decode grouped {cache}": compiles(pa._decode_group_split_kernel, attn, dict(GROUP=4, GP=16, D=128, BLOCK_N=tile[0], IEEE=False, NS=4, DIRECT=False, FUSED=False, F16=fp8, PREFETCH=False), tile[1], tile[2]),
-        f"decode grouped, slots a tile ahead, {cache}": compiles(pa._decode_group_split_kernel, attn, dict(GROUP=4, GP=16, D=128, BLOCK_N=64, IEEE=False, NS=4, DIRECT=False, FUSED=False, F16=fp8, PREFETCH=True), 4, 4),
+        f"decode {cache}": compiles(pa._decode_split_kernel, attn, dict(GROUP=1, D=64, BLOCK_N=64, NS=4, DIRECT=False, FUSED=False, PDL=False)),
+        f"decode grouped {cache}": compiles(pa._decode_group_split_kernel, attn, dict(GROUP=4, GP=16, D=128, BLOCK_N=tile[0], IEEE=False, NS=4, DIRECT=False, FUSED=False, F16=fp8, PREFETCH=False, PDL=False), tile[1], tile[2]),
+        f"decode grouped, slots a tile ahead, {cache}": compiles(pa._decode_group_split_kernel, attn, dict(GROUP=4, GP=16, D=128, BLOCK_N=64, IEEE=False, NS=4, DIRECT=False, FUSED=False, F16=fp8, PREFETCH=True, PDL=False), 4, 4),
         f"extend {cache}": compiles(ea._extend_kernel, {**attn, "Blocks": "*i32"}, dict(GROUP=4, D=128, BLOCK_M=64, BLOCK_N=64, IEEE=False, F16=fp8), 4, ea.EXTEND_STAGES_FP8 if fp8 else 2),
         f"extend, 5 stages, {cache}": compiles(ea._extend_kernel, {**attn, "Blocks": "*i32"}, dict(GROUP=4, D=128, BLOCK_M=64, BLOCK_N=64, IEEE=False, F16=fp8), 4, 5),
-        f"qk norm + rotary + KV write {cache}": compiles(rms_norm._qk_norm_rope_kv_kernel, {"QKV": "*bf16", "QW": "*bf16", "KW": "*bf16", "Cos": "*fp32", "Sin": "*fp32", "Loc": "*i64", "QOut": "*bf16", "KCache": cache, "VCache": cache, "eps": "fp32"}, dict(H=32, HKV=4, D=128, HALF=64, FP8=fp8), 1),
-        f"tau + rotary + KV write {cache}": compiles(tau_rope._tau_rope_kv_kernel, {"QKV": "*bf16", "Lin": "*fp32", "WTau": "*fp32", "Alpha": "*bf16", "Pos": "*i64", "Loc": "*i64", "Cos": "*fp32", "Sin": "*fp32", "QOut": "*bf16", "KCache": cache, "VCache": cache}, dict(H=32, HKV=32, D=64, HALF=16, ROT=32, BLOCK_T=1, LIN_HERE=True, BLOCK_C=4096, FP8=fp8), 8),
+        f"qk norm + rotary + KV write {cache}": compiles(rms_norm._qk_norm_rope_kv_kernel, {"QKV": "*bf16", "QW": "*bf16", "KW": "*bf16", "Cos": "*fp32", "Sin": "*fp32", "Loc": "*i64", "QOut": "*bf16", "KCache": cache, "VCache": cache, "eps": "fp32"}, dict(H=32, HKV=4, D=128, HALF=64, FP8=fp8, PDL=False), 1),
+        f"tau + rotary + KV write {cache}": compiles(tau_rope._tau_rope_kv_kernel, {"QKV": "*bf16", "Lin": "*fp32", "WTau": "*fp32", "Alpha": "*bf16", "Pos": "*i64", "Loc": "*i64", "Cos": "*fp32", "Sin": "*fp32", "QOut": "*bf16", "KCache": cache, "VCache": cache}, dict(H=32, HKV=32, D=64, HALF=16, ROT=32, BLOCK_T=1, LIN_HERE=True, BLOCK_C=4096, FP8=fp8, PDL=False), 8),
     })
 # tau's projection kernel (tau_rope.LIN_KERNEL, off until timed): Moondream 3's 64 heads' [wq; wv] over 6144 features, both weight types
 for w, split in (("*bf16", True), ("*fp32", False)):
@@ -194,3 +194,59 @@ def test_the_pdl_benchmark_waits_before_it_reads_what_the_previous_kernel_wrote(
             mp.setattr(bench_pdl, "_matvec_kernel", Recorder())
             bench_pdl.chain([None] * 4, [torch.empty(64, 64)] * 3, 16, pdl, early_)
         assert [(grid, kw["launch_pdl"], kw["PDL"], kw["EARLY"]) for grid, kw in launches] == [((4,), pdl, pdl, early_)] * 3, name
+
+
+# The decode chain's kernels with programmatic dependent launch on (tidal.kernels.pdl), compiled for sm_90
+_COMPILE_PDL_KERNELS = r"""
+import json, warnings
+warnings.filterwarnings("ignore")
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from tidal.kernels import fused_moe, moe_route, paged_attention as pa, residual_norm, rms_norm, tau_rope
+
+MEM = ("ld.global", "st.global", "cp.async", "atom.", "red.", "griddepcontrol")
+
+def first_ops(kernel, types, consts, warps=4):
+    sig = {n: types.get(n, "i32") for n in kernel.arg_names}
+    sig.update({c: "constexpr" for c in consts})
+    c = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs={**consts, "PDL": True}), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "launch_pdl": True})
+    ops = [l.split()[0].rstrip(";") for l in c.asm["ptx"].splitlines() if l.strip().startswith(MEM)]
+    return {"launch_pdl": bool(c.metadata.launch_pdl), "first": ops[:2], "waits": ops.count("griddepcontrol.wait")}
+
+bf = "*bf16"
+attn = {"Q": bf, "K": bf, "V": bf, "Table": "*i64", "Rows": "*i64", "KvLens": "*i32", "PartO": "*fp32", "PartLse": "*fp32", "Out": bf, "Counter": "*i32", "sm_scale": "fp32"}
+out = {
+    "residual_norm": first_ops(residual_norm._residual_norm_kernel, {n: bf for n in ("X", "Attn", "Parts", "W", "B", "XOut", "HOut")} | {"eps": "fp32"}, dict(K=8, BLOCK_D=2048, NORM=True)),
+    "add_rms_norm": first_ops(rms_norm._add_rms_norm_kernel, {n: bf for n in ("X", "Parts", "W", "XOut", "HOut")} | {"eps": "fp32"}, dict(K=8, ADD=True, NORM=True, BLOCK_D=2048)),
+    "qk_norm_rope_kv": first_ops(rms_norm._qk_norm_rope_kv_kernel, {"QKV": bf, "QW": bf, "KW": bf, "Cos": "*fp32", "Sin": "*fp32", "Loc": "*i64", "QOut": bf, "KCache": bf, "VCache": bf, "eps": "fp32"}, dict(H=32, HKV=4, D=128, HALF=64, FP8=False), 1),
+    "tau_rope_kv": first_ops(tau_rope._tau_rope_kv_kernel, {"QKV": bf, "Lin": "*fp32", "WTau": "*fp32", "Alpha": bf, "Pos": "*i64", "Loc": "*i64", "Cos": "*fp32", "Sin": "*fp32", "QOut": bf, "KCache": bf, "VCache": bf}, dict(H=32, HKV=32, D=64, HALF=16, ROT=32, BLOCK_T=1, LIN_HERE=True, BLOCK_C=4096, FP8=False), 8),
+    "decode split": first_ops(pa._decode_split_kernel, attn, dict(GROUP=1, D=64, BLOCK_N=64, NS=16, DIRECT=False, FUSED=False)),
+    "decode grouped split": first_ops(pa._decode_group_split_kernel, attn, dict(GROUP=8, GP=16, D=128, BLOCK_N=64, IEEE=False, NS=16, DIRECT=False, FUSED=False, F16=False, PREFETCH=False)),
+    "decode reduce": first_ops(pa._decode_reduce_kernel, {"PartO": "*fp32", "PartLse": "*fp32", "Out": bf, "KvLens": "*i32"}, dict(BLOCK_N=64, NS=16, D=128)),
+    "router": first_ops(moe_route._router_route_kernel, {"X": bf, "W": bf, "Bias": bf, "Partial": "*fp32", "Logits": bf, "Weights": bf, "Ids": "*i64", "Pairs": "*i32", "BlockExpert": "*i32", "Counter": "*i32"},
+                        dict(E=128, K=8, BLOCK_T=moe_route.ROUTER_MAX_TOKENS, BLOCK_K=128, BM=16, CH=16, BFILL=16, HAS_BIAS=False, RENORM=True, IEEE=False), moe_route.ROUTER_WARPS),
+    "moe up": first_ops(fused_moe._moe_up_kernel, {"X": bf, "W": bf, "Out": bf, "Pairs": "*i32", "BlockExpert": "*i32"}, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, IEEE=False, ACT=1)),
+    "moe down": first_ops(fused_moe._moe_down_kernel, {"A": bf, "W": bf, "Out": bf, "Pairs": "*i32", "BlockExpert": "*i32", "Weights": bf}, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, IEEE=False)),
+}
+print(json.dumps(out))
+"""
+
+
+def test_the_decode_chains_kernels_wait_for_their_predecessor_before_any_memory_access():
+    """With tidal.kernels.pdl on, each decode-chain kernel (norms, the KV
+    writes, decode attention and its reduce, the fused router, the experts'
+    up and down), compiled for sm_90, is a PDL launch whose first memory
+    instruction is the wait for its predecessor, then the release of its
+    successor: no load or store of the predecessor's data can run ahead."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run([sys.executable, "-c", _COMPILE_PDL_KERNELS], env=env, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0 and "No module named 'triton" in out.stderr:
+        pytest.skip("no Triton here")
+    assert out.returncode == 0, out.stderr[-3000:]
+    kernels = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(kernels) == 10
+    for name, k in kernels.items():
+        assert k["launch_pdl"] and k["waits"] == 1, (name, k)
+        assert k["first"] == ["griddepcontrol.wait", "griddepcontrol.launch_dependents"], (name, k)

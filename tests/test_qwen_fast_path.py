@@ -88,3 +88,29 @@ def test_a_float8_kv_cache_gives_the_same_logits_on_both_paths(tmp_path_factory)
         # against the exact cache, the prompt's output (later ones compound the
         # rounding through this tiny random model's sharp attention, and part at their first different token)
         assert 1e-3 <= moe_tests._rel(want[0].cpu(), exact[0].cpu()) <= 0.3
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="programmatic dependent launch needs an sm_90 GPU")
+def test_programmatic_dependent_launch_changes_no_bit(tmp_path_factory, monkeypatch):
+    """tidal.kernels.pdl on (the decode chain's kernels launched with PDL,
+    each waiting for its predecessor before any memory access, in the
+    captured graphs too): every token and logit equals the fused path's with
+    it off, bit for bit; on an sm_90 card the graphs were captured with it."""
+    from tidal.kernels import pdl
+
+    if not (pdl.HAS_GDC and torch.cuda.get_device_capability() >= (9, 0)):
+        pytest.skip("needs sm_90 and Triton's grid-dependency ops")
+    _, folder = moe_tests._checkpoint(tmp_path_factory, "base")
+    prompts = moe_tests.PROMPTS[:3]
+    out = {}
+    for on in (False, True):
+        monkeypatch.setattr(pdl, "ENABLED", on)
+        llm = _load(folder, True)
+        try:
+            assert pdl.pdl_on(llm.engine.runner.device) == on
+            out[on] = [moe_tests._run(llm, [p], 6)[0] for p in prompts]  # one at a time: the same steps both ways
+            assert llm.engine.runner.graphs.replays > 0
+        finally:
+            llm.close()
+    for (want_tokens, want), (tokens, got) in zip(out[False], out[True]):
+        assert tokens == want_tokens and torch.equal(got, want)

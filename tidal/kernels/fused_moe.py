@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tidal.kernels.pdl import pdl_enter, pdl_on
+
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), optionally + the down kernel's (BLOCK_N, BLOCK_K, num_warps, num_stages)
 MoeConfig = tuple[int, ...]
 
@@ -171,8 +173,9 @@ def _moe_up_kernel(
     X, W, Out, Pairs, BlockExpert,
     num_pairs, top_k, num_experts, inner, dim,
     stride_xt, stride_we, stride_wn, stride_ot,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(BlockExpert + pid_m).to(tl.int64)
@@ -210,8 +213,9 @@ def _moe_down_kernel(
     A, W, Out, Pairs, BlockExpert, Weights,
     num_pairs, num_experts, dim, inner,
     stride_at, stride_we, stride_wn, stride_ot,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(BlockExpert + pid_m).to(tl.int64)
@@ -254,8 +258,8 @@ def experts_up(
         x, fc1, hidden, pairs, block_expert,
         num_pairs, top_k, num_experts, inner, dim,
         x.stride(0), fc1.stride(0), fc1.stride(1), hidden.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32, ACT=ACT_CODES[act],
-        num_warps=warps, num_stages=stages,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32, ACT=ACT_CODES[act], PDL=pdl_on(x.device),
+        num_warps=warps, num_stages=stages, launch_pdl=pdl_on(x.device),
     )
     return hidden
 
@@ -272,8 +276,8 @@ def experts_down(hidden: torch.Tensor, weights: torch.Tensor, fc2: torch.Tensor,
         hidden, fc2, per_pair, pairs, block_expert, weights.reshape(-1),
         num_pairs, num_experts, dim, inner,
         hidden.stride(0), fc2.stride(0), fc2.stride(1), per_pair.stride(0),
-        BLOCK_M=config[0], BLOCK_N=block_n, BLOCK_K=block_k, IEEE=hidden.dtype == torch.float32,
-        num_warps=warps, num_stages=stages,
+        BLOCK_M=config[0], BLOCK_N=block_n, BLOCK_K=block_k, IEEE=hidden.dtype == torch.float32, PDL=pdl_on(hidden.device),
+        num_warps=warps, num_stages=stages, launch_pdl=pdl_on(hidden.device),
     )
     return per_pair
 

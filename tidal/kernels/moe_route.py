@@ -24,6 +24,7 @@ import triton.language as tl
 
 from tidal.kernels import scratch_zeros
 from tidal.kernels.fused_moe import max_blocks
+from tidal.kernels.pdl import pdl_enter, pdl_on
 
 MAX_TOKENS = 16384  # above this the torch ops are used (the offsets program walks every chunk of pairs)
 # Up to this many tokens (and tokens x experts) one program routes and aligns;
@@ -218,7 +219,7 @@ def _router_route_kernel(
     X, W, Bias, Partial, Logits, Weights, Ids, Pairs, BlockExpert, Counter,
     tokens, dim, k_per_program, stride_x, stride_w, nblocks,
     E: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BM: tl.constexpr, CH: tl.constexpr, BFILL: tl.constexpr,
-    HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, IEEE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
 ):
     """The router product and the routing in one launch: program p takes the
     slice [p * k_per_program, +k_per_program) of the hidden size for all rows
@@ -226,6 +227,7 @@ def _router_route_kernel(
     sums the partials in program order, adds the bias, rounds to the
     activation dtype as the router's linear does, then routes and aligns as
     the one-program routing kernel."""
+    pdl_enter(PDL)
     p = tl.program_id(0)
     t = tl.arange(0, BLOCK_T)
     tm = t < tokens
@@ -345,7 +347,8 @@ def router_route_and_align(
         x, router_w, router_b if router_b is not None else router_w, partial, logits, weights, ids, pairs, block_expert, ticket,
         tokens, dim, k_per_program, x.stride(0), router_w.stride(0), nblocks,
         E=experts, K=top_k, BLOCK_T=ROUTER_MAX_TOKENS, BLOCK_K=block_k, BM=block_m, CH=pairs_chunk, BFILL=block_chunk,
-        HAS_BIAS=router_b is not None, RENORM=renormalize, IEEE=x.dtype == torch.float32, num_warps=num_warps or ROUTER_WARPS,
+        HAS_BIAS=router_b is not None, RENORM=renormalize, IEEE=x.dtype == torch.float32, PDL=pdl_on(dev), num_warps=num_warps or ROUTER_WARPS,
+        launch_pdl=pdl_on(dev),
     )
     return weights, ids, pairs, block_expert
 

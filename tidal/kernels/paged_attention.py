@@ -27,6 +27,7 @@ import triton.language as tl
 
 from tidal.kernels import scratch_zeros
 from tidal.kernels.kv_store import f16_operand, f16_products, is_fp8
+from tidal.kernels.pdl import pdl_enter, pdl_on
 
 
 @triton.jit
@@ -48,8 +49,9 @@ def _decode_split_kernel(
     stride_lb, stride_lh,
     stride_outb, stride_outh,
     sm_scale, nsplit,
-    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, NS: tl.constexpr, DIRECT: tl.constexpr, FUSED: tl.constexpr,
+    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, NS: tl.constexpr, DIRECT: tl.constexpr, FUSED: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
@@ -107,7 +109,7 @@ def _decode_group_split_kernel(
     stride_outb, stride_outh,
     sm_scale, nsplit,
     GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-    NS: tl.constexpr, DIRECT: tl.constexpr, FUSED: tl.constexpr, F16: tl.constexpr, PREFETCH: tl.constexpr,
+    NS: tl.constexpr, DIRECT: tl.constexpr, FUSED: tl.constexpr, F16: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
 ):
     """One program: the GROUP query heads of one KV head (padded to GP rows,
     the smallest matrix-product tile), one split of one sequence.
@@ -120,6 +122,7 @@ def _decode_group_split_kernel(
     made conversions, not bytes, the float8 kernel's bound. Queries and
     softmax weights keep their bf16 bits down to f16's smallest normal
     (6e-5; f16 has 3 more mantissa bits); only smaller magnitudes lose any."""
+    pdl_enter(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     s = tl.program_id(2)
@@ -207,9 +210,10 @@ def _decode_reduce_kernel(
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
     stride_outb, stride_outh,
-    nsplit, BLOCK_N: tl.constexpr, NS: tl.constexpr, D: tl.constexpr,
+    nsplit, BLOCK_N: tl.constexpr, NS: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr,
 ):
     """The splits' second launch: one program per (sequence, head)."""
+    pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     kv_len = tl.load(KvLens + b)
@@ -299,15 +303,16 @@ def decode_attention(
         dim**-0.5, num_splits,
     )
     ns = triton.next_power_of_2(num_splits)
+    pdl = pdl_on(q.device)
     block_n = DECODE_BLOCK_N  # the split kernel's and the reduce's (both cut the keys by it)
     if group == 1:
-        _decode_split_kernel[(bsz, heads, num_splits)](*args, GROUP=1, D=dim, BLOCK_N=block_n, NS=ns, DIRECT=direct, FUSED=fused, num_warps=4, num_stages=3)
+        _decode_split_kernel[(bsz, heads, num_splits)](*args, GROUP=1, D=dim, BLOCK_N=block_n, NS=ns, DIRECT=direct, FUSED=fused, PDL=pdl, num_warps=4, num_stages=3, launch_pdl=pdl)
     else:
         block_n, warps, stages = GQA_TILE_FP8 if is_fp8(k_cache) else GQA_TILE
         _decode_group_split_kernel[(bsz, heads // group, num_splits)](
             *args, GROUP=group, GP=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
-            NS=ns, DIRECT=direct, FUSED=fused, F16=f16_products(q, k_cache), PREFETCH=GQA_SLOT_PREFETCH,
-            num_warps=warps, num_stages=stages,
+            NS=ns, DIRECT=direct, FUSED=fused, F16=f16_products(q, k_cache), PREFETCH=GQA_SLOT_PREFETCH, PDL=pdl,
+            num_warps=warps, num_stages=stages, launch_pdl=pdl,
         )
     if not direct and not fused:
         _decode_reduce_kernel[(bsz, heads)](
@@ -315,7 +320,7 @@ def decode_attention(
             part_o.stride(0), part_o.stride(1), part_o.stride(2),
             part_lse.stride(0), part_lse.stride(1),
             out.stride(0), out.stride(1),
-            num_splits, BLOCK_N=block_n, NS=ns, D=dim,
-            num_warps=4,
+            num_splits, BLOCK_N=block_n, NS=ns, D=dim, PDL=pdl,
+            num_warps=4, launch_pdl=pdl,
         )
     return out

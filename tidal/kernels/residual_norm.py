@@ -19,13 +19,16 @@ import torch
 import triton
 import triton.language as tl
 
+from tidal.kernels.pdl import pdl_enter, pdl_on
+
 
 @triton.jit
 def _residual_norm_kernel(
     X, Attn, Parts, W, B, XOut, HOut,
     dim, stride_x, stride_a, stride_p, stride_pj, stride_xo, stride_h, eps,
-    K: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr,
+    K: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     dm = d < dim
@@ -63,11 +66,12 @@ def residual_norm(x: torch.Tensor, attn: torch.Tensor, parts: torch.Tensor | Non
     w = norm.weight if norm is not None else x
     b = norm.bias if norm is not None else x
     block = triton.next_power_of_2(dim)
+    pdl = pdl_on(x.device)
     _residual_norm_kernel[(tokens,)](
         x, attn, parts, w, b, x_out, h if h is not None else x_out,
         dim, x.stride(0), attn.stride(0), parts.stride(0), parts.stride(1), x_out.stride(0), (h if h is not None else x_out).stride(0),
         norm.eps if norm is not None else 0.0,
-        K=k, BLOCK_D=block, NORM=norm is not None,
-        num_warps=4 if block >= 1024 else 1,
+        K=k, BLOCK_D=block, NORM=norm is not None, PDL=pdl,
+        num_warps=4 if block >= 1024 else 1, launch_pdl=pdl,
     )
     return x_out, h

@@ -20,14 +20,16 @@ import triton
 import triton.language as tl
 
 from tidal.kernels.kv_store import cache_value, is_fp8
+from tidal.kernels.pdl import pdl_enter, pdl_on
 
 
 @triton.jit
 def _add_rms_norm_kernel(
     X, Parts, W, XOut, HOut,
     dim, stride_x, stride_p, stride_pj, stride_xo, stride_h, eps,
-    K: tl.constexpr, ADD: tl.constexpr, NORM: tl.constexpr, BLOCK_D: tl.constexpr,
+    K: tl.constexpr, ADD: tl.constexpr, NORM: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     dm = d < dim
@@ -60,11 +62,12 @@ def add_rms_norm(x: torch.Tensor, parts: torch.Tensor | None, weight: torch.Tens
     assert x.stride(1) == p.stride(2) == 1
     block = triton.next_power_of_2(dim)
     hout = h if h is not None else x_out
+    pdl = pdl_on(x.device)
     _add_rms_norm_kernel[(tokens,)](
         x, p, weight if norm else x, x_out, hout,
         dim, x.stride(0), p.stride(0), p.stride(1), x_out.stride(0), hout.stride(0), eps,
-        K=p.shape[1], ADD=add, NORM=norm, BLOCK_D=block,
-        num_warps=4 if block >= 1024 else 1,
+        K=p.shape[1], ADD=add, NORM=norm, BLOCK_D=block, PDL=pdl,
+        num_warps=4 if block >= 1024 else 1, launch_pdl=pdl,
     )
     return x_out, h
 
@@ -73,8 +76,9 @@ def add_rms_norm(x: torch.Tensor, parts: torch.Tensor | None, weight: torch.Tens
 def _qk_norm_rope_kv_kernel(
     QKV, QW, KW, Cos, Sin, Loc, QOut, KCache, VCache,
     stride_qkv, stride_cs, stride_qo_t, stride_qo_h, stride_ks, stride_kh, stride_vs, stride_vh, eps,
-    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, FP8: tl.constexpr,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)  # q heads, then k heads, then v heads
     dtype = QOut.dtype.element_ty
@@ -135,10 +139,11 @@ def qk_norm_rope_kv(
     q = torch.empty((tokens, n_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     if tokens == 0:
         return q
+    pdl = pdl_on(qkv.device)
     _qk_norm_rope_kv_kernel[(tokens, n_heads + 2 * n_kv)](
         qkv, q_norm, k_norm, cos, sin, out_cache_loc, q, k_cache, v_cache,
         qkv.stride(0), cos.stride(0), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), eps,
-        H=n_heads, HKV=n_kv, D=head_dim, HALF=head_dim // 2, FP8=is_fp8(k_cache),
-        num_warps=1,
+        H=n_heads, HKV=n_kv, D=head_dim, HALF=head_dim // 2, FP8=is_fp8(k_cache), PDL=pdl,
+        num_warps=1, launch_pdl=pdl,
     )
     return q

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from tidal.kernels.kv_store import cache_value, is_fp8
+from tidal.kernels.pdl import pdl_enter, pdl_on
 
 
 @triton.jit
@@ -44,8 +45,9 @@ def _tau_rope_kv_kernel(
     tokens, stride_qkv, stride_lin, stride_w, stride_qo_t, stride_qo_h, stride_cs,
     stride_ks, stride_kh, stride_vs, stride_vh,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, ROT: tl.constexpr, BLOCK_T: tl.constexpr,
-    LIN_HERE: tl.constexpr, BLOCK_C: tl.constexpr, FP8: tl.constexpr,
+    LIN_HERE: tl.constexpr, BLOCK_C: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     h = tl.program_id(1)
     kv = tl.program_id(2)  # 0: head h's query; 1: its key and value (two programs: half the serial work each at batch 1)
     if kv == 1 and h >= HKV:
@@ -193,6 +195,7 @@ def tau_rope_kv(
         tokens, qkv.stride(0), lin.stride(0), w_tau.stride(0), q.stride(0), q.stride(1), cos.stride(0),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         H=n_heads, HKV=n_kv, D=head_dim, HALF=half, ROT=2 * half, BLOCK_T=block_t,
-        LIN_HERE=lin_here, BLOCK_C=block_c, FP8=is_fp8(k_cache), num_warps=warps,
+        LIN_HERE=lin_here, BLOCK_C=block_c, FP8=is_fp8(k_cache), PDL=pdl_on(qkv.device), num_warps=warps,
+        launch_pdl=pdl_on(qkv.device),
     )
     return q
