@@ -109,7 +109,7 @@ def test_programmatic_dependent_launch_changes_no_bit(tmp_path_factory, monkeypa
         try:
             assert pdl.pdl_on(llm.engine.runner.device) == on
             out[on] = [moe_tests._run(llm, [p], 6)[0] for p in prompts]  # one at a time: the same steps both ways
-            assert llm.engine.runner.graphs.replays > 0
+            assert llm.engine.runner.graph_replays > 0
         finally:
             llm.close()
     for (want_tokens, want), (tokens, got) in zip(out[False], out[True]):

@@ -254,12 +254,13 @@ def experts_up(
     assert x.stride(1) == fc1.stride(2) == 1
     num_pairs = tokens * top_k
     hidden = torch.empty((num_pairs, inner), dtype=x.dtype, device=x.device)
+    pdl = pdl_on(x.device)
     _moe_up_kernel[(block_expert.shape[0], triton.cdiv(inner, block_n))](
         x, fc1, hidden, pairs, block_expert,
         num_pairs, top_k, num_experts, inner, dim,
         x.stride(0), fc1.stride(0), fc1.stride(1), hidden.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32, ACT=ACT_CODES[act], PDL=pdl_on(x.device),
-        num_warps=warps, num_stages=stages, launch_pdl=pdl_on(x.device),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32, ACT=ACT_CODES[act], PDL=pdl,
+        num_warps=warps, num_stages=stages, launch_pdl=pdl,
     )
     return hidden
 
@@ -272,12 +273,13 @@ def experts_down(hidden: torch.Tensor, weights: torch.Tensor, fc2: torch.Tensor,
     assert hidden.stride(1) == fc2.stride(2) == 1
     num_pairs = hidden.shape[0]
     per_pair = torch.empty((num_pairs, dim), dtype=hidden.dtype, device=hidden.device)
+    pdl = pdl_on(hidden.device)
     _moe_down_kernel[(block_expert.shape[0], triton.cdiv(dim, block_n))](
         hidden, fc2, per_pair, pairs, block_expert, weights.reshape(-1),
         num_pairs, num_experts, dim, inner,
         hidden.stride(0), fc2.stride(0), fc2.stride(1), per_pair.stride(0),
-        BLOCK_M=config[0], BLOCK_N=block_n, BLOCK_K=block_k, IEEE=hidden.dtype == torch.float32, PDL=pdl_on(hidden.device),
-        num_warps=warps, num_stages=stages, launch_pdl=pdl_on(hidden.device),
+        BLOCK_M=config[0], BLOCK_N=block_n, BLOCK_K=block_k, IEEE=hidden.dtype == torch.float32, PDL=pdl,
+        num_warps=warps, num_stages=stages, launch_pdl=pdl,
     )
     return per_pair
 

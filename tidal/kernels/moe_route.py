@@ -343,12 +343,13 @@ def router_route_and_align(
     ticket = scratch_zeros("router ticket", 1, torch.int32, dev)
     logits = torch.empty((tokens, experts), dtype=x.dtype, device=dev)
     _, pairs_chunk, block_chunk = _tiles(tokens, top_k, experts, nblocks)
+    pdl = pdl_on(dev)
     _router_route_kernel[(programs,)](
         x, router_w, router_b if router_b is not None else router_w, partial, logits, weights, ids, pairs, block_expert, ticket,
         tokens, dim, k_per_program, x.stride(0), router_w.stride(0), nblocks,
         E=experts, K=top_k, BLOCK_T=ROUTER_MAX_TOKENS, BLOCK_K=block_k, BM=block_m, CH=pairs_chunk, BFILL=block_chunk,
-        HAS_BIAS=router_b is not None, RENORM=renormalize, IEEE=x.dtype == torch.float32, PDL=pdl_on(dev), num_warps=num_warps or ROUTER_WARPS,
-        launch_pdl=pdl_on(dev),
+        HAS_BIAS=router_b is not None, RENORM=renormalize, IEEE=x.dtype == torch.float32, PDL=pdl, num_warps=num_warps or ROUTER_WARPS,
+        launch_pdl=pdl,
     )
     return weights, ids, pairs, block_expert
 

@@ -190,12 +190,12 @@ def tau_rope_kv(
     block_t = 1 if tokens == 1 else 4 if lin_here else 16
     default = (4096, 8) if tokens == 1 else (1024, 4) if lin_here else (256, 4)
     block_c, warps = launch or default
+    pdl = pdl_on(qkv.device)
     _tau_rope_kv_kernel[(triton.cdiv(tokens, block_t), n_heads, 2)](
         qkv, lin, w_tau, alpha, positions, out_cache_loc, cos, sin, q, k_cache, v_cache,
         tokens, qkv.stride(0), lin.stride(0), w_tau.stride(0), q.stride(0), q.stride(1), cos.stride(0),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         H=n_heads, HKV=n_kv, D=head_dim, HALF=half, ROT=2 * half, BLOCK_T=block_t,
-        LIN_HERE=lin_here, BLOCK_C=block_c, FP8=is_fp8(k_cache), PDL=pdl_on(qkv.device), num_warps=warps,
-        launch_pdl=pdl_on(qkv.device),
+        LIN_HERE=lin_here, BLOCK_C=block_c, FP8=is_fp8(k_cache), PDL=pdl, num_warps=warps, launch_pdl=pdl,
     )
     return q
