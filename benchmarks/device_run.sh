@@ -25,6 +25,7 @@
 #   bash benchmarks/device_run.sh priority    # the MoE branch's stream priority (text.BRANCH_PRIORITY) in Moondream decode
 #   bash benchmarks/device_run.sh pdl         # a chain of decode-sized products in one graph, with and without programmatic dependent launch; tidal.kernels.pdl's bits tests
 #   bash benchmarks/device_run.sh pdl-decode  # tidal.kernels.pdl off / on in both MoE models' decode
+#   bash benchmarks/device_run.sh round       # where starts are scarce: test_cuda, bench_pdl and the priority A/B in one call
 #   bash benchmarks/device_run.sh tau         # tau's projection kernel (tau_rope.LIN_KERNEL): its tests, then a mixed step's profile with it on and off
 #   bash benchmarks/device_run.sh check       # after a kernel change, in ~5 minutes: kernel + fast-path tests, bench_kernels, quick decode of both MoE models
 #
@@ -35,7 +36,7 @@
 # checkout (TIDAL_COMMIT=abc1234 bash ...): the device's copy of .git has been seen to lag
 # the working tree it carries, so `git rev-parse` there can name an older commit.
 set -uo pipefail
-part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card, overlap, routing, http, mixed, fp8, fp8-ttft, router-programs, attention-large, priority, pdl, pdl-decode, tau, check, timeline, md-timeline}"
+part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card, overlap, routing, http, mixed, fp8, fp8-ttft, router-programs, attention-large, priority, pdl, pdl-decode, round, tau, check, timeline, md-timeline}"
 out="${OUT:-.}"
 if [ -d .whl ]; then
   pip install -q --no-deps --target /tmp/deps .whl/*.whl 2>&1 | grep -v -i "warning" | tail -2
@@ -133,6 +134,13 @@ case "$part" in
     for v in False True; do
       timeout 110 python benchmarks/with_setting.py tidal.kernels.pdl.ENABLED=$v -- benchmarks/bench_moondream.py --quick --only decode --out "$out/pdl-$v" 2>&1 | grep -E "decode batch (1|8|32):" | sed "s|^|pdl $v: |"
       timeout 90 python benchmarks/with_setting.py tidal.kernels.pdl.ENABLED=$v -- benchmarks/bench_qwen.py --model moe --no-hf --no-concurrent --batches 1 8 --out "$out/pdl-$v" 2>&1 | grep -E "^tidal decode" | sed "s|^|pdl $v: |"
+    done ;;
+  round)
+    # the most per call where starts are scarce (~570 s): test_cuda, the PDL chain, the MoE branch's priority in Moondream decode
+    tests_in 200 tests/test_cuda.py tests/test_cuda.py
+    timeout 90 python benchmarks/bench_pdl.py --out "$out" 2>&1 | tail -9
+    for v in 0 -1; do
+      timeout 110 python benchmarks/with_setting.py tidal.models.moondream3.text.BRANCH_PRIORITY=$v -- benchmarks/bench_moondream.py --quick --only decode --out "$out/prio$v" 2>&1 | grep -E "decode batch (1|8|32):" | sed "s|^|priority $v: |"
     done ;;
   tau)
     tests_in 120 "test_kernels (tau)" tests/test_kernels.py -k "tau or bf16_parts"
