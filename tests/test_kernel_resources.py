@@ -56,10 +56,14 @@ print(json.dumps(results))
 """
 
 
-def _compile_reports() -> dict[str, dict[str, int]]:
+def _run_compile_script(script: str) -> dict:
+    """Run one of the scripts above in a process of its own (without the
+    session's TRITON_INTERPRET, the repository on its path) -> the JSON of its
+    last line; skip where this Triton cannot compile for sm_90 (no NVIDIA
+    backend or ptxas)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
-    out = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     if out.returncode != 0 and ("get_ptxas" in out.stderr or "No module named 'triton" in out.stderr):
         pytest.skip("this Triton cannot compile for sm_90 here (no NVIDIA backend or ptxas)")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -70,7 +74,7 @@ def test_router_launches_fit_an_h100():
     """The fused router at router_block_k's slices and ROUTER_WARPS (bf16 and
     float32, 64 and 128 experts) fits an H100's shared memory and spills no registers; the
     float32 256-wide router slice that failed on the device does not fit."""
-    reports = _compile_reports()
+    reports = _run_compile_script(_COMPILE)
     bad = reports.pop("router fp32 E128 at 256 (known bad)")
     assert bad["shared"] > H100_SHARED_BYTES  # the check would have caught it
     for name, r in reports.items():
@@ -126,13 +130,7 @@ def test_the_kv_cache_and_tau_kernels_compile_for_an_h100():
     use (and the grouped decode's slot prefetch, the extend's 5 stages), within
     an H100's shared memory; so does tau's projection kernel (the CPU tests
     run them under the interpreter only)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT)
-    out = subprocess.run([sys.executable, "-c", _COMPILE_FP8], env=env, capture_output=True, text=True, timeout=600)
-    if out.returncode != 0 and "No module named 'triton" in out.stderr:
-        pytest.skip("no Triton here")
-    assert out.returncode == 0, out.stderr[-3000:]
-    done = json.loads(out.stdout.strip().splitlines()[-1])
+    done = _run_compile_script(_COMPILE_FP8)
     assert len(done) == 16 and all(0 <= shared <= H100_SHARED_BYTES for shared in done.values()), done
 
 
@@ -166,13 +164,7 @@ def test_the_pdl_benchmark_waits_before_it_reads_what_the_previous_kernel_wrote(
     launch, before its first load;
     pdl+early lets the next kernel launch and issues its first weight loads
     (several 16-byte loads) before the wait, and x's loads come after it."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT)
-    out = subprocess.run([sys.executable, "-c", _COMPILE_PDL], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    if out.returncode != 0 and "No module named 'triton" in out.stderr:
-        pytest.skip("no Triton here")
-    assert out.returncode == 0, out.stderr[-3000:]
-    forms = json.loads(out.stdout.strip().splitlines()[-1])
+    forms = _run_compile_script(_COMPILE_PDL)
     plain, pdl, early = forms["plain"], forms["pdl"], forms["pdl+early"]
     assert not plain["launch_pdl"] and not any(op.startswith("griddepcontrol") for op in plain["ops"])
     assert pdl["launch_pdl"] and pdl["ops"][:2] == ["griddepcontrol.wait", "griddepcontrol.launch_dependents"]
@@ -241,13 +233,7 @@ def test_the_decode_chains_kernels_wait_for_their_predecessor_before_any_memory_
     up and down), compiled for sm_90, is a PDL launch whose first memory
     instruction is the wait for its predecessor, then the release of its
     successor: no load or store of the predecessor's data can run ahead."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT)
-    out = subprocess.run([sys.executable, "-c", _COMPILE_PDL_KERNELS], env=env, capture_output=True, text=True, timeout=600)
-    if out.returncode != 0 and "No module named 'triton" in out.stderr:
-        pytest.skip("no Triton here")
-    assert out.returncode == 0, out.stderr[-3000:]
-    kernels = json.loads(out.stdout.strip().splitlines()[-1])
+    kernels = _run_compile_script(_COMPILE_PDL_KERNELS)
     assert len(kernels) == 10
     for name, k in kernels.items():
         assert k["launch_pdl"] and k["waits"] == 1 and k["accesses"] >= 3, (name, k)  # the kernel's own loads and stores are seen
