@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tidal.kernels.kv_store import f16_operand, f16_products, is_fp8
+from tidal.kernels.kv_store import f16_operand, f16_products, is_fp8, key_scores
 
 
 @triton.jit
@@ -57,12 +57,7 @@ def _extend_kernel(
         n = n0 + tl.arange(0, BLOCK_N)
         nmask = n < hi
         slot = tl.load(Table + row * stride_tr + n, mask=nmask, other=0).to(tl.int64)
-        k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=nmask[:, None], other=0.0).to(op_ty)  # (a float8 cache: upcast)
-        if IEEE:
-            sc = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            sc = tl.dot(q, tl.trans(k))
-        sc = sc * sm_scale
+        sc = key_scores(q, K, slot, kvh, stride_ks, stride_kh, nmask, D, op_ty, IEEE) * sm_scale
         seen = (n[None, :] <= qpos[:, None]) | ((n[None, :] < bidir) & (qpos[:, None] < bidir))
         seen = seen & nmask[None, :]
         sc = tl.where(seen, sc, float("-inf"))

@@ -66,3 +66,18 @@ def f16_operand(q):
     kernels' F16): clamped to float16's range, where a bf16 query past it
     would turn inf; bf16 -> f16 is exact from f16's smallest normal (6e-5) up."""
     return tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+
+
+@triton.jit
+def key_scores(q, K, slot, kvh, stride_ks, stride_kh, mask, D: tl.constexpr, OP_TY: tl.constexpr, IEEE: tl.constexpr):
+    """q [M, D] (in OP_TY) times the keys of KV head kvh at `slot` [N] (masked
+    rows read as 0), read from the cache and upcast to OP_TY -> [M, N]
+    float32 products, unscaled. The grouped decode and the extend kernels'
+    first product."""
+    d = tl.arange(0, D)
+    k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=mask[:, None], other=0.0).to(OP_TY)  # (a float8 cache: upcast)
+    if IEEE:
+        sc = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        sc = tl.dot(q, tl.trans(k))
+    return sc

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from tidal.kernels import scratch_zeros
-from tidal.kernels.kv_store import f16_operand, f16_products, is_fp8
+from tidal.kernels.kv_store import f16_operand, f16_products, is_fp8, key_scores
 from tidal.kernels.pdl import pdl_enter, pdl_on
 
 
@@ -152,11 +152,7 @@ def _decode_group_split_kernel(
         mask = n < end
         if not PREFETCH:
             slot = tl.load(Table + row * stride_tr + n, mask=mask, other=0).to(tl.int64)
-        k = tl.load(K + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=mask[:, None], other=0.0).to(op_ty)  # (a float8 cache: upcast)
-        if IEEE:
-            sc = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            sc = tl.dot(q, tl.trans(k))
+        sc = key_scores(q, K, slot, kvh, stride_ks, stride_kh, mask, D, op_ty, IEEE)
         sc = tl.where(mask[None, :], sc * sm_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, axis=1))
         p = tl.exp(sc - m_new[:, None])
