@@ -25,6 +25,7 @@
 #   bash benchmarks/device_run.sh priority    # the MoE branch's stream priority (text.BRANCH_PRIORITY) in Moondream decode
 #   bash benchmarks/device_run.sh pdl         # a chain of decode-sized products in one graph, with and without programmatic dependent launch; tidal.kernels.pdl's bits tests
 #   bash benchmarks/device_run.sh pdl-decode  # tidal.kernels.pdl off / on in both MoE models' decode
+#   bash benchmarks/device_run.sh matrix      # fused-MoE table (committed / moe_candidate.json) x PDL off / on x Moondream's streams, both MoE models' decode
 #   bash benchmarks/device_run.sh round       # where starts are scarce: test_cuda, bench_pdl and the priority A/B in one call
 #   bash benchmarks/device_run.sh tau         # tau's projection kernel (tau_rope.LIN_KERNEL): its tests, then a mixed step's profile with it on and off
 #   bash benchmarks/device_run.sh check       # after a kernel change, in ~5 minutes: kernel + fast-path tests, bench_kernels, quick decode of both MoE models
@@ -36,7 +37,7 @@
 # checkout (TIDAL_COMMIT=abc1234 bash ...): the device's copy of .git has been seen to lag
 # the working tree it carries, so `git rev-parse` there can name an older commit.
 set -uo pipefail
-part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card, overlap, routing, http, mixed, fp8, fp8-ttft, router-programs, attention-large, priority, pdl, pdl-decode, round, tau, check, timeline, md-timeline}"
+part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card, overlap, routing, http, mixed, fp8, fp8-ttft, router-programs, attention-large, priority, pdl, pdl-decode, matrix, round, tau, check, timeline, md-timeline}"
 out="${OUT:-.}"
 if [ -d .whl ]; then
   pip install -q --no-deps --target /tmp/deps .whl/*.whl 2>&1 | grep -v -i "warning" | tail -2
@@ -135,6 +136,21 @@ case "$part" in
       timeout 110 python benchmarks/with_setting.py tidal.kernels.pdl.ENABLED=$v -- benchmarks/bench_moondream.py --quick --only decode --out "$out/pdl-$v" 2>&1 | grep -E "decode batch (1|8|32):" | sed "s|^|pdl $v: |"
       timeout 90 python benchmarks/with_setting.py tidal.kernels.pdl.ENABLED=$v -- benchmarks/bench_qwen.py --model moe --no-hf --no-concurrent --batches 1 8 --out "$out/pdl-$v" 2>&1 | grep -E "^tidal decode" | sed "s|^|pdl $v: |"
     done ;;
+  matrix)
+    # one call, baselines beside: the committed fused-MoE table and moe_candidate.json (repo root, untracked) with PDL off and on;
+    # Moondream also on one stream (PDL's waiting programs may crowd the MoE branch on the side stream)
+    cp tidal/kernels/moe_configs.json /tmp/moe_committed.json
+    for table in committed candidate; do
+      if [ $table = candidate ]; then cp moe_candidate.json tidal/kernels/moe_configs.json; fi
+      for v in False True; do
+        for streams in True False; do
+          if [ $streams = False ] && [ $table = committed ]; then continue; fi
+          timeout 80 python benchmarks/with_setting.py tidal.kernels.pdl.ENABLED=$v tidal.models.moondream3.text.PARALLEL_BRANCHES=$streams -- benchmarks/bench_moondream.py --quick --only decode --out "$out/md-$table-$v-$streams" 2>&1 | grep -E "decode batch (1|8|32):" | sed "s|^|moondream $table pdl=$v two_streams=$streams: |"
+        done
+        timeout 70 python benchmarks/with_setting.py tidal.kernels.pdl.ENABLED=$v -- benchmarks/bench_qwen.py --model moe --no-hf --no-concurrent --batches 1 8 --out "$out/qwen-$table-$v" 2>&1 | grep -E "^tidal decode" | sed "s|^|qwen3-30b $table pdl=$v: |"
+      done
+    done
+    cp /tmp/moe_committed.json tidal/kernels/moe_configs.json ;;
   round)
     # the most per call where starts are scarce (~570 s): test_cuda, the PDL chain, the MoE branch's priority in Moondream decode
     tests_in 200 tests/test_cuda.py tests/test_cuda.py

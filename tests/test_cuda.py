@@ -513,31 +513,36 @@ def test_parallel_branches_on_two_streams_give_the_same_bits(monkeypatch):
 
 
 def test_programmatic_dependent_launch_gives_the_same_bits(monkeypatch):
-    """tidal.kernels.pdl on: Moondream's decode-chain kernels launch with PDL
-    (on both of a block's streams, in the captured graphs too); golden skill
-    cases match the reference and every output logit equals, bit for bit,
-    the engine's without it."""
+    """tidal.kernels.pdl on: with a block's branches on one stream, Moondream's
+    decode-chain kernels launch with PDL (in the captured graphs too); on two
+    streams the model holds PDL off. Either way golden skill cases match the
+    reference and every output logit equals, bit for bit, the engine's with
+    PDL off on one stream."""
     from tidal import EngineConfig, Moondream
     from tidal.kernels import pdl
+    from tidal.models.moondream3 import text
 
     if not (pdl.HAS_GDC and torch.cuda.get_device_capability() >= (9, 0)):
         pytest.skip("needs sm_90 and Triton's grid-dependency ops")
     cases = SKILL_CASES[:6]
     traces = {}
-    for on in (False, True):
+    for on, two_streams in ((False, False), (True, False), (True, True)):
         monkeypatch.setattr(pdl, "ENABLED", on)
+        monkeypatch.setattr(text, "PARALLEL_BRANCHES", two_streams)
         md = Moondream.from_pretrained(GOLDEN, device="cuda", dtype="float32", engine_config=EngineConfig(trace_logits=True, max_running=8))
         try:
+            assert pdl.pdl_on(md.engine.runner.device) == on
             alone = [finished_request(md, c) for c in cases]
             for c, req in zip(cases, alone):
                 assert_matches_golden(req.skill.result(), c)
-            traces[on] = [[t.logits for t in r.trace] for r in alone]
+            traces[on, two_streams] = [[t.logits for t in r.trace] for r in alone]
             assert md.engine.runner.graph_replays > 0
         finally:
             md.close()
-    for a, b in zip(traces[False], traces[True]):
-        assert len(a) == len(b) > 0
-        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    for form in ((True, False), (True, True)):
+        for a, b in zip(traces[False, False], traces[form]):
+            assert len(a) == len(b) > 0
+            assert all(torch.equal(x, y) for x, y in zip(a, b)), form
 
 
 def test_images_encoded_ahead_on_their_own_stream_give_the_same_bits():

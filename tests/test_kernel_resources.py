@@ -239,3 +239,27 @@ def test_the_decode_chains_kernels_wait_for_their_predecessor_before_any_memory_
         assert k["launch_pdl"] and k["waits"] == 1 and k["accesses"] >= 3, (name, k)  # the kernel's own loads and stores are seen
         assert k["first"][:2] == ["griddepcontrol.wait", "griddepcontrol.launch_dependents"], (name, k)
         assert not k["first"][2].startswith("griddepcontrol"), (name, k)
+
+
+def test_pdl_is_held_off_inside_the_block_and_back_after(monkeypatch):
+    """pdl_on follows ENABLED on an sm_90 card with the grid-dependency ops,
+    is False inside held_off (nested too) and True again once the outermost
+    block is left, also when it leaves by an exception."""
+    from tidal.kernels import pdl
+
+    monkeypatch.setattr(pdl, "HAS_GDC", True)
+    monkeypatch.setattr(pdl, "_sm90", lambda device: True)
+    dev = torch.device("cuda", 0)
+    monkeypatch.setattr(pdl, "ENABLED", False)
+    assert not pdl.pdl_on(dev)
+    monkeypatch.setattr(pdl, "ENABLED", True)
+    assert pdl.pdl_on(dev)
+    with pdl.held_off():
+        assert not pdl.pdl_on(dev)
+        with pdl.held_off():
+            assert not pdl.pdl_on(dev)
+        assert not pdl.pdl_on(dev)
+    assert pdl.pdl_on(dev)
+    with pytest.raises(RuntimeError), pdl.held_off():
+        raise RuntimeError("leaves the block")
+    assert pdl.pdl_on(dev)

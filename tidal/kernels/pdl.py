@@ -8,13 +8,20 @@ visible, then lets its own successor be placed (gdc_launch_dependents).
 Nothing is read before the wait, so the results are the same bits as without
 PDL; a kernel after a non-PDL one (cuBLAS, torch) simply starts after it.
 
-Off until measured on a device (`device_run.sh pdl`: benchmarks/bench_pdl.py,
-then the models' decode with it on and off). On the CPU, under Triton's
-interpreter, it is always off.
+On by default: measured on an H100 (2026-12-07, `device_run.sh matrix`), it
+takes Qwen3-30B-A3B's batch-1 decode step from 4.03 to 3.84 ms and batch 8
+from 10.98 to 10.82. Moondream 3's decode runs each block's two branches on
+two streams, and there PDL cost ~1% (1.80 -> 1.81 ms at batch 1, 3.90 ->
+3.94 at 8): a PDL kernel's programs, placed early and waiting, hold SMs the
+other stream's branch could use. So a model holds it off where its branches
+overlap (`held_off`). On the CPU, under Triton's interpreter, it is always off.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import lru_cache
 
 import torch
@@ -37,7 +44,10 @@ except ImportError:  # pragma: no cover
         pass
 
 
-ENABLED = False
+ENABLED = True
+# >0 inside held_off(): a context variable, so one engine thread's forward
+# never turns PDL off for another's
+_HELD_OFF: ContextVar[int] = ContextVar("tidal_pdl_held_off", default=0)
 
 
 @lru_cache(maxsize=8)
@@ -47,8 +57,21 @@ def _sm90(device: torch.device) -> bool:
 
 def pdl_on(device: torch.device) -> bool:
     """Whether the kernels launched for `device` take PDL now (ENABLED, read
-    at launch, on an sm_90+ GPU with Triton's grid-dependency ops)."""
-    return ENABLED and HAS_GDC and _sm90(device)
+    at launch, outside `held_off`, on an sm_90+ GPU with Triton's
+    grid-dependency ops)."""
+    return ENABLED and _HELD_OFF.get() == 0 and HAS_GDC and _sm90(device)
+
+
+@contextmanager
+def held_off() -> Iterator[None]:
+    """Launch without PDL inside this block (nested blocks too): for kernels
+    on concurrent streams, where PDL's early-placed programs crowd the other
+    stream's work."""
+    token = _HELD_OFF.set(_HELD_OFF.get() + 1)
+    try:
+        yield
+    finally:
+        _HELD_OFF.reset(token)
 
 
 @triton.jit

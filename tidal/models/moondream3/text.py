@@ -7,6 +7,8 @@ by both branches. Attention scales q and v by learned per-token, per-head
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -21,6 +23,7 @@ from .config import TextConfig
 from .vision import MLP
 
 if triton_available():
+    from tidal.kernels import pdl
     from tidal.kernels.residual_norm import residual_norm
     from tidal.kernels.tau_rope import tau_rope_kv
 
@@ -174,29 +177,38 @@ class TextModel(nn.Module):
         """Input embeddings [T, dim] -> raw hidden states [T, dim] (before post-LN)."""
         assert self.rotary is not None, "call setup_runtime() after loading weights"
         if self.fused:
-            # the same arithmetic; each block ends in one kernel: the MoE's sum
-            # over its k experts, both residual adds and the next block's LayerNorm
-            blocks = self.blocks
             side = self.side_stream if PARALLEL_BRANCHES and x.is_cuda else None
-            h = blocks[0].ln(x)
-            for i, block in enumerate(blocks):
-                if side is None:
-                    attn = block.attn(h, positions, batch, i, self.rotary)
-                    parts = _mlp_parts(block, h)
-                else:
-                    # fork, then join before anything the side branch read or
-                    # made is released: the allocator's per-stream reuse stays safe
-                    main = torch.cuda.current_stream()
-                    side.wait_stream(main)
-                    with torch.cuda.stream(side):
-                        parts = _mlp_parts(block, h)
-                    attn = block.attn(h, positions, batch, i, self.rotary)
-                    main.wait_stream(side)
-                x, h = residual_norm(x, attn, parts, blocks[i + 1].ln if i + 1 < len(blocks) else None)
-            return x
+            # two streams: PDL's early-placed programs would crowd the other branch (tidal.kernels.pdl)
+            with pdl.held_off() if side is not None else nullcontext():
+                return self._fused_blocks(x, positions, batch, side)
         for i, block in enumerate(self.blocks):
             h = block.ln(x)
             x = x + block.attn(h, positions, batch, i, self.rotary) + block.mlp(h)
+        return x
+
+    def _fused_blocks(self, x: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch, side: torch.cuda.Stream | None) -> torch.Tensor:
+        """The fast path's blocks, [T, dim] -> [T, dim]; `side`: the MoE branch's stream, or None for one stream.
+
+        The same arithmetic as the reference loop; each block ends in one
+        kernel: the MoE's sum over its k experts, both residual adds and the
+        next block's LayerNorm."""
+        assert self.rotary is not None
+        blocks = self.blocks
+        h = blocks[0].ln(x)
+        for i, block in enumerate(blocks):
+            if side is None:
+                attn = block.attn(h, positions, batch, i, self.rotary)
+                parts = _mlp_parts(block, h)
+            else:
+                # fork, then join before anything the side branch read or
+                # made is released: the allocator's per-stream reuse stays safe
+                main = torch.cuda.current_stream()
+                side.wait_stream(main)
+                with torch.cuda.stream(side):
+                    parts = _mlp_parts(block, h)
+                attn = block.attn(h, positions, batch, i, self.rotary)
+                main.wait_stream(side)
+            x, h = residual_norm(x, attn, parts, blocks[i + 1].ln if i + 1 < len(blocks) else None)
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
