@@ -93,10 +93,9 @@ def extend_blocks(q_lens: list[int], kv_lens: list[int], bidir_lens: list[int], 
 EXTEND_BLOCK_M = 64
 # The extend kernel's pipeline stages over a float8 cache. Compiled for sm_90,
 # its K/V tiles (converted before the products) get one buffer up to 4 stages
-# and two from 5, as the grouped decode kernel's (where two paid 12% at batch
-# 128, GQA_TILE_FP8). Not yet timed here: a first token for a new image was
-# 13 ms slower with the float8 cache (Qwen3-VL-8B, H100 and H200), in the
-# image's prefill. `device_run.sh fp8-ttft` times 2 against 5.
+# and two from 5, as the grouped decode kernel's. Two buffers did not pay
+# here: on an H100 (Qwen3-VL-8B, one new 1280x720 image's prefill, 36
+# launches) 5 stages took 3.84 ms against 2.97 at 2 (`device_run.sh fp8-ttft`).
 EXTEND_STAGES_FP8 = 2
 
 
