@@ -26,6 +26,7 @@
 #   bash benchmarks/device_run.sh pdl         # a chain of decode-sized products in one graph, with and without programmatic dependent launch; tidal.kernels.pdl's bits tests
 #   bash benchmarks/device_run.sh pdl-decode  # tidal.kernels.pdl off / on in both MoE models' decode
 #   bash benchmarks/device_run.sh matrix      # fused-MoE table (committed / moe_candidate.json) x PDL off / on x Moondream's streams, both MoE models' decode
+#   bash benchmarks/device_run.sh pdl-check   # after a PDL change: its bits tests, then Qwen3-30B decode (PDL off / on / on with every projection skinny) and Qwen3-VL-8B decode off / on
 #   bash benchmarks/device_run.sh round       # where starts are scarce: test_cuda, bench_pdl and the priority A/B in one call
 #   bash benchmarks/device_run.sh tau         # tau's projection kernel (tau_rope.LIN_KERNEL): its tests, then a mixed step's profile with it on and off
 #   bash benchmarks/device_run.sh check       # after a kernel change, in ~5 minutes: kernel + fast-path tests, bench_kernels, quick decode of both MoE models
@@ -37,7 +38,7 @@
 # checkout (TIDAL_COMMIT=abc1234 bash ...): the device's copy of .git has been seen to lag
 # the working tree it carries, so `git rev-parse` there can name an older commit.
 set -uo pipefail
-part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card, overlap, routing, http, mixed, fp8, fp8-ttft, router-programs, attention-large, priority, pdl, pdl-decode, matrix, round, tau, check, timeline, md-timeline}"
+part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card, overlap, routing, http, mixed, fp8, fp8-ttft, router-programs, attention-large, priority, pdl, pdl-decode, pdl-check, matrix, round, tau, check, timeline, md-timeline}"
 out="${OUT:-.}"
 if [ -d .whl ]; then
   pip install -q --no-deps --target /tmp/deps .whl/*.whl 2>&1 | grep -v -i "warning" | tail -2
@@ -151,6 +152,15 @@ case "$part" in
       done
     done
     cp /tmp/moe_committed.json tidal/kernels/moe_configs.json ;;
+  pdl-check)
+    tests_in 150 "pdl tests" tests/test_kernels.py tests/test_cuda.py tests/test_qwen_fast_path.py -k "programmatic or skinny_chain"
+    for form in "False auto" "True auto" "True all"; do
+      set -- $form
+      timeout 70 python benchmarks/with_setting.py tidal.kernels.pdl.ENABLED=$1 -- benchmarks/bench_qwen.py --model moe --no-hf --no-concurrent --batches 1 8 --skinny $2 --out "$out/qwen-$1-$2" 2>&1 | grep -E "^tidal decode" | sed "s|^|qwen3-30b pdl=$1 skinny=$2: |"
+    done
+    for v in False True; do
+      timeout 90 python benchmarks/with_setting.py tidal.kernels.pdl.ENABLED=$v -- benchmarks/bench_qwen.py --model vl --no-hf --no-concurrent --batches 1 32 --out "$out/vl-$v" 2>&1 | grep -E "^tidal decode" | sed "s|^|qwen3-vl-8b pdl=$v: |"
+    done ;;
   round)
     # the most per call where starts are scarce (~570 s): test_cuda, the PDL chain, the MoE branch's priority in Moondream decode
     tests_in 200 tests/test_cuda.py tests/test_cuda.py

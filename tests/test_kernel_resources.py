@@ -241,6 +241,49 @@ def test_the_decode_chains_kernels_wait_for_their_predecessor_before_any_memory_
         assert not k["first"][2].startswith("griddepcontrol"), (name, k)
 
 
+# The skinny product with PDL, compiled for sm_90 (strides divisible by 16, as
+# Triton specializes them at launch), plain and split-K, with and without PDL
+_COMPILE_SKINNY_PDL = r"""
+import json, re, warnings
+warnings.filterwarnings("ignore")
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from tidal.kernels import skinny_gemm
+
+MEM = ("ld.global", "st.global", "cp.async", "atom.", "red.", "griddepcontrol")
+k = skinny_gemm._skinny_kernel
+types = {"X": "*bf16", "W": "*bf16", "B": "*bf16", "Y": "*bf16", "Partial": "*fp32", "Ticket": "*i32"}
+out = {}
+for split in (1, 4):
+    for pdl in (False, True):
+        consts = dict(HAS_BIAS=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, IEEE=False, SPLIT=split, PDL=pdl)
+        sig = {n: types.get(n, "i32") for n in k.arg_names} | {c: "constexpr" for c in consts}
+        aligned = [i for i, n in enumerate(k.arg_names) if n in types or n in ("K", "k_per_split", "stride_xm", "stride_wn", "stride_ym")]
+        c = triton.compile(ASTSource(fn=k, signature=sig, constexprs=consts, attrs={(i,): [["tt.divisibility", 16]] for i in aligned}),
+                           target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 4, "launch_pdl": pdl})
+        ops = [re.sub(r"^@!?%p\d+\s+", "", l.strip()).split()[0].rstrip(";") for l in c.asm["ptx"].splitlines() if l.strip()]
+        out[f"split {split} pdl {pdl}"] = {"launch_pdl": bool(c.metadata.launch_pdl), "ops": [op for op in ops if op.startswith(MEM)]}
+print(json.dumps(out))
+"""
+
+
+def test_the_skinny_product_streams_its_first_weight_tile_before_the_wait():
+    """With PDL, the skinny kernel (plain and split-K, sm_90) releases its
+    successor first, then issues only loads (its first weight tile, 16-byte
+    vectors) before the one wait for its predecessor; x and everything it
+    stores come after. Without PDL: no grid-dependency op, no PDL launch."""
+    forms = _run_compile_script(_COMPILE_SKINNY_PDL)
+    for split in (1, 4):
+        plain, pdl = forms[f"split {split} pdl False"], forms[f"split {split} pdl True"]
+        assert not plain["launch_pdl"] and not any(op.startswith("griddepcontrol") for op in plain["ops"])
+        ops = pdl["ops"]
+        assert pdl["launch_pdl"] and ops[0] == "griddepcontrol.launch_dependents" and ops.count("griddepcontrol.wait") == 1
+        early = ops[1 : ops.index("griddepcontrol.wait")]
+        assert early and all(op == "ld.global.v4.b32" for op in early), (split, early)
+        after = ops[ops.index("griddepcontrol.wait") + 1 :]
+        assert any(op.startswith("ld.global") for op in after) and any(op.startswith("st.global") for op in after)
+
 def test_pdl_is_held_off_inside_the_block_and_back_after(monkeypatch):
     """pdl_on follows ENABLED on an sm_90 card with the grid-dependency ops,
     is False inside held_off (nested too) and True again once the outermost

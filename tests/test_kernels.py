@@ -789,3 +789,45 @@ def test_skinny_linear_split_k(rows, n, k, split, dtype):
     for _ in range(2):
         assert torch.equal(skinny_linear(*args, config=(16, 64, 4, 2, split)), first)
     assert int(scratch_zeros("skinny tickets", 1, torch.int32, first.device).abs().sum()) == 0
+
+
+@pytest.mark.skipif(not CUDA, reason="programmatic dependent launch needs an sm_90 GPU")
+@pytest.mark.parametrize("rows, config", [(1, None), (8, None), (1, (16, 256, 4, 3, 4))], ids=str)
+def test_skinny_chain_with_pdl_gives_the_same_bits(monkeypatch, rows, config):
+    """A chain of skinny products, each reading the one before's output,
+    captured in a CUDA graph: with PDL (each program's first weight tile
+    loaded before it waits for its predecessor) every output equals the
+    chain's without PDL, bit for bit, with each intermediate poisoned (NaN)
+    before the replay, so a read of x ahead of its producer shows."""
+    from tidal.kernels import pdl
+    from tidal.kernels.skinny_gemm import skinny_linear
+
+    if not (pdl.HAS_GDC and torch.cuda.get_device_capability() >= (9, 0)):
+        pytest.skip("needs sm_90 and Triton's grid-dependency ops")
+    gen = torch.Generator(device="cuda").manual_seed(rows)
+    ws = [(torch.randn(2048, 2048, device="cuda", generator=gen) / 2048**0.5).bfloat16() for _ in range(8)]
+    outs = {}
+    for on in (False, True):
+        monkeypatch.setattr(pdl, "ENABLED", on)
+        x = torch.randn(rows, 2048, device="cuda", generator=torch.Generator(device="cuda").manual_seed(7)).bfloat16()
+        ys: list[torch.Tensor] = []  # each product's output (the graph's pool keeps those captured)
+
+        def run():
+            ys.clear()
+            y = x
+            for w in ws:
+                y = skinny_linear(y, w, config=config)
+                ys.append(y)
+
+        run()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+        for y in ys:
+            y.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        outs[on] = torch.stack(ys).clone()
+        assert not outs[on].isnan().any()
+    assert torch.equal(outs[True], outs[False])

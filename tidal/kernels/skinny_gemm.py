@@ -16,6 +16,12 @@ grid axis; each program writes a float32 partial, and the last of a column
 block's programs to finish (a ticket, the only atomic) sums them in range
 order, so the result does not depend on scheduling.
 
+With programmatic dependent launch (tidal.kernels.pdl), each program lets
+its successor be placed at once and loads its first weight tile before it
+waits for its predecessor (the weights never depend on it; x, the previous
+kernel's output, is read only after the wait): the weight stream starts in
+the predecessor's tail. The tiles are summed in the same order either way.
+
 The models reach it through tidal.layers.linear, behind
 EngineConfig(skinny_gemm): "auto" (the default) takes it only for the shapes
 where benchmarks/bench_kernels.py measured it ahead of cuBLAS on the H100
@@ -30,6 +36,7 @@ import triton.language as tl
 
 from tidal.kernels import scratch_zeros
 from tidal.kernels.fused_moe import shared_memory_bytes
+from tidal.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_on
 
 MAX_ROWS = 16  # one tensor-core tile of rows; larger batches go to cuBLAS
 
@@ -40,6 +47,7 @@ def _skinny_kernel(
     M, N, K, k_per_split,
     stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     s = tl.program_id(1)
@@ -49,7 +57,22 @@ def _skinny_kernel(
     nmask = n < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     k_end = tl.minimum(K, (s + 1) * k_per_split)
-    for k0 in range(s * k_per_split, k_end, BLOCK_K):
+    k_first = s * k_per_split
+    if PDL:
+        # the successor may be placed now (it waits for all of our writes);
+        # the first weight tile streams in while the predecessor finishes
+        gdc_launch_dependents()
+        k = k_first + tl.arange(0, BLOCK_K)
+        kmask = k < k_end
+        w = tl.load(W + n[None, :].to(tl.int64) * stride_wn + k[:, None], mask=nmask[None, :] & kmask[:, None], other=0.0)
+        gdc_wait()  # x is the predecessor's output: read only past this
+        x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+        if IEEE:
+            acc += tl.dot(x, w, input_precision="ieee")
+        else:
+            acc += tl.dot(x, w)
+        k_first += BLOCK_K
+    for k0 in range(k_first, k_end, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         kmask = k < k_end
         x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
@@ -128,6 +151,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     shared = min(H100_SHARED, shared_memory_bytes(x.device)) if x.is_cuda else H100_SHARED
     block_n, block_k, warps, stages, *rest = config or skinny_config(n, k, itemsize=weight.element_size(), shared_bytes=shared)
     split = rest[0] if rest else 1
+    pdl = pdl_on(x.device)
     blocks = triton.cdiv(n, block_n)
     k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k  # whole tiles per range
     if split > 1:
@@ -140,6 +164,6 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         rows, n, k, k_per_split,
         x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32, SPLIT=split,
-        num_warps=warps, num_stages=stages,
+        PDL=pdl, num_warps=warps, num_stages=stages, launch_pdl=pdl,
     )
     return y
