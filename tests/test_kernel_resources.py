@@ -200,13 +200,17 @@ from tidal.kernels import fused_moe, moe_route, paged_attention as pa, residual_
 
 MEM = ("ld.global", "st.global", "cp.async", "atom.", "red.", "griddepcontrol")
 
-def first_ops(kernel, types, consts, warps=4):
+def first_ops(kernel, types, consts, warps=4, aligned=()):
+    # aligned: integer arguments Triton would specialize as multiples of 16 at launch (with every pointer)
     sig = {n: types.get(n, "i32") for n in kernel.arg_names}
     sig.update({c: "constexpr" for c in consts})
-    c = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs={**consts, "PDL": True}), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "launch_pdl": True})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if n in aligned or types.get(n, "").startswith("*")} if aligned else {}
+    c = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs={**consts, "PDL": True}, attrs=attrs), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "launch_pdl": True})
     ops = [re.sub(r"^@!?%p\d+\s+", "", l.strip()).split()[0].rstrip(";") for l in c.asm["ptx"].splitlines() if l.strip()]  # (a masked access has a predicate first)
     ops = [op for op in ops if op.startswith(MEM)]
-    return {"launch_pdl": bool(c.metadata.launch_pdl), "first": ops[:3], "waits": ops.count("griddepcontrol.wait"), "accesses": len(ops) - 2}
+    wait = ops.index("griddepcontrol.wait") if "griddepcontrol.wait" in ops else len(ops)
+    return {"launch_pdl": bool(c.metadata.launch_pdl), "first": ops[:3], "waits": ops.count("griddepcontrol.wait"), "accesses": len(ops) - 2,
+            "before_wait": ops[:wait], "after_wait": ops[wait + 1 :]}
 
 bf = "*bf16"
 attn = {"Q": bf, "K": bf, "V": bf, "Table": "*i64", "Rows": "*i64", "KvLens": "*i32", "PartO": "*fp32", "PartLse": "*fp32", "Out": bf, "Counter": "*i32", "sm_scale": "fp32"}
@@ -219,7 +223,8 @@ out = {
     "decode grouped split": first_ops(pa._decode_group_split_kernel, attn, dict(GROUP=8, GP=16, D=128, BLOCK_N=64, IEEE=False, NS=16, DIRECT=False, FUSED=False, F16=False, PREFETCH=False)),
     "decode reduce": first_ops(pa._decode_reduce_kernel, {"PartO": "*fp32", "PartLse": "*fp32", "Out": bf, "KvLens": "*i32"}, dict(BLOCK_N=64, NS=16, D=128)),
     "router": first_ops(moe_route._router_route_kernel, {"X": bf, "W": bf, "Bias": bf, "Partial": "*fp32", "Logits": bf, "Weights": bf, "Ids": "*i64", "Pairs": "*i32", "BlockExpert": "*i32", "Counter": "*i32"},
-                        dict(E=128, K=8, BLOCK_T=moe_route.ROUTER_MAX_TOKENS, BLOCK_K=128, BM=16, CH=16, BFILL=16, HAS_BIAS=False, RENORM=True, IEEE=False), moe_route.ROUTER_WARPS),
+                        dict(E=128, K=8, BLOCK_T=moe_route.ROUTER_MAX_TOKENS, BLOCK_K=128, BM=16, CH=16, BFILL=16, HAS_BIAS=False, RENORM=True, IEEE=False), moe_route.ROUTER_WARPS,
+                        aligned=("dim", "k_per_program", "stride_x", "stride_w")),
     "moe up": first_ops(fused_moe._moe_up_kernel, {"X": bf, "W": bf, "Out": bf, "Pairs": "*i32", "BlockExpert": "*i32"}, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, IEEE=False, ACT=1)),
     "moe down": first_ops(fused_moe._moe_down_kernel, {"A": bf, "W": bf, "Out": bf, "Pairs": "*i32", "BlockExpert": "*i32", "Weights": bf}, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, IEEE=False)),
 }
@@ -229,12 +234,20 @@ print(json.dumps(out))
 
 def test_the_decode_chains_kernels_wait_for_their_predecessor_before_any_memory_access():
     """With tidal.kernels.pdl on, each decode-chain kernel (norms, the KV
-    writes, decode attention and its reduce, the fused router, the experts'
-    up and down), compiled for sm_90, is a PDL launch whose first memory
-    instruction is the wait for its predecessor, then the release of its
-    successor: no load or store of the predecessor's data can run ahead."""
+    writes, decode attention and its reduce, the experts' up and down),
+    compiled for sm_90, is a PDL launch whose first memory instruction is the
+    wait for its predecessor, then the release of its successor: no load or
+    store of the predecessor's data can run ahead. The fused router releases
+    its successor first and issues only its weight slice's loads (16-byte
+    vectors) before the wait; x, its partials' stores and the ticket come after."""
     kernels = _run_compile_script(_COMPILE_PDL_KERNELS)
     assert len(kernels) == 10
+    router = kernels.pop("router")
+    assert router["launch_pdl"] and router["waits"] == 1 and router["before_wait"][0] == "griddepcontrol.launch_dependents"
+    early = router["before_wait"][1:]
+    assert early and all(op == "ld.global.v4.b32" for op in early), early
+    after = router["after_wait"]
+    assert any(op.startswith("ld.global") for op in after) and any(op.startswith("st.global") for op in after) and any(op.startswith("atom.") for op in after)
     for name, k in kernels.items():
         assert k["launch_pdl"] and k["waits"] == 1 and k["accesses"] >= 3, (name, k)  # the kernel's own loads and stores are seen
         assert k["first"][:2] == ["griddepcontrol.wait", "griddepcontrol.launch_dependents"], (name, k)

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from tidal.kernels import scratch_zeros
 from tidal.kernels.fused_moe import max_blocks
-from tidal.kernels.pdl import pdl_enter, pdl_on
+from tidal.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_on
 
 MAX_TOKENS = 16384  # above this the torch ops are used (the offsets program walks every chunk of pairs)
 # Up to this many tokens (and tokens x experts) one program routes and aligns;
@@ -226,15 +226,29 @@ def _router_route_kernel(
     ([BLOCK_T, E] float32 partial); the last program to finish (a ticket)
     sums the partials in program order, adds the bias, rounds to the
     activation dtype as the router's linear does, then routes and aligns as
-    the one-program routing kernel."""
-    pdl_enter(PDL)
+    the one-program routing kernel. With PDL, each program releases its
+    successor and loads its first weight tile (by default its whole slice)
+    before it waits for x, its predecessor's output."""
     p = tl.program_id(0)
     t = tl.arange(0, BLOCK_T)
     tm = t < tokens
     e = tl.arange(0, E)
     acc = tl.zeros([BLOCK_T, E], tl.float32)
     lo = p * k_per_program
-    for k0 in range(lo, tl.minimum(lo + k_per_program, dim), BLOCK_K):
+    k_first = lo
+    if PDL:
+        gdc_launch_dependents()  # the successor may be placed now: it waits for all of our writes
+        k = lo + tl.arange(0, BLOCK_K)
+        km = k < dim
+        w = tl.load(W + e[None, :] * stride_w + k[:, None], mask=km[:, None], other=0.0)
+        gdc_wait()  # x is the predecessor's output: read only past this
+        x = tl.load(X + t[:, None] * stride_x + k[None, :], mask=tm[:, None] & km[None, :], other=0.0)
+        if IEEE:
+            acc += tl.dot(x, w, input_precision="ieee")
+        else:
+            acc += tl.dot(x, w)
+        k_first += BLOCK_K
+    for k0 in range(k_first, tl.minimum(lo + k_per_program, dim), BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         km = k < dim
         x = tl.load(X + t[:, None] * stride_x + k[None, :], mask=tm[:, None] & km[None, :], other=0.0)
