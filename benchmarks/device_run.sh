@@ -153,13 +153,13 @@ case "$part" in
     done
     cp /tmp/moe_committed.json tidal/kernels/moe_configs.json ;;
   pdl-check)
-    tests_in 150 "pdl tests" tests/test_kernels.py tests/test_cuda.py tests/test_qwen_fast_path.py -k "programmatic or skinny_chain"
+    tests_in 140 "pdl tests" tests/test_kernels.py tests/test_cuda.py tests/test_qwen_fast_path.py -k "programmatic or skinny_chain"
     for form in "False auto" "True auto" "True all"; do
       set -- $form
-      timeout 70 python benchmarks/with_setting.py tidal.kernels.pdl.ENABLED=$1 -- benchmarks/bench_qwen.py --model moe --no-hf --no-concurrent --batches 1 8 --skinny $2 --out "$out/qwen-$1-$2" 2>&1 | grep -E "^tidal decode" | sed "s|^|qwen3-30b pdl=$1 skinny=$2: |"
+      timeout 60 python benchmarks/with_setting.py tidal.kernels.pdl.ENABLED=$1 -- benchmarks/bench_qwen.py --model moe --no-hf --no-concurrent --batches 1 8 --skinny $2 --out "$out/qwen-$1-$2" 2>&1 | grep -E "^tidal decode" | sed "s|^|qwen3-30b pdl=$1 skinny=$2: |"
     done
     for v in False True; do
-      timeout 90 python benchmarks/with_setting.py tidal.kernels.pdl.ENABLED=$v -- benchmarks/bench_qwen.py --model vl --no-hf --no-concurrent --batches 1 32 --out "$out/vl-$v" 2>&1 | grep -E "^tidal decode" | sed "s|^|qwen3-vl-8b pdl=$v: |"
+      timeout 75 python benchmarks/with_setting.py tidal.kernels.pdl.ENABLED=$v -- benchmarks/bench_qwen.py --model vl --no-hf --no-concurrent --batches 1 32 --out "$out/vl-$v" 2>&1 | grep -E "^tidal decode" | sed "s|^|qwen3-vl-8b pdl=$v: |"
     done ;;
   round)
     # the most per call where starts are scarce (~570 s): test_cuda, the PDL chain, the MoE branch's priority in Moondream decode
