@@ -2,11 +2,15 @@
 
 A kernel launched with PDL may have its programs placed on the GPU while the
 kernel before it in the stream still runs: its launch and placement overlap
-the predecessor's tail. Each such kernel begins with `pdl_enter(PDL)`: it
-waits there (gdc_wait) until the predecessor has finished and its writes are
-visible, then lets its own successor be placed (gdc_launch_dependents).
+the predecessor's tail. Most such kernels begin with `pdl_enter(PDL)`: they
+wait there (gdc_wait) until the predecessor has finished and its writes are
+visible, then let their own successor be placed (gdc_launch_dependents).
 Nothing is read before the wait, so the results are the same bits as without
 PDL; a kernel after a non-PDL one (cuBLAS, torch) simply starts after it.
+Two kernels whose weights never depend on their predecessor, the skinny
+product and the fused router, release their successor first and load their
+first weight tile before the wait (the successor still waits for all of
+their writes): their weight stream starts in the predecessor's tail.
 
 On by default: measured on an H100 (2026-12-07, `device_run.sh matrix`), it
 takes Qwen3-30B-A3B's batch-1 decode step from 4.03 to 3.84 ms and batch 8
