@@ -26,7 +26,7 @@
 #   bash benchmarks/device_run.sh pdl         # a chain of decode-sized products in one graph, with and without programmatic dependent launch; tidal.kernels.pdl's bits tests
 #   bash benchmarks/device_run.sh pdl-decode  # tidal.kernels.pdl off / on in both MoE models' decode
 #   bash benchmarks/device_run.sh matrix      # fused-MoE table (committed / moe_candidate.json) x PDL off / on x Moondream's streams, both MoE models' decode
-#   bash benchmarks/device_run.sh pdl-check   # after a PDL change: its bits tests, then Qwen3-30B decode (PDL off / on / on with every projection skinny) and Qwen3-VL-8B decode off / on
+#   bash benchmarks/device_run.sh pdl-check   # PDL's early-weights form (pdl.EARLY_WEIGHTS): its bits tests, then Qwen3-30B decode (PDL off / on / early / early with every projection skinny), Qwen3-VL-8B early off / on
 #   bash benchmarks/device_run.sh round       # where starts are scarce: test_cuda, bench_pdl and the priority A/B in one call
 #   bash benchmarks/device_run.sh tau         # tau's projection kernel (tau_rope.LIN_KERNEL): its tests, then a mixed step's profile with it on and off
 #   bash benchmarks/device_run.sh check       # after a kernel change, in ~5 minutes: kernel + fast-path tests, bench_kernels, quick decode of both MoE models
@@ -153,13 +153,14 @@ case "$part" in
     done
     cp /tmp/moe_committed.json tidal/kernels/moe_configs.json ;;
   pdl-check)
+    # tidal.kernels.pdl's early-weights form (the router and skinny products load weights before the wait): its bits tests, then the decode A/B
     tests_in 90 "pdl tests" tests/test_kernels.py tests/test_qwen_fast_path.py -k "programmatic or skinny_chain"
-    for form in "False auto" "True auto" "True all"; do
+    for form in "False False auto" "True False auto" "True True auto" "True True all"; do
       set -- $form
-      timeout 60 python benchmarks/with_setting.py tidal.kernels.pdl.ENABLED=$1 -- benchmarks/bench_qwen.py --model moe --no-hf --no-concurrent --batches 1 8 --skinny $2 --out "$out/qwen-$1-$2" 2>&1 | grep -E "^tidal decode" | sed "s|^|qwen3-30b pdl=$1 skinny=$2: |"
+      timeout 60 python benchmarks/with_setting.py tidal.kernels.pdl.ENABLED=$1 tidal.kernels.pdl.EARLY_WEIGHTS=$2 -- benchmarks/bench_qwen.py --model moe --no-hf --no-concurrent --batches 1 8 --skinny $3 --out "$out/qwen-$1-$2-$3" 2>&1 | grep -E "^tidal decode" | sed "s|^|qwen3-30b pdl=$1 early=$2 skinny=$3: |"
     done
     for v in False True; do
-      timeout 75 python benchmarks/with_setting.py tidal.kernels.pdl.ENABLED=$v -- benchmarks/bench_qwen.py --model vl --no-hf --no-concurrent --batches 1 32 --out "$out/vl-$v" 2>&1 | grep -E "^tidal decode" | sed "s|^|qwen3-vl-8b pdl=$v: |"
+      timeout 75 python benchmarks/with_setting.py tidal.kernels.pdl.EARLY_WEIGHTS=$v -- benchmarks/bench_qwen.py --model vl --no-hf --no-concurrent --batches 1 32 --out "$out/vl-$v" 2>&1 | grep -E "^tidal decode" | sed "s|^|qwen3-vl-8b early=$v: |"
     done ;;
   round)
     # the most per call where starts are scarce (~570 s): test_cuda, the PDL chain, the MoE branch's priority in Moondream decode

@@ -41,16 +41,18 @@ def compile_report(kernel, types, consts, warps):
     spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", out))
     return {"shared": c.metadata.shared, "spill_bytes": spills}
 
-def router(itemsize, experts, block_k):
+def router(itemsize, experts, block_k, early=False):
     dt = DT[itemsize]
     types = {"X": "*" + dt, "W": "*" + dt, "Bias": "*" + dt, "Partial": "*fp32", "Logits": "*" + dt, "Weights": "*" + dt, "Ids": "*i64", "Pairs": "*i32", "BlockExpert": "*i32", "Counter": "*i32"}
-    consts = dict(E=experts, K=8, BLOCK_T=moe_route.ROUTER_MAX_TOKENS, BLOCK_K=block_k, BM=16, CH=16, BFILL=16, HAS_BIAS=True, RENORM=True, IEEE=itemsize == 4, PDL=False)
+    consts = dict(E=experts, K=8, BLOCK_T=moe_route.ROUTER_MAX_TOKENS, BLOCK_K=block_k, BM=16, CH=16, BFILL=16, HAS_BIAS=True, RENORM=True, IEEE=itemsize == 4, PDL=early, EARLY=early)
     return compile_report(moe_route._router_route_kernel, types, consts, moe_route.ROUTER_WARPS)
 
 results = {}
 for itemsize in (2, 4):
     for experts in (64, 128):
         results[f"router {DT[itemsize]} E{experts}"] = router(itemsize, experts, moe_route.router_block_k(experts, itemsize))
+        if itemsize == 2:  # (float32 takes the plain form: in the early one its weight tile spills at E 128)
+            results[f"router {DT[itemsize]} E{experts}, early weights"] = router(itemsize, experts, moe_route.router_block_k(experts, itemsize), early=True)
 results["router fp32 E128 at 256 (known bad)"] = router(4, 128, 256)
 print(json.dumps(results))
 """
@@ -72,7 +74,7 @@ def _run_compile_script(script: str) -> dict:
 
 def test_router_launches_fit_an_h100():
     """The fused router at router_block_k's slices and ROUTER_WARPS (bf16 and
-    float32, 64 and 128 experts) fits an H100's shared memory and spills no registers; the
+    float32, 64 and 128 experts; bf16 also in PDL's early-weights form) fits an H100's shared memory and spills no registers; the
     float32 256-wide router slice that failed on the device does not fit."""
     reports = _run_compile_script(_COMPILE)
     bad = reports.pop("router fp32 E128 at 256 (known bad)")
@@ -214,6 +216,8 @@ def first_ops(kernel, types, consts, warps=4, aligned=()):
 
 bf = "*bf16"
 attn = {"Q": bf, "K": bf, "V": bf, "Table": "*i64", "Rows": "*i64", "KvLens": "*i32", "PartO": "*fp32", "PartLse": "*fp32", "Out": bf, "Counter": "*i32", "sm_scale": "fp32"}
+router_types = {"X": bf, "W": bf, "Bias": bf, "Partial": "*fp32", "Logits": bf, "Weights": bf, "Ids": "*i64", "Pairs": "*i32", "BlockExpert": "*i32", "Counter": "*i32"}
+router_consts = dict(E=128, K=8, BLOCK_T=moe_route.ROUTER_MAX_TOKENS, BLOCK_K=128, BM=16, CH=16, BFILL=16, HAS_BIAS=False, RENORM=True, IEEE=False)
 out = {
     "residual_norm": first_ops(residual_norm._residual_norm_kernel, {n: bf for n in ("X", "Attn", "Parts", "W", "B", "XOut", "HOut")} | {"eps": "fp32"}, dict(K=8, BLOCK_D=2048, NORM=True)),
     "add_rms_norm": first_ops(rms_norm._add_rms_norm_kernel, {n: bf for n in ("X", "Parts", "W", "XOut", "HOut")} | {"eps": "fp32"}, dict(K=8, ADD=True, NORM=True, BLOCK_D=2048)),
@@ -222,27 +226,28 @@ out = {
     "decode split": first_ops(pa._decode_split_kernel, attn, dict(GROUP=1, D=64, BLOCK_N=64, NS=16, DIRECT=False, FUSED=False)),
     "decode grouped split": first_ops(pa._decode_group_split_kernel, attn, dict(GROUP=8, GP=16, D=128, BLOCK_N=64, IEEE=False, NS=16, DIRECT=False, FUSED=False, F16=False, PREFETCH=False)),
     "decode reduce": first_ops(pa._decode_reduce_kernel, {"PartO": "*fp32", "PartLse": "*fp32", "Out": bf, "KvLens": "*i32"}, dict(BLOCK_N=64, NS=16, D=128)),
-    "router": first_ops(moe_route._router_route_kernel, {"X": bf, "W": bf, "Bias": bf, "Partial": "*fp32", "Logits": bf, "Weights": bf, "Ids": "*i64", "Pairs": "*i32", "BlockExpert": "*i32", "Counter": "*i32"},
-                        dict(E=128, K=8, BLOCK_T=moe_route.ROUTER_MAX_TOKENS, BLOCK_K=128, BM=16, CH=16, BFILL=16, HAS_BIAS=False, RENORM=True, IEEE=False), moe_route.ROUTER_WARPS,
-                        aligned=("dim", "k_per_program", "stride_x", "stride_w")),
+    "router": first_ops(moe_route._router_route_kernel, router_types, router_consts | {"EARLY": False}, moe_route.ROUTER_WARPS),
     "moe up": first_ops(fused_moe._moe_up_kernel, {"X": bf, "W": bf, "Out": bf, "Pairs": "*i32", "BlockExpert": "*i32"}, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, IEEE=False, ACT=1)),
     "moe down": first_ops(fused_moe._moe_down_kernel, {"A": bf, "W": bf, "Out": bf, "Pairs": "*i32", "BlockExpert": "*i32", "Weights": bf}, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, IEEE=False)),
 }
+out["router, early weights"] = first_ops(moe_route._router_route_kernel, router_types, router_consts | {"EARLY": True}, moe_route.ROUTER_WARPS,
+                                        aligned=("dim", "k_per_program", "stride_x", "stride_w"))
 print(json.dumps(out))
 """
 
 
 def test_the_decode_chains_kernels_wait_for_their_predecessor_before_any_memory_access():
     """With tidal.kernels.pdl on, each decode-chain kernel (norms, the KV
-    writes, decode attention and its reduce, the experts' up and down),
-    compiled for sm_90, is a PDL launch whose first memory instruction is the
-    wait for its predecessor, then the release of its successor: no load or
-    store of the predecessor's data can run ahead. The fused router releases
-    its successor first and issues only its weight slice's loads (16-byte
+    writes, decode attention and its reduce, the fused router, the experts'
+    up and down), compiled for sm_90, is a PDL launch whose first memory
+    instruction is the wait for its predecessor, then the release of its
+    successor: no load or store of the predecessor's data can run ahead. In
+    its early-weights form (pdl.EARLY_WEIGHTS) the fused router releases its
+    successor first and issues only its weight slice's loads (16-byte
     vectors) before the wait; x, its partials' stores and the ticket come after."""
     kernels = _run_compile_script(_COMPILE_PDL_KERNELS)
-    assert len(kernels) == 10
-    router = kernels.pop("router")
+    assert len(kernels) == 11
+    router = kernels.pop("router, early weights")
     assert router["launch_pdl"] and router["waits"] == 1 and router["before_wait"][0] == "griddepcontrol.launch_dependents"
     early = router["before_wait"][1:]
     assert early and all(op == "ld.global.v4.b32" for op in early), early
@@ -296,6 +301,53 @@ def test_the_skinny_product_streams_its_first_weight_tile_before_the_wait():
         assert early and all(op == "ld.global.v4.b32" for op in early), (split, early)
         after = ops[ops.index("griddepcontrol.wait") + 1 :]
         assert any(op.startswith("ld.global") for op in after) and any(op.startswith("st.global") for op in after)
+
+# The skinny product's early-weights form at the models' decode projections
+# (bf16; skinny_config's tiles; takes_early_form's choice), through ptxas
+_COMPILE_SKINNY_SHAPES = r"""
+import json, re, subprocess, tempfile, warnings
+warnings.filterwarnings("ignore")
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource
+from tidal.kernels import skinny_gemm
+
+k = skinny_gemm._skinny_kernel
+types = {"X": "*bf16", "W": "*bf16", "B": "*bf16", "Y": "*bf16", "Partial": "*fp32", "Ticket": "*i32"}
+aligned = [i for i, a in enumerate(k.arg_names) if a in types or a in ("K", "k_per_split", "stride_xm", "stride_wn", "stride_ym")]
+# (out, in): Qwen3-30B-A3B qkv, o, router, lm_head; Qwen3-VL-8B q, k/v, gate/up, down, lm_head; Moondream 3 qkv, proj, dense MLP, lm_head
+shapes = [(5120, 2048), (2048, 4096), (128, 2048), (151936, 2048), (4096, 4096), (1024, 4096), (12288, 4096), (4096, 12288), (151936, 4096),
+          (6144, 2048), (2048, 2048), (8192, 2048), (2048, 8192), (51200, 2048), (64, 2048)]
+out = {}
+for n, kk in shapes:
+    bn, bk, warps, stages = skinny_gemm.skinny_config(n, kk)
+    early = skinny_gemm.takes_early_form(bn, bk, 2)
+    consts = dict(HAS_BIAS=True, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, IEEE=False, SPLIT=1, PDL=early)
+    sig = {a: types.get(a, "i32") for a in k.arg_names} | {c: "constexpr" for c in consts}
+    c = triton.compile(ASTSource(fn=k, signature=sig, constexprs=consts, attrs={(i,): [["tt.divisibility", 16]] for i in aligned}),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages, "launch_pdl": early})
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(c.asm["ptx"])
+    log = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", f.name, "-o", f.name + ".cubin"], capture_output=True, text=True, check=True).stderr
+    out[f"{n}x{kk}"] = {"early": early, "tile": [bn, bk], "spill_bytes": sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", log)), "shared": c.metadata.shared}
+print(json.dumps(out))
+"""
+
+
+def test_the_skinny_products_early_form_spills_nothing_at_the_models_shapes():
+    """At every decode projection of the three models (bf16, skinny_config's
+    tiles), where takes_early_form chooses PDL's early-weights form it
+    compiles for sm_90 without register spills and within an H100's shared
+    memory; the narrow tiles of the K = 2048 projections take it, the lm_heads'
+    wide ones do not."""
+    shapes = _run_compile_script(_COMPILE_SKINNY_SHAPES)
+    for name, r in shapes.items():
+        assert r["shared"] <= H100_SHARED_BYTES, (name, r)
+        if r["early"]:
+            assert r["spill_bytes"] == 0, (name, r)
+    assert shapes["5120x2048"]["early"] and shapes["2048x4096"]["early"] and shapes["128x2048"]["early"]
+    assert not shapes["151936x2048"]["early"] and not shapes["151936x4096"]["early"]
 
 def test_pdl_is_held_off_inside_the_block_and_back_after(monkeypatch):
     """pdl_on follows ENABLED on an sm_90 card with the grid-dependency ops,

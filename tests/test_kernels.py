@@ -795,8 +795,8 @@ def test_skinny_linear_split_k(rows, n, k, split, dtype):
 @pytest.mark.parametrize("rows, config", [(1, None), (8, None), (1, (16, 256, 4, 3, 4))], ids=str)
 def test_skinny_chain_with_pdl_gives_the_same_bits(monkeypatch, rows, config):
     """A chain of skinny products, each reading the one before's output,
-    captured in a CUDA graph: with PDL (each program's first weight tile
-    loaded before it waits for its predecessor) every output equals the
+    captured in a CUDA graph: with PDL's early-weights form (each program's
+    first weight tile loaded before it waits for its predecessor) every output equals the
     chain's without PDL, bit for bit, with each intermediate poisoned (NaN)
     before the replay, so a read of x ahead of its producer shows."""
     from tidal.kernels import pdl
@@ -804,6 +804,7 @@ def test_skinny_chain_with_pdl_gives_the_same_bits(monkeypatch, rows, config):
 
     if not (pdl.HAS_GDC and torch.cuda.get_device_capability() >= (9, 0)):
         pytest.skip("needs sm_90 and Triton's grid-dependency ops")
+    monkeypatch.setattr(pdl, "EARLY_WEIGHTS", True)
     gen = torch.Generator(device="cuda").manual_seed(rows)
     ws = [(torch.randn(2048, 2048, device="cuda", generator=gen) / 2048**0.5).bfloat16() for _ in range(8)]
     outs = {}

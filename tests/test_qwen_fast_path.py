@@ -23,8 +23,8 @@ from tidal.engine.engine import EngineConfig  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _load(folder, kernels: bool):
-    return tidal.LLM.from_pretrained(folder, device=DEVICE, dtype="float32", engine_config=EngineConfig(trace_logits=True, max_running=4, kernels=kernels))
+def _load(folder, kernels: bool, dtype: str = "float32"):
+    return tidal.LLM.from_pretrained(folder, device=DEVICE, dtype=dtype, engine_config=EngineConfig(trace_logits=True, max_running=4, kernels=kernels))
 
 
 def _both(folder, run):
@@ -93,9 +93,11 @@ def test_a_float8_kv_cache_gives_the_same_logits_on_both_paths(tmp_path_factory)
 @pytest.mark.skipif(DEVICE != "cuda", reason="programmatic dependent launch needs an sm_90 GPU")
 def test_programmatic_dependent_launch_changes_no_bit(tmp_path_factory, monkeypatch):
     """tidal.kernels.pdl on (the decode chain's kernels launched with PDL,
-    each waiting for its predecessor before any memory access, in the
-    captured graphs too): every token and logit equals the fused path's with
-    it off, bit for bit; on an sm_90 card the graphs were captured with it."""
+    each waiting for its predecessor before any access to its output, in the
+    captured graphs too), plain and with its early-weights form (the router
+    and skinny products load weights before the wait): every token and logit
+    equals the fused path's with PDL off, bit for bit; on an sm_90 card the
+    graphs were captured with it."""
     from tidal.kernels import pdl
 
     if not (pdl.HAS_GDC and torch.cuda.get_device_capability() >= (9, 0)):
@@ -103,14 +105,16 @@ def test_programmatic_dependent_launch_changes_no_bit(tmp_path_factory, monkeypa
     _, folder = moe_tests._checkpoint(tmp_path_factory, "base")
     prompts = moe_tests.PROMPTS[:3]
     out = {}
-    for on in (False, True):
+    for on, early in ((False, False), (True, False), (True, True)):
         monkeypatch.setattr(pdl, "ENABLED", on)
-        llm = _load(folder, True)
+        monkeypatch.setattr(pdl, "EARLY_WEIGHTS", early)
+        llm = _load(folder, True, "bfloat16")  # (the early-weights form is for 16-bit weights)
         try:
-            assert pdl.pdl_on(llm.engine.runner.device) == on
-            out[on] = [moe_tests._run(llm, [p], 6)[0] for p in prompts]  # one at a time: the same steps both ways
+            assert pdl.pdl_on(llm.engine.runner.device) == on and pdl.early_weights_on(llm.engine.runner.device) == early
+            out[on, early] = [moe_tests._run(llm, [p], 6)[0] for p in prompts]  # one at a time: the same steps each way
             assert llm.engine.runner.graph_replays > 0
         finally:
             llm.close()
-    for (want_tokens, want), (tokens, got) in zip(out[False], out[True]):
-        assert tokens == want_tokens and torch.equal(got, want)
+    for form in ((True, False), (True, True)):
+        for (want_tokens, want), (tokens, got) in zip(out[False, False], out[form]):
+            assert tokens == want_tokens and torch.equal(got, want), form

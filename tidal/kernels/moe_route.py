@@ -24,7 +24,13 @@ import triton.language as tl
 
 from tidal.kernels import scratch_zeros
 from tidal.kernels.fused_moe import max_blocks
-from tidal.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_on
+from tidal.kernels.pdl import (
+    early_weights_on,
+    gdc_launch_dependents,
+    gdc_wait,
+    pdl_enter,
+    pdl_on,
+)
 
 MAX_TOKENS = 16384  # above this the torch ops are used (the offsets program walks every chunk of pairs)
 # Up to this many tokens (and tokens x experts) one program routes and aligns;
@@ -219,16 +225,17 @@ def _router_route_kernel(
     X, W, Bias, Partial, Logits, Weights, Ids, Pairs, BlockExpert, Counter,
     tokens, dim, k_per_program, stride_x, stride_w, nblocks,
     E: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BM: tl.constexpr, CH: tl.constexpr, BFILL: tl.constexpr,
-    HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr,
 ):
     """The router product and the routing in one launch: program p takes the
     slice [p * k_per_program, +k_per_program) of the hidden size for all rows
     ([BLOCK_T, E] float32 partial); the last program to finish (a ticket)
     sums the partials in program order, adds the bias, rounds to the
     activation dtype as the router's linear does, then routes and aligns as
-    the one-program routing kernel. With PDL, each program releases its
-    successor and loads its first weight tile (by default its whole slice)
-    before it waits for x, its predecessor's output."""
+    the one-program routing kernel. With PDL, EARLY (tidal.kernels.pdl's
+    early-weights form): each program releases its successor and loads its
+    first weight tile (by default its whole slice) before it waits for x,
+    its predecessor's output; else it waits first."""
     p = tl.program_id(0)
     t = tl.arange(0, BLOCK_T)
     tm = t < tokens
@@ -236,7 +243,7 @@ def _router_route_kernel(
     acc = tl.zeros([BLOCK_T, E], tl.float32)
     lo = p * k_per_program
     k_first = lo
-    if PDL:
+    if EARLY:  # (only with PDL)
         gdc_launch_dependents()  # the successor may be placed now: it waits for all of our writes
         k = lo + tl.arange(0, BLOCK_K)
         km = k < dim
@@ -248,6 +255,8 @@ def _router_route_kernel(
         else:
             acc += tl.dot(x, w)
         k_first += BLOCK_K
+    else:
+        pdl_enter(PDL)
     for k0 in range(k_first, tl.minimum(lo + k_per_program, dim), BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         km = k < dim
@@ -358,11 +367,12 @@ def router_route_and_align(
     logits = torch.empty((tokens, experts), dtype=x.dtype, device=dev)
     _, pairs_chunk, block_chunk = _tiles(tokens, top_k, experts, nblocks)
     pdl = pdl_on(dev)
+    # (float32 keeps the plain PDL form: its early weight tile spills registers at 128 experts)
     _router_route_kernel[(programs,)](
         x, router_w, router_b if router_b is not None else router_w, partial, logits, weights, ids, pairs, block_expert, ticket,
         tokens, dim, k_per_program, x.stride(0), router_w.stride(0), nblocks,
         E=experts, K=top_k, BLOCK_T=ROUTER_MAX_TOKENS, BLOCK_K=block_k, BM=block_m, CH=pairs_chunk, BFILL=block_chunk,
-        HAS_BIAS=router_b is not None, RENORM=renormalize, IEEE=x.dtype == torch.float32, PDL=pdl, num_warps=num_warps or ROUTER_WARPS,
+        HAS_BIAS=router_b is not None, RENORM=renormalize, IEEE=x.dtype == torch.float32, PDL=pdl, EARLY=pdl and early_weights_on(dev) and x.element_size() == 2, num_warps=num_warps or ROUTER_WARPS,
         launch_pdl=pdl,
     )
     return weights, ids, pairs, block_expert

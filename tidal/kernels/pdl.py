@@ -7,10 +7,12 @@ wait there (gdc_wait) until the predecessor has finished and its writes are
 visible, then let their own successor be placed (gdc_launch_dependents).
 Nothing is read before the wait, so the results are the same bits as without
 PDL; a kernel after a non-PDL one (cuBLAS, torch) simply starts after it.
-Two kernels whose weights never depend on their predecessor, the skinny
-product and the fused router, release their successor first and load their
-first weight tile before the wait (the successor still waits for all of
-their writes): their weight stream starts in the predecessor's tail.
+With EARLY_WEIGHTS, two kernels whose weights never depend on their
+predecessor, the skinny product and the fused router, release their
+successor first and load their first weight tile before the wait (the
+successor still waits for all of their writes): their weight stream starts
+in the predecessor's tail. Without it the router takes the plain form and
+the skinny product launches without PDL, as measured.
 
 On by default: measured on an H100 (2026-12-07, `device_run.sh matrix`), it
 takes Qwen3-30B-A3B's batch-1 decode step from 4.03 to 3.84 ms and batch 8
@@ -49,6 +51,11 @@ except ImportError:  # pragma: no cover
 
 
 ENABLED = True
+# The early-weights forms (above). Off until timed on a device
+# (`device_run.sh pdl-check`): benchmarks/bench_pdl.py's chain measured the
+# form at 6.73 us a 2048x2048 product against 6.93 for plain PDL (H100), but
+# neither kernel has run it inside a model yet.
+EARLY_WEIGHTS = False
 # >0 inside held_off(): a context variable, so one engine thread's forward
 # never turns PDL off for another's
 _HELD_OFF: ContextVar[int] = ContextVar("tidal_pdl_held_off", default=0)
@@ -64,6 +71,12 @@ def pdl_on(device: torch.device) -> bool:
     at launch, outside `held_off`, on an sm_90+ GPU with Triton's
     grid-dependency ops)."""
     return ENABLED and _HELD_OFF.get() == 0 and HAS_GDC and _sm90(device)
+
+
+def early_weights_on(device: torch.device) -> bool:
+    """Whether the skinny product and the fused router launch in the
+    early-weights form (EARLY_WEIGHTS, where PDL is on)."""
+    return EARLY_WEIGHTS and pdl_on(device)
 
 
 @contextmanager

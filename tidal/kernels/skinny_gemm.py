@@ -16,7 +16,8 @@ grid axis; each program writes a float32 partial, and the last of a column
 block's programs to finish (a ticket, the only atomic) sums them in range
 order, so the result does not depend on scheduling.
 
-With programmatic dependent launch (tidal.kernels.pdl), each program lets
+With programmatic dependent launch in its early-weights form
+(tidal.kernels.pdl.EARLY_WEIGHTS; without it, no PDL here), each program lets
 its successor be placed at once and loads its first weight tile before it
 waits for its predecessor (the weights never depend on it; x, the previous
 kernel's output, is read only after the wait): the weight stream starts in
@@ -36,7 +37,7 @@ import triton.language as tl
 
 from tidal.kernels import scratch_zeros
 from tidal.kernels.fused_moe import shared_memory_bytes
-from tidal.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_on
+from tidal.kernels.pdl import early_weights_on, gdc_launch_dependents, gdc_wait
 
 MAX_ROWS = 16  # one tensor-core tile of rows; larger batches go to cuBLAS
 
@@ -137,6 +138,20 @@ def skinny_config(n: int, k: int, num_sms: int = 132, itemsize: int = 2, shared_
     return block_n, block_k, 4, stages
 
 
+# The early-weights form holds a program's first W tile in registers across
+# the wait: at most this many bytes. Compiled for sm_90 (ptxas, 4 warps),
+# bf16 tiles up to 64 x 256 spill nothing (16 x 512 takes 255 registers); a
+# bf16 lm_head's 128 x 256 tile spilled 136 bytes, and float32 tiles (with
+# the IEEE product) spilled from 16 x 256.
+EARLY_TILE_BYTES = 16 << 10
+
+
+def takes_early_form(block_n: int, block_k: int, itemsize: int) -> bool:
+    """Whether a launch with these tiles may take PDL's early-weights form
+    (where tidal.kernels.pdl has it on): 16-bit weights, a small first tile."""
+    return itemsize == 2 and block_n * block_k * itemsize <= EARLY_TILE_BYTES
+
+
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: tuple[int, ...] | None = None) -> torch.Tensor:
     """x [M, K] (M <= MAX_ROWS); weight [N, K]; bias [N] or None -> [M, N] in x's dtype.
     config: (BLOCK_N, BLOCK_K, num_warps, num_stages[, SPLIT]) instead of
@@ -151,7 +166,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     shared = min(H100_SHARED, shared_memory_bytes(x.device)) if x.is_cuda else H100_SHARED
     block_n, block_k, warps, stages, *rest = config or skinny_config(n, k, itemsize=weight.element_size(), shared_bytes=shared)
     split = rest[0] if rest else 1
-    pdl = pdl_on(x.device)
+    pdl = early_weights_on(x.device) and takes_early_form(block_n, block_k, weight.element_size())
     blocks = triton.cdiv(n, block_n)
     k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k  # whole tiles per range
     if split > 1:
