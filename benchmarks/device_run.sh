@@ -27,6 +27,7 @@
 #   bash benchmarks/device_run.sh pdl-decode  # tidal.kernels.pdl off / on in both MoE models' decode
 #   bash benchmarks/device_run.sh matrix      # fused-MoE table (committed / moe_candidate.json) x PDL off / on x Moondream's streams, both MoE models' decode
 #   bash benchmarks/device_run.sh pdl-check   # PDL's early-weights form (pdl.EARLY_WEIGHTS): its bits tests, then Qwen3-30B decode (PDL off / on / early / early with every projection skinny), Qwen3-VL-8B early off / on
+#   bash benchmarks/device_run.sh md-pdl-branches  # Moondream 3 decode with PDL on neither, the main, the side or both of a block's two streams (text.PDL_BRANCHES)
 #   bash benchmarks/device_run.sh round       # where starts are scarce: test_cuda, bench_pdl and the priority A/B in one call
 #   bash benchmarks/device_run.sh tau         # tau's projection kernel (tau_rope.LIN_KERNEL): its tests, then a mixed step's profile with it on and off
 #   bash benchmarks/device_run.sh check       # after a kernel change, in ~5 minutes: kernel + fast-path tests, bench_kernels, quick decode of both MoE models
@@ -38,7 +39,7 @@
 # checkout (TIDAL_COMMIT=abc1234 bash ...): the device's copy of .git has been seen to lag
 # the working tree it carries, so `git rev-parse` there can name an older commit.
 set -uo pipefail
-part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card, overlap, routing, http, mixed, fp8, fp8-ttft, router-programs, attention-large, priority, pdl, pdl-decode, pdl-check, matrix, round, tau, check, timeline, md-timeline}"
+part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card, overlap, routing, http, mixed, fp8, fp8-ttft, router-programs, attention-large, priority, pdl, pdl-decode, pdl-check, md-pdl-branches, matrix, round, tau, check, timeline, md-timeline}"
 out="${OUT:-.}"
 if [ -d .whl ]; then
   pip install -q --no-deps --target /tmp/deps .whl/*.whl 2>&1 | grep -v -i "warning" | tail -2
@@ -161,6 +162,10 @@ case "$part" in
     done
     for v in False True; do
       timeout 75 python benchmarks/with_setting.py tidal.kernels.pdl.EARLY_WEIGHTS=$v -- benchmarks/bench_qwen.py --model vl --no-hf --no-concurrent --batches 1 32 --out "$out/vl-$v" 2>&1 | grep -E "^tidal decode" | sed "s|^|qwen3-vl-8b early=$v: |"
+    done ;;
+  md-pdl-branches)
+    for v in none main side both; do
+      timeout 80 python benchmarks/with_setting.py "tidal.models.moondream3.text.PDL_BRANCHES='$v'" -- benchmarks/bench_moondream.py --quick --only decode --out "$out/md-pdl-$v" 2>&1 | grep -E "decode batch (1|8|32):" | sed "s|^|moondream pdl on $v: |"
     done ;;
   round)
     # the most per call where starts are scarce (~570 s): test_cuda, the PDL chain, the MoE branch's priority in Moondream decode

@@ -513,11 +513,12 @@ def test_parallel_branches_on_two_streams_give_the_same_bits(monkeypatch):
 
 
 def test_programmatic_dependent_launch_gives_the_same_bits(monkeypatch):
-    """tidal.kernels.pdl on: with a block's branches on one stream, Moondream's
-    decode-chain kernels launch with PDL (in the captured graphs too); on two
-    streams the model holds PDL off. Either way golden skill cases match the
-    reference and every output logit equals, bit for bit, the engine's with
-    PDL off on one stream."""
+    """tidal.kernels.pdl on: Moondream's decode-chain kernels launch with PDL
+    (in the captured graphs too) with a block's branches on one stream, and
+    on two streams where text.PDL_BRANCHES says ("both" here; by default
+    neither stream's). Each way golden skill cases match the reference and
+    every output logit equals, bit for bit, the engine's with PDL off on one
+    stream."""
     from tidal import EngineConfig, Moondream
     from tidal.kernels import pdl
     from tidal.models.moondream3 import text
@@ -526,6 +527,7 @@ def test_programmatic_dependent_launch_gives_the_same_bits(monkeypatch):
         pytest.skip("needs sm_90 and Triton's grid-dependency ops")
     cases = SKILL_CASES[:6]
     traces = {}
+    monkeypatch.setattr(text, "PDL_BRANCHES", "both")
     for on, two_streams in ((False, False), (True, False), (True, True)):
         monkeypatch.setattr(pdl, "ENABLED", on)
         monkeypatch.setattr(text, "PARALLEL_BRANCHES", two_streams)

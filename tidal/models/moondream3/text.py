@@ -7,7 +7,7 @@ by both branches. Attention scales q and v by learned per-token, per-head
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn as nn
@@ -124,6 +124,13 @@ PARALLEL_BRANCHES = True
 # an H100 (`device_run.sh priority`): -1 gave 1.79 / 3.86 / 6.00 ms at batch
 # 1 / 8 / 32 against 1.80 / 3.87 / 6.02, within spread; kept at 0.
 BRANCH_PRIORITY = 0
+# Which of the two streams' kernels launch with programmatic dependent launch
+# (tidal.kernels.pdl) while the branches run on two streams: "none", "main"
+# (attention and the residual norms), "side" (the MoE branch) or "both". On
+# an H100 "both" cost ~1% at batch 1 to 32 against "none" (2026-12-07): a PDL
+# kernel's early-placed, waiting programs hold SMs the other stream could use.
+# "main" and "side" not yet timed (`device_run.sh md-pdl-branches`).
+PDL_BRANCHES = "none"
 
 
 class TextBlock(nn.Module):
@@ -177,9 +184,7 @@ class TextModel(nn.Module):
         assert self.rotary is not None, "call setup_runtime() after loading weights"
         if self.fused:
             side = self.side_stream if PARALLEL_BRANCHES and x.is_cuda else None
-            # two streams: PDL's early-placed programs would crowd the other branch (tidal.kernels.pdl)
-            with pdl.held_off() if side is not None else nullcontext():
-                return self._fused_blocks(x, positions, batch, side)
+            return self._fused_blocks(x, positions, batch, side)
         for i, block in enumerate(self.blocks):
             h = block.ln(x)
             x = x + block.attn(h, positions, batch, i, self.rotary) + block.mlp(h)
@@ -193,7 +198,11 @@ class TextModel(nn.Module):
         next block's LayerNorm."""
         assert self.rotary is not None
         blocks = self.blocks
-        h = blocks[0].ln(x)
+        # on two streams, PDL only where PDL_BRANCHES says (its waiting programs crowd the other stream)
+        main_pdl = side is None or PDL_BRANCHES in ("main", "both")
+        side_pdl = PDL_BRANCHES in ("side", "both")
+        with _pdl_scope(main_pdl):
+            h = blocks[0].ln(x)
         for i, block in enumerate(blocks):
             if side is None:
                 attn = block.attn(h, positions, batch, i, self.rotary)
@@ -203,16 +212,23 @@ class TextModel(nn.Module):
                 # made is released: the allocator's per-stream reuse stays safe
                 main = torch.cuda.current_stream()
                 side.wait_stream(main)
-                with torch.cuda.stream(side):
+                with torch.cuda.stream(side), _pdl_scope(side_pdl):
                     parts = _mlp_parts(block, h)
-                attn = block.attn(h, positions, batch, i, self.rotary)
+                with _pdl_scope(main_pdl):
+                    attn = block.attn(h, positions, batch, i, self.rotary)
                 main.wait_stream(side)
-            x, h = residual_norm(x, attn, parts, blocks[i + 1].ln if i + 1 < len(blocks) else None)
+            with _pdl_scope(main_pdl):
+                x, h = residual_norm(x, attn, parts, blocks[i + 1].ln if i + 1 < len(blocks) else None)
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Raw hidden [N, dim] -> logits [N, vocab] (float32)."""
         return linear(self.post_ln(hidden), self.lm_head.weight, self.lm_head.bias).float()
+
+
+def _pdl_scope(on: bool) -> AbstractContextManager[None]:
+    """Kernels launched inside take PDL as tidal.kernels.pdl says (on), or never."""
+    return nullcontext() if on else pdl.held_off()
 
 
 def _mlp_parts(block: TextBlock, h: torch.Tensor) -> torch.Tensor:
