@@ -1,5 +1,6 @@
-"""Does programmatic dependent launch (PDL) pay at decode sizes? A question
-for the device before tidal's kernels take it on.
+"""Does programmatic dependent launch (PDL) pay at decode sizes? The question
+asked before tidal's kernels took it on (tidal.kernels.pdl), and the
+early-weights form's evidence.
 
     PYTHONPATH=. python3 benchmarks/bench_pdl.py [--out DIR]
 

@@ -155,7 +155,7 @@ case "$part" in
     cp /tmp/moe_committed.json tidal/kernels/moe_configs.json ;;
   pdl-check)
     # tidal.kernels.pdl's early-weights form (the router and skinny products load weights before the wait): its bits tests, then the decode A/B
-    tests_in 90 "pdl tests" tests/test_kernels.py tests/test_qwen_fast_path.py -k "programmatic or skinny_chain"
+    tests_in 90 "pdl tests" tests/test_kernels.py tests/test_qwen_fast_path.py -k "programmatic or skinny_chain or router_after"
     for form in "False False auto" "True False auto" "True True auto" "True True all"; do
       set -- $form
       timeout 60 python benchmarks/with_setting.py tidal.kernels.pdl.ENABLED=$1 tidal.kernels.pdl.EARLY_WEIGHTS=$2 -- benchmarks/bench_qwen.py --model moe --no-hf --no-concurrent --batches 1 8 --skinny $3 --out "$out/qwen-$1-$2-$3" 2>&1 | grep -E "^tidal decode" | sed "s|^|qwen3-30b pdl=$1 early=$2 skinny=$3: |"
@@ -164,6 +164,7 @@ case "$part" in
       timeout 75 python benchmarks/with_setting.py tidal.kernels.pdl.EARLY_WEIGHTS=$v -- benchmarks/bench_qwen.py --model vl --no-hf --no-concurrent --batches 1 32 --out "$out/vl-$v" 2>&1 | grep -E "^tidal decode" | sed "s|^|qwen3-vl-8b early=$v: |"
     done ;;
   md-pdl-branches)
+    tests_in 150 "pdl branch tests" tests/test_cuda.py -k "pdl_branches or programmatic"
     for v in none main side both; do
       timeout 80 python benchmarks/with_setting.py "tidal.models.moondream3.text.PDL_BRANCHES='$v'" -- benchmarks/bench_moondream.py --quick --only decode --out "$out/md-pdl-$v" 2>&1 | grep -E "decode batch (1|8|32):" | sed "s|^|moondream pdl on $v: |"
     done ;;

@@ -547,6 +547,53 @@ def test_programmatic_dependent_launch_gives_the_same_bits(monkeypatch):
             assert all(torch.equal(x, y) for x, y in zip(a, b)), form
 
 
+def test_pdl_branches_choose_which_streams_kernels_launch_with_pdl(monkeypatch):
+    """text.PDL_BRANCHES on two streams: every decode-chain kernel launched
+    on the MoE branch's side stream takes PDL only under "side" and "both",
+    every one on the main stream (attention, the residual norms) only under
+    "main" and "both"; with one stream all of them take it. Read from the
+    kernels' own pdl_on calls while the engine starts (graph capture) and
+    runs a golden case."""
+    from tidal import EngineConfig, Moondream
+    from tidal.kernels import (
+        fused_moe,
+        moe_route,
+        paged_attention,
+        pdl,
+        residual_norm,
+        tau_rope,
+    )
+    from tidal.models.moondream3 import text
+
+    if not (pdl.HAS_GDC and torch.cuda.get_device_capability() >= (9, 0)):
+        pytest.skip("needs sm_90 and Triton's grid-dependency ops")
+    monkeypatch.setattr(pdl, "ENABLED", True)
+    calls: list[tuple[int, bool]] = []  # (the launching stream, PDL or not)
+
+    def spy(device):
+        on = pdl.pdl_on(device)
+        calls.append((torch.cuda.current_stream().stream_id, on))
+        return on
+
+    for module in (fused_moe, moe_route, paged_attention, residual_norm, tau_rope):
+        monkeypatch.setattr(module, "pdl_on", spy)
+    expected = {"none": (False, False), "main": (True, False), "side": (False, True), "both": (True, True), "one stream": (True, True)}
+    for mode, (main_on, side_on) in expected.items():
+        monkeypatch.setattr(text, "PARALLEL_BRANCHES", mode != "one stream")
+        monkeypatch.setattr(text, "PDL_BRANCHES", "both" if mode == "one stream" else mode)
+        calls.clear()
+        md = Moondream.from_pretrained(GOLDEN, device="cuda", dtype="float32", engine_config=EngineConfig(max_running=4))
+        try:
+            assert_matches_golden(finished_request(md, SKILL_CASES[0]).skill.result(), SKILL_CASES[0])
+            side = md.model.text.side_stream.stream_id
+        finally:
+            md.close()
+        on_side = {on for stream, on in calls if stream == side}
+        on_main = {on for stream, on in calls if stream != side}
+        assert on_main == {main_on}, mode
+        assert on_side == ({side_on} if mode != "one stream" else set()), mode
+
+
 def test_images_encoded_ahead_on_their_own_stream_give_the_same_bits():
     """EngineConfig(encode_ahead=True) on CUDA: held-back requests' images are
     encoded on a second stream beside the running step; golden results, and

@@ -236,7 +236,7 @@ print(json.dumps(out))
 """
 
 
-def test_the_decode_chains_kernels_wait_for_their_predecessor_before_any_memory_access():
+def test_the_decode_chains_kernels_wait_for_their_predecessor_before_touching_its_output():
     """With tidal.kernels.pdl on, each decode-chain kernel (norms, the KV
     writes, decode attention and its reduce, the fused router, the experts'
     up and down), compiled for sm_90, is a PDL launch whose first memory
@@ -245,12 +245,15 @@ def test_the_decode_chains_kernels_wait_for_their_predecessor_before_any_memory_
     its early-weights form (pdl.EARLY_WEIGHTS) the fused router releases its
     successor first and issues only its weight slice's loads (16-byte
     vectors) before the wait; x, its partials' stores and the ticket come after."""
+    from tidal.kernels import moe_route
+
     kernels = _run_compile_script(_COMPILE_PDL_KERNELS)
     assert len(kernels) == 11
     router = kernels.pop("router, early weights")
     assert router["launch_pdl"] and router["waits"] == 1 and router["before_wait"][0] == "griddepcontrol.launch_dependents"
     early = router["before_wait"][1:]
-    assert early and all(op == "ld.global.v4.b32" for op in early), early
+    # exactly the weight slice: E 128 x BLOCK_K 128 bf16 in 16-byte loads over 8 warps' 256 threads (x's loads would add more)
+    assert early == ["ld.global.v4.b32"] * (128 * 128 * 2 // 16 // (32 * moe_route.ROUTER_WARPS)), early
     after = router["after_wait"]
     assert any(op.startswith("ld.global") for op in after) and any(op.startswith("st.global") for op in after) and any(op.startswith("atom.") for op in after)
     for name, k in kernels.items():
@@ -298,7 +301,8 @@ def test_the_skinny_product_streams_its_first_weight_tile_before_the_wait():
         ops = pdl["ops"]
         assert pdl["launch_pdl"] and ops[0] == "griddepcontrol.launch_dependents" and ops.count("griddepcontrol.wait") == 1
         early = ops[1 : ops.index("griddepcontrol.wait")]
-        assert early and all(op == "ld.global.v4.b32" for op in early), (split, early)
+        # exactly the first weight tile: 32 x 256 bf16 in 16-byte loads over 4 warps' 128 threads (x's loads would add more)
+        assert early == ["ld.global.v4.b32"] * (32 * 256 * 2 // 16 // 128), (split, early)
         after = ops[ops.index("griddepcontrol.wait") + 1 :]
         assert any(op.startswith("ld.global") for op in after) and any(op.startswith("st.global") for op in after)
 

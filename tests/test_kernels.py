@@ -791,44 +791,105 @@ def test_skinny_linear_split_k(rows, n, k, split, dtype):
     assert int(scratch_zeros("skinny tickets", 1, torch.int32, first.device).abs().sum()) == 0
 
 
-@pytest.mark.skipif(not CUDA, reason="programmatic dependent launch needs an sm_90 GPU")
-@pytest.mark.parametrize("rows, config", [(1, None), (8, None), (1, (16, 256, 4, 3, 4))], ids=str)
-def test_skinny_chain_with_pdl_gives_the_same_bits(monkeypatch, rows, config):
-    """A chain of skinny products, each reading the one before's output,
-    captured in a CUDA graph: with PDL's early-weights form (each program's
-    first weight tile loaded before it waits for its predecessor) every output equals the
-    chain's without PDL, bit for bit, with each intermediate poisoned (NaN)
-    before the replay, so a read of x ahead of its producer shows."""
+def _graph_outputs(run, poison) -> list[torch.Tensor]:
+    """run() once (compiling), capture it in a CUDA graph, poison what it
+    returned, replay: the replay's outputs (a read ahead of its producer
+    meets the poison)."""
+    run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = run()
+    for t in outs:
+        poison(t)
+    graph.replay()
+    torch.cuda.synchronize()
+    return [t.clone() for t in outs]
+
+
+def _poison(t: torch.Tensor) -> None:
+    t.fill_(float("nan") if t.is_floating_point() else -1)
+
+
+def _needs_pdl() -> None:
     from tidal.kernels import pdl
-    from tidal.kernels.skinny_gemm import skinny_linear
 
     if not (pdl.HAS_GDC and torch.cuda.get_device_capability() >= (9, 0)):
         pytest.skip("needs sm_90 and Triton's grid-dependency ops")
+
+
+@pytest.mark.skipif(not CUDA, reason="programmatic dependent launch needs an sm_90 GPU")
+@pytest.mark.parametrize(
+    "rows, size, config, bias",
+    [(1, 2048, None, False), (8, 2048, None, True), (1, 2048, (16, 256, 4, 3, 4), False),  # K in whole tiles
+     (1, 2000, None, True), (1, 2000, (16, 256, 4, 3, 4), True), (3, 1100, (16, 256, 4, 3, 4), False)],  # a partial last tile; split ranges partial, empty
+    ids=str,
+)
+def test_skinny_chain_with_pdl_gives_the_same_bits(monkeypatch, rows, size, config, bias):
+    """A chain of skinny products, each reading the one before's output,
+    captured in a CUDA graph: with PDL's early-weights form (each program's
+    first weight tile loaded before it waits for its predecessor; the form is
+    taken) every output equals the chain's without PDL, bit for bit, with
+    each intermediate poisoned (NaN) before the replay, so a read of x ahead
+    of its producer shows. K in whole tiles or not; split-K ranges partial
+    or empty; with and without bias."""
+    from tidal.kernels import pdl
+    from tidal.kernels.skinny_gemm import skinny_config, skinny_linear, takes_early_form
+
+    _needs_pdl()
     monkeypatch.setattr(pdl, "EARLY_WEIGHTS", True)
-    gen = torch.Generator(device="cuda").manual_seed(rows)
-    ws = [(torch.randn(2048, 2048, device="cuda", generator=gen) / 2048**0.5).bfloat16() for _ in range(8)]
+    block_n, block_k = (config or skinny_config(size, size))[:2]
+    assert takes_early_form(block_n, block_k, 2)
+    gen = torch.Generator(device="cuda").manual_seed(rows + size)
+    ws = [(torch.randn(size, size, device="cuda", generator=gen) / size**0.5).bfloat16() for _ in range(8)]
+    bs = [torch.randn(size, device="cuda", generator=gen).bfloat16() if bias else None for _ in ws]
+    x = torch.randn(rows, size, device="cuda", generator=gen).bfloat16()
+
+    def run() -> list[torch.Tensor]:
+        ys, y = [], x
+        for w, b in zip(ws, bs):
+            y = skinny_linear(y, w, b, config=config)
+            ys.append(y)
+        return ys
+
     outs = {}
     for on in (False, True):
         monkeypatch.setattr(pdl, "ENABLED", on)
-        x = torch.randn(rows, 2048, device="cuda", generator=torch.Generator(device="cuda").manual_seed(7)).bfloat16()
-        ys: list[torch.Tensor] = []  # each product's output (the graph's pool keeps those captured)
-
-        def run():
-            ys.clear()
-            y = x
-            for w in ws:
-                y = skinny_linear(y, w, config=config)
-                ys.append(y)
-
-        run()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            run()
-        for y in ys:
-            y.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        outs[on] = torch.stack(ys).clone()
+        assert pdl.early_weights_on(x.device) == on
+        outs[on] = torch.stack(_graph_outputs(run, _poison))
         assert not outs[on].isnan().any()
     assert torch.equal(outs[True], outs[False])
+
+
+@pytest.mark.skipif(not CUDA, reason="programmatic dependent launch needs an sm_90 GPU")
+@pytest.mark.parametrize("programs", [None, 4], ids=lambda p: f"programs={p}")
+def test_router_after_a_product_with_pdl_gives_the_same_bits(monkeypatch, programs):
+    """Qwen3-30B's router shapes (hidden 2048, 128 experts, top 8) reading a
+    skinny product's output, captured in a CUDA graph, every output poisoned
+    before the replay: with PDL in the plain form and in the early-weights
+    form (the router's weight slice loaded before it waits for its input;
+    its programs' partials summed by the last one's ticket) the product, the
+    routing weights, ids and the expert layout equal, bit for bit, those
+    without PDL; one K slice a program and four programs of several."""
+    from tidal.kernels import pdl
+    from tidal.kernels.moe_route import router_route_and_align
+    from tidal.kernels.skinny_gemm import skinny_linear
+
+    _needs_pdl()
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(1, 2048, device="cuda", generator=gen).bfloat16()
+    w_in = (torch.randn(2048, 2048, device="cuda", generator=gen) / 2048**0.5).bfloat16()
+    w_router = (torch.randn(128, 2048, device="cuda", generator=gen) / 2048**0.5).bfloat16()
+
+    def run() -> list[torch.Tensor]:
+        h = skinny_linear(x, w_in)
+        return [h, *router_route_and_align(h, w_router, None, 8, 16, True, programs=programs)]
+
+    outs = {}
+    for on, early in ((False, False), (True, False), (True, True)):
+        monkeypatch.setattr(pdl, "ENABLED", on)
+        monkeypatch.setattr(pdl, "EARLY_WEIGHTS", early)
+        outs[on, early] = _graph_outputs(run, _poison)
+        assert not outs[on, early][1].isnan().any() and int(outs[on, early][2].min()) >= 0
+    for form in ((True, False), (True, True)):
+        assert all(torch.equal(a, b) for a, b in zip(outs[False, False], outs[form])), form

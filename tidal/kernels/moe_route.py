@@ -31,6 +31,7 @@ from tidal.kernels.pdl import (
     pdl_enter,
     pdl_on,
 )
+from tidal.kernels.tiles import tile_dot
 
 MAX_TOKENS = 16384  # above this the torch ops are used (the offsets program walks every chunk of pairs)
 # Up to this many tokens (and tokens x experts) one program routes and aligns;
@@ -250,10 +251,7 @@ def _router_route_kernel(
         w = tl.load(W + e[None, :] * stride_w + k[:, None], mask=km[:, None], other=0.0)
         gdc_wait()  # x is the predecessor's output: read only past this
         x = tl.load(X + t[:, None] * stride_x + k[None, :], mask=tm[:, None] & km[None, :], other=0.0)
-        if IEEE:
-            acc += tl.dot(x, w, input_precision="ieee")
-        else:
-            acc += tl.dot(x, w)
+        acc = tile_dot(acc, x, w, IEEE)
         k_first += BLOCK_K
     else:
         pdl_enter(PDL)
@@ -262,10 +260,7 @@ def _router_route_kernel(
         km = k < dim
         x = tl.load(X + t[:, None] * stride_x + k[None, :], mask=tm[:, None] & km[None, :], other=0.0)
         w = tl.load(W + e[None, :] * stride_w + k[:, None], mask=km[:, None], other=0.0)
-        if IEEE:
-            acc += tl.dot(x, w, input_precision="ieee")
-        else:
-            acc += tl.dot(x, w)
+        acc = tile_dot(acc, x, w, IEEE)
     tl.store(Partial + p * BLOCK_T * E + t[:, None] * E + e[None, :], acc, mask=tm[:, None])  # the rows there are: 1 of 16 at batch 1
     tl.debug_barrier()  # every thread's partial stored before the ticket
     if tl.atomic_add(Counter, 1, sem="acq_rel") == tl.num_programs(0) - 1:
@@ -367,12 +362,12 @@ def router_route_and_align(
     logits = torch.empty((tokens, experts), dtype=x.dtype, device=dev)
     _, pairs_chunk, block_chunk = _tiles(tokens, top_k, experts, nblocks)
     pdl = pdl_on(dev)
-    # (float32 keeps the plain PDL form: its early weight tile spills registers at 128 experts)
+    early = pdl and early_weights_on(dev) and x.element_size() == 2  # (float32's early tile spills registers at 128 experts)
     _router_route_kernel[(programs,)](
         x, router_w, router_b if router_b is not None else router_w, partial, logits, weights, ids, pairs, block_expert, ticket,
         tokens, dim, k_per_program, x.stride(0), router_w.stride(0), nblocks,
         E=experts, K=top_k, BLOCK_T=ROUTER_MAX_TOKENS, BLOCK_K=block_k, BM=block_m, CH=pairs_chunk, BFILL=block_chunk,
-        HAS_BIAS=router_b is not None, RENORM=renormalize, IEEE=x.dtype == torch.float32, PDL=pdl, EARLY=pdl and early_weights_on(dev) and x.element_size() == 2, num_warps=num_warps or ROUTER_WARPS,
+        HAS_BIAS=router_b is not None, RENORM=renormalize, IEEE=x.dtype == torch.float32, PDL=pdl, EARLY=early, num_warps=num_warps or ROUTER_WARPS,
         launch_pdl=pdl,
     )
     return weights, ids, pairs, block_expert

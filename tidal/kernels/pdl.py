@@ -11,16 +11,19 @@ With EARLY_WEIGHTS, two kernels whose weights never depend on their
 predecessor, the skinny product and the fused router, release their
 successor first and load their first weight tile before the wait (the
 successor still waits for all of their writes): their weight stream starts
-in the predecessor's tail. Without it the router takes the plain form and
-the skinny product launches without PDL, as measured.
+in the predecessor's tail. Only 16-bit weights with a small first tile take
+that form (float32 tiles and an lm_head's wide ones spill registers). Without
+EARLY_WEIGHTS, or outside that form, the router takes the plain form and the
+skinny product launches without PDL: the configuration measured below.
 
 On by default: measured on an H100 (2026-12-07, `device_run.sh matrix`), it
 takes Qwen3-30B-A3B's batch-1 decode step from 4.03 to 3.84 ms and batch 8
 from 10.98 to 10.82. Moondream 3's decode runs each block's two branches on
 two streams, and there PDL cost ~1% (1.80 -> 1.81 ms at batch 1, 3.90 ->
 3.94 at 8): a PDL kernel's programs, placed early and waiting, hold SMs the
-other stream's branch could use. So a model holds it off where its branches
-overlap (`held_off`). On the CPU, under Triton's interpreter, it is always off.
+other stream's branch could use. So a model can hold it off for the kernels
+it launches inside `held_off` (Moondream: text.PDL_BRANCHES, by default both
+streams). On the CPU, under Triton's interpreter, it is always off.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ block's programs to finish (a ticket, the only atomic) sums them in range
 order, so the result does not depend on scheduling.
 
 With programmatic dependent launch in its early-weights form
-(tidal.kernels.pdl.EARLY_WEIGHTS; without it, no PDL here), each program lets
+(tidal.kernels.pdl.EARLY_WEIGHTS, for 16-bit weights and first tiles up to
+EARLY_TILE_BYTES; otherwise no PDL here), each program lets
 its successor be placed at once and loads its first weight tile before it
 waits for its predecessor (the weights never depend on it; x, the previous
 kernel's output, is read only after the wait): the weight stream starts in
@@ -38,8 +39,10 @@ import triton.language as tl
 from tidal.kernels import scratch_zeros
 from tidal.kernels.fused_moe import shared_memory_bytes
 from tidal.kernels.pdl import early_weights_on, gdc_launch_dependents, gdc_wait
+from tidal.kernels.tiles import tile_dot
 
 MAX_ROWS = 16  # one tensor-core tile of rows; larger batches go to cuBLAS
+
 
 
 @triton.jit
@@ -68,20 +71,14 @@ def _skinny_kernel(
         w = tl.load(W + n[None, :].to(tl.int64) * stride_wn + k[:, None], mask=nmask[None, :] & kmask[:, None], other=0.0)
         gdc_wait()  # x is the predecessor's output: read only past this
         x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
-        if IEEE:
-            acc += tl.dot(x, w, input_precision="ieee")
-        else:
-            acc += tl.dot(x, w)
+        acc = tile_dot(acc, x, w, IEEE)
         k_first += BLOCK_K
     for k0 in range(k_first, k_end, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         kmask = k < k_end
         x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
         w = tl.load(W + n[None, :].to(tl.int64) * stride_wn + k[:, None], mask=nmask[None, :] & kmask[:, None], other=0.0)
-        if IEEE:
-            acc += tl.dot(x, w, input_precision="ieee")
-        else:
-            acc += tl.dot(x, w)
+        acc = tile_dot(acc, x, w, IEEE)
     out_mask = mmask[:, None] & nmask[None, :]
     if SPLIT > 1:
         # this range's partial, then the column block's last program sums all in range order
@@ -139,10 +136,12 @@ def skinny_config(n: int, k: int, num_sms: int = 132, itemsize: int = 2, shared_
 
 
 # The early-weights form holds a program's first W tile in registers across
-# the wait: at most this many bytes. Compiled for sm_90 (ptxas, 4 warps),
-# bf16 tiles up to 64 x 256 spill nothing (16 x 512 takes 255 registers); a
-# bf16 lm_head's 128 x 256 tile spilled 136 bytes, and float32 tiles (with
-# the IEEE product) spilled from 16 x 256.
+# the wait: at most this many bytes. Compiled for sm_90 with Triton 3.9
+# (ptxas, 4 warps), bf16 tiles up to 64 x 256 spill nothing (16 x 512 takes
+# 255 registers); a bf16 lm_head's 128 x 256 tile spilled 136 bytes, and
+# float32 tiles (with the IEEE product) spilled from 16 x 256. The device's
+# Triton 3.6 needs fewer (a reviewer's count: 80 registers at 16 x 512, 56 at
+# 16 x 256), so the bound may be conservative there.
 EARLY_TILE_BYTES = 16 << 10
 
 

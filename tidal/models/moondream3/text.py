@@ -131,6 +131,7 @@ BRANCH_PRIORITY = 0
 # kernel's early-placed, waiting programs hold SMs the other stream could use.
 # "main" and "side" not yet timed (`device_run.sh md-pdl-branches`).
 PDL_BRANCHES = "none"
+PDL_BRANCH_MODES = ("none", "main", "side", "both")
 
 
 class TextBlock(nn.Module):
@@ -199,6 +200,8 @@ class TextModel(nn.Module):
         assert self.rotary is not None
         blocks = self.blocks
         # on two streams, PDL only where PDL_BRANCHES says (its waiting programs crowd the other stream)
+        if PDL_BRANCHES not in PDL_BRANCH_MODES:
+            raise ValueError(f"text.PDL_BRANCHES must be one of {', '.join(PDL_BRANCH_MODES)}, got {PDL_BRANCHES!r}")
         main_pdl = side is None or PDL_BRANCHES in ("main", "both")
         side_pdl = PDL_BRANCHES in ("side", "both")
         with _pdl_scope(main_pdl):
