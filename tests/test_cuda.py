@@ -523,7 +523,7 @@ def test_programmatic_dependent_launch_gives_the_same_bits(monkeypatch):
     from tidal.kernels import pdl
     from tidal.models.moondream3 import text
 
-    if not (pdl.HAS_GDC and torch.cuda.get_device_capability() >= (9, 0)):
+    if not pdl.available(torch.device("cuda")):
         pytest.skip("needs sm_90 and Triton's grid-dependency ops")
     cases = SKILL_CASES[:6]
     traces = {}
@@ -565,7 +565,7 @@ def test_pdl_branches_choose_which_streams_kernels_launch_with_pdl(monkeypatch):
     )
     from tidal.models.moondream3 import text
 
-    if not (pdl.HAS_GDC and torch.cuda.get_device_capability() >= (9, 0)):
+    if not pdl.available(torch.device("cuda")):
         pytest.skip("needs sm_90 and Triton's grid-dependency ops")
     monkeypatch.setattr(pdl, "ENABLED", True)
     calls: list[tuple[int, bool]] = []  # (the launching stream, PDL or not)

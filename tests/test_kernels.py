@@ -814,7 +814,7 @@ def _poison(t: torch.Tensor) -> None:
 def _needs_pdl() -> None:
     from tidal.kernels import pdl
 
-    if not (pdl.HAS_GDC and torch.cuda.get_device_capability() >= (9, 0)):
+    if not pdl.available(torch.device("cuda")):
         pytest.skip("needs sm_90 and Triton's grid-dependency ops")
 
 

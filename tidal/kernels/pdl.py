@@ -73,7 +73,13 @@ def pdl_on(device: torch.device) -> bool:
     """Whether the kernels launched for `device` take PDL now (ENABLED, read
     at launch, outside `held_off`, on an sm_90+ GPU with Triton's
     grid-dependency ops)."""
-    return ENABLED and _HELD_OFF.get() == 0 and HAS_GDC and _sm90(device)
+    return ENABLED and _HELD_OFF.get() == 0 and available(device)
+
+
+def available(device: torch.device) -> bool:
+    """Whether kernels on `device` can take PDL at all: an sm_90+ GPU and
+    Triton's grid-dependency ops."""
+    return HAS_GDC and _sm90(device)
 
 
 def early_weights_on(device: torch.device) -> bool:
