@@ -6,6 +6,7 @@ shared memory on the device: the same check flags it here.)"""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -18,15 +19,34 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 H100_SHARED_BYTES = 227 * 1024  # the most one block may use
 
-# Run in a process of its own: the test session's TRITON_INTERPRET=1 (no GPU)
-# makes kernels interpreter objects, which do not compile.
-_COMPILE = r"""
+# What the compile scripts below share (each script starts with it): reading
+# a compiled kernel's PTX for its memory instructions, and ptxas for its spills
+_SM90 = r"""
 import json, re, subprocess, sys, tempfile, warnings
 warnings.filterwarnings("ignore")
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
+
+MEM = ("ld.global", "st.global", "cp.async", "atom.", "red.", "griddepcontrol")
+
+def memory_ops(c):
+    # in program order; a masked access has a predicate first, and Triton 3.6
+    # writes the gdc ops as inline asm ("griddepcontrol.wait; // dummy ...")
+    ops = [re.sub(r"^@!?%p\d+\s+", "", l.strip()).split()[0].rstrip(";") for l in c.asm["ptx"].splitlines() if l.strip()]
+    return [op for op in ops if op.startswith(MEM)]
+
+def spill_bytes(c):
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(c.asm["ptx"])
+    log = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", f.name, "-o", f.name + ".cubin"], capture_output=True, text=True, check=True).stderr
+    return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", log))
+"""
+
+# Run in a process of its own: the test session's TRITON_INTERPRET=1 (no GPU)
+# makes kernels interpreter objects, which do not compile.
+_COMPILE = _SM90 + r"""
 from tidal.kernels import moe_route
 
 DT = {4: "fp32", 2: "bf16"}
@@ -35,11 +55,7 @@ def compile_report(kernel, types, consts, warps):
     sig = {n: types.get(n, "i32") for n in kernel.arg_names}
     sig.update({c: "constexpr" for c in consts})
     c = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(c.asm["ptx"])
-    out = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", f.name, "-o", f.name + ".cubin"], capture_output=True, text=True, check=True).stderr
-    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", out))
-    return {"shared": c.metadata.shared, "spill_bytes": spills}
+    return {"shared": c.metadata.shared, "spill_bytes": spill_bytes(c)}
 
 def router(itemsize, experts, block_k, early=False):
     dt = DT[itemsize]
@@ -138,12 +154,7 @@ def test_the_kv_cache_and_tau_kernels_compile_for_an_h100():
 
 # benchmarks/bench_pdl.py's chain kernel in each form, compiled for sm_90: where
 # the grid-dependency instructions sit relative to the loads of x and the weights
-_COMPILE_PDL = r"""
-import json, re, sys, warnings
-warnings.filterwarnings("ignore")
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+_COMPILE_PDL = _SM90 + r"""
 sys.path.insert(0, "benchmarks")
 import bench_pdl
 
@@ -152,9 +163,7 @@ for name, (pdl, early) in bench_pdl.FORMS.items():
     sig = {"X": "*bf16", "W": "*bf16", "Y": "*bf16", "K": "i32", "stride_w": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "PDL": "constexpr", "EARLY": "constexpr"}
     c = triton.compile(ASTSource(fn=bench_pdl._matvec_kernel, signature=sig, constexprs=dict(BLOCK_N=16, BLOCK_K=256, PDL=pdl, EARLY=early), attrs={(i,): [["tt.divisibility", 16]] for i in range(5)}),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "launch_pdl": pdl})
-    # (Triton 3.6 writes the gdc ops as inline asm, "griddepcontrol.wait; // dummy ...")
-    ops = [re.sub(r"^@!?%p\d+\s+", "", l.strip()).split()[0].rstrip(";") for l in c.asm["ptx"].splitlines() if l.strip()]  # (a masked access has a predicate first)
-    ops = [op for op in ops if op.startswith(("griddepcontrol", "ld.global"))]
+    ops = [op for op in memory_ops(c) if op.startswith(("griddepcontrol", "ld.global"))]
     out[name] = {"launch_pdl": bool(c.metadata.launch_pdl), "ops": ops}
 print(json.dumps(out))
 """
@@ -192,15 +201,8 @@ def test_the_pdl_benchmark_waits_before_it_reads_what_the_previous_kernel_wrote(
 
 
 # The decode chain's kernels with programmatic dependent launch on (tidal.kernels.pdl), compiled for sm_90
-_COMPILE_PDL_KERNELS = r"""
-import json, re, warnings
-warnings.filterwarnings("ignore")
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+_COMPILE_PDL_KERNELS = _SM90 + r"""
 from tidal.kernels import fused_moe, moe_route, paged_attention as pa, residual_norm, rms_norm, tau_rope
-
-MEM = ("ld.global", "st.global", "cp.async", "atom.", "red.", "griddepcontrol")
 
 def first_ops(kernel, types, consts, warps=4, aligned=()):
     # aligned: integer arguments Triton would specialize as multiples of 16 at launch (with every pointer)
@@ -208,8 +210,7 @@ def first_ops(kernel, types, consts, warps=4, aligned=()):
     sig.update({c: "constexpr" for c in consts})
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if n in aligned or types.get(n, "").startswith("*")} if aligned else {}
     c = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs={**consts, "PDL": True}, attrs=attrs), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "launch_pdl": True})
-    ops = [re.sub(r"^@!?%p\d+\s+", "", l.strip()).split()[0].rstrip(";") for l in c.asm["ptx"].splitlines() if l.strip()]  # (a masked access has a predicate first)
-    ops = [op for op in ops if op.startswith(MEM)]
+    ops = memory_ops(c)
     wait = ops.index("griddepcontrol.wait") if "griddepcontrol.wait" in ops else len(ops)
     return {"launch_pdl": bool(c.metadata.launch_pdl), "first": ops[:3], "waits": ops.count("griddepcontrol.wait"), "accesses": len(ops) - 2,
             "before_wait": ops[:wait], "after_wait": ops[wait + 1 :]}
@@ -262,31 +263,44 @@ def test_the_decode_chains_kernels_wait_for_their_predecessor_before_touching_it
         assert not k["first"][2].startswith("griddepcontrol"), (name, k)
 
 
-# The skinny product with PDL, compiled for sm_90 (strides divisible by 16, as
-# Triton specializes them at launch), plain and split-K, with and without PDL
-_COMPILE_SKINNY_PDL = r"""
-import json, re, warnings
-warnings.filterwarnings("ignore")
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+# The skinny kernel compiled for sm_90 (strides divisible by 16, as Triton
+# specializes them at launch): its forms (plain and split-K, with and without
+# PDL) at a 32 x 256 tile, and at the models' decode projections (bf16;
+# skinny_config's tiles; takes_early_form's choice)
+_COMPILE_SKINNY = _SM90 + r"""
 from tidal.kernels import skinny_gemm
 
-MEM = ("ld.global", "st.global", "cp.async", "atom.", "red.", "griddepcontrol")
 k = skinny_gemm._skinny_kernel
 types = {"X": "*bf16", "W": "*bf16", "B": "*bf16", "Y": "*bf16", "Partial": "*fp32", "Ticket": "*i32"}
-out = {}
+aligned = [i for i, a in enumerate(k.arg_names) if a in types or a in ("K", "k_per_split", "stride_xm", "stride_wn", "stride_ym")]
+
+def compile_skinny(block_n, block_k, split, pdl, warps, stages):
+    consts = dict(HAS_BIAS=True, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=False, SPLIT=split, PDL=pdl)
+    sig = {a: types.get(a, "i32") for a in k.arg_names} | {c: "constexpr" for c in consts}
+    return triton.compile(ASTSource(fn=k, signature=sig, constexprs=consts, attrs={(i,): [["tt.divisibility", 16]] for i in aligned}),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages, "launch_pdl": pdl})
+
+forms = {}
 for split in (1, 4):
     for pdl in (False, True):
-        consts = dict(HAS_BIAS=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, IEEE=False, SPLIT=split, PDL=pdl)
-        sig = {n: types.get(n, "i32") for n in k.arg_names} | {c: "constexpr" for c in consts}
-        aligned = [i for i, n in enumerate(k.arg_names) if n in types or n in ("K", "k_per_split", "stride_xm", "stride_wn", "stride_ym")]
-        c = triton.compile(ASTSource(fn=k, signature=sig, constexprs=consts, attrs={(i,): [["tt.divisibility", 16]] for i in aligned}),
-                           target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 4, "launch_pdl": pdl})
-        ops = [re.sub(r"^@!?%p\d+\s+", "", l.strip()).split()[0].rstrip(";") for l in c.asm["ptx"].splitlines() if l.strip()]
-        out[f"split {split} pdl {pdl}"] = {"launch_pdl": bool(c.metadata.launch_pdl), "ops": [op for op in ops if op.startswith(MEM)]}
-print(json.dumps(out))
+        c = compile_skinny(32, 256, split, pdl, 4, 4)
+        forms[f"split {split} pdl {pdl}"] = {"launch_pdl": bool(c.metadata.launch_pdl), "ops": memory_ops(c)}
+# (out, in): Qwen3-30B-A3B qkv, o, router, lm_head; Qwen3-VL-8B q, k/v, gate/up, down, lm_head; Moondream 3 qkv, proj, dense MLP, lm_head
+shapes = {}
+for n, kk in [(5120, 2048), (2048, 4096), (128, 2048), (151936, 2048), (4096, 4096), (1024, 4096), (12288, 4096), (4096, 12288), (151936, 4096),
+              (6144, 2048), (2048, 2048), (8192, 2048), (2048, 8192), (51200, 2048), (64, 2048)]:
+    bn, bk, warps, stages = skinny_gemm.skinny_config(n, kk)
+    early = skinny_gemm.takes_early_form(bn, bk, 2)
+    c = compile_skinny(bn, bk, 1, early, warps, stages)
+    shapes[f"{n}x{kk}"] = {"early": early, "tile": [bn, bk], "spill_bytes": spill_bytes(c), "shared": c.metadata.shared}
+print(json.dumps({"forms": forms, "shapes": shapes}))
 """
+
+
+@functools.cache
+def _skinny_compiles() -> dict:
+    """_COMPILE_SKINNY's report, run once for both tests that read it."""
+    return _run_compile_script(_COMPILE_SKINNY)
 
 
 def test_the_skinny_product_streams_its_first_weight_tile_before_the_wait():
@@ -294,7 +308,7 @@ def test_the_skinny_product_streams_its_first_weight_tile_before_the_wait():
     successor first, then issues only loads (its first weight tile, 16-byte
     vectors) before the one wait for its predecessor; x and everything it
     stores come after. Without PDL: no grid-dependency op, no PDL launch."""
-    forms = _run_compile_script(_COMPILE_SKINNY_PDL)
+    forms = _skinny_compiles()["forms"]
     for split in (1, 4):
         plain, pdl = forms[f"split {split} pdl False"], forms[f"split {split} pdl True"]
         assert not plain["launch_pdl"] and not any(op.startswith("griddepcontrol") for op in plain["ops"])
@@ -306,38 +320,6 @@ def test_the_skinny_product_streams_its_first_weight_tile_before_the_wait():
         after = ops[ops.index("griddepcontrol.wait") + 1 :]
         assert any(op.startswith("ld.global") for op in after) and any(op.startswith("st.global") for op in after)
 
-# The skinny product's early-weights form at the models' decode projections
-# (bf16; skinny_config's tiles; takes_early_form's choice), through ptxas
-_COMPILE_SKINNY_SHAPES = r"""
-import json, re, subprocess, tempfile, warnings
-warnings.filterwarnings("ignore")
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import get_ptxas
-from triton.compiler import ASTSource
-from tidal.kernels import skinny_gemm
-
-k = skinny_gemm._skinny_kernel
-types = {"X": "*bf16", "W": "*bf16", "B": "*bf16", "Y": "*bf16", "Partial": "*fp32", "Ticket": "*i32"}
-aligned = [i for i, a in enumerate(k.arg_names) if a in types or a in ("K", "k_per_split", "stride_xm", "stride_wn", "stride_ym")]
-# (out, in): Qwen3-30B-A3B qkv, o, router, lm_head; Qwen3-VL-8B q, k/v, gate/up, down, lm_head; Moondream 3 qkv, proj, dense MLP, lm_head
-shapes = [(5120, 2048), (2048, 4096), (128, 2048), (151936, 2048), (4096, 4096), (1024, 4096), (12288, 4096), (4096, 12288), (151936, 4096),
-          (6144, 2048), (2048, 2048), (8192, 2048), (2048, 8192), (51200, 2048), (64, 2048)]
-out = {}
-for n, kk in shapes:
-    bn, bk, warps, stages = skinny_gemm.skinny_config(n, kk)
-    early = skinny_gemm.takes_early_form(bn, bk, 2)
-    consts = dict(HAS_BIAS=True, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, IEEE=False, SPLIT=1, PDL=early)
-    sig = {a: types.get(a, "i32") for a in k.arg_names} | {c: "constexpr" for c in consts}
-    c = triton.compile(ASTSource(fn=k, signature=sig, constexprs=consts, attrs={(i,): [["tt.divisibility", 16]] for i in aligned}),
-                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages, "launch_pdl": early})
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(c.asm["ptx"])
-    log = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", f.name, "-o", f.name + ".cubin"], capture_output=True, text=True, check=True).stderr
-    out[f"{n}x{kk}"] = {"early": early, "tile": [bn, bk], "spill_bytes": sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", log)), "shared": c.metadata.shared}
-print(json.dumps(out))
-"""
-
 
 def test_the_skinny_products_early_form_spills_nothing_at_the_models_shapes():
     """At every decode projection of the three models (bf16, skinny_config's
@@ -345,7 +327,7 @@ def test_the_skinny_products_early_form_spills_nothing_at_the_models_shapes():
     compiles for sm_90 without register spills and within an H100's shared
     memory; the narrow tiles of the K = 2048 projections take it, the lm_heads'
     wide ones do not."""
-    shapes = _run_compile_script(_COMPILE_SKINNY_SHAPES)
+    shapes = _skinny_compiles()["shapes"]
     for name, r in shapes.items():
         assert r["shared"] <= H100_SHARED_BYTES, (name, r)
         if r["early"]:

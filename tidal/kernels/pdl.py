@@ -22,8 +22,8 @@ from 10.98 to 10.82. Moondream 3's decode runs each block's two branches on
 two streams, and there PDL cost ~1% (1.80 -> 1.81 ms at batch 1, 3.90 ->
 3.94 at 8): a PDL kernel's programs, placed early and waiting, hold SMs the
 other stream's branch could use. So a model can hold it off for the kernels
-it launches inside `held_off` (Moondream: text.PDL_BRANCHES, by default both
-streams). On the CPU, under Triton's interpreter, it is always off.
+it launches inside `held_off` (Moondream: text.PDL_BRANCHES, which by
+default holds it off on both streams). On the CPU, under Triton's interpreter, it is always off.
 """
 
 from __future__ import annotations

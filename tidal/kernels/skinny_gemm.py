@@ -44,7 +44,6 @@ from tidal.kernels.tiles import tile_dot
 MAX_ROWS = 16  # one tensor-core tile of rows; larger batches go to cuBLAS
 
 
-
 @triton.jit
 def _skinny_kernel(
     X, W, B, Y, Partial, Ticket,
