@@ -20,7 +20,9 @@ replayed from one CUDA graph, in three forms:
   then lets the next kernel launch (gdc_launch_dependents);
 - pdl+early: lets the next kernel launch at once, loads its first weight
   tile, then waits (the next kernel's programs may be placed while this one
-  streams its weights).
+  streams its weights);
+- pdl+early+l2 and plain+l2: as pdl+early and plain, each program first asking
+  the copy engine for its whole weight slice in L2 (tidal.kernels.l2_prefetch).
 Every form does the same sums in the same order: the chain's outputs must be
 bit-equal to plain's, with every intermediate poisoned (NaN) before the
 checked replay, so a read that ran ahead of its producer shows.
@@ -41,10 +43,12 @@ import triton.language as tl
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from measure import card_facts, copy_bandwidth, write_lines  # noqa: E402
 
+from tidal.kernels.l2_prefetch import l2_prefetch  # noqa: E402
 from tidal.kernels.pdl import HAS_GDC, gdc_launch_dependents, gdc_wait  # noqa: E402
 
 CALLS = 48  # kernels in the chain (Qwen3-30B-A3B has 48 layers)
-FORMS = {"plain": (False, False), "pdl": (True, False), "pdl+early": (True, True)}  # name -> (PDL, EARLY)
+# name -> (PDL, EARLY, L2 prefetch)
+FORMS = {"plain": (False, False, False), "pdl": (True, False, False), "pdl+early": (True, True, False), "pdl+early+l2": (True, True, True), "plain+l2": (False, False, True)}
 # (N = K, BLOCK_N): an 8 MiB weight (a projection's size: the chain's 384 MiB miss L2), and a
 # 0.5 MiB one (a router's: the chain's 24 MiB stay in L2, so it measures latency and has no floor)
 SIZES = ((2048, 16), (512, 4))
@@ -53,9 +57,11 @@ BLOCK_K = 256
 
 
 @triton.jit
-def _matvec_kernel(X, W, Y, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr):
+def _matvec_kernel(X, W, Y, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr, PREFETCH: tl.constexpr):
     """y[n] = sum_k W[n, k] x[k] over a BLOCK_N slice of rows; float32 sums
     in BLOCK_K chunks, the same order in every form."""
+    if PREFETCH:  # the program's rows, contiguous
+        l2_prefetch(W + tl.program_id(0) * BLOCK_N * stride_w, BLOCK_N * K * 2)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, BLOCK_K)
     if EARLY:
@@ -74,13 +80,13 @@ def _matvec_kernel(X, W, Y, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.cons
     tl.store(Y + n, acc.to(Y.dtype.element_ty))
 
 
-def chain(xs: list[torch.Tensor], ws: list[torch.Tensor], block_n: int, pdl: bool, early: bool) -> None:
+def chain(xs: list[torch.Tensor], ws: list[torch.Tensor], block_n: int, pdl: bool, early: bool, prefetch: bool = False) -> None:
     """xs[i + 1] = ws[i] @ xs[i] for each weight, one launch each."""
     n, k = ws[0].shape
     for i, w in enumerate(ws):
         _matvec_kernel[(n // block_n,)](
             xs[i], w, xs[i + 1], k, w.stride(0),
-            BLOCK_N=block_n, BLOCK_K=BLOCK_K, PDL=pdl, EARLY=early, num_warps=4, launch_pdl=pdl,
+            BLOCK_N=block_n, BLOCK_K=BLOCK_K, PDL=pdl, EARLY=early, PREFETCH=prefetch, num_warps=4, launch_pdl=pdl,
         )
 
 
@@ -90,14 +96,14 @@ def run_size(n: int, block_n: int, bandwidth: float, results: dict, lines: list[
     in_l2 = CALLS * n * n * 2 < L2_BYTES
     floor_us = n * n * 2 / bandwidth * 1e6
     outs = {}
-    for name, (pdl, early) in FORMS.items():
+    for name, (pdl, early, prefetch) in FORMS.items():
         xs = [torch.randn(n, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1)).bfloat16()]
         xs += [torch.empty(n, device="cuda", dtype=torch.bfloat16) for _ in range(CALLS)]
-        chain(xs, ws, block_n, pdl, early)  # compile outside the capture
+        chain(xs, ws, block_n, pdl, early, prefetch)  # compile outside the capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            chain(xs, ws, block_n, pdl, early)
+            chain(xs, ws, block_n, pdl, early, prefetch)
         for x in xs[1:]:
             x.fill_(float("nan"))  # poisoned: a read ahead of its producer shows
         graph.replay()

@@ -26,7 +26,7 @@
 #   bash benchmarks/device_run.sh pdl         # a chain of decode-sized products in one graph, with and without programmatic dependent launch; tidal.kernels.pdl's bits tests
 #   bash benchmarks/device_run.sh pdl-decode  # tidal.kernels.pdl off / on in both MoE models' decode
 #   bash benchmarks/device_run.sh matrix      # fused-MoE table (committed / moe_candidate.json) x PDL off / on x Moondream's streams, both MoE models' decode
-#   bash benchmarks/device_run.sh pdl-check   # PDL's early-weights form (pdl.EARLY_WEIGHTS): its bits tests, then Qwen3-30B decode (PDL off / on / early / early with every projection skinny), Qwen3-VL-8B early off / on
+#   bash benchmarks/device_run.sh pdl-check   # PDL's early-weights form (pdl.EARLY_WEIGHTS) and the skinny product's L2 prefetch: bits tests, bench_pdl, then Qwen3-30B decode (PDL / early / early with every projection skinny / + L2 prefetch), Qwen3-VL-8B early off / on
 #   bash benchmarks/device_run.sh md-pdl-branches  # Moondream 3 decode with PDL on neither, the main, the side or both of a block's two streams (text.PDL_BRANCHES)
 #   bash benchmarks/device_run.sh round       # where starts are scarce: test_cuda, bench_pdl and the priority A/B in one call
 #   bash benchmarks/device_run.sh tau         # tau's projection kernel (tau_rope.LIN_KERNEL): its tests, then a mixed step's profile with it on and off
@@ -154,11 +154,13 @@ case "$part" in
     done
     cp /tmp/moe_committed.json tidal/kernels/moe_configs.json ;;
   pdl-check)
-    # tidal.kernels.pdl's early-weights form (the router and skinny products load weights before the wait): its bits tests, then the decode A/B
+    # tidal.kernels.pdl's early-weights form (the router and skinny products load weights before the wait) and
+    # tidal.kernels.l2_prefetch (a skinny program asks for its weight slice in L2 first): bits tests, the chain, then the decode A/B
     tests_in 90 "pdl tests" tests/test_kernels.py tests/test_qwen_fast_path.py -k "programmatic or skinny_chain or router_after"
-    for form in "False False auto" "True False auto" "True True auto" "True True all"; do
+    timeout 80 python benchmarks/bench_pdl.py --out "$out" 2>&1 | tail -12
+    for form in "True False auto False" "True True auto False" "True True all False" "True True all True"; do
       set -- $form
-      timeout 60 python benchmarks/with_setting.py tidal.kernels.pdl.ENABLED=$1 tidal.kernels.pdl.EARLY_WEIGHTS=$2 -- benchmarks/bench_qwen.py --model moe --no-hf --no-concurrent --batches 1 8 --skinny $3 --out "$out/qwen-$1-$2-$3" 2>&1 | grep -E "^tidal decode" | sed "s|^|qwen3-30b pdl=$1 early=$2 skinny=$3: |"
+      timeout 60 python benchmarks/with_setting.py tidal.kernels.pdl.ENABLED=$1 tidal.kernels.pdl.EARLY_WEIGHTS=$2 tidal.kernels.l2_prefetch.L2_PREFETCH=$4 -- benchmarks/bench_qwen.py --model moe --no-hf --no-concurrent --batches 1 8 --skinny $3 --out "$out/qwen-$1-$2-$3-$4" 2>&1 | grep -E "^tidal decode" | sed "s|^|qwen3-30b pdl=$1 early=$2 skinny=$3 l2=$4: |"
     done
     for v in False True; do
       timeout 75 python benchmarks/with_setting.py tidal.kernels.pdl.EARLY_WEIGHTS=$v -- benchmarks/bench_qwen.py --model vl --no-hf --no-concurrent --batches 1 32 --out "$out/vl-$v" 2>&1 | grep -E "^tidal decode" | sed "s|^|qwen3-vl-8b early=$v: |"

@@ -159,12 +159,14 @@ sys.path.insert(0, "benchmarks")
 import bench_pdl
 
 out = {}
-for name, (pdl, early) in bench_pdl.FORMS.items():
-    sig = {"X": "*bf16", "W": "*bf16", "Y": "*bf16", "K": "i32", "stride_w": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "PDL": "constexpr", "EARLY": "constexpr"}
-    c = triton.compile(ASTSource(fn=bench_pdl._matvec_kernel, signature=sig, constexprs=dict(BLOCK_N=16, BLOCK_K=256, PDL=pdl, EARLY=early), attrs={(i,): [["tt.divisibility", 16]] for i in range(5)}),
+for name, (pdl, early, prefetch) in bench_pdl.FORMS.items():
+    sig = {"X": "*bf16", "W": "*bf16", "Y": "*bf16", "K": "i32", "stride_w": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "PDL": "constexpr", "EARLY": "constexpr", "PREFETCH": "constexpr"}
+    c = triton.compile(ASTSource(fn=bench_pdl._matvec_kernel, signature=sig, constexprs=dict(BLOCK_N=16, BLOCK_K=256, PDL=pdl, EARLY=early, PREFETCH=prefetch), attrs={(i,): [["tt.divisibility", 16]] for i in range(5)}),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "launch_pdl": pdl})
     ops = [op for op in memory_ops(c) if op.startswith(("griddepcontrol", "ld.global"))]
-    out[name] = {"launch_pdl": bool(c.metadata.launch_pdl), "ops": ops}
+    lines = c.asm["ptx"].splitlines()
+    first_load = min(i for i, l in enumerate(lines) if "ld.global" in l)
+    out[name] = {"launch_pdl": bool(c.metadata.launch_pdl), "ops": ops, "prefetch_first": [i < first_load for i, l in enumerate(lines) if "cp.async.bulk.prefetch.L2" in l]}
 print(json.dumps(out))
 """
 
@@ -182,6 +184,10 @@ def test_the_pdl_benchmark_waits_before_it_reads_what_the_previous_kernel_wrote(
     assert early["launch_pdl"] and early["ops"][0] == "griddepcontrol.launch_dependents"
     wait = early["ops"].index("griddepcontrol.wait")
     assert wait >= 3 and all(op == "ld.global.v4.b32" for op in early["ops"][1:wait])  # the weight tile only
+    # the +l2 forms: the same ops as their bases, after one bulk L2 prefetch ahead of every load; the bases have none
+    assert forms["pdl+early+l2"]["ops"] == early["ops"] and forms["plain+l2"]["ops"] == plain["ops"]
+    assert forms["pdl+early+l2"]["prefetch_first"] == forms["plain+l2"]["prefetch_first"] == [True]
+    assert plain["prefetch_first"] == pdl["prefetch_first"] == early["prefetch_first"] == []
     # and its chain launches each form as compiled above: PDL launches exactly where the kernel waits
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_pdl
@@ -192,12 +198,12 @@ def test_the_pdl_benchmark_waits_before_it_reads_what_the_previous_kernel_wrote(
         def __getitem__(self, grid):
             return lambda *args, **kw: launches.append((grid, kw))
 
-    for name, (pdl, early_) in bench_pdl.FORMS.items():
+    for name, (pdl, early_, prefetch) in bench_pdl.FORMS.items():
         launches.clear()
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(bench_pdl, "_matvec_kernel", Recorder())
-            bench_pdl.chain([None] * 4, [torch.empty(64, 64)] * 3, 16, pdl, early_)
-        assert [(grid, kw["launch_pdl"], kw["PDL"], kw["EARLY"]) for grid, kw in launches] == [((4,), pdl, pdl, early_)] * 3, name
+            bench_pdl.chain([None] * 4, [torch.empty(64, 64)] * 3, 16, pdl, early_, prefetch)
+        assert [(grid, kw["launch_pdl"], kw["PDL"], kw["EARLY"], kw["PREFETCH"]) for grid, kw in launches] == [((4,), pdl, pdl, early_, prefetch)] * 3, name
 
 
 # The decode chain's kernels with programmatic dependent launch on (tidal.kernels.pdl), compiled for sm_90
@@ -274,8 +280,8 @@ k = skinny_gemm._skinny_kernel
 types = {"X": "*bf16", "W": "*bf16", "B": "*bf16", "Y": "*bf16", "Partial": "*fp32", "Ticket": "*i32"}
 aligned = [i for i, a in enumerate(k.arg_names) if a in types or a in ("K", "k_per_split", "stride_xm", "stride_wn", "stride_ym")]
 
-def compile_skinny(block_n, block_k, split, pdl, warps, stages):
-    consts = dict(HAS_BIAS=True, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=False, SPLIT=split, PDL=pdl)
+def compile_skinny(block_n, block_k, split, pdl, warps, stages, prefetch=False):
+    consts = dict(HAS_BIAS=True, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=False, SPLIT=split, PDL=pdl, PREFETCH=prefetch)
     sig = {a: types.get(a, "i32") for a in k.arg_names} | {c: "constexpr" for c in consts}
     return triton.compile(ASTSource(fn=k, signature=sig, constexprs=consts, attrs={(i,): [["tt.divisibility", 16]] for i in aligned}),
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages, "launch_pdl": pdl})
@@ -285,6 +291,14 @@ for split in (1, 4):
     for pdl in (False, True):
         c = compile_skinny(32, 256, split, pdl, 4, 4)
         forms[f"split {split} pdl {pdl}"] = {"launch_pdl": bool(c.metadata.launch_pdl), "ops": memory_ops(c)}
+# with the L2 prefetch of the program's slice (tidal.kernels.l2_prefetch): where in the program it is issued, and ptxas's view
+for pdl in (False, True):
+    c = compile_skinny(32, 256, 1, pdl, 4, 4, prefetch=True)
+    lines = [l.strip() for l in c.asm["ptx"].splitlines()]
+    at = lambda text: [i for i, l in enumerate(lines) if text in l]
+    first_access = min(i for i, l in enumerate(lines) if re.sub(r"^@!?%p\d+\s+", "", l).startswith(("ld.global", "st.global", "cp.async.cg", "cp.async.ca")))
+    forms[f"prefetch pdl {pdl}"] = {"prefetches": at("cp.async.bulk.prefetch.L2.global"), "waits": at("griddepcontrol.wait"),
+                                    "first_access": first_access, "ops": memory_ops(c), "spill_bytes": spill_bytes(c)}
 # (out, in): Qwen3-30B-A3B qkv, o, router, lm_head; Qwen3-VL-8B q, k/v, gate/up, down, lm_head; Moondream 3 qkv, proj, dense MLP, lm_head
 shapes = {}
 for n, kk in [(5120, 2048), (2048, 4096), (128, 2048), (151936, 2048), (4096, 4096), (1024, 4096), (12288, 4096), (4096, 12288), (151936, 4096),
@@ -319,6 +333,23 @@ def test_the_skinny_product_streams_its_first_weight_tile_before_the_wait():
         assert early == ["ld.global.v4.b32"] * (32 * 256 * 2 // 16 // 128), (split, early)
         after = ops[ops.index("griddepcontrol.wait") + 1 :]
         assert any(op.startswith("ld.global") for op in after) and any(op.startswith("st.global") for op in after)
+
+
+def test_the_skinny_product_asks_for_its_slice_in_l2_before_any_load():
+    """With tidal.kernels.l2_prefetch, the skinny kernel (sm_90) issues one bulk
+    L2 prefetch, ahead of every load and store of the program (and, with
+    PDL's early form, ahead of the wait for its predecessor); ptxas takes it
+    without spills, and the program's own loads and stores are still there."""
+    forms = _skinny_compiles()["forms"]
+    for pdl in (False, True):
+        f = forms[f"prefetch pdl {pdl}"]
+        assert len(f["prefetches"]) == 1 and f["prefetches"][0] < f["first_access"], (pdl, f)
+        assert f["spill_bytes"] == 0
+        assert any(op.startswith("ld.global") for op in f["ops"]) and any(op.startswith("st.global") for op in f["ops"])
+        if pdl:
+            assert len(f["waits"]) == 1 and f["prefetches"][0] < f["waits"][0]
+        else:
+            assert not f["waits"]
 
 
 def test_the_skinny_products_early_form_spills_nothing_at_the_models_shapes():

@@ -822,18 +822,20 @@ def _needs_pdl() -> None:
 @pytest.mark.parametrize(
     "rows, size, config, bias",
     [(1, 2048, None, False), (8, 2048, None, True), (1, 2048, (16, 256, 4, 3, 4), False),  # K in whole tiles
-     (1, 2000, None, True), (1, 2000, (16, 256, 4, 3, 4), True), (3, 1100, (16, 256, 4, 3, 4), False)],  # a partial last tile; split ranges partial, empty
+     (1, 2000, None, True), (1, 2000, (16, 256, 4, 3, 4), True), (3, 1100, (16, 256, 4, 3, 4), False),  # a partial last tile; split ranges partial, empty
+     (1, 2040, None, False)],  # a partial last block of rows (prefetched: rows of 16-byte multiples)
     ids=str,
 )
 def test_skinny_chain_with_pdl_gives_the_same_bits(monkeypatch, rows, size, config, bias):
     """A chain of skinny products, each reading the one before's output,
     captured in a CUDA graph: with PDL's early-weights form (each program's
     first weight tile loaded before it waits for its predecessor; the form is
-    taken) every output equals the chain's without PDL, bit for bit, with
-    each intermediate poisoned (NaN) before the replay, so a read of x ahead
-    of its producer shows. K in whole tiles or not; split-K ranges partial
-    or empty; with and without bias."""
-    from tidal.kernels import pdl
+    taken), and with each program's slice prefetched into L2 (with PDL and
+    without), every output equals the chain's without either, bit for bit,
+    with each intermediate poisoned (NaN) before the replay, so a read of x
+    ahead of its producer shows. K in whole tiles or not; split-K ranges
+    partial or empty; with and without bias."""
+    from tidal.kernels import l2_prefetch, pdl
     from tidal.kernels.skinny_gemm import skinny_config, skinny_linear, takes_early_form
 
     _needs_pdl()
@@ -853,12 +855,15 @@ def test_skinny_chain_with_pdl_gives_the_same_bits(monkeypatch, rows, size, conf
         return ys
 
     outs = {}
-    for on in (False, True):
+    for on, prefetch in ((False, False), (True, False), (True, True), (False, True)):
         monkeypatch.setattr(pdl, "ENABLED", on)
+        monkeypatch.setattr(l2_prefetch, "L2_PREFETCH", prefetch)
         assert pdl.early_weights_on(x.device) == on
-        outs[on] = torch.stack(_graph_outputs(run, _poison))
-        assert not outs[on].isnan().any()
-    assert torch.equal(outs[True], outs[False])
+        assert l2_prefetch.prefetch_fits(ws[0]) == (prefetch and size * 2 % 16 == 0)
+        outs[on, prefetch] = torch.stack(_graph_outputs(run, _poison))
+        assert not outs[on, prefetch].isnan().any()
+    for form, out in outs.items():
+        assert torch.equal(out, outs[False, False]), form
 
 
 @pytest.mark.skipif(not CUDA, reason="programmatic dependent launch needs an sm_90 GPU")

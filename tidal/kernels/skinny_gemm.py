@@ -23,6 +23,8 @@ its successor be placed at once and loads its first weight tile before it
 waits for its predecessor (the weights never depend on it; x, the previous
 kernel's output, is read only after the wait): the weight stream starts in
 the predecessor's tail. The tiles are summed in the same order either way.
+With tidal.kernels.l2_prefetch on, a program first asks for its whole slice
+of W in L2 (one K range, weights within its bound).
 
 The models reach it through tidal.layers.linear, behind
 EngineConfig(skinny_gemm): "auto" (the default) takes it only for the shapes
@@ -38,6 +40,7 @@ import triton.language as tl
 
 from tidal.kernels import scratch_zeros
 from tidal.kernels.fused_moe import shared_memory_bytes
+from tidal.kernels.l2_prefetch import l2_prefetch, prefetch_fits
 from tidal.kernels.pdl import early_weights_on, gdc_launch_dependents, gdc_wait
 from tidal.kernels.tiles import tile_dot
 
@@ -50,10 +53,13 @@ def _skinny_kernel(
     M, N, K, k_per_split,
     stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     pid = tl.program_id(0)
     s = tl.program_id(1)
+    if PREFETCH:  # (one K range: the program's slice is BLOCK_N whole rows, contiguous) into L2 while we wait
+        rows_here = tl.minimum(N - pid * BLOCK_N, BLOCK_N)
+        l2_prefetch(W + (pid * BLOCK_N).to(tl.int64) * stride_wn, rows_here * K * (W.dtype.element_ty.primitive_bitwidth // 8))
     m = tl.arange(0, BLOCK_M)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask = m < M
@@ -165,6 +171,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     block_n, block_k, warps, stages, *rest = config or skinny_config(n, k, itemsize=weight.element_size(), shared_bytes=shared)
     split = rest[0] if rest else 1
     pdl = early_weights_on(x.device) and takes_early_form(block_n, block_k, weight.element_size())
+    prefetch = split == 1 and prefetch_fits(weight)
     blocks = triton.cdiv(n, block_n)
     k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k  # whole tiles per range
     if split > 1:
@@ -177,6 +184,6 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         rows, n, k, k_per_split,
         x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32, SPLIT=split,
-        PDL=pdl, num_warps=warps, num_stages=stages, launch_pdl=pdl,
+        PDL=pdl, PREFETCH=prefetch, num_warps=warps, num_stages=stages, launch_pdl=pdl,
     )
     return y
