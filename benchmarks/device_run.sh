@@ -27,6 +27,7 @@
 #   bash benchmarks/device_run.sh pdl-decode  # tidal.kernels.pdl off / on in both MoE models' decode
 #   bash benchmarks/device_run.sh matrix      # fused-MoE table (committed / moe_candidate.json) x PDL off / on x Moondream's streams, both MoE models' decode
 #   bash benchmarks/device_run.sh pdl-check   # PDL's early-weights form (pdl.EARLY_WEIGHTS) and the skinny product's L2 prefetch: bits tests, bench_pdl, then Qwen3-30B decode (PDL / early / early with every projection skinny / + L2 prefetch), Qwen3-VL-8B early off / on
+#   bash benchmarks/device_run.sh route-in-up  # one token routed in the experts' up kernel (moe_route.ROUTE_IN_UP): bits tests, both MoE models' decode off / on
 #   bash benchmarks/device_run.sh md-pdl-branches  # Moondream 3 decode with PDL on neither, the main, the side or both of a block's two streams (text.PDL_BRANCHES)
 #   bash benchmarks/device_run.sh round       # where starts are scarce: test_cuda, bench_pdl and the priority A/B in one call
 #   bash benchmarks/device_run.sh tau         # tau's projection kernel (tau_rope.LIN_KERNEL): its tests, then a mixed step's profile with it on and off
@@ -39,7 +40,7 @@
 # checkout (TIDAL_COMMIT=abc1234 bash ...): the device's copy of .git has been seen to lag
 # the working tree it carries, so `git rev-parse` there can name an older commit.
 set -uo pipefail
-part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card, overlap, routing, http, mixed, fp8, fp8-ttft, router-programs, attention-large, priority, pdl, pdl-decode, pdl-check, md-pdl-branches, matrix, round, tau, check, timeline, md-timeline}"
+part="${1:?which part: tests, kernels, tune, tune-prefill, md-decode, md-rest, qwen-moe, qwen-vl, profile, variants, prefill, small-card, overlap, routing, http, mixed, fp8, fp8-ttft, router-programs, attention-large, priority, pdl, pdl-decode, pdl-check, route-in-up, md-pdl-branches, matrix, round, tau, check, timeline, md-timeline}"
 out="${OUT:-.}"
 if [ -d .whl ]; then
   pip install -q --no-deps --target /tmp/deps .whl/*.whl 2>&1 | grep -v -i "warning" | tail -2
@@ -164,6 +165,13 @@ case "$part" in
     done
     for v in False True; do
       timeout 75 python benchmarks/with_setting.py tidal.kernels.pdl.EARLY_WEIGHTS=$v -- benchmarks/bench_qwen.py --model vl --no-hf --no-concurrent --batches 1 32 --out "$out/vl-$v" 2>&1 | grep -E "^tidal decode" | sed "s|^|qwen3-vl-8b early=$v: |"
+    done ;;
+  route-in-up)
+    # one token routed in the experts' up kernel (moe_route.ROUTE_IN_UP): its bits tests, then both MoE models' decode off / on
+    tests_in 150 "route-in-up tests" tests/test_kernels.py tests/test_qwen_fast_path.py -k "routed_in_the_up"
+    for v in False True; do
+      timeout 60 python benchmarks/with_setting.py tidal.kernels.moe_route.ROUTE_IN_UP=$v -- benchmarks/bench_qwen.py --model moe --no-hf --no-concurrent --batches 1 8 --out "$out/qwen-route-$v" 2>&1 | grep -E "^tidal decode" | sed "s|^|qwen3-30b route in up=$v: |"
+      timeout 80 python benchmarks/with_setting.py tidal.kernels.moe_route.ROUTE_IN_UP=$v -- benchmarks/bench_moondream.py --quick --only decode --out "$out/md-route-$v" 2>&1 | grep -E "decode batch (1|8):" | sed "s|^|moondream route in up=$v: |"
     done ;;
   md-pdl-branches)
     tests_in 150 "pdl branch tests" tests/test_cuda.py -k "pdl_branches or programmatic"

@@ -60,7 +60,7 @@ def compile_report(kernel, types, consts, warps):
 def router(itemsize, experts, block_k, early=False):
     dt = DT[itemsize]
     types = {"X": "*" + dt, "W": "*" + dt, "Bias": "*" + dt, "Partial": "*fp32", "Logits": "*" + dt, "Weights": "*" + dt, "Ids": "*i64", "Pairs": "*i32", "BlockExpert": "*i32", "Counter": "*i32"}
-    consts = dict(E=experts, K=8, BLOCK_T=moe_route.ROUTER_MAX_TOKENS, BLOCK_K=block_k, BM=16, CH=16, BFILL=16, HAS_BIAS=True, RENORM=True, IEEE=itemsize == 4, PDL=early, EARLY=early)
+    consts = dict(E=experts, K=8, BLOCK_T=moe_route.ROUTER_MAX_TOKENS, BLOCK_K=block_k, BM=16, CH=16, BFILL=16, HAS_BIAS=True, RENORM=True, IEEE=itemsize == 4, PDL=early, EARLY=early, TAIL=True)
     return compile_report(moe_route._router_route_kernel, types, consts, moe_route.ROUTER_WARPS)
 
 results = {}
@@ -219,12 +219,14 @@ def first_ops(kernel, types, consts, warps=4, aligned=()):
     ops = memory_ops(c)
     wait = ops.index("griddepcontrol.wait") if "griddepcontrol.wait" in ops else len(ops)
     return {"launch_pdl": bool(c.metadata.launch_pdl), "first": ops[:3], "waits": ops.count("griddepcontrol.wait"), "accesses": len(ops) - 2,
-            "before_wait": ops[:wait], "after_wait": ops[wait + 1 :]}
+            "before_wait": ops[:wait], "after_wait": ops[wait + 1 :], "spill_bytes": spill_bytes(c), "shared": c.metadata.shared}
 
 bf = "*bf16"
 attn = {"Q": bf, "K": bf, "V": bf, "Table": "*i64", "Rows": "*i64", "KvLens": "*i32", "PartO": "*fp32", "PartLse": "*fp32", "Out": bf, "Counter": "*i32", "sm_scale": "fp32"}
 router_types = {"X": bf, "W": bf, "Bias": bf, "Partial": "*fp32", "Logits": bf, "Weights": bf, "Ids": "*i64", "Pairs": "*i32", "BlockExpert": "*i32", "Counter": "*i32"}
-router_consts = dict(E=128, K=8, BLOCK_T=moe_route.ROUTER_MAX_TOKENS, BLOCK_K=128, BM=16, CH=16, BFILL=16, HAS_BIAS=False, RENORM=True, IEEE=False)
+UP_ALIGNED = ("stride_xt", "stride_we", "stride_wn", "stride_ot", "dim", "inner")  # as Triton specializes the launch
+up_types = {"X": bf, "W": bf, "Out": bf, "Pairs": "*i32", "BlockExpert": "*i32", "Partial": "*fp32", "RBias": bf, "RWeights": bf, "RIds": "*i64"}
+router_consts = dict(E=128, K=8, BLOCK_T=moe_route.ROUTER_MAX_TOKENS, BLOCK_K=128, BM=16, CH=16, BFILL=16, HAS_BIAS=False, RENORM=True, IEEE=False, TAIL=True)
 out = {
     "residual_norm": first_ops(residual_norm._residual_norm_kernel, {n: bf for n in ("X", "Attn", "Parts", "W", "B", "XOut", "HOut")} | {"eps": "fp32"}, dict(K=8, BLOCK_D=2048, NORM=True)),
     "add_rms_norm": first_ops(rms_norm._add_rms_norm_kernel, {n: bf for n in ("X", "Parts", "W", "XOut", "HOut")} | {"eps": "fp32"}, dict(K=8, ADD=True, NORM=True, BLOCK_D=2048)),
@@ -234,7 +236,11 @@ out = {
     "decode grouped split": first_ops(pa._decode_group_split_kernel, attn, dict(GROUP=8, GP=16, D=128, BLOCK_N=64, IEEE=False, NS=16, DIRECT=False, FUSED=False, F16=False, PREFETCH=False)),
     "decode reduce": first_ops(pa._decode_reduce_kernel, {"PartO": "*fp32", "PartLse": "*fp32", "Out": bf, "KvLens": "*i32"}, dict(BLOCK_N=64, NS=16, D=128)),
     "router": first_ops(moe_route._router_route_kernel, router_types, router_consts | {"EARLY": False}, moe_route.ROUTER_WARPS),
-    "moe up": first_ops(fused_moe._moe_up_kernel, {"X": bf, "W": bf, "Out": bf, "Pairs": "*i32", "BlockExpert": "*i32"}, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, IEEE=False, ACT=1)),
+    "moe up": first_ops(fused_moe._moe_up_kernel, up_types, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, IEEE=False, ACT=1, ROUTE=False, NE=1, KT=1, PROWS=1, R_BIAS=False, RENORM=True)),
+    # one token routed in the up kernel (moe_route.ROUTE_IN_UP): Qwen3-30B's 128 experts, Moondream's 64 with a router bias
+    "moe up, routing one token, E128": first_ops(fused_moe._moe_up_kernel, up_types, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, IEEE=False, ACT=1, ROUTE=True, NE=128, KT=8, PROWS=16, R_BIAS=False, RENORM=True), aligned=UP_ALIGNED),
+    "moe up, routing one token, E64": first_ops(fused_moe._moe_up_kernel, up_types, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, IEEE=False, ACT=0, ROUTE=True, NE=64, KT=8, PROWS=16, R_BIAS=True, RENORM=True), aligned=UP_ALIGNED),
+    "router, partials only": first_ops(moe_route._router_route_kernel, router_types, router_consts | {"EARLY": False, "TAIL": False}, moe_route.ROUTER_WARPS),
     "moe down": first_ops(fused_moe._moe_down_kernel, {"A": bf, "W": bf, "Out": bf, "Pairs": "*i32", "BlockExpert": "*i32", "Weights": bf}, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, IEEE=False)),
 }
 out["router, early weights"] = first_ops(moe_route._router_route_kernel, router_types, router_consts | {"EARLY": True}, moe_route.ROUTER_WARPS,
@@ -255,7 +261,9 @@ def test_the_decode_chains_kernels_wait_for_their_predecessor_before_touching_it
     from tidal.kernels import moe_route
 
     kernels = _run_compile_script(_COMPILE_PDL_KERNELS)
-    assert len(kernels) == 11
+    assert len(kernels) == 14
+    for name in ("moe up, routing one token, E128", "moe up, routing one token, E64", "router, partials only"):  # the one-token routing forms fit an H100 without spills
+        assert kernels[name]["spill_bytes"] == 0 and kernels[name]["shared"] <= H100_SHARED_BYTES, (name, kernels[name])
     router = kernels.pop("router, early weights")
     assert router["launch_pdl"] and router["waits"] == 1 and router["before_wait"][0] == "griddepcontrol.launch_dependents"
     early = router["before_wait"][1:]

@@ -898,3 +898,80 @@ def test_router_after_a_product_with_pdl_gives_the_same_bits(monkeypatch, progra
         assert not outs[on, early][1].isnan().any() and int(outs[on, early][2].min()) >= 0
     for form in ((True, False), (True, True)):
         assert all(torch.equal(a, b) for a, b in zip(outs[False, False], outs[form])), form
+
+
+# -- one token routed inside the experts' up kernel (moe_route.ROUTE_IN_UP) --------------------
+@pytest.mark.parametrize(
+    "experts, dim, inner, top_k, block_m, bias, renorm, act",
+    [(16, 96, 48, 4, 16, True, True, "geglu_plus1"), (64, 256, 64, 8, 16, True, True, "geglu_plus1"), (128, 256, 32, 8, 16, False, True, "swiglu"),
+     (32, 128, 32, 8, 4, False, False, "swiglu")]  # blocks of 4 rows: ten blocks, the last two take no pair
+    + ([(128, 2048, 768, 8, 16, False, True, "swiglu"), (64, 2048, 1024, 8, 16, True, True, "geglu_plus1")] if CUDA else []),
+    ids=str,
+)
+def test_one_token_routed_in_the_up_kernel_matches_the_fused_router(experts, dim, inner, top_k, block_m, bias, renorm, act):
+    """router_for_up's partials routed by the up kernel give what the fused
+    router's ticket gives: the same experts, the same expert-sorted layout
+    (align_by_expert's: pairs and each block's expert), the routing weights
+    and every pair's output within float32 rounding; twice in a row (the
+    layout is rewritten, not left from the first call); and a NaN row names
+    no expert in either form."""
+    from tidal.kernels.fused_moe import align_by_expert, expert_pairs, moe_config
+    from tidal.kernels.moe_route import router_for_up, router_route_and_align
+
+    gen = torch.Generator().manual_seed(experts + dim + block_m)
+    x = torch.randn(1, dim, generator=gen).to(DEV)
+    rw = (torch.randn(experts, dim, generator=gen) / dim**0.5).to(DEV)
+    rb = torch.randn(experts, generator=gen).to(DEV) if bias else None
+    fc1 = (torch.randn(experts, 2 * inner, dim, generator=gen) / dim**0.5).to(DEV)
+    fc2 = (torch.randn(experts, dim, inner, generator=gen) / inner**0.5).to(DEV)
+    config = (block_m, *moe_config(1)[1:])
+    w0, ids0, pairs0, blocks0 = router_route_and_align(x, rw, rb, top_k, block_m, renorm)
+    want = expert_pairs(x, w0, fc1, fc2, top_k, pairs0, blocks0, config, act)
+    assert torch.equal(pairs0.cpu(), align_by_expert(ids0.cpu(), experts, block_m)[0]) and int((blocks0 == experts).sum()) == blocks0.numel() - top_k
+    for _ in range(2):
+        w, ids, pairs, blocks, route = router_for_up(x, rw, rb, top_k, block_m, renorm)
+        pairs.fill_(-1)
+        blocks.fill_(-1)
+        got = expert_pairs(x, w, fc1, fc2, top_k, pairs, blocks, config, act, route)
+        assert torch.equal(ids, ids0) and torch.equal(pairs, pairs0) and torch.equal(blocks, blocks0)
+        assert rel(w.cpu(), w0.cpu()) <= 1e-6 and rel(got.cpu(), want.cpu()) <= 1e-6
+    x_nan = torch.full_like(x, float("nan"))
+    _, _, pairs_a, blocks_a = router_route_and_align(x_nan, rw, rb, top_k, block_m, renorm)
+    _, _, pairs_b, blocks_b, route = router_for_up(x_nan, rw, rb, top_k, block_m, renorm)
+    expert_pairs(x_nan, route.weights, fc1, fc2, top_k, pairs_b, blocks_b, config, act, route)
+    assert torch.equal(pairs_b, pairs_a) and torch.equal(blocks_b, blocks_a) and bool((blocks_b == experts).all())
+
+
+@pytest.mark.skipif(not CUDA, reason="programmatic dependent launch needs an sm_90 GPU")
+def test_one_token_routed_in_the_up_kernel_in_a_graph_gives_the_same_bits(monkeypatch):
+    """Qwen3-30B's MoE shapes in bf16 after a skinny product, captured in a
+    CUDA graph with outputs poisoned before the replay: routed in the up
+    kernel (with PDL on and off) every pair's output, weight, id and layout
+    entry equals the fused router's, bit for bit."""
+    from tidal.kernels import moe_route, pdl
+    from tidal.kernels.fused_moe import expert_pairs, moe_config
+    from tidal.kernels.skinny_gemm import skinny_linear
+
+    _needs_pdl()
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(1, 2048, device="cuda", generator=gen).bfloat16()
+    w_in = (torch.randn(2048, 2048, device="cuda", generator=gen) / 2048**0.5).bfloat16()
+    rw = (torch.randn(128, 2048, device="cuda", generator=gen) / 2048**0.5).bfloat16()
+    fc1 = (torch.randn(128, 1536, 2048, device="cuda", generator=gen) / 2048**0.5).bfloat16()
+    fc2 = (torch.randn(128, 2048, 768, device="cuda", generator=gen) / 768**0.5).bfloat16()
+    config = moe_config(1, (128, 2048, 768, 8), torch.bfloat16, x.device)
+
+    def run(in_up: bool) -> list[torch.Tensor]:
+        h = skinny_linear(x, w_in)
+        if in_up:
+            w, ids, pairs, blocks, route = moe_route.router_for_up(h, rw, None, 8, config[0])
+        else:
+            (w, ids, pairs, blocks), route = moe_route.router_route_and_align(h, rw, None, 8, config[0]), None
+        return [expert_pairs(h, w, fc1, fc2, 8, pairs, blocks, config, "swiglu", route), w, ids, pairs, blocks]
+
+    want = _graph_outputs(lambda: run(False), _poison)
+    for on in (True, False):
+        monkeypatch.setattr(pdl, "ENABLED", on)
+        got = _graph_outputs(lambda: run(True), _poison)
+        assert not got[0].isnan().any()
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), on

@@ -118,3 +118,37 @@ def test_programmatic_dependent_launch_changes_no_bit(tmp_path_factory, monkeypa
     for form in ((True, False), (True, True)):
         for (want_tokens, want), (tokens, got) in zip(out[False, False], out[form]):
             assert tokens == want_tokens and torch.equal(got, want), form
+
+
+def test_one_token_routed_in_the_up_kernel_changes_no_token(tmp_path_factory, monkeypatch):
+    """moe_route.ROUTE_IN_UP: a request decoding alone (one token a step)
+    routes each MoE layer in the experts' up kernel from the router
+    programs' partials, and gives the fused path's tokens and logits
+    without it (within float32 rounding; on the device in bf16 too, and
+    there the fused router's bits); the form really ran (router_for_up was
+    called) exactly when on."""
+    from tidal.kernels import moe_route
+
+    _, folder = moe_tests._checkpoint(tmp_path_factory, "base")
+    prompts = moe_tests.PROMPTS[:2]
+    calls = []
+    real = moe_route.router_for_up
+    monkeypatch.setattr(moe_route, "router_for_up", lambda *a, **k: calls.append(1) or real(*a, **k))
+    dtypes = ("float32", "bfloat16") if DEVICE == "cuda" else ("float32",)
+    for dtype in dtypes:
+        out = {}
+        for on in (False, True):
+            monkeypatch.setattr(moe_route, "ROUTE_IN_UP", on)
+            calls.clear()
+            llm = _load(folder, True, dtype)
+            try:
+                out[on] = [moe_tests._run(llm, [p], 6)[0] for p in prompts]  # one at a time: one token a decode step
+            finally:
+                llm.close()
+            assert bool(calls) == on
+        for (want_tokens, want), (tokens, got) in zip(out[False], out[True]):
+            assert tokens == want_tokens
+            if dtype == "bfloat16":
+                assert torch.equal(got, want)
+            else:
+                assert moe_tests._rel(got.cpu(), want.cpu()) <= 1e-5

@@ -29,12 +29,17 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 
 from tidal.kernels.pdl import pdl_enter, pdl_on
+from tidal.kernels.topk_softmax import topk_softmax_rows
+
+if TYPE_CHECKING:
+    from tidal.kernels.moe_route import UpRouting
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), optionally + the down kernel's (BLOCK_N, BLOCK_K, num_warps, num_stages)
 MoeConfig = tuple[int, ...]
@@ -171,17 +176,28 @@ def _gelu_exact(x):
 @triton.jit
 def _moe_up_kernel(
     X, W, Out, Pairs, BlockExpert,
-    num_pairs, top_k, num_experts, inner, dim,
+    Partial, RBias, RWeights, RIds,
+    num_pairs, top_k, num_experts, inner, dim, router_programs,
     stride_xt, stride_we, stride_wn, stride_ot,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr,
+    ROUTE: tl.constexpr, NE: tl.constexpr, KT: tl.constexpr, PROWS: tl.constexpr, R_BIAS: tl.constexpr, RENORM: tl.constexpr,
 ):
+    """ROUTE (one token): the block's expert and pair come from the router
+    programs' partials, routed here (_route_one_token) instead of from the
+    layout in Pairs / BlockExpert, which this kernel then writes."""
     pdl_enter(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    e = tl.load(BlockExpert + pid_m).to(tl.int64)
+    if ROUTE:
+        e, rows = _route_one_token(
+            Partial, RBias, RWeights, RIds, Pairs, BlockExpert, pid_m, pid_n, num_experts, num_pairs, router_programs,
+            X.dtype.element_ty, BLOCK_M, NE, KT, PROWS, R_BIAS, RENORM,
+        )
+    else:
+        e = tl.load(BlockExpert + pid_m).to(tl.int64)
+        rows = tl.load(Pairs + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     if e >= num_experts:
         return
-    rows = tl.load(Pairs + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     valid = rows < num_pairs
     tok = (rows // top_k).to(tl.int64)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -206,6 +222,43 @@ def _moe_up_kernel(
     else:  # geglu_plus1: gelu(h) * (g + 1)
         act = _gelu_exact(acc_h) * (acc_g + 1.0)
     tl.store(Out + rows[:, None].to(tl.int64) * stride_ot + n[None, :], act.to(Out.dtype.element_ty), mask=valid[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _route_one_token(
+    Partial, RBias, RWeights, RIds, Pairs, BlockExpert, pid_m, pid_n, num_experts, num_pairs, router_programs,
+    dtype: tl.constexpr, BLOCK_M: tl.constexpr, NE: tl.constexpr, KT: tl.constexpr, PROWS: tl.constexpr, R_BIAS: tl.constexpr, RENORM: tl.constexpr,
+):
+    """One token's routing, as the fused router's ticket program does it: its
+    partials summed in program order (+ bias), rounded to the activation
+    dtype, the top KT (topk_softmax_rows). Pair j goes to block rank_j of
+    the expert-sorted layout (the experts in ascending order, pair order on
+    a tie: align_by_expert's layout for one token), so block pid_m takes the
+    pair ranked pid_m; blocks past KT take none. The column-0 programs write
+    their block's layout entries and program (0, 0) the weights and ids, for
+    the down kernel. -> (this block's expert, E where none; its rows)."""
+    ev = tl.arange(0, NE)
+    kk = tl.arange(0, KT)
+    total = tl.zeros([1, NE], tl.float32)
+    for q in range(0, router_programs):
+        total += tl.load(Partial + q * PROWS * NE + ev[None, :], cache_modifier=".cg")  # row 0 of each program's partials
+    if R_BIAS:
+        total += tl.load(RBias + ev).to(tl.float32)[None, :]
+    w, ids = topk_softmax_rows(total.to(dtype).to(tl.float32), ev, kk, NE, KT, RENORM)
+    ids = tl.sum(ids, axis=0)  # [KT]: the one row
+    before = (ids[None, :] < ids[:, None]) | ((ids[None, :] == ids[:, None]) & (kk[None, :] < kk[:, None]))  # [j, i]: pair i sorts before pair j
+    mine = tl.sum(before.to(tl.int32), axis=1) == pid_m
+    pair = tl.sum(tl.where(mine, kk, 0), axis=0)
+    e = tl.where(tl.sum(mine.to(tl.int32), axis=0) > 0, tl.sum(tl.where(mine, ids, 0), axis=0), num_experts).to(tl.int64)  # (a NaN row's ids are E: no expert)
+    r = tl.arange(0, BLOCK_M)
+    rows = tl.where((r == 0) & (e < num_experts), pair, num_pairs)
+    if pid_n == 0:
+        tl.store(BlockExpert + pid_m, e.to(tl.int32))
+        tl.store(Pairs + pid_m * BLOCK_M + r, rows.to(tl.int32))
+        if pid_m == 0:
+            tl.store(RIds + kk, ids.to(tl.int64))
+            tl.store(RWeights + kk, tl.sum(w, axis=0).to(RWeights.dtype.element_ty))
+    return e, rows
 
 
 @triton.jit
@@ -244,9 +297,13 @@ def _moe_down_kernel(
 
 def experts_up(
     x: torch.Tensor, fc1: torch.Tensor, top_k: int, pairs: torch.Tensor, block_expert: torch.Tensor, config: MoeConfig, act: str = "geglu_plus1",
+    route: UpRouting | None = None,
 ) -> torch.Tensor:
     """The up kernel: each pair's activation act(x[t] @ fc1[e].T) [T * k, I]
-    (pair t * k + j), over the expert-sorted layout made with config's BLOCK_M."""
+    (pair t * k + j), over the expert-sorted layout made with config's BLOCK_M.
+    route (one token; moe_route.router_for_up): the kernel routes the token
+    from the router's partials and writes that layout (pairs, block_expert)
+    and route's weights and ids itself."""
     tokens = x.shape[0]
     num_experts, two_inner, dim = fc1.shape
     inner = two_inner // 2
@@ -254,12 +311,21 @@ def experts_up(
     assert x.stride(1) == fc1.stride(2) == 1
     num_pairs = tokens * top_k
     hidden = torch.empty((num_pairs, inner), dtype=x.dtype, device=x.device)
+    if route is not None:
+        assert tokens == 1 and num_experts & (num_experts - 1) == 0 and top_k & (top_k - 1) == 0
+        r_args = (route.partial, route.bias if route.bias is not None else route.partial, route.weights, route.ids)
+        r_consts = dict(ROUTE=True, NE=num_experts, KT=top_k, PROWS=route.rows_per_program, R_BIAS=route.bias is not None, RENORM=route.renormalize)
+        programs = route.programs
+    else:
+        r_args = (hidden, hidden, hidden, hidden)  # never read
+        r_consts = dict(ROUTE=False, NE=1, KT=1, PROWS=1, R_BIAS=False, RENORM=True)
+        programs = 0
     pdl = pdl_on(x.device)
     _moe_up_kernel[(block_expert.shape[0], triton.cdiv(inner, block_n))](
-        x, fc1, hidden, pairs, block_expert,
-        num_pairs, top_k, num_experts, inner, dim,
+        x, fc1, hidden, pairs, block_expert, *r_args,
+        num_pairs, top_k, num_experts, inner, dim, programs,
         x.stride(0), fc1.stride(0), fc1.stride(1), hidden.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32, ACT=ACT_CODES[act], PDL=pdl,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32, ACT=ACT_CODES[act], PDL=pdl, **r_consts,
         num_warps=warps, num_stages=stages, launch_pdl=pdl,
     )
     return hidden
@@ -294,11 +360,14 @@ def expert_pairs(
     block_expert: torch.Tensor,
     config: MoeConfig,
     act: str = "geglu_plus1",
+    route: UpRouting | None = None,
 ) -> torch.Tensor:
     """Each (token, expert) pair's weighted output, [T * k, D] (pair t * k + j),
     given the expert-sorted layout of align_by_expert / route_and_align made
-    with config's BLOCK_M; act names the expert activation (ACT_CODES)."""
-    hidden = experts_up(x, fc1, top_k, pairs, block_expert, config, act)
+    with config's BLOCK_M; act names the expert activation (ACT_CODES).
+    route: the up kernel routes one token itself and writes the layout and
+    weights (see experts_up)."""
+    hidden = experts_up(x, fc1, top_k, pairs, block_expert, config, act, route)
     return experts_down(hidden, weights, fc2, pairs, block_expert, config)
 
 

@@ -18,6 +18,8 @@ sizes the router's product can run in the routing launch too
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -32,6 +34,7 @@ from tidal.kernels.pdl import (
     pdl_on,
 )
 from tidal.kernels.tiles import tile_dot
+from tidal.kernels.topk_softmax import topk_softmax_rows
 
 MAX_TOKENS = 16384  # above this the torch ops are used (the offsets program walks every chunk of pairs)
 # Up to this many tokens (and tokens x experts) one program routes and aligns;
@@ -74,21 +77,7 @@ def _topk_softmax(Logits, Weights, Ids, tokens, stride_l, lo, tokens_per_program
         t = t0 + tl.arange(0, BLOCK_T)
         tm = t < hi
         logits = tl.load(Logits + t[:, None] * stride_l + e[None, :], mask=tm[:, None], other=0.0).to(tl.float32)
-        top = tl.max(logits, axis=1)
-        total = tl.sum(tl.exp(logits - top[:, None]), axis=1)  # all E (used without renormalization)
-        vals = tl.zeros([BLOCK_T, K], tl.float32)
-        ids = tl.zeros([BLOCK_T, K], tl.int32)
-        for j in tl.static_range(K):
-            v = tl.max(logits, axis=1)
-            idx = tl.min(tl.where(logits == v[:, None], e[None, :], E), axis=1)
-            vals = tl.where(kk[None, :] == j, v[:, None], vals)
-            ids = tl.where(kk[None, :] == j, idx[:, None], ids)
-            logits = tl.where(e[None, :] == idx[:, None], float("-inf"), logits)
-        p = tl.exp(vals - top[:, None])
-        if RENORM:
-            w = p / tl.sum(p, axis=1)[:, None]
-        else:
-            w = p / total[:, None]
+        w, ids = topk_softmax_rows(logits, e, kk, E, K, RENORM)
         out = t[:, None] * K + kk[None, :]
         tl.store(Ids + out, ids.to(Ids.dtype.element_ty), mask=tm[:, None])
         tl.store(Weights + out, w.to(Weights.dtype.element_ty), mask=tm[:, None])
@@ -226,7 +215,7 @@ def _router_route_kernel(
     X, W, Bias, Partial, Logits, Weights, Ids, Pairs, BlockExpert, Counter,
     tokens, dim, k_per_program, stride_x, stride_w, nblocks,
     E: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BM: tl.constexpr, CH: tl.constexpr, BFILL: tl.constexpr,
-    HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr, TAIL: tl.constexpr,
 ):
     """The router product and the routing in one launch: program p takes the
     slice [p * k_per_program, +k_per_program) of the hidden size for all rows
@@ -236,7 +225,9 @@ def _router_route_kernel(
     the one-program routing kernel. With PDL, EARLY (tidal.kernels.pdl's
     early-weights form): each program releases its successor and loads its
     first weight tile (by default its whole slice) before it waits for x,
-    its predecessor's output; else it waits first."""
+    its predecessor's output; else it waits first. Without TAIL the programs
+    only store their partials (the experts' up kernel sums and routes them:
+    fused_moe's one-token routing)."""
     p = tl.program_id(0)
     t = tl.arange(0, BLOCK_T)
     tm = t < tokens
@@ -262,6 +253,17 @@ def _router_route_kernel(
         w = tl.load(W + e[None, :] * stride_w + k[:, None], mask=km[:, None], other=0.0)
         acc = tile_dot(acc, x, w, IEEE)
     tl.store(Partial + p * BLOCK_T * E + t[:, None] * E + e[None, :], acc, mask=tm[:, None])  # the rows there are: 1 of 16 at batch 1
+    if TAIL:
+        _ticket_tail(Partial, Bias, Logits, Weights, Ids, Pairs, BlockExpert, Counter, tokens, nblocks, t, tm, e, E, K, BLOCK_T, BM, CH, BFILL, HAS_BIAS, RENORM)
+
+
+@triton.jit
+def _ticket_tail(
+    Partial, Bias, Logits, Weights, Ids, Pairs, BlockExpert, Counter, tokens, nblocks, t, tm, e,
+    E: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, BM: tl.constexpr, CH: tl.constexpr, BFILL: tl.constexpr, HAS_BIAS: tl.constexpr, RENORM: tl.constexpr,
+):
+    """The fused router's routing: the last program to store its partial
+    sums them all in program order, then routes and aligns."""
     tl.debug_barrier()  # every thread's partial stored before the ticket
     if tl.atomic_add(Counter, 1, sem="acq_rel") == tl.num_programs(0) - 1:
         total = tl.zeros([BLOCK_T, E], tl.float32)
@@ -345,19 +347,68 @@ def router_route_and_align(
     in x's dtype, ids [T, k] int64, pairs, block_expert). block_k: the K
     tile (default router_block_k's); num_warps: default ROUTER_WARPS;
     programs: how many share the hidden size (default ROUTER_PROGRAMS, else one a tile)."""
+    *outputs, _ = _launch_router(x, router_w, router_b, top_k, block_m, renormalize, block_k, num_warps, programs, tail=True)
+    return tuple(outputs)  # type: ignore[return-value]
+
+
+# One token's routing inside the experts' up kernel (fused_moe.experts_up's
+# `route`): the router's programs only store their partial products, and
+# every up program sums them, takes the top k and finds its own expert, so
+# the ticket, the one-program alignment and a launch boundary leave the
+# chain. The same experts and weights as the fused router's (the partials
+# summed in program order, topk_softmax_rows). Off until timed on a device
+# (`device_run.sh pdl-check`).
+ROUTE_IN_UP = False
+
+
+class UpRouting(NamedTuple):
+    """What the up kernel needs to route one token itself: the router
+    programs' partials ([programs, rows_per_program, E] float32, row 0
+    written), how many programs, the router's bias, renormalization; and
+    where it writes the routing weights [k] and ids [k] for the down kernel
+    and the caller."""
+
+    partial: torch.Tensor
+    programs: int
+    rows_per_program: int
+    bias: torch.Tensor | None
+    renormalize: bool
+    weights: torch.Tensor
+    ids: torch.Tensor
+
+
+def router_for_up(
+    x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor | None, top_k: int, block_m: int, renormalize: bool = True,
+    num_warps: int | None = None, programs: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, UpRouting]:
+    """The router's product alone for one token (x [1, D]), its routing left
+    to the up kernel -> (weights [1, k], ids [1, k], pairs, block_expert, the
+    up kernel's UpRouting), the first four written by that kernel."""
+    assert x.shape[0] == 1, "the up kernel routes one token"
+    weights, ids, pairs, block_expert, (partial, n) = _launch_router(x, router_w, router_b, top_k, block_m, renormalize, None, num_warps, programs, tail=False)
+    return weights, ids, pairs, block_expert, UpRouting(partial, n, ROUTER_MAX_TOKENS, router_b, renormalize, weights, ids)
+
+
+def _launch_router(
+    x: torch.Tensor, router_w: torch.Tensor, router_b: torch.Tensor | None, top_k: int, block_m: int, renormalize: bool, block_k: int | None,
+    num_warps: int | None, programs: int | None, tail: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, int]]:
+    """The fused router's launch (see router_route_and_align): with `tail`
+    the routing outputs are written, else only the partials -> (weights,
+    ids, pairs, block_expert, (partials, programs))."""
     tokens, dim = x.shape
     experts = router_w.shape[0]
     block_k = block_k or router_block_k(experts, x.element_size())
     assert tokens <= ROUTER_MAX_TOKENS and x.stride(1) == 1 and router_w.stride(1) == 1
     dev = x.device
     nblocks, weights, ids, pairs, block_expert = _routing_outputs(tokens, experts, top_k, block_m, x.dtype, dev)
-    if tokens == 0:
-        return weights, ids, pairs, block_expert
     tiles = triton.cdiv(dim, block_k)
     programs = min(tiles, programs or ROUTER_PROGRAMS or tiles)  # by default one K tile each: many SMs read the router's weight at once
     k_per_program = triton.cdiv(tiles, programs) * block_k
     programs = triton.cdiv(dim, k_per_program)  # (none left without a slice)
     partial = scratch_zeros("router partials", programs * ROUTER_MAX_TOKENS * experts, torch.float32, dev)
+    if tokens == 0:
+        return weights, ids, pairs, block_expert, (partial, programs)
     ticket = scratch_zeros("router ticket", 1, torch.int32, dev)
     logits = torch.empty((tokens, experts), dtype=x.dtype, device=dev)
     _, pairs_chunk, block_chunk = _tiles(tokens, top_k, experts, nblocks)
@@ -367,10 +418,10 @@ def router_route_and_align(
         x, router_w, router_b if router_b is not None else router_w, partial, logits, weights, ids, pairs, block_expert, ticket,
         tokens, dim, k_per_program, x.stride(0), router_w.stride(0), nblocks,
         E=experts, K=top_k, BLOCK_T=ROUTER_MAX_TOKENS, BLOCK_K=block_k, BM=block_m, CH=pairs_chunk, BFILL=block_chunk,
-        HAS_BIAS=router_b is not None, RENORM=renormalize, IEEE=x.dtype == torch.float32, PDL=pdl, EARLY=early, num_warps=num_warps or ROUTER_WARPS,
+        HAS_BIAS=router_b is not None, RENORM=renormalize, IEEE=x.dtype == torch.float32, PDL=pdl, EARLY=early, TAIL=tail, num_warps=num_warps or ROUTER_WARPS,
         launch_pdl=pdl,
     )
-    return weights, ids, pairs, block_expert
+    return weights, ids, pairs, block_expert, (partial, programs)
 
 
 FORMS = ("one program", "chunks", "experts")

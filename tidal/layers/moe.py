@@ -73,7 +73,8 @@ def moe_parts(
 ) -> torch.Tensor:
     """The fast path's MoE, before the sum over the k experts (which the
     residual kernel does): x [T, D] -> each token's k weighted expert outputs
-    [T, k, D]. Routing and alignment take one launch at decode sizes."""
+    [T, k, D]. Routing and alignment take one launch at decode sizes (or,
+    for one token with moe_route.ROUTE_IN_UP, happen in the up kernel)."""
     from tidal.kernels import moe_route
     from tidal.kernels.fused_moe import align_by_expert, expert_pairs, moe_config
     from tidal.kernels.moe_route import MAX_TOKENS, route_and_align
@@ -81,7 +82,11 @@ def moe_parts(
     tokens = x.shape[0]
     config = moe_config(tokens, (fc1.shape[0], fc1.shape[2], fc2.shape[2], top_k), x.dtype, x.device)
     pow2 = all(n & (n - 1) == 0 for n in (fc1.shape[0], top_k))  # what the routing kernel takes
-    if moe_route.FUSED_ROUTER and pow2 and 0 < tokens <= moe_route.ROUTER_MAX_TOKENS and x.stride(-1) == 1:
+    fused_router = moe_route.FUSED_ROUTER and pow2 and 0 < tokens <= moe_route.ROUTER_MAX_TOKENS and x.stride(-1) == 1
+    if fused_router and tokens == 1 and moe_route.ROUTE_IN_UP:  # the up kernel routes the token from the router's partials
+        weights, ids, pairs, block_expert, route = moe_route.router_for_up(x, router_w, router_b, top_k, config[0], renormalize)
+        return expert_pairs(x, weights, fc1, fc2, top_k, pairs, block_expert, config, act, route).view(tokens, top_k, -1)
+    if fused_router:
         weights, ids, pairs, block_expert = moe_route.router_route_and_align(x, router_w, router_b, top_k, config[0], renormalize)
     elif tokens <= MAX_TOKENS and pow2:
         weights, ids, pairs, block_expert = route_and_align(linear(x, router_w, router_b), top_k, config[0], x.dtype, renormalize)
