@@ -236,10 +236,10 @@ out = {
     "decode grouped split": first_ops(pa._decode_group_split_kernel, attn, dict(GROUP=8, GP=16, D=128, BLOCK_N=64, IEEE=False, NS=16, DIRECT=False, FUSED=False, F16=False, PREFETCH=False)),
     "decode reduce": first_ops(pa._decode_reduce_kernel, {"PartO": "*fp32", "PartLse": "*fp32", "Out": bf, "KvLens": "*i32"}, dict(BLOCK_N=64, NS=16, D=128)),
     "router": first_ops(moe_route._router_route_kernel, router_types, router_consts | {"EARLY": False}, moe_route.ROUTER_WARPS),
-    "moe up": first_ops(fused_moe._moe_up_kernel, up_types, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, IEEE=False, ACT=1, ROUTE=False, NE=1, KT=1, PROWS=1, R_BIAS=False, RENORM=True)),
+    "moe up": first_ops(fused_moe._moe_up_kernel, up_types, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, IEEE=False, ACT=1, ROUTE=False, NE=1, KT=1, PROWS=1, ROWS=1, R_BIAS=False, RENORM=True)),
     # one token routed in the up kernel (moe_route.ROUTE_IN_UP): Qwen3-30B's 128 experts, Moondream's 64 with a router bias
-    "moe up, routing one token, E128": first_ops(fused_moe._moe_up_kernel, up_types, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, IEEE=False, ACT=1, ROUTE=True, NE=128, KT=8, PROWS=16, R_BIAS=False, RENORM=True), aligned=UP_ALIGNED),
-    "moe up, routing one token, E64": first_ops(fused_moe._moe_up_kernel, up_types, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, IEEE=False, ACT=0, ROUTE=True, NE=64, KT=8, PROWS=16, R_BIAS=True, RENORM=True), aligned=UP_ALIGNED),
+    "moe up, routing one token, E128": first_ops(fused_moe._moe_up_kernel, up_types, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, IEEE=False, ACT=1, ROUTE=True, NE=128, KT=8, PROWS=16, ROWS=4, R_BIAS=False, RENORM=True), aligned=UP_ALIGNED),
+    "moe up, routing one token, E64": first_ops(fused_moe._moe_up_kernel, up_types, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, IEEE=False, ACT=0, ROUTE=True, NE=64, KT=8, PROWS=16, ROWS=4, R_BIAS=True, RENORM=True), aligned=UP_ALIGNED),
     "router, partials only": first_ops(moe_route._router_route_kernel, router_types, router_consts | {"EARLY": False, "TAIL": False}, moe_route.ROUTER_WARPS),
     "moe down": first_ops(fused_moe._moe_down_kernel, {"A": bf, "W": bf, "Out": bf, "Pairs": "*i32", "BlockExpert": "*i32", "Weights": bf}, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, IEEE=False)),
 }

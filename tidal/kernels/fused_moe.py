@@ -180,7 +180,7 @@ def _moe_up_kernel(
     num_pairs, top_k, num_experts, inner, dim, router_programs,
     stride_xt, stride_we, stride_wn, stride_ot,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr,
-    ROUTE: tl.constexpr, NE: tl.constexpr, KT: tl.constexpr, PROWS: tl.constexpr, R_BIAS: tl.constexpr, RENORM: tl.constexpr,
+    ROUTE: tl.constexpr, NE: tl.constexpr, KT: tl.constexpr, PROWS: tl.constexpr, ROWS: tl.constexpr, R_BIAS: tl.constexpr, RENORM: tl.constexpr,
 ):
     """ROUTE (one token): the block's expert and pair come from the router
     programs' partials, routed here (_route_one_token) instead of from the
@@ -191,7 +191,7 @@ def _moe_up_kernel(
     if ROUTE:
         e, rows = _route_one_token(
             Partial, RBias, RWeights, RIds, Pairs, BlockExpert, pid_m, pid_n, num_experts, num_pairs, router_programs,
-            X.dtype.element_ty, BLOCK_M, NE, KT, PROWS, R_BIAS, RENORM,
+            X.dtype.element_ty, BLOCK_M, NE, KT, PROWS, ROWS, R_BIAS, RENORM,
         )
     else:
         e = tl.load(BlockExpert + pid_m).to(tl.int64)
@@ -227,7 +227,7 @@ def _moe_up_kernel(
 @triton.jit
 def _route_one_token(
     Partial, RBias, RWeights, RIds, Pairs, BlockExpert, pid_m, pid_n, num_experts, num_pairs, router_programs,
-    dtype: tl.constexpr, BLOCK_M: tl.constexpr, NE: tl.constexpr, KT: tl.constexpr, PROWS: tl.constexpr, R_BIAS: tl.constexpr, RENORM: tl.constexpr,
+    dtype: tl.constexpr, BLOCK_M: tl.constexpr, NE: tl.constexpr, KT: tl.constexpr, PROWS: tl.constexpr, ROWS: tl.constexpr, R_BIAS: tl.constexpr, RENORM: tl.constexpr,
 ):
     """One token's routing, as the fused router's ticket program does it: its
     partials summed in program order (+ bias), rounded to the activation
@@ -239,13 +239,19 @@ def _route_one_token(
     the down kernel. -> (this block's expert, E where none; its rows)."""
     ev = tl.arange(0, NE)
     kk = tl.arange(0, KT)
-    total = tl.zeros([1, NE], tl.float32)
+    # a [ROWS, NE] tile (ROWS: the program's warps) of which row 0 is the
+    # token, the others zeros: a row a warp, so the top-k's reductions stay
+    # within warps (compiled for sm_90 with 4 warps and 128 experts: 15
+    # barriers before the first weight load, against 33 for a [1, NE] row)
+    t = tl.arange(0, ROWS)
+    total = tl.zeros([ROWS, NE], tl.float32)
     for q in range(0, router_programs):
-        total += tl.load(Partial + q * PROWS * NE + ev[None, :], cache_modifier=".cg")  # row 0 of each program's partials
+        total += tl.load(Partial + q * PROWS * NE + t[:, None] * NE + ev[None, :], mask=t[:, None] == 0, other=0.0, cache_modifier=".cg")
     if R_BIAS:
         total += tl.load(RBias + ev).to(tl.float32)[None, :]
     w, ids = topk_softmax_rows(total.to(dtype).to(tl.float32), ev, kk, NE, KT, RENORM)
-    ids = tl.sum(ids, axis=0)  # [KT]: the one row
+    w = tl.sum(tl.where(t[:, None] == 0, w, 0.0), axis=0)  # [KT]: row 0's
+    ids = tl.sum(tl.where(t[:, None] == 0, ids, 0), axis=0)
     before = (ids[None, :] < ids[:, None]) | ((ids[None, :] == ids[:, None]) & (kk[None, :] < kk[:, None]))  # [j, i]: pair i sorts before pair j
     mine = tl.sum(before.to(tl.int32), axis=1) == pid_m
     pair = tl.sum(tl.where(mine, kk, 0), axis=0)
@@ -257,7 +263,7 @@ def _route_one_token(
         tl.store(Pairs + pid_m * BLOCK_M + r, rows.to(tl.int32))
         if pid_m == 0:
             tl.store(RIds + kk, ids.to(tl.int64))
-            tl.store(RWeights + kk, tl.sum(w, axis=0).to(RWeights.dtype.element_ty))
+            tl.store(RWeights + kk, w.to(RWeights.dtype.element_ty))
     return e, rows
 
 
@@ -314,11 +320,11 @@ def experts_up(
     if route is not None:
         assert tokens == 1 and num_experts & (num_experts - 1) == 0 and top_k & (top_k - 1) == 0
         r_args = (route.partial, route.bias if route.bias is not None else route.partial, route.weights, route.ids)
-        r_consts = dict(ROUTE=True, NE=num_experts, KT=top_k, PROWS=route.rows_per_program, R_BIAS=route.bias is not None, RENORM=route.renormalize)
+        r_consts = dict(ROUTE=True, NE=num_experts, KT=top_k, PROWS=route.rows_per_program, ROWS=warps, R_BIAS=route.bias is not None, RENORM=route.renormalize)
         programs = route.programs
     else:
         r_args = (hidden, hidden, hidden, hidden)  # never read
-        r_consts = dict(ROUTE=False, NE=1, KT=1, PROWS=1, R_BIAS=False, RENORM=True)
+        r_consts = dict(ROUTE=False, NE=1, KT=1, PROWS=1, ROWS=1, R_BIAS=False, RENORM=True)
         programs = 0
     pdl = pdl_on(x.device)
     _moe_up_kernel[(block_expert.shape[0], triton.cdiv(inner, block_n))](
