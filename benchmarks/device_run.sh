@@ -29,7 +29,7 @@
 #   bash benchmarks/device_run.sh pdl-check   # PDL's early-weights form (pdl.EARLY_WEIGHTS) and the skinny product's L2 prefetch: bits tests, bench_pdl, then Qwen3-30B decode (PDL / early / early with every projection skinny / + L2 prefetch), Qwen3-VL-8B early off / on
 #   bash benchmarks/device_run.sh route-in-up  # one token routed in the experts' up kernel (moe_route.ROUTE_IN_UP): bits tests, both MoE models' decode off / on
 #   bash benchmarks/device_run.sh md-pdl-branches  # Moondream 3 decode with PDL on neither, the main, the side or both of a block's two streams (text.PDL_BRANCHES)
-#   bash benchmarks/device_run.sh round       # where starts are scarce: test_cuda, bench_pdl and the priority A/B in one call
+#   bash benchmarks/device_run.sh round       # where starts are scarce: test_cuda, bench_pdl, Qwen3-30B decode with the forms written since the last device run
 #   bash benchmarks/device_run.sh tau         # tau's projection kernel (tau_rope.LIN_KERNEL): its tests, then a mixed step's profile with it on and off
 #   bash benchmarks/device_run.sh check       # after a kernel change, in ~5 minutes: kernel + fast-path tests, bench_kernels, quick decode of both MoE models
 #
@@ -179,11 +179,13 @@ case "$part" in
       timeout 80 python benchmarks/with_setting.py "tidal.models.moondream3.text.PDL_BRANCHES='$v'" -- benchmarks/bench_moondream.py --quick --only decode --out "$out/md-pdl-$v" 2>&1 | grep -E "decode batch (1|8|32):" | sed "s|^|moondream pdl on $v: |"
     done ;;
   round)
-    # the most per call where starts are scarce (~570 s): test_cuda, the PDL chain, the MoE branch's priority in Moondream decode
+    # the most per call where starts are scarce (~570 s): test_cuda, the PDL chain with its L2 forms, and Qwen3-30B decode
+    # with the forms written since the last device run (early weights + every projection skinny + L2 prefetch; routing in the up kernel)
     tests_in 200 tests/test_cuda.py tests/test_cuda.py
-    timeout 90 python benchmarks/bench_pdl.py --out "$out" 2>&1 | tail -9
-    for v in 0 -1; do
-      timeout 110 python benchmarks/with_setting.py tidal.models.moondream3.text.BRANCH_PRIORITY=$v -- benchmarks/bench_moondream.py --quick --only decode --out "$out/prio$v" 2>&1 | grep -E "decode batch (1|8|32):" | sed "s|^|priority $v: |"
+    timeout 80 python benchmarks/bench_pdl.py --out "$out" 2>&1 | tail -12
+    for form in "False False auto False" "True True all True" "False False auto True"; do
+      set -- $form
+      timeout 60 python benchmarks/with_setting.py tidal.kernels.pdl.EARLY_WEIGHTS=$1 tidal.kernels.l2_prefetch.L2_PREFETCH=$2 tidal.kernels.moe_route.ROUTE_IN_UP=$4 -- benchmarks/bench_qwen.py --model moe --no-hf --no-concurrent --batches 1 8 --skinny $3 --out "$out/qwen-$1-$2-$3-$4" 2>&1 | grep -E "^tidal decode" | sed "s|^|qwen3-30b early=$1 l2=$2 skinny=$3 route-in-up=$4: |"
     done ;;
   tau)
     tests_in 120 "test_kernels (tau)" tests/test_kernels.py -k "tau or bf16_parts"
