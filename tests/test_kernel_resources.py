@@ -306,6 +306,7 @@ for pdl in (False, True):
     at = lambda text: [i for i, l in enumerate(lines) if text in l]
     first_access = min(i for i, l in enumerate(lines) if re.sub(r"^@!?%p\d+\s+", "", l).startswith(("ld.global", "st.global", "cp.async.cg", "cp.async.ca")))
     forms[f"prefetch pdl {pdl}"] = {"prefetches": at("cp.async.bulk.prefetch.L2.global"), "waits": at("griddepcontrol.wait"),
+                                    "prefetch_text": [l for l in lines if "cp.async.bulk.prefetch" in l],
                                     "first_access": first_access, "ops": memory_ops(c), "spill_bytes": spill_bytes(c)}
 # (out, in): Qwen3-30B-A3B qkv, o, router, lm_head; Qwen3-VL-8B q, k/v, gate/up, down, lm_head; Moondream 3 qkv, proj, dense MLP, lm_head
 shapes = {}
@@ -345,13 +346,16 @@ def test_the_skinny_product_streams_its_first_weight_tile_before_the_wait():
 
 def test_the_skinny_product_asks_for_its_slice_in_l2_before_any_load():
     """With tidal.kernels.l2_prefetch, the skinny kernel (sm_90) issues one bulk
-    L2 prefetch, ahead of every load and store of the program (and, with
+    L2 prefetch from thread 0 of each program, ahead of every load and store of the program (and, with
     PDL's early form, ahead of the wait for its predecessor); ptxas takes it
     without spills, and the program's own loads and stores are still there."""
     forms = _skinny_compiles()["forms"]
     for pdl in (False, True):
         f = forms[f"prefetch pdl {pdl}"]
         assert len(f["prefetches"]) == 1 and f["prefetches"][0] < f["first_access"], (pdl, f)
+        # issued by the program's thread 0 alone, under its predicate
+        text = f["prefetch_text"][0]
+        assert "mov.u32 tid, %tid.x; setp.eq.u32 first, tid, 0;" in text and "@first cp.async.bulk.prefetch.L2.global" in text, text
         assert f["spill_bytes"] == 0
         assert any(op.startswith("ld.global") for op in f["ops"]) and any(op.startswith("st.global") for op in f["ops"])
         if pdl:

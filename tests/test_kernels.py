@@ -17,6 +17,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from tidal.kernels.kv_store import cache_value  # noqa: E402
+from tidal.kernels.l2_prefetch import row_block_span  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -934,12 +935,29 @@ def test_one_token_routed_in_the_up_kernel_matches_the_fused_router(experts, dim
         blocks.fill_(-1)
         got = expert_pairs(x, w, fc1, fc2, top_k, pairs, blocks, config, act, route)
         assert torch.equal(ids, ids0) and torch.equal(pairs, pairs0) and torch.equal(blocks, blocks0)
-        assert rel(w.cpu(), w0.cpu()) <= 1e-6 and rel(got.cpu(), want.cpu()) <= 1e-6
+        if renorm:  # the same sums in the same order: the same bits (without renormalization the sum over all E follows the tile's layout)
+            assert torch.equal(w, w0) and torch.equal(got, want)
+        else:
+            assert rel(w.cpu(), w0.cpu()) <= 1e-6 and rel(got.cpu(), want.cpu()) <= 1e-6
     x_nan = torch.full_like(x, float("nan"))
-    _, _, pairs_a, blocks_a = router_route_and_align(x_nan, rw, rb, top_k, block_m, renorm)
+    _, ids_a, pairs_a, blocks_a = router_route_and_align(x_nan, rw, rb, top_k, block_m, renorm)
     _, _, pairs_b, blocks_b, route = router_for_up(x_nan, rw, rb, top_k, block_m, renorm)
     expert_pairs(x_nan, route.weights, fc1, fc2, top_k, pairs_b, blocks_b, config, act, route)
     assert torch.equal(pairs_b, pairs_a) and torch.equal(blocks_b, blocks_a) and bool((blocks_b == experts).all())
+    assert torch.equal(route.ids, ids_a) and bool((route.ids == experts).all())
+    # fewer finite logits than k (a -inf bias on all but two experts): the top k repeats an expert; each
+    # pair then has a block of its own, in its expert's order and pair order on a tie, with the same output
+    bias = torch.full((experts,), float("-inf"), device=DEV)
+    bias[[1, experts - 1]] = 0.0
+    w0, ids0, pairs0, blocks0 = router_route_and_align(x, rw, bias, top_k, block_m, True)
+    want = expert_pairs(x, w0, fc1, fc2, top_k, pairs0, blocks0, config, act)
+    w, ids, pairs, blocks, route = router_for_up(x, rw, bias, top_k, block_m, True)
+    got = expert_pairs(x, w, fc1, fc2, top_k, pairs, blocks, config, act, route)
+    flat = ids0.view(-1).tolist()
+    assert len(set(flat)) < top_k and torch.equal(ids, ids0) and torch.equal(w, w0) and torch.equal(got, want)
+    placed = pairs.view(-1, block_m)[:top_k, 0].tolist()  # block b's pair
+    assert sorted(placed) == list(range(top_k)) and blocks[:top_k].tolist() == [flat[j] for j in placed]
+    assert placed == sorted(range(top_k), key=lambda j: (flat[j], j))  # experts ascending, pair order on a tie
 
 
 @pytest.mark.skipif(not CUDA, reason="programmatic dependent launch needs an sm_90 GPU")
@@ -975,3 +993,26 @@ def test_one_token_routed_in_the_up_kernel_in_a_graph_gives_the_same_bits(monkey
         got = _graph_outputs(lambda: run(True), _poison)
         assert not got[0].isnan().any()
         assert all(torch.equal(a, b) for a, b in zip(got, want)), on
+
+
+@triton.jit
+def _spans(Out, rows, row_elems, stride, BLOCK: tl.constexpr, ITEM: tl.constexpr):
+    """Each program's row_block_span, as byte offset and byte count."""
+    pid = tl.program_id(0)
+    first, nbytes = row_block_span(pid, rows, row_elems, stride, BLOCK, ITEM)
+    tl.store(Out + 2 * pid, first * ITEM)
+    tl.store(Out + 2 * pid + 1, nbytes.to(tl.int64))
+
+
+def test_the_l2_prefetch_spans_tile_the_weight_exactly():
+    """row_block_span (what each skinny program prefetches: its BLOCK_N rows
+    of W) gives 16-byte multiples that tile the weight exactly, the last
+    block's partial rows included: no byte before the weight or past its
+    end, none twice. Sizes: 2040 rows (a partial last block), 2048, 100."""
+    for rows, k, block in ((2040, 2040, 16), (2048, 4096, 64), (100, 8, 32)):
+        blocks = triton.cdiv(rows, block)
+        out = torch.full((blocks, 2), -1, dtype=torch.int64, device=DEV)
+        _spans[(blocks,)](out, rows, k, k, BLOCK=block, ITEM=2)
+        start, size = out[:, 0].tolist(), out[:, 1].tolist()
+        assert start[0] == 0 and all(a + n == b for a, n, b in zip(start, size, start[1:]))  # back to back
+        assert start[-1] + size[-1] == rows * k * 2 and all(n > 0 and n % 16 == 0 for n in size)

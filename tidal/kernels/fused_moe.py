@@ -233,8 +233,11 @@ def _route_one_token(
     partials summed in program order (+ bias), rounded to the activation
     dtype, the top KT (topk_softmax_rows). Pair j goes to block rank_j of
     the expert-sorted layout (the experts in ascending order, pair order on
-    a tie: align_by_expert's layout for one token), so block pid_m takes the
-    pair ranked pid_m; blocks past KT take none. The column-0 programs write
+    a tie), so block pid_m takes the pair ranked pid_m; blocks past KT take
+    none. With distinct experts that is align_by_expert's layout for one
+    token; where the top k repeats an expert (fewer than k finite logits)
+    each pair still gets a block of its own, where align_by_expert would
+    share one, and every pair's output is the same either way. The column-0 programs write
     their block's layout entries and program (0, 0) the weights and ids, for
     the down kernel. -> (this block's expert, E where none; its rows)."""
     ev = tl.arange(0, NE)

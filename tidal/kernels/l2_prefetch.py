@@ -47,6 +47,16 @@ def l2_prefetch(ptr, nbytes):
     )
 
 
+@triton.jit
+def row_block_span(pid, rows, row_elems, stride, BLOCK: tl.constexpr, ITEM: tl.constexpr):
+    """Where rows [pid * BLOCK, min(pid * BLOCK + BLOCK, rows)) of a
+    row-major weight lie: (element offset of the first, byte count), rows of
+    row_elems elements of ITEM bytes, `stride` elements apart (contiguous
+    when stride == row_elems, as prefetch_fits requires)."""
+    here = tl.minimum(rows - pid * BLOCK, BLOCK)
+    return (pid * BLOCK).to(tl.int64) * stride, here * row_elems * ITEM
+
+
 def prefetch_fits(weight: torch.Tensor) -> bool:
     """Whether a launch reading all of `weight` (contiguous rows of 16-byte
     multiples) may prefetch it: L2_PREFETCH on, an sm_90+ GPU, and the

@@ -406,11 +406,11 @@ def _launch_router(
     programs = min(tiles, programs or ROUTER_PROGRAMS or tiles)  # by default one K tile each: many SMs read the router's weight at once
     k_per_program = triton.cdiv(tiles, programs) * block_k
     programs = triton.cdiv(dim, k_per_program)  # (none left without a slice)
-    partial = scratch_zeros("router partials", programs * ROUTER_MAX_TOKENS * experts, torch.float32, dev)
     if tokens == 0:
-        return weights, ids, pairs, block_expert, (partial, programs)
-    ticket = scratch_zeros("router ticket", 1, torch.int32, dev)
-    logits = torch.empty((tokens, experts), dtype=x.dtype, device=dev)
+        return weights, ids, pairs, block_expert, (torch.empty(0, dtype=torch.float32, device=dev), programs)
+    partial = scratch_zeros("router partials", programs * ROUTER_MAX_TOKENS * experts, torch.float32, dev)
+    ticket = scratch_zeros("router ticket", 1, torch.int32, dev) if tail else partial  # (without the tail: never touched)
+    logits = torch.empty((tokens, experts), dtype=x.dtype, device=dev) if tail else partial
     _, pairs_chunk, block_chunk = _tiles(tokens, top_k, experts, nblocks)
     pdl = pdl_on(dev)
     early = pdl and early_weights_on(dev) and x.element_size() == 2  # (float32's early tile spills registers at 128 experts)

@@ -40,7 +40,7 @@ import triton.language as tl
 
 from tidal.kernels import scratch_zeros
 from tidal.kernels.fused_moe import shared_memory_bytes
-from tidal.kernels.l2_prefetch import l2_prefetch, prefetch_fits
+from tidal.kernels.l2_prefetch import l2_prefetch, prefetch_fits, row_block_span
 from tidal.kernels.pdl import early_weights_on, gdc_launch_dependents, gdc_wait
 from tidal.kernels.tiles import tile_dot
 
@@ -58,8 +58,8 @@ def _skinny_kernel(
     pid = tl.program_id(0)
     s = tl.program_id(1)
     if PREFETCH:  # (one K range: the program's slice is BLOCK_N whole rows, contiguous) into L2 while we wait
-        rows_here = tl.minimum(N - pid * BLOCK_N, BLOCK_N)
-        l2_prefetch(W + (pid * BLOCK_N).to(tl.int64) * stride_wn, rows_here * K * (W.dtype.element_ty.primitive_bitwidth // 8))
+        first, nbytes = row_block_span(pid, N, K, stride_wn, BLOCK_N, W.dtype.element_ty.primitive_bitwidth // 8)
+        l2_prefetch(W + first, nbytes)
     m = tl.arange(0, BLOCK_M)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask = m < M
