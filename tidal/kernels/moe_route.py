@@ -357,7 +357,7 @@ def router_route_and_align(
 # the ticket, the one-program alignment and a launch boundary leave the
 # chain. The same experts and weights as the fused router's (the partials
 # summed in program order, topk_softmax_rows). Off until timed on a device
-# (`device_run.sh pdl-check`).
+# (`device_run.sh route-in-up`).
 ROUTE_IN_UP = False
 
 
